@@ -1,0 +1,413 @@
+//! Real worker processes: spawn, handshake, select over replies, reap.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use ipc_channel::ipc::{IpcReceiverSet, IpcSelectionResult};
+
+use super::{Event, StartOptions};
+use crate::error::{Error, Result};
+use crate::task;
+use crate::transport::{FrameBuf, Listener, ParentLink, RawFrame};
+use crate::worker::WORKER_ENV;
+
+/// How long a worker gets to exit after its channels close before it is killed.
+const EXIT_GRACE: Duration = Duration::from_secs(1);
+
+struct Slot {
+    child: Child,
+    link: ParentLink,
+    /// Its reply receiver's id in the receiver set.
+    id: u64,
+}
+
+pub(crate) struct ProcessBackend {
+    slots: Vec<Option<Slot>>,
+    replies: IpcReceiverSet,
+    /// Receiver-set id to worker index.
+    ids: HashMap<u64, usize>,
+    pending: VecDeque<Event>,
+    options: StartOptions,
+}
+
+impl ProcessBackend {
+    pub(crate) fn start(workers: usize, options: StartOptions) -> Result<Self> {
+        let mut backend = Self {
+            slots: (0..workers).map(|_| None).collect(),
+            replies: IpcReceiverSet::new().map_err(|source| Error::Spawn { worker: 0, source })?,
+            ids: HashMap::new(),
+            pending: VecDeque::new(),
+            options,
+        };
+        let all: Vec<usize> = (0..workers).collect();
+        backend.start_slots(&all)?;
+        Ok(backend)
+    }
+
+    pub(crate) fn workers(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub(crate) fn is_alive(&self, worker: usize) -> bool {
+        self.slots[worker].is_some()
+    }
+
+    pub(crate) fn pids(&self) -> Vec<Option<u32>> {
+        self.slots
+            .iter()
+            .map(|s| s.as_ref().map(|s| s.link.pid))
+            .collect()
+    }
+
+    pub(crate) fn restart(&mut self, worker: usize) -> Result<()> {
+        if let Some(slot) = self.slots[worker].take() {
+            // Forget the old process entirely, so nothing it sent or its channel's
+            // close is taken for the new one.
+            self.ids.remove(&slot.id);
+            reap(slot.child, Duration::ZERO);
+        }
+        self.pending.retain(|event| event.worker() != worker);
+        self.start_slots(&[worker])
+    }
+
+    pub(crate) fn kill(&mut self, worker: usize) {
+        if let Some(slot) = self.slots[worker].as_mut() {
+            // Ignored error: the process has already exited; the channel close that
+            // follows reports it either way.
+            let _ = slot.child.kill();
+        }
+    }
+
+    pub(crate) fn send(&mut self, worker: usize, frame: &mut FrameBuf) -> io::Result<()> {
+        match &self.slots[worker] {
+            Some(slot) => slot.link.send(frame),
+            None => Err(io::Error::from(io::ErrorKind::NotConnected)),
+        }
+    }
+
+    pub(crate) fn next_event(&mut self) -> Result<Event> {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                return Ok(event);
+            }
+            if self.slots.iter().all(Option::is_none) {
+                return Err(Error::Transport {
+                    worker: 0,
+                    source: io::Error::new(io::ErrorKind::NotConnected, "no live worker"),
+                });
+            }
+            let results = self.replies.select().map_err(|source| Error::Transport {
+                worker: 0,
+                source,
+            })?;
+            let mut closed = Vec::new();
+            for result in results {
+                match result {
+                    IpcSelectionResult::MessageReceived(id, message) => {
+                        let Some(&worker) = self.ids.get(&id) else {
+                            continue;
+                        };
+                        let Some(slot) = &self.slots[worker] else {
+                            continue;
+                        };
+                        let raw: RawFrame = message.to().map_err(|e| Error::Protocol {
+                            worker,
+                            reason: e.to_string(),
+                        })?;
+                        let frame = slot.link.open(raw).map_err(|e| Error::Protocol {
+                            worker,
+                            reason: e.to_string(),
+                        })?;
+                        self.pending.push_back(Event::Reply { worker, frame });
+                    }
+                    IpcSelectionResult::ChannelClosed(id) => closed.push(id),
+                }
+            }
+            // Replies first: a worker may answer and then die in the same wake-up.
+            for id in closed {
+                let Some(worker) = self.ids.remove(&id) else {
+                    continue;
+                };
+                if let Some(slot) = self.slots[worker].take() {
+                    let status = reap(slot.child, EXIT_GRACE);
+                    self.pending.push_back(Event::Lost { worker, status });
+                }
+            }
+        }
+    }
+
+    /// Starts workers in the given slots, all at once, and waits for their hellos.
+    fn start_slots(&mut self, workers: &[usize]) -> Result<()> {
+        let (done_tx, done_rx) = mpsc::channel();
+        let mut starting = Vec::new();
+        let mut failure = None;
+        for &worker in workers {
+            match launch(worker, &self.options) {
+                Ok((child, listener)) => {
+                    let name = listener.name().to_owned();
+                    let done = done_tx.clone();
+                    let accepted = thread::Builder::new()
+                        .name(format!("multiproc-accept-{worker}"))
+                        .spawn(move || {
+                            // The receiver outlives every sender: it waits for all.
+                            let _ = done.send((worker, listener.accept()));
+                        });
+                    match accepted {
+                        Ok(_) => starting.push(Starting {
+                            worker,
+                            child: Some(child),
+                            name,
+                            link: None,
+                            finished: false,
+                            aborted: false,
+                        }),
+                        Err(source) => {
+                            reap(child, Duration::ZERO);
+                            failure = Some(Error::Spawn { worker, source });
+                            break;
+                        }
+                    }
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(done_tx);
+        let deadline = Instant::now() + self.options.start_timeout;
+        while starting.iter().any(|s| !s.finished) {
+            match done_rx.recv_timeout(Duration::from_millis(5)) {
+                Ok((worker, result)) => {
+                    let s = starting
+                        .iter_mut()
+                        .find(|s| s.worker == worker)
+                        .expect("every accept thread belongs to a starting worker");
+                    s.finished = true;
+                    match result {
+                        Ok(Some(accepted)) => s.link = Some(accepted),
+                        Ok(None) => {} // aborted below; the failure is already recorded
+                        Err(e) => {
+                            failure.get_or_insert(Error::Handshake {
+                                worker,
+                                reason: format!("handshake failed: {e}"),
+                            });
+                        }
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let late = Instant::now() >= deadline;
+                    for s in starting.iter_mut().filter(|s| !s.finished && !s.aborted) {
+                        let child = s.child.as_mut().expect("unfinished workers keep their child");
+                        let reason = match child.try_wait() {
+                            Ok(Some(status)) => format!(
+                                "it exited ({status}) before connecting; does `main` call \
+                                 `multiproc::init()` first (or the test crate \
+                                 `multiproc::enable_test_support!()`)?"
+                            ),
+                            _ if late || failure.is_some() => format!(
+                                "no hello within {:?}",
+                                self.options.start_timeout
+                            ),
+                            _ => continue,
+                        };
+                        failure.get_or_insert(Error::Handshake {
+                            worker: s.worker,
+                            reason,
+                        });
+                        // Wake the accept thread so it ends; its `Ok(None)` is counted
+                        // above like any other answer.
+                        s.aborted = true;
+                        if Listener::abort(&s.name).is_err() {
+                            s.finished = true;
+                        }
+                        let _ = child.kill();
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        let fingerprint = task::binary_fingerprint();
+        for s in starting {
+            let child = s.child.expect("every starting worker has its child");
+            match s.link {
+                Some((link, replies)) if failure.is_none() => {
+                    if link.fingerprint != fingerprint {
+                        failure = Some(Error::Handshake {
+                            worker: s.worker,
+                            reason: "it runs a different build of this program".into(),
+                        });
+                        reap(child, Duration::ZERO);
+                        continue;
+                    }
+                    match self.replies.add(replies) {
+                        Ok(id) => {
+                            self.ids.insert(id, s.worker);
+                            self.slots[s.worker] = Some(Slot { child, link, id });
+                        }
+                        Err(source) => {
+                            failure = Some(Error::Transport {
+                                worker: s.worker,
+                                source,
+                            });
+                            reap(child, Duration::ZERO);
+                        }
+                    }
+                }
+                _ => {
+                    reap(child, Duration::ZERO);
+                }
+            }
+        }
+        match failure {
+            Some(e) => {
+                for &worker in workers {
+                    if let Some(slot) = self.slots[worker].take() {
+                        drop(slot.link);
+                        reap(slot.child, EXIT_GRACE);
+                    }
+                }
+                Err(e)
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for ProcessBackend {
+    fn drop(&mut self) {
+        // Closing the request channels tells each worker to exit.
+        let children: Vec<Child> = self
+            .slots
+            .iter_mut()
+            .filter_map(Option::take)
+            .map(|slot| slot.child)
+            .collect();
+        let deadline = Instant::now() + EXIT_GRACE;
+        for child in children {
+            reap(child, deadline.saturating_duration_since(Instant::now()));
+        }
+    }
+}
+
+struct Starting {
+    worker: usize,
+    child: Option<Child>,
+    name: String,
+    link: Option<crate::transport::Accepted>,
+    /// Its accept thread has answered (or can no longer be woken).
+    finished: bool,
+    /// Its accept thread was told to give up.
+    aborted: bool,
+}
+
+/// Waits up to `grace` for the child to exit, then kills it; always reaps it.
+fn reap(mut child: Child, grace: Duration) -> ExitStatus {
+    let deadline = Instant::now() + grace;
+    let mut pause = Duration::from_micros(50);
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return status,
+            Ok(None) if Instant::now() < deadline => {
+                thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(10));
+            }
+            _ => break,
+        }
+    }
+    // Ignored error: the child exited between try_wait and kill.
+    let _ = child.kill();
+    child
+        .wait()
+        .expect("waiting for our own child cannot fail once it is killed")
+}
+
+/// Starts one worker process and its listener.
+fn launch(worker: usize, options: &StartOptions) -> Result<(Child, Listener)> {
+    let listener = Listener::new().map_err(|source| Error::Spawn { worker, source })?;
+    let parent = std::process::id();
+    // `/proc/self/exe` is this very executable even if its file was replaced since.
+    let exe = if cfg!(target_os = "linux") {
+        std::path::PathBuf::from("/proc/self/exe")
+    } else {
+        std::env::current_exe().map_err(|source| Error::Spawn { worker, source })?
+    };
+    let mut command = Command::new(exe);
+    if let Some(arg0) = std::env::args_os().next() {
+        command.arg0(arg0);
+    }
+    command
+        .env(
+            WORKER_ENV,
+            format!("{worker}:{parent}:{}", listener.name()),
+        )
+        .stdin(Stdio::null());
+    if !options.inherit_output {
+        command.stdout(Stdio::null()).stderr(Stdio::null());
+    }
+    set_parent_death_signal(&mut command, parent);
+    let child = spawn_from_owner_thread(command).map_err(|source| Error::Spawn { worker, source })?;
+    Ok((child, listener))
+}
+
+#[cfg(target_os = "linux")]
+fn set_parent_death_signal(command: &mut Command, parent: u32) {
+    let hook = move || {
+        // SAFETY: `prctl(PR_SET_PDEATHSIG, SIGKILL)` only sets a flag on the calling
+        // (child) process; it is async-signal-safe and touches no memory of ours.
+        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // The parent may have died before the flag was set: then nobody waits for us.
+        if std::os::unix::process::parent_id() != parent {
+            return Err(io::Error::other("parent exited while the worker started"));
+        }
+        Ok(())
+    };
+    // SAFETY: the hook runs between fork and exec; it only calls `prctl` and
+    // `getppid`, both async-signal-safe, and allocates nothing on its success path.
+    unsafe {
+        command.pre_exec(hook);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_parent_death_signal(_: &mut Command, _: u32) {}
+
+/// Spawns `command` from one long-lived thread.
+///
+/// Linux delivers the parent-death signal when the *thread* that spawned a child
+/// exits, not the process, so workers must never be spawned from a thread that may
+/// end first (a test thread, a scoped thread, a rayon worker).
+fn spawn_from_owner_thread(command: Command) -> io::Result<Child> {
+    type Job = (Command, mpsc::Sender<io::Result<Child>>);
+    static OWNER: OnceLock<io::Result<mpsc::Sender<Job>>> = OnceLock::new();
+    let owner = OWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Job>();
+        thread::Builder::new()
+            .name("multiproc-spawner".into())
+            .spawn(move || {
+                for (mut command, reply) in rx {
+                    // The requester may have given up; nothing else to do then.
+                    let _ = reply.send(command.spawn());
+                }
+            })
+            .map(|_| tx)
+    });
+    let owner = owner
+        .as_ref()
+        .map_err(|e| io::Error::new(e.kind(), format!("spawner thread: {e}")))?;
+    let (reply_tx, reply_rx) = mpsc::channel();
+    owner
+        .send((command, reply_tx))
+        .map_err(|_| io::Error::other("spawner thread has stopped"))?;
+    reply_rx
+        .recv()
+        .map_err(|_| io::Error::other("spawner thread has stopped"))?
+}

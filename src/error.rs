@@ -1,0 +1,163 @@
+//! The crate's error type: every failure says which item, worker or chunk it concerns.
+
+use std::fmt;
+use std::ops::Range;
+use std::process::ExitStatus;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything that can make a multiproc call fail.
+///
+/// Each variant names where the failure happened: the index of the item in the input
+/// sequence, the worker number (`0..workers`), or both. Indices count from zero in the
+/// order the input iterator yielded the items.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The task panicked while processing an item (or the reduce panicked while
+    /// folding that item's result into its chunk's partial result).
+    #[error("task panicked on item {item} in worker {worker}: {panic}")]
+    TaskPanicked {
+        /// Index of the item in the input.
+        item: usize,
+        /// Worker that ran the task.
+        worker: usize,
+        /// The panic message and location.
+        panic: TaskPanic,
+    },
+    /// A worker died (killed by a signal, aborted, exited) while it held a chunk.
+    #[error("worker {worker} exited before replying ({status}) while running items {items:?}")]
+    WorkerExited {
+        /// The worker that died.
+        worker: usize,
+        /// The items of the chunk it was running or had queued first.
+        items: Range<usize>,
+        /// How the worker process ended.
+        status: ExitStatus,
+    },
+    /// An input item could not be encoded in the parent.
+    #[error("could not encode item {item}")]
+    EncodeItem {
+        /// Index of the item in the input.
+        item: usize,
+        /// What the codec reported.
+        #[source]
+        source: CodecError,
+    },
+    /// An input item was encoded but does not decode again, in the parent's round-trip
+    /// check or in a worker. Serde attributes that need a self-describing format
+    /// (`skip_serializing_if`, `untagged`, `flatten`) cause this.
+    #[error("could not decode item {item} (in worker {worker:?}; `None` is the parent's round-trip check)")]
+    DecodeItem {
+        /// Index of the item in the input.
+        item: usize,
+        /// The worker that failed to decode it, or `None` for the parent's check.
+        worker: Option<usize>,
+        /// What the codec reported.
+        #[source]
+        source: CodecError,
+    },
+    /// The result for some items could not be encoded in a worker or decoded in the
+    /// parent. For `map_reduce` the range is the chunk whose partial result failed.
+    #[error("could not carry the result of items {items:?} back from worker {worker}")]
+    Result {
+        /// The items whose result (or chunk partial) failed.
+        items: Range<usize>,
+        /// The worker that produced it.
+        worker: usize,
+        /// What the codec reported.
+        #[source]
+        source: CodecError,
+    },
+    /// The context value of a `*_with` call could not be encoded, or a worker could
+    /// not decode it.
+    #[error("could not carry the context value to worker {worker:?}")]
+    Context {
+        /// The worker that failed to decode it, or `None` when encoding failed.
+        worker: Option<usize>,
+        /// What the codec reported.
+        #[source]
+        source: CodecError,
+    },
+    /// A worker process could not be started.
+    #[error("could not start worker {worker}")]
+    Spawn {
+        /// The worker slot being started.
+        worker: usize,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A worker process started but never connected back.
+    #[error("worker {worker} did not connect: {reason}")]
+    Handshake {
+        /// The worker slot being started.
+        worker: usize,
+        /// Why, in words.
+        reason: String,
+    },
+    /// A channel to a worker failed for a reason other than the worker's exit.
+    #[error("lost the channel to worker {worker}")]
+    Transport {
+        /// The worker at the other end.
+        worker: usize,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A message that does not follow the protocol arrived (a bug or a corrupted
+    /// channel; never acted upon).
+    #[error("malformed message from worker {worker}: {reason}")]
+    Protocol {
+        /// The worker at the other end.
+        worker: usize,
+        /// What was wrong with it.
+        reason: String,
+    },
+    /// This process was started as a worker but `main` did not call
+    /// [`init`](crate::init) before using multiproc, so it would start workers of its
+    /// own instead of serving its parent.
+    #[error(
+        "this process was started as a multiproc worker but `multiproc::init()` was not called \
+         first in main (or `multiproc::enable_test_support!()` in a test binary)"
+    )]
+    InitMissing,
+    /// The pool was configured with a value it cannot use.
+    #[error("invalid pool configuration: {0}")]
+    Config(&'static str),
+}
+
+/// `Result` with [`Error`] as the default error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A panic caught in a worker, carried to the parent as plain data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskPanic {
+    /// The panic message (`"Box<dyn Any>"` when the payload was not a string).
+    pub message: String,
+    /// `file:line:column` where the panic happened, when known.
+    pub location: Option<String>,
+}
+
+impl fmt::Display for TaskPanic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.location {
+            Some(location) => write!(f, "{} at {location}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+/// What the codec said when a value could not be encoded or decoded.
+///
+/// Holds the message only, so the codec's own types stay out of this crate's API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CodecError(pub(crate) String);
+
+impl fmt::Display for CodecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for CodecError {}

@@ -1,0 +1,88 @@
+//! Data-parallel map-reduce over worker processes.
+//!
+//! multiproc splits an input sequence into chunks, runs a task on each chunk in a pool
+//! of worker processes, and returns the results in input order, or reduces them. A
+//! task that panics, aborts or is killed takes down one worker, not the job: the call
+//! returns an error naming the item, and the pool replaces the worker.
+//!
+//! Workers are this same executable started again. [`init`] on the first line of
+//! `main` turns such a process into a worker; test crates use
+//! [`enable_test_support!`] instead.
+//!
+//! ```standalone_crate
+//! fn main() -> multiproc::Result<()> {
+//!     multiproc::init(); // first line of main: in a worker process it serves tasks and never returns
+//!     let squares: Vec<u64> = multiproc::par_map(0..1_000u64, |x| x * x)?;
+//!     assert_eq!(squares[999], 998_001);
+//!     let total: u64 = multiproc::par_map_reduce(0..1_000_000u64, |x| x * x, || 0, |a, b| a + b)?;
+//!     assert_eq!(total, 333_332_833_333_500_000);
+//!
+//!     let pool = multiproc::Pool::builder().workers(2).build()?; // default: num_cpus::get()
+//!     let lens: Vec<usize> = pool.map(vec!["a".to_string(), "bb".into()], |s: String| s.len())?;
+//!     assert_eq!(lens, [1, 2]);
+//!     let sum: u64 = pool.map_reduce(0..10u64, |x| x, || 0, |a, b| a + b)?;
+//!     assert_eq!(sum, 45);
+//!     Ok(())
+//! }
+//! ```
+//!
+//! Items, results and context values are encoded with serde; types whose serde
+//! implementation needs a self-describing format (`#[serde(untagged)]`, `flatten`,
+//! `skip_serializing_if`) fail with [`Error::DecodeItem`] before any worker runs.
+//! With `panic = "abort"` a panicking task kills its worker; the call then reports
+//! [`Error::WorkerExited`].
+
+mod backend;
+mod codec;
+mod error;
+mod par_map;
+mod pool;
+mod protocol;
+mod task;
+mod transport;
+mod worker;
+
+pub use crate::error::{CodecError, Error, Result, TaskPanic};
+pub use crate::par_map::{par_map, par_map_reduce};
+pub use crate::pool::{Pool, PoolBuilder};
+pub use crate::worker::init;
+
+/// Makes a test binary able to serve as its own worker processes.
+///
+/// Test binaries get their `main` from the test harness, so they cannot call
+/// [`init`] first. Invoke this macro once at the top level of each test crate (for
+/// integration tests, once per `tests/*.rs` binary; for unit tests, once in the
+/// library under `#[cfg(test)]`). It registers a constructor that runs before the
+/// harness starts and calls [`init`], so a worker process never reaches the harness:
+/// no test-name filter to keep in sync and no harness output from workers.
+///
+/// ```ignore
+/// // tests/it/main.rs
+/// multiproc::enable_test_support!();
+///
+/// #[test]
+/// fn squares() {
+///     let pool = multiproc::Pool::builder().workers(2).build().unwrap();
+///     assert_eq!(pool.map(0..3u64, |x| x * x).unwrap(), [0, 1, 4]);
+/// }
+/// ```
+#[macro_export]
+macro_rules! enable_test_support {
+    () => {
+        // SAFETY: `.init_array` entries are called once by the loader before `main`
+        // with no arguments expected; the entry is a plain `extern "C" fn()`.
+        // `init` only reads the environment and, in a worker process, serves and
+        // exits; in any other process it returns at once.
+        #[used]
+        #[unsafe(link_section = ".init_array")]
+        static __MULTIPROC_TEST_SUPPORT: extern "C" fn() = {
+            extern "C" fn multiproc_test_support() {
+                $crate::init();
+            }
+            multiproc_test_support
+        };
+    };
+}
+
+#[cfg(test)]
+crate::enable_test_support!();

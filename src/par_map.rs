@@ -1,0 +1,482 @@
+//! par_map / par_map_reduce: split the input into chunks, dispatch them, deliver in order.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::backend::Event;
+use crate::codec;
+use crate::error::{Error, Result};
+use crate::pool::{Pool, PoolInner};
+use crate::protocol::{self, ChunkHeader, Failure, Reply, Request};
+use crate::task::TaskRef;
+use crate::transport::Frame;
+
+/// Chunks a worker may hold at once: one running, one queued behind it, so a worker
+/// never waits for the parent between chunks. Two frames of at most
+/// `TARGET_CHUNK_BYTES` also fit a socket's send buffer, so sends do not block.
+const CREDIT: usize = 2;
+/// Work per chunk the adaptive sizer aims for.
+const TARGET_CHUNK_NANOS: f64 = 1_000_000.0;
+/// Encoded bytes per chunk the adaptive sizer stays under (one item may pass it).
+pub(crate) const TARGET_CHUNK_BYTES: usize = 64 * 1024;
+/// Upper bound on items per chunk.
+pub(crate) const MAX_CHUNK_ITEMS: usize = 1 << 24;
+
+/// Applies `task` to every item on the default pool; results in input order.
+///
+/// The default pool is started on first use with one worker per CPU
+/// (`num_cpus::get()`) and lives until the process exits. Calls from several threads
+/// take turns. See [`Pool::map`] for the details and [`Pool::builder`] to choose
+/// the worker count.
+///
+/// # Errors
+///
+/// As [`Pool::map`], and those of [`PoolBuilder::build`](crate::PoolBuilder::build)
+/// when the default pool cannot be started.
+///
+/// # Examples
+///
+/// ```standalone_crate
+/// fn square(x: u64) -> u64 {
+///     x * x
+/// }
+/// fn main() -> multiproc::Result<()> {
+///     multiproc::init(); // in a worker process this call serves tasks and never returns
+///     assert_eq!(multiproc::par_map(vec![1u64, 2, 3], square)?, [1, 4, 9]);
+///     Ok(())
+/// }
+/// ```
+pub fn par_map<I, T, U, F>(items: I, task: F) -> Result<Vec<U>>
+where
+    I: IntoIterator<Item = T>,
+    T: Serialize + DeserializeOwned,
+    U: Serialize + DeserializeOwned,
+    F: Fn(T) -> U,
+{
+    default_pool()?.map(items, task)
+}
+
+/// Maps every item and combines the results with an associative `reduce`, on the
+/// default pool. See [`Pool::map_reduce`].
+///
+/// # Errors
+///
+/// As [`Pool::map_reduce`] and [`par_map`].
+///
+/// # Examples
+///
+/// ```standalone_crate
+/// fn main() -> multiproc::Result<()> {
+///     multiproc::init();
+///     let total: u64 = multiproc::par_map_reduce(0..1_000u64, |x| x * x, || 0, |a, b| a + b)?;
+///     assert_eq!(total, 332_833_500);
+///     Ok(())
+/// }
+/// ```
+pub fn par_map_reduce<I, T, U, F, Id, R>(items: I, task: F, identity: Id, reduce: R) -> Result<U>
+where
+    I: IntoIterator<Item = T>,
+    T: Serialize + DeserializeOwned,
+    U: Serialize + DeserializeOwned,
+    F: Fn(T) -> U,
+    Id: Fn() -> U,
+    R: Fn(U, U) -> U,
+{
+    default_pool()?.map_reduce(items, task, identity, reduce)
+}
+
+fn default_pool() -> Result<Arc<Pool>> {
+    static DEFAULT: Mutex<Option<Arc<Pool>>> = Mutex::new(None);
+    let mut slot = DEFAULT.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(pool) = slot.as_ref() {
+        return Ok(Arc::clone(pool));
+    }
+    let pool = Arc::new(Pool::builder().build()?);
+    *slot = Some(Arc::clone(&pool));
+    Ok(pool)
+}
+
+/// Receives each chunk's reply payload, in chunk order: `(worker, items, payload)`.
+pub(crate) type Deliver<'a> = dyn FnMut(usize, Range<usize>, &[u8]) -> Result<()> + 'a;
+
+/// Runs one call: feeds `items` to the workers in chunks and hands every chunk's reply
+/// payload to `deliver` in input order.
+pub(crate) fn run<T, I>(
+    pool: &mut PoolInner,
+    items: I,
+    task: TaskRef,
+    context: Option<&[u8]>,
+    deliver: &mut Deliver<'_>,
+) -> Result<()>
+where
+    T: Serialize + DeserializeOwned,
+    I: Iterator<Item = T>,
+{
+    revive(pool)?;
+    let call = pool.next_call;
+    pool.next_call += 1;
+    let workers = pool.backend.workers();
+    let fixed = pool.chunk_size;
+    let mut run = Call {
+        pool,
+        call,
+        task,
+        context,
+        items,
+        next_item: 0,
+        exhausted: false,
+        next_chunk: 0,
+        next_deliver: 0,
+        window: (4 * CREDIT * workers) as u64,
+        in_flight: (0..workers).map(|_| VecDeque::new()).collect(),
+        has_context: vec![false; workers],
+        ready: BTreeMap::new(),
+        failure: None,
+        sizer: Sizer {
+            fixed,
+            nanos: 0.0,
+            items: 0.0,
+        },
+        rotate: 0,
+    };
+    run.drive(deliver)
+}
+
+/// Replaces lost workers, or all of them after a call that left work behind.
+fn revive(pool: &mut PoolInner) -> Result<()> {
+    let dirty = std::mem::take(&mut pool.dirty);
+    for worker in 0..pool.backend.workers() {
+        if dirty || !pool.backend.is_alive(worker) {
+            // Still dirty if this fails, so the next call tries again.
+            pool.dirty = true;
+            pool.backend.restart(worker)?;
+            pool.dirty = dirty && worker + 1 < pool.backend.workers();
+        }
+    }
+    pool.dirty = false;
+    Ok(())
+}
+
+struct InFlight {
+    chunk: u64,
+    items: Range<usize>,
+}
+
+struct Ready {
+    worker: usize,
+    items: Range<usize>,
+    frame: Frame,
+    payload_len: usize,
+}
+
+/// The state of one call.
+struct Call<'p, 'c, I> {
+    pool: &'p mut PoolInner,
+    call: u64,
+    task: TaskRef,
+    context: Option<&'c [u8]>,
+    items: I,
+    /// Index of the next item the iterator yields.
+    next_item: usize,
+    exhausted: bool,
+    next_chunk: u64,
+    /// The chunk whose results are delivered next.
+    next_deliver: u64,
+    /// How far dispatch may run ahead of delivery, in chunks: bounds the reorder
+    /// buffer (and the input read ahead) when one chunk is slow.
+    window: u64,
+    in_flight: Vec<VecDeque<InFlight>>,
+    has_context: Vec<bool>,
+    /// Replies that arrived before an earlier chunk's.
+    ready: BTreeMap<u64, Ready>,
+    /// The failure with the lowest item index so far.
+    failure: Option<(usize, Error)>,
+    sizer: Sizer,
+    rotate: usize,
+}
+
+impl<T, I> Call<'_, '_, I>
+where
+    T: Serialize + DeserializeOwned,
+    I: Iterator<Item = T>,
+{
+    fn drive(&mut self, deliver: &mut Deliver<'_>) -> Result<()> {
+        loop {
+            self.dispatch();
+            if self.in_flight.iter().all(VecDeque::is_empty) {
+                break;
+            }
+            let event = self.pool.backend.next_event()?;
+            self.handle(event, deliver);
+        }
+        match self.failure.take() {
+            Some((_, error)) => Err(error),
+            None => {
+                debug_assert!(self.ready.is_empty() && self.next_deliver == self.next_chunk);
+                Ok(())
+            }
+        }
+    }
+
+    fn fail(&mut self, item: usize, error: Error) {
+        if self.failure.as_ref().is_none_or(|(first, _)| item < *first) {
+            self.failure = Some((item, error));
+        }
+        self.ready.clear();
+    }
+
+    /// Sends chunks while some worker has credit and the window allows.
+    fn dispatch(&mut self) {
+        while !self.exhausted && self.failure.is_none() {
+            if self.next_chunk >= self.next_deliver + self.window {
+                return;
+            }
+            let Some(worker) = self.pick_worker() else {
+                return;
+            };
+            if let Some(context) = self.context
+                && !self.has_context[worker]
+            {
+                if !self.send_context(worker, context) {
+                    continue;
+                }
+                self.has_context[worker] = true;
+            }
+            let Some(items) = self.encode_chunk() else {
+                return;
+            };
+            let chunk = self.next_chunk;
+            self.next_chunk += 1;
+            // Recorded even if the send fails: the worker is then gone or killed, and
+            // its loss reports this chunk.
+            self.in_flight[worker].push_back(InFlight { chunk, items });
+            if self.pool.backend.send(worker, &mut self.pool.frame).is_err() {
+                self.pool.backend.kill(worker);
+            }
+        }
+    }
+
+    /// The live worker with the most free credit, rotating among equals.
+    fn pick_worker(&mut self) -> Option<usize> {
+        let n = self.in_flight.len();
+        let best = (0..n)
+            .map(|i| (self.rotate + i) % n)
+            .filter(|&w| self.pool.backend.is_alive(w) && self.in_flight[w].len() < CREDIT)
+            .min_by_key(|&w| self.in_flight[w].len())?;
+        self.rotate = (best + 1) % n;
+        Some(best)
+    }
+
+    fn send_context(&mut self, worker: usize, context: &[u8]) -> bool {
+        let frame = &mut self.pool.frame;
+        frame.clear();
+        frame.body().extend_from_slice(context);
+        let sealed = protocol::seal(frame, &Request::Context { call: self.call });
+        if let Err(source) = sealed {
+            self.fail(self.next_item, Error::Context { worker: None, source });
+            return false;
+        }
+        if self.pool.backend.send(worker, frame).is_err() {
+            // Lost before any chunk: the loss event restarts it.
+            self.pool.backend.kill(worker);
+            return false;
+        }
+        true
+    }
+
+    /// Encodes the next chunk into the pool's frame; `None` when there is nothing to
+    /// send (input exhausted, or an item failed to encode).
+    fn encode_chunk(&mut self) -> Option<Range<usize>> {
+        let workers = self.in_flight.len();
+        let size = self.sizer.next(self.items.size_hint().0, workers);
+        let byte_cap = if self.sizer.fixed.is_some() {
+            usize::MAX
+        } else {
+            TARGET_CHUNK_BYTES
+        };
+        let first = self.next_item;
+        let frame = &mut self.pool.frame;
+        frame.clear();
+        let mut count = 0;
+        while count < size && frame.body_len() < byte_cap {
+            let Some(item) = self.items.next() else {
+                self.exhausted = true;
+                break;
+            };
+            let index = first + count;
+            let start = frame.body().len();
+            if let Err(source) = codec::encode_into(&item, frame.body()) {
+                self.fail(index, Error::EncodeItem { item: index, source });
+                return None;
+            }
+            if index == 0 {
+                // Serde attributes that need a self-describing format encode fine and
+                // fail only when decoded; say so before any worker sees the item.
+                if let Err(source) = codec::decode::<T>(&frame.body()[start..]) {
+                    self.fail(index, Error::DecodeItem { item: 0, worker: None, source });
+                    return None;
+                }
+            }
+            count += 1;
+        }
+        self.next_item += count;
+        if count == 0 {
+            return None;
+        }
+        let header = Request::Chunk(ChunkHeader {
+            call: self.call,
+            chunk: self.next_chunk,
+            first_item: first as u64,
+            count: u32::try_from(count).expect("chunks hold at most MAX_CHUNK_ITEMS items"),
+            task: self.task,
+        });
+        if let Err(source) = protocol::seal(frame, &header) {
+            self.fail(first, Error::EncodeItem { item: first, source });
+            return None;
+        }
+        Some(first..first + count)
+    }
+
+    fn handle(&mut self, event: Event, deliver: &mut Deliver<'_>) {
+        match event {
+            Event::Reply { worker, frame } => self.handle_reply(worker, frame, deliver),
+            Event::Lost { worker, status } => {
+                self.has_context[worker] = false;
+                let lost: Vec<InFlight> = self.in_flight[worker].drain(..).collect();
+                if let Some(first) = lost.first() {
+                    let items = first.items.clone();
+                    self.fail(items.start, Error::WorkerExited { worker, items, status });
+                } else if self.failure.is_none() && !self.exhausted {
+                    // Lost while idle: replace it and carry on.
+                    if let Err(e) = self.pool.backend.restart(worker) {
+                        self.fail(self.next_item, e);
+                    }
+                }
+            }
+        }
+    }
+
+    fn handle_reply(&mut self, worker: usize, frame: Frame, deliver: &mut Deliver<'_>) {
+        let (reply, payload_len) = match protocol::open::<Reply>(&frame) {
+            Ok((reply, payload)) => (reply, payload.len()),
+            Err(reason) => return self.protocol_error(worker, reason),
+        };
+        let (call, chunk) = match &reply {
+            Reply::Done { call, chunk, .. } | Reply::Failed { call, chunk, .. } => (*call, *chunk),
+        };
+        let position = self.in_flight[worker].iter().position(|f| f.chunk == chunk);
+        let (true, Some(position)) = (call == self.call, position) else {
+            return self.protocol_error(worker, format!("unexpected reply for chunk {chunk} of call {call}"));
+        };
+        let flight = self.in_flight[worker]
+            .remove(position)
+            .expect("position was just found");
+        match reply {
+            Reply::Done { nanos, .. } => {
+                self.sizer.observe(nanos, flight.items.len());
+                if self.failure.is_none() {
+                    let ready = Ready {
+                        worker,
+                        items: flight.items,
+                        frame,
+                        payload_len,
+                    };
+                    self.ready.insert(chunk, ready);
+                    self.deliver_ready(deliver);
+                }
+            }
+            Reply::Failed { failure, .. } => {
+                let (item, error) = describe(failure, worker, flight.items);
+                self.fail(item, error);
+            }
+        }
+    }
+
+    fn protocol_error(&mut self, worker: usize, reason: String) {
+        let item = self.in_flight[worker].front().map_or(self.next_item, |f| f.items.start);
+        self.fail(item, Error::Protocol { worker, reason });
+        // The worker's state is unknown: stop it; its loss drains its chunks.
+        self.pool.backend.kill(worker);
+    }
+
+    fn deliver_ready(&mut self, deliver: &mut Deliver<'_>) {
+        while let Some(ready) = self.ready.remove(&self.next_deliver) {
+            self.next_deliver += 1;
+            let payload = &ready.frame[..ready.payload_len];
+            if let Err(error) = deliver(ready.worker, ready.items.clone(), payload) {
+                self.fail(ready.items.start, error);
+                return;
+            }
+        }
+    }
+}
+
+impl<I> Drop for Call<'_, '_, I> {
+    fn drop(&mut self) {
+        if self.in_flight.iter().any(|q| !q.is_empty()) {
+            self.pool.dirty = true;
+        }
+    }
+}
+
+/// Turns a worker's failure report into an error and the item it concerns.
+fn describe(failure: Failure, worker: usize, items: Range<usize>) -> (usize, Error) {
+    let at = |item: u64| usize::try_from(item).unwrap_or(usize::MAX);
+    match failure {
+        Failure::Panicked { item, panic } => {
+            let item = at(item);
+            (item, Error::TaskPanicked { item, worker, panic })
+        }
+        Failure::DecodeItem { item, error } => {
+            let item = at(item);
+            (item, Error::DecodeItem { item, worker: Some(worker), source: error })
+        }
+        Failure::EncodeResult { item: Some(item), error } => {
+            let item = at(item);
+            (item, Error::Result { items: item..item + 1, worker, source: error })
+        }
+        Failure::EncodeResult { item: None, error } => {
+            (items.start, Error::Result { items, worker, source: error })
+        }
+        Failure::DecodeContext { error } => {
+            (items.start, Error::Context { worker: Some(worker), source: error })
+        }
+        Failure::Malformed { reason } => (items.start, Error::Protocol { worker, reason }),
+    }
+}
+
+/// Picks chunk sizes: about [`TARGET_CHUNK_NANOS`] of work each, measured by the
+/// workers, unless the caller fixed the size.
+struct Sizer {
+    fixed: Option<usize>,
+    nanos: f64,
+    items: f64,
+}
+
+impl Sizer {
+    fn next(&self, remaining: usize, workers: usize) -> usize {
+        if let Some(fixed) = self.fixed {
+            return fixed;
+        }
+        if self.items == 0.0 {
+            // Nothing measured yet: one item tells the cost without risking a long chunk.
+            return 1;
+        }
+        let per_item = (self.nanos / self.items).max(1.0);
+        let mut size = (TARGET_CHUNK_NANOS / per_item) as usize;
+        if remaining > 0 {
+            // Near the end, smaller chunks keep every worker busy until the last one.
+            size = size.min(remaining.div_ceil(2 * workers));
+        }
+        size.clamp(1, MAX_CHUNK_ITEMS)
+    }
+
+    fn observe(&mut self, nanos: u64, items: usize) {
+        self.nanos += nanos as f64;
+        self.items += items as f64;
+    }
+}

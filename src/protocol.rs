@@ -1,0 +1,153 @@
+//! Request / Reply: every message between the parent and a worker, and how a frame is laid out.
+//!
+//! A frame is `payload | header | header length (u32, little endian)`. The payload
+//! (encoded items, results or a context value) is written first, straight into the send
+//! buffer, so building a request never copies it; the header is small and comes last.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::codec;
+use crate::error::{CodecError, TaskPanic};
+use crate::task::TaskRef;
+use crate::transport::FrameBuf;
+
+/// Parent to worker.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum Request {
+    /// The payload is the encoded context value of call `call`; chunks of that call
+    /// may use it.
+    Context { call: u64 },
+    /// The payload is `count` encoded items.
+    Chunk(ChunkHeader),
+}
+
+/// Which items a chunk holds and what to run on them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ChunkHeader {
+    pub(crate) call: u64,
+    pub(crate) chunk: u64,
+    pub(crate) first_item: u64,
+    pub(crate) count: u32,
+    pub(crate) task: TaskRef,
+}
+
+/// Worker to parent.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum Reply {
+    /// The payload is the chunk's results (one per item), or its partial result.
+    Done { call: u64, chunk: u64, nanos: u64 },
+    /// The chunk failed; the payload is empty.
+    Failed {
+        call: u64,
+        chunk: u64,
+        failure: Failure,
+    },
+}
+
+/// Why a worker could not finish a chunk.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum Failure {
+    Panicked { item: u64, panic: TaskPanic },
+    DecodeItem { item: u64, error: CodecError },
+    /// `item` is `None` when a chunk's partial result failed.
+    EncodeResult {
+        item: Option<u64>,
+        error: CodecError,
+    },
+    DecodeContext { error: CodecError },
+    /// A request the worker will not act on (a bug, or a mismatched binary).
+    Malformed { reason: String },
+}
+
+/// Appends `header` and the trailer to a frame whose payload is already written.
+pub(crate) fn seal<H: Serialize>(frame: &mut FrameBuf, header: &H) -> Result<(), CodecError> {
+    let body = frame.body();
+    let start = body.len();
+    codec::encode_into(header, body)?;
+    let len = u32::try_from(body.len() - start)
+        .map_err(|_| CodecError("message header larger than 4 GiB".into()))?;
+    body.extend_from_slice(&len.to_le_bytes());
+    Ok(())
+}
+
+/// Splits a frame body into its header and payload.
+pub(crate) fn open<H: DeserializeOwned>(frame: &[u8]) -> Result<(H, &[u8]), String> {
+    let Some(split) = frame.len().checked_sub(4) else {
+        return Err(format!("frame of {} bytes has no trailer", frame.len()));
+    };
+    let (rest, trailer) = frame.split_at(split);
+    let len = u32::from_le_bytes(trailer.try_into().expect("trailer is 4 bytes")) as usize;
+    let Some(payload_len) = rest.len().checked_sub(len) else {
+        return Err(format!(
+            "header length {len} exceeds the {}-byte frame",
+            rest.len()
+        ));
+    };
+    let (payload, header) = rest.split_at(payload_len);
+    let header = codec::decode(header).map_err(|e| format!("bad header: {e}"))?;
+    Ok((header, payload))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_and_payload_split_again() {
+        let mut frame = FrameBuf::with_capacity(64);
+        frame.body().extend_from_slice(b"payload");
+        let reply = Reply::Done {
+            call: 3,
+            chunk: 9,
+            nanos: 1,
+        };
+        seal(&mut frame, &reply).unwrap();
+        let body = &frame.body()[10..];
+        let (header, payload): (Reply, _) = open(body).unwrap();
+        assert_eq!(payload, b"payload");
+        assert!(matches!(
+            header,
+            Reply::Done {
+                call: 3,
+                chunk: 9,
+                nanos: 1
+            }
+        ));
+    }
+
+    #[test]
+    fn malformed_frames_are_errors() {
+        assert!(open::<Reply>(&[]).is_err());
+        assert!(open::<Reply>(&[1, 2, 3]).is_err());
+        assert!(open::<Reply>(&[0xff, 0xff, 0xff, 0x7f]).is_err());
+        assert!(open::<Reply>(&[9, 9, 9, 9, 9, 4, 0, 0, 0]).is_err());
+        // Every truncation and every single-byte corruption of a valid frame is
+        // either rejected or decodes to some header: never a panic.
+        let mut frame = FrameBuf::with_capacity(64);
+        frame.body().extend_from_slice(&[1, 2, 3]);
+        let failure = Reply::Failed {
+            call: 1,
+            chunk: 2,
+            failure: Failure::Panicked {
+                item: 13,
+                panic: TaskPanic {
+                    message: "boom".into(),
+                    location: Some("x.rs:1:1".into()),
+                },
+            },
+        };
+        seal(&mut frame, &failure).unwrap();
+        let good = frame.body()[10..].to_vec();
+        for cut in 0..good.len() {
+            let _ = open::<Reply>(&good[..cut]);
+        }
+        for i in 0..good.len() {
+            for flip in [0x01u8, 0x80, 0xff] {
+                let mut bad = good.clone();
+                bad[i] ^= flip;
+                let _ = open::<Reply>(&bad);
+            }
+        }
+    }
+}

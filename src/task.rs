@@ -1,0 +1,418 @@
+//! How a user function is named, sent, and found again in a worker.
+//!
+//! A task is a zero-sized closure or `fn` item. For each call the parent instantiates
+//! one monomorphised runner, [`run_chunk`], for the task's types and sends its address
+//! as an offset from [`anchor`]. Worker processes run the very same executable (the
+//! parent starts `/proc/self/exe`), so the offset names the same function there,
+//! whatever address-space randomisation did. Because the task has no size, the worker
+//! can produce it from nothing; there is no state to carry. Only the parent can send
+//! requests (the channels are created by the worker and handed to the parent alone),
+//! and every runner checks a fingerprint of its types before touching the payload.
+
+use std::any::type_name;
+use std::cell::{Cell, RefCell};
+use std::marker::PhantomData;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::Once;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::codec::{self, Reader};
+use crate::error::{CodecError, TaskPanic};
+use crate::protocol::{ChunkHeader, Failure};
+use crate::worker::WorkerState;
+
+/// Runs one chunk: decodes its items from the payload, runs the task, appends the
+/// encoded results (or the partial result) to `out`.
+pub(crate) type RawTask =
+    fn(&mut WorkerState, &ChunkHeader, &[u8], &mut Vec<u8>) -> Result<(), Failure>;
+
+/// The reference point for task offsets. Never inlined, so it has an address.
+#[inline(never)]
+fn anchor() {}
+
+/// The address of [`anchor`] in this process.
+fn anchor_address() -> i64 {
+    anchor as fn() as usize as i64
+}
+
+/// A runner named by its offset from [`anchor`] and a fingerprint of its types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct TaskRef {
+    offset: i64,
+    fingerprint: u64,
+}
+
+impl TaskRef {
+    /// Names the runner for mapping `T` to `U` with `M`, delivering into `S`.
+    pub(crate) fn of<T, U, M, S>() -> Self
+    where
+        T: DeserializeOwned,
+        U: Serialize,
+        M: Mapper<T, U>,
+        S: Sink<U>,
+    {
+        let runner: RawTask = run_chunk::<T, U, M, S>;
+        Self {
+            offset: runner as usize as i64 - anchor_address(),
+            fingerprint: fingerprint::<(T, U, M, S)>(),
+        }
+    }
+
+    /// Finds the runner again in this process and runs the chunk with it.
+    pub(crate) fn run(
+        &self,
+        state: &mut WorkerState,
+        header: &ChunkHeader,
+        payload: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), Failure> {
+        let address = anchor_address().wrapping_add(self.offset) as usize;
+        if address == 0 {
+            return Err(Failure::Malformed {
+                reason: "task offset points at address zero".into(),
+            });
+        }
+        // SAFETY: `address` is `anchor + offset` where the parent computed `offset` as
+        // `run_chunk::<..> - anchor` with `TaskRef::of` in the same executable: the
+        // parent starts workers from `/proc/self/exe`, checks at the handshake that the
+        // worker's `binary_fingerprint` equals its own, and is the only process that
+        // can write to this worker's request channel. So `address` is the entry of a
+        // `run_chunk` instantiation, whose type is exactly `RawTask`.
+        let runner: RawTask = unsafe { std::mem::transmute::<usize, RawTask>(address) };
+        runner(state, header, payload, out)
+    }
+}
+
+/// Identifies the executable: equal in the parent and a worker only when both run
+/// the same build. Checked once per worker at the handshake.
+pub(crate) fn binary_fingerprint() -> u64 {
+    fn probe_of<F: Fn(u64) -> u64>(_: F) -> RawTask {
+        run_chunk::<u64, u64, Plain<F>, Collect>
+    }
+    let probe = probe_of(|x| x.wrapping_add(1));
+    let offsets = [
+        probe as usize as i64 - anchor_address(),
+        crate::worker::init as fn() as usize as i64 - anchor_address(),
+    ];
+    let mut hash = fnv1a(env!("CARGO_PKG_VERSION").as_bytes());
+    for offset in offsets {
+        hash = fnv1a_continue(hash, &offset.to_le_bytes());
+    }
+    hash
+}
+
+fn fingerprint<X>() -> u64 {
+    fnv1a(type_name::<X>().as_bytes())
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    fnv1a_continue(0xcbf2_9ce4_8422_2325, bytes)
+}
+
+fn fnv1a_continue(mut hash: u64, bytes: &[u8]) -> u64 {
+    for &b in bytes {
+        hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+const NOT_ZERO_SIZED: &str = "multiproc: a task (and an identity or reduce function) must be a `fn` item or a \
+closure that captures nothing, because it is re-created in each worker process. Pass state \
+with `Pool::map_with(items, &context, |context, item| ...)`, which sends the context once \
+to each worker, or inside the items themselves.";
+
+/// Fails the build, with [`NOT_ZERO_SIZED`], when `F` captures anything.
+pub(crate) const fn assert_zero_sized<F>() {
+    const { assert!(size_of::<F>() == 0, "{}", NOT_ZERO_SIZED) }
+}
+
+/// Produces the value of a zero-sized function type.
+fn conjure<F>() -> F {
+    assert_zero_sized::<F>();
+    // SAFETY: `F` has size zero (checked at compile time just above), so a dangling,
+    // well-aligned pointer is valid for a read of it and the read produces the type's
+    // only value. Every `F` reaching here is a closure that captures nothing or a `fn`
+    // item (the public bounds are `Fn` traits, which only those implement with size
+    // zero), so the value carries no state and no invariant to duplicate.
+    unsafe { std::ptr::NonNull::<F>::dangling().as_ptr().read() }
+}
+
+/// Calls the user's function on one item, with or without a context value.
+pub(crate) trait Mapper<T, U> {
+    /// The context type; `()` when there is none.
+    type Context: DeserializeOwned + 'static;
+    /// Whether chunks need a `Request::Context` first.
+    const NEEDS_CONTEXT: bool;
+    fn call(context: &Self::Context, item: T) -> U;
+}
+
+/// A task `Fn(T) -> U`.
+pub(crate) struct Plain<F>(PhantomData<F>);
+
+impl<T, U, F: Fn(T) -> U> Mapper<T, U> for Plain<F> {
+    type Context = ();
+    const NEEDS_CONTEXT: bool = false;
+    #[inline]
+    fn call(_: &(), item: T) -> U {
+        conjure::<F>()(item)
+    }
+}
+
+/// A task `Fn(&C, T) -> U` with a context value sent once per worker.
+pub(crate) struct WithContext<F, C>(PhantomData<(F, C)>);
+
+impl<T, U, C, F> Mapper<T, U> for WithContext<F, C>
+where
+    C: DeserializeOwned + 'static,
+    F: Fn(&C, T) -> U,
+{
+    type Context = C;
+    const NEEDS_CONTEXT: bool = true;
+    #[inline]
+    fn call(context: &C, item: T) -> U {
+        conjure::<F>()(context, item)
+    }
+}
+
+/// What happens to each result inside the worker.
+pub(crate) trait Sink<U>: Sized {
+    fn start() -> Self;
+    fn push(&mut self, value: U, out: &mut Vec<u8>) -> Result<(), CodecError>;
+    fn finish(self, out: &mut Vec<u8>) -> Result<(), CodecError>;
+}
+
+/// `map`: every result is encoded, in item order.
+pub(crate) struct Collect;
+
+impl<U: Serialize> Sink<U> for Collect {
+    fn start() -> Self {
+        Collect
+    }
+    #[inline]
+    fn push(&mut self, value: U, out: &mut Vec<u8>) -> Result<(), CodecError> {
+        codec::encode_into(&value, out)
+    }
+    fn finish(self, _: &mut Vec<u8>) -> Result<(), CodecError> {
+        Ok(())
+    }
+}
+
+/// `map_reduce`: results are folded into one partial per chunk, starting from
+/// `identity()`, and only the partial is encoded (a combiner, as in Hadoop).
+pub(crate) struct Fold<U, Id, R> {
+    acc: Option<U>,
+    _functions: PhantomData<(Id, R)>,
+}
+
+impl<U, Id, R> Sink<U> for Fold<U, Id, R>
+where
+    U: Serialize,
+    Id: Fn() -> U,
+    R: Fn(U, U) -> U,
+{
+    fn start() -> Self {
+        Self {
+            acc: Some(conjure::<Id>()()),
+            _functions: PhantomData,
+        }
+    }
+    #[inline]
+    fn push(&mut self, value: U, _: &mut Vec<u8>) -> Result<(), CodecError> {
+        let acc = self.acc.take().expect("a fold that panicked is never pushed to again");
+        self.acc = Some(conjure::<R>()(acc, value));
+        Ok(())
+    }
+    fn finish(self, out: &mut Vec<u8>) -> Result<(), CodecError> {
+        let acc = self.acc.expect("a fold that panicked is never finished");
+        codec::encode_into(&acc, out)
+    }
+}
+
+/// The monomorphised runner a [`TaskRef`] names.
+fn run_chunk<T, U, M, S>(
+    state: &mut WorkerState,
+    header: &ChunkHeader,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), Failure>
+where
+    T: DeserializeOwned,
+    U: Serialize,
+    M: Mapper<T, U>,
+    S: Sink<U>,
+{
+    if header.task.fingerprint != fingerprint::<(T, U, M, S)>() {
+        return Err(Failure::Malformed {
+            reason: "task fingerprint does not match the function at its offset".into(),
+        });
+    }
+    let context = if M::NEEDS_CONTEXT {
+        state.context::<M::Context>(header.call)?
+    } else {
+        &codec::decode::<M::Context>(&[]).map_err(|error| Failure::DecodeContext { error })?
+    };
+    let first = header.first_item;
+    let mut reader = Reader::new(payload);
+    let mut sink = guarded(first, S::start)?;
+    for i in 0..u64::from(header.count) {
+        let item = first + i;
+        let value: T = reader
+            .decode()
+            .map_err(|error| Failure::DecodeItem { item, error })?;
+        let result = guarded(item, || M::call(context, value))?;
+        guarded(item, || sink.push(result, out))?.map_err(|error| Failure::EncodeResult {
+            item: Some(item),
+            error,
+        })?;
+    }
+    if !reader.is_empty() {
+        return Err(Failure::Malformed {
+            reason: format!(
+                "{} bytes left after the chunk's {} items",
+                reader.remaining(),
+                header.count
+            ),
+        });
+    }
+    let last = first + u64::from(header.count).saturating_sub(1);
+    guarded(last, || sink.finish(out))?.map_err(|error| Failure::EncodeResult { item: None, error })
+}
+
+thread_local! {
+    /// Set while user code runs under [`guarded`]: the panic hook then records the
+    /// panic here instead of printing it, since it travels back as an `Err`.
+    static CAPTURING: Cell<bool> = const { Cell::new(false) };
+    static CAUGHT: RefCell<Option<TaskPanic>> = const { RefCell::new(None) };
+}
+
+/// Installs (once per process) a panic hook that records panics raised under
+/// [`guarded`] and passes every other panic to the hook that was there before.
+pub(crate) fn install_panic_hook() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let previous = panic::take_hook();
+        panic::set_hook(Box::new(move |info| {
+            if !CAPTURING.with(Cell::get) {
+                return previous(info);
+            }
+            let message = payload_message(info.payload());
+            let location = info
+                .location()
+                .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
+            CAUGHT.with(|c| *c.borrow_mut() = Some(TaskPanic { message, location }));
+        }));
+    });
+}
+
+fn payload_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "Box<dyn Any>".to_owned()
+    }
+}
+
+/// Runs user code, turning a panic into [`Failure::Panicked`] for `item`.
+#[inline]
+fn guarded<R>(item: u64, f: impl FnOnce() -> R) -> Result<R, Failure> {
+    CAPTURING.with(|c| c.set(true));
+    let result = panic::catch_unwind(AssertUnwindSafe(f));
+    CAPTURING.with(|c| c.set(false));
+    result.map_err(|payload| {
+        let panic = CAUGHT.with(|c| c.borrow_mut().take()).unwrap_or_else(|| TaskPanic {
+            message: payload_message(payload.as_ref()),
+            location: None,
+        });
+        Failure::Panicked { item, panic }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn double(x: u64) -> u64 {
+        x * 2
+    }
+
+    fn plain_ref<F: Fn(u64) -> u64>(_: F) -> TaskRef {
+        TaskRef::of::<u64, u64, Plain<F>, Collect>()
+    }
+
+    fn chunk(task: TaskRef, items: &[u64]) -> (ChunkHeader, Vec<u8>) {
+        let mut payload = Vec::new();
+        for item in items {
+            codec::encode_into(item, &mut payload).unwrap();
+        }
+        let header = ChunkHeader {
+            call: 1,
+            chunk: 0,
+            first_item: 100,
+            count: items.len() as u32,
+            task,
+        };
+        (header, payload)
+    }
+
+    fn run(task: TaskRef, items: &[u64]) -> Result<Vec<u64>, Failure> {
+        let (header, payload) = chunk(task, items);
+        let mut out = Vec::new();
+        task.run(&mut WorkerState::default(), &header, &payload, &mut out)?;
+        let mut reader = Reader::new(&out);
+        Ok((0..items.len()).map(|_| reader.decode().unwrap()).collect())
+    }
+
+    #[test]
+    fn a_task_ref_runs_its_task_in_this_process() {
+        assert_eq!(run(plain_ref(double), &[1, 2, 3]).unwrap(), [2, 4, 6]);
+        assert_eq!(run(plain_ref(|x| x + 1), &[1, 2, 3]).unwrap(), [2, 3, 4]);
+    }
+
+    #[test]
+    fn different_tasks_get_different_refs() {
+        assert_ne!(plain_ref(double), plain_ref(|x| x + 1));
+        assert_eq!(plain_ref(double), plain_ref(double));
+    }
+
+    #[test]
+    fn a_mismatched_fingerprint_is_refused() {
+        let good = plain_ref(double);
+        let bad = TaskRef {
+            fingerprint: good.fingerprint ^ 1,
+            ..good
+        };
+        assert!(matches!(run(bad, &[1]), Err(Failure::Malformed { .. })));
+    }
+
+    #[test]
+    fn a_panic_names_its_item_and_location() {
+        install_panic_hook();
+        let task = plain_ref(|x| if x == 13 { panic!("unlucky {x}") } else { x });
+        let (mut header, payload) = chunk(task, &[11, 12, 13, 14]);
+        header.first_item = 10;
+        let err = task
+            .run(&mut WorkerState::default(), &header, &payload, &mut Vec::new())
+            .unwrap_err();
+        let Failure::Panicked { item, panic } = err else {
+            panic!("expected a panic, got {err:?}")
+        };
+        assert_eq!(item, 12);
+        assert_eq!(panic.message, "unlucky 13");
+        assert!(panic.location.unwrap().contains("task.rs"));
+    }
+
+    #[test]
+    fn undecodable_items_name_the_item() {
+        let task = plain_ref(double);
+        let (header, mut payload) = chunk(task, &[1, 2]);
+        payload.truncate(12);
+        let err = task
+            .run(&mut WorkerState::default(), &header, &payload, &mut Vec::new())
+            .unwrap_err();
+        assert!(matches!(err, Failure::DecodeItem { item: 101, .. }), "{err:?}");
+    }
+}

@@ -1,0 +1,394 @@
+//! ipc-channel set-up: the worker's one-shot handshake and framed byte links both ways.
+//!
+//! Every worker has one fixed set of four channels, opened by the worker itself at start
+//! (so the worker holds the only sender of its reply channel, and its death closes it):
+//! a byte channel each way for frames up to [`INLINE_LIMIT`], and a shared-memory channel
+//! each way for larger frames. A large frame travels as one memfd whose descriptor is sent
+//! first on the shared-memory channel, followed by an empty marker frame on the byte
+//! channel; this keeps every socket message far below ipc-channel's ~207 KiB fragment
+//! size, where a send becomes a rendezvous that hangs if the peer dies mid-transfer.
+//!
+//! Frames are prefixed with their length as a LEB128 varint, which is exactly how
+//! postcard (ipc-channel's own codec) lays out a byte string. That lets the parent add
+//! the worker's byte receiver to an `IpcReceiverSet` as a typed receiver of
+//! [`RawFrame`] and wait on all workers with one `select`.
+
+use std::io;
+use std::ops::Deref;
+use std::time::Duration;
+
+use ipc_channel::IpcError;
+
+use ipc_channel::ipc::{
+    self, IpcBytesReceiver, IpcBytesSender, IpcOneShotServer, IpcReceiver, IpcSender,
+    IpcSharedMemory,
+};
+use serde::de::{self, Deserializer, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+
+/// Frames with a body larger than this travel through shared memory.
+pub(crate) const INLINE_LIMIT: usize = 128 * 1024;
+
+/// Room reserved in front of every frame for its varint length.
+const PREFIX: usize = 10;
+
+/// A frame being built. Callers append the body to [`FrameBuf::body`]; the space in
+/// front is reserved for the length prefix so sending needs no copy.
+pub(crate) struct FrameBuf {
+    buf: Vec<u8>,
+}
+
+impl FrameBuf {
+    pub(crate) fn with_capacity(body: usize) -> Self {
+        let mut buf = Vec::with_capacity(PREFIX + body);
+        buf.resize(PREFIX, 0);
+        Self { buf }
+    }
+
+    /// Empties the frame, keeping its allocation.
+    pub(crate) fn clear(&mut self) {
+        self.buf.truncate(PREFIX);
+    }
+
+    /// The vector to append the body to. Only append: the first bytes are reserved.
+    pub(crate) fn body(&mut self) -> &mut Vec<u8> {
+        &mut self.buf
+    }
+
+    pub(crate) fn body_len(&self) -> usize {
+        self.buf.len() - PREFIX
+    }
+
+    /// The body without the reserved prefix.
+    pub(crate) fn body_bytes(&self) -> &[u8] {
+        &self.buf[PREFIX..]
+    }
+
+    /// Writes the length prefix just in front of the body and returns prefix + body.
+    fn prefixed(&mut self) -> &[u8] {
+        let mut len = self.body_len();
+        let mut varint = [0u8; PREFIX];
+        let mut n = 0;
+        loop {
+            let byte = (len & 0x7f) as u8;
+            len >>= 7;
+            if len == 0 {
+                varint[n] = byte;
+                n += 1;
+                break;
+            }
+            varint[n] = byte | 0x80;
+            n += 1;
+        }
+        let start = PREFIX - n;
+        self.buf[start..PREFIX].copy_from_slice(&varint[..n]);
+        &self.buf[start..]
+    }
+}
+
+/// A received frame body, either copied out of a socket message or mapped from a memfd.
+pub(crate) enum Frame {
+    Inline(Vec<u8>),
+    Shared(IpcSharedMemory),
+}
+
+impl Deref for Frame {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Frame::Inline(bytes) => bytes,
+            Frame::Shared(shared) => shared,
+        }
+    }
+}
+
+/// A frame body as the parent's receiver set sees it (see the module docs).
+pub(crate) struct RawFrame(Vec<u8>);
+
+impl Serialize for RawFrame {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for RawFrame {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct BytesVisitor;
+        impl Visitor<'_> for BytesVisitor {
+            type Value = RawFrame;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a frame of bytes")
+            }
+            fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<RawFrame, E> {
+                Ok(RawFrame(v.to_vec()))
+            }
+            fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<RawFrame, E> {
+                Ok(RawFrame(v))
+            }
+        }
+        deserializer.deserialize_byte_buf(BytesVisitor)
+    }
+}
+
+/// Strips the varint prefix of a frame received as plain bytes.
+fn strip_prefix(mut bytes: Vec<u8>) -> io::Result<Vec<u8>> {
+    let mut len: usize = 0;
+    for (i, &byte) in bytes.iter().enumerate().take(PREFIX) {
+        len |= usize::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            if bytes.len() - (i + 1) != len {
+                break;
+            }
+            bytes.drain(..=i);
+            return Ok(bytes);
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidData,
+        "frame length prefix does not match its size",
+    ))
+}
+
+fn ipc_to_io(err: IpcError) -> io::Error {
+    match err {
+        IpcError::Io(e) => e,
+        IpcError::Disconnected => io::Error::from(io::ErrorKind::BrokenPipe),
+        IpcError::SerializationError(e) => io::Error::new(io::ErrorKind::InvalidData, e),
+    }
+}
+
+/// Sends a frame: inline when small, through a memfd when large.
+fn send_frame(
+    bytes: &IpcBytesSender,
+    big: &IpcSender<IpcSharedMemory>,
+    frame: &mut FrameBuf,
+) -> io::Result<()> {
+    if frame.body_len() <= INLINE_LIMIT {
+        return bytes.send(frame.prefixed());
+    }
+    big.send(IpcSharedMemory::from_bytes(frame.body_bytes()))
+        .map_err(ipc_to_io)?;
+    // The empty frame says "the body is waiting on the shared-memory channel".
+    bytes.send(&[0])
+}
+
+/// The handshake message, worker side. Field order must match [`HelloIn`]: the two
+/// describe the same bytes, read with different channel types (see the module docs).
+#[derive(Serialize, Deserialize)]
+struct HelloOut {
+    requests: IpcBytesSender,
+    big_requests: IpcSender<IpcSharedMemory>,
+    replies: IpcBytesReceiver,
+    big_replies: IpcReceiver<IpcSharedMemory>,
+    pid: u32,
+    fingerprint: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+enum HandshakeOut {
+    Hello(HelloOut),
+    #[allow(dead_code)]
+    Abort,
+}
+
+/// The handshake message, parent side.
+#[derive(Serialize, Deserialize)]
+struct HelloIn {
+    requests: IpcBytesSender,
+    big_requests: IpcSender<IpcSharedMemory>,
+    replies: IpcReceiver<RawFrame>,
+    big_replies: IpcReceiver<IpcSharedMemory>,
+    pid: u32,
+    fingerprint: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+enum HandshakeIn {
+    Hello(HelloIn),
+    Abort,
+}
+
+/// The worker's end of its channels.
+pub(crate) struct WorkerLink {
+    requests: IpcBytesReceiver,
+    big_requests: IpcReceiver<IpcSharedMemory>,
+    replies: IpcBytesSender,
+    big_replies: IpcSender<IpcSharedMemory>,
+}
+
+impl WorkerLink {
+    /// Opens the worker's channels and hands the parent its ends through the
+    /// one-shot server named `server`.
+    pub(crate) fn connect(server: &str, fingerprint: u64) -> io::Result<Self> {
+        let (requests_tx, requests) = ipc::bytes_channel()?;
+        let (big_requests_tx, big_requests) = ipc::channel()?;
+        let (replies, replies_rx) = ipc::bytes_channel()?;
+        let (big_replies, big_replies_rx) = ipc::channel()?;
+        let hello = HelloOut {
+            requests: requests_tx,
+            big_requests: big_requests_tx,
+            replies: replies_rx,
+            big_replies: big_replies_rx,
+            pid: std::process::id(),
+            fingerprint,
+        };
+        let bootstrap = IpcSender::<HandshakeOut>::connect(server.to_owned())?;
+        bootstrap
+            .send(HandshakeOut::Hello(hello))
+            .map_err(ipc_to_io)?;
+        Ok(Self {
+            requests,
+            big_requests,
+            replies,
+            big_replies,
+        })
+    }
+
+    /// The next request frame, or `None` once the parent has hung up.
+    pub(crate) fn recv(&self) -> io::Result<Option<Frame>> {
+        let bytes = match self.requests.recv() {
+            Ok(bytes) => strip_prefix(bytes)?,
+            Err(IpcError::Disconnected) => return Ok(None),
+            Err(e) => return Err(ipc_to_io(e)),
+        };
+        if !bytes.is_empty() {
+            return Ok(Some(Frame::Inline(bytes)));
+        }
+        match self.big_requests.try_recv_timeout(Duration::from_secs(10)) {
+            Ok(shared) => Ok(Some(Frame::Shared(shared))),
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a large-frame marker arrived without its shared memory",
+            )),
+        }
+    }
+
+    pub(crate) fn send(&self, frame: &mut FrameBuf) -> io::Result<()> {
+        send_frame(&self.replies, &self.big_replies, frame)
+    }
+}
+
+/// The parent's end of one worker's channels, minus the reply receiver, which lives
+/// in the parent's receiver set.
+pub(crate) struct ParentLink {
+    requests: IpcBytesSender,
+    big_requests: IpcSender<IpcSharedMemory>,
+    big_replies: IpcReceiver<IpcSharedMemory>,
+    pub(crate) pid: u32,
+    pub(crate) fingerprint: u64,
+}
+
+impl ParentLink {
+    pub(crate) fn send(&self, frame: &mut FrameBuf) -> io::Result<()> {
+        send_frame(&self.requests, &self.big_requests, frame)
+    }
+
+    /// Turns a message from the receiver set into a frame body, fetching the shared
+    /// memory when it is a large-frame marker.
+    pub(crate) fn open(&self, raw: RawFrame) -> io::Result<Frame> {
+        if !raw.0.is_empty() {
+            return Ok(Frame::Inline(raw.0));
+        }
+        // The worker sent the memfd before the marker, so it is already queued.
+        match self.big_replies.try_recv_timeout(Duration::from_secs(10)) {
+            Ok(shared) => Ok(Frame::Shared(shared)),
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a large-frame marker arrived without its shared memory",
+            )),
+        }
+    }
+}
+
+/// The parent's one-shot rendezvous point for one starting worker.
+pub(crate) struct Listener {
+    server: IpcOneShotServer<HandshakeIn>,
+    name: String,
+}
+
+/// What a successful handshake yields.
+pub(crate) type Accepted = (ParentLink, IpcReceiver<RawFrame>);
+
+impl Listener {
+    pub(crate) fn new() -> io::Result<Self> {
+        let (server, name) = IpcOneShotServer::new()?;
+        Ok(Self { server, name })
+    }
+
+    /// The address a worker connects to.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Blocks until the worker says hello, or until [`Listener::abort`] is called with
+    /// this listener's name (`Ok(None)`). ipc-channel's accept has no timeout, hence
+    /// the abort.
+    pub(crate) fn accept(self) -> io::Result<Option<Accepted>> {
+        let (_bootstrap, message) = self.server.accept().map_err(ipc_to_io)?;
+        match message {
+            HandshakeIn::Hello(hello) => Ok(Some((
+                ParentLink {
+                    requests: hello.requests,
+                    big_requests: hello.big_requests,
+                    big_replies: hello.big_replies,
+                    pid: hello.pid,
+                    fingerprint: hello.fingerprint,
+                },
+                hello.replies,
+            ))),
+            HandshakeIn::Abort => Ok(None),
+        }
+    }
+
+    /// Wakes a thread blocked in [`Listener::accept`] on the listener called `name`.
+    pub(crate) fn abort(name: &str) -> io::Result<()> {
+        let sender = IpcSender::<HandshakeIn>::connect(name.to_owned())?;
+        sender.send(HandshakeIn::Abort).map_err(ipc_to_io)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_matches_postcard_byte_strings() {
+        for len in [0usize, 1, 127, 128, 300, 70_000] {
+            let mut frame = FrameBuf::with_capacity(64);
+            frame.body().extend((0..len).map(|i| i as u8));
+            let wire = frame.prefixed().to_vec();
+            let raw: RawFrame = postcard::from_bytes(&wire).expect("postcard reads our frame");
+            assert_eq!(raw.0.len(), len);
+            assert_eq!(strip_prefix(wire).unwrap(), raw.0);
+        }
+    }
+
+    #[test]
+    fn bad_prefix_is_rejected() {
+        assert!(strip_prefix(vec![5, 1, 2]).is_err());
+        assert!(strip_prefix(vec![0x80; 12]).is_err());
+        assert!(strip_prefix(vec![]).is_err());
+    }
+
+    #[test]
+    fn small_and_large_frames_cross_a_channel_pair() {
+        let (bytes_tx, bytes_rx) = ipc::bytes_channel().unwrap();
+        let (big_tx, big_rx) = ipc::channel().unwrap();
+        let link = WorkerLink {
+            requests: bytes_rx,
+            big_requests: big_rx,
+            replies: bytes_tx.clone(),
+            big_replies: big_tx.clone(),
+        };
+        for len in [4, INLINE_LIMIT, INLINE_LIMIT + 1, 3 * INLINE_LIMIT] {
+            let mut frame = FrameBuf::with_capacity(64);
+            frame.body().extend((0..len).map(|i| (i % 251) as u8));
+            send_frame(&bytes_tx, &big_tx, &mut frame).unwrap();
+            let got = link.recv().unwrap().expect("a frame");
+            assert_eq!(got.len(), len);
+            assert!(got.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
+            assert_eq!(matches!(got, Frame::Shared(_)), len > INLINE_LIMIT);
+        }
+    }
+}

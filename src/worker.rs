@@ -1,0 +1,188 @@
+//! Child side: the entry hook, the receive loop, running a chunk and replying.
+
+use std::any::Any;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use serde::de::DeserializeOwned;
+
+use crate::codec;
+use crate::protocol::{self, Failure, Reply, Request};
+use crate::task;
+use crate::transport::{Frame, FrameBuf, WorkerLink};
+
+/// Environment variable that marks a process as a worker: `index:parent pid:server`.
+pub(crate) const WORKER_ENV: &str = "MULTIPROC_WORKER";
+
+/// Set once this process has become a worker in [`init`].
+static SERVING: AtomicBool = AtomicBool::new(false);
+
+/// Turns this process into a worker when its parent started it as one; otherwise
+/// returns at once.
+///
+/// Call it on the first line of `main`. Workers are the same executable started again,
+/// so everything `main` does before `init()` also runs in every worker: keep it first,
+/// as Python's `if __name__ == "__main__":` guard keeps the top of a script out of its
+/// workers. In a worker process this call serves tasks until the parent hangs up and
+/// then exits the process; it never returns. In any other process it costs one
+/// environment lookup.
+///
+/// Test binaries have no `main` of their own: put
+/// [`enable_test_support!()`](crate::enable_test_support) in each test crate instead.
+/// Doctests that start workers are written with their own `main` that calls `init()`.
+///
+/// # Examples
+///
+/// ```standalone_crate
+/// fn main() -> multiproc::Result<()> {
+///     multiproc::init(); // in a worker process this call serves tasks and never returns
+///     let squares: Vec<u64> = multiproc::par_map(0..5u64, |x| x * x)?;
+///     assert_eq!(squares, [0, 1, 4, 9, 16]);
+///     Ok(())
+/// }
+/// ```
+pub fn init() {
+    if SERVING.load(Ordering::Relaxed) {
+        return;
+    }
+    let Some(value) = std::env::var_os(WORKER_ENV) else {
+        return;
+    };
+    SERVING.store(true, Ordering::Relaxed);
+    let code = match serve_process(&value.to_string_lossy()) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("multiproc worker {}: {e}", std::process::id());
+            70
+        }
+    };
+    std::process::exit(code);
+}
+
+/// True when this process was started as a worker but `init()` was not called first,
+/// so `main` is running in the worker and must not start workers of its own.
+pub(crate) fn init_missing() -> bool {
+    !SERVING.load(Ordering::Relaxed) && std::env::var_os(WORKER_ENV).is_some()
+}
+
+fn serve_process(value: &str) -> io::Result<()> {
+    let mut parts = value.splitn(3, ':');
+    let (Some(_index), Some(parent), Some(server)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("malformed {WORKER_ENV}"),
+        ));
+    };
+    if parent.parse::<u32>().ok() != Some(std::os::unix::process::parent_id()) {
+        // The parent died between fork and here; nobody is waiting for us.
+        return Ok(());
+    }
+    let link = WorkerLink::connect(server, task::binary_fingerprint())?;
+    serve(&link)
+}
+
+/// Where a worker's frames come from and go to: sockets, or in-process channels for
+/// the inline backend. The loop in [`serve`] is the same for both.
+pub(crate) trait Link {
+    /// The next request frame, or `None` when the parent has hung up.
+    fn recv(&self) -> io::Result<Option<Frame>>;
+    fn send(&self, frame: &mut FrameBuf) -> io::Result<()>;
+}
+
+impl Link for WorkerLink {
+    fn recv(&self) -> io::Result<Option<Frame>> {
+        WorkerLink::recv(self)
+    }
+    fn send(&self, frame: &mut FrameBuf) -> io::Result<()> {
+        WorkerLink::send(self, frame)
+    }
+}
+
+/// Largest reply buffer kept between chunks; a bigger one is released after use.
+const KEEP_BUFFER: usize = 4 << 20;
+
+/// The receive loop: runs every chunk that arrives and replies, until hang-up.
+pub(crate) fn serve(link: &impl Link) -> io::Result<()> {
+    task::install_panic_hook();
+    let mut state = WorkerState::default();
+    let mut out = FrameBuf::with_capacity(64 * 1024);
+    while let Some(frame) = link.recv()? {
+        let (request, payload) = protocol::open::<Request>(&frame)
+            .map_err(|reason| io::Error::new(io::ErrorKind::InvalidData, reason))?;
+        match request {
+            Request::Context { call } => state.set_context(call, payload.to_vec()),
+            Request::Chunk(header) => {
+                out.clear();
+                let started = Instant::now();
+                let reply = match header.task.run(&mut state, &header, payload, out.body()) {
+                    Ok(()) => Reply::Done {
+                        call: header.call,
+                        chunk: header.chunk,
+                        nanos: u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
+                    },
+                    Err(failure) => {
+                        out.clear();
+                        Reply::Failed {
+                            call: header.call,
+                            chunk: header.chunk,
+                            failure,
+                        }
+                    }
+                };
+                protocol::seal(&mut out, &reply)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                link.send(&mut out)?;
+                if out.body().capacity() > KEEP_BUFFER {
+                    out = FrameBuf::with_capacity(64 * 1024);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What a worker remembers between chunks: the current call's context value.
+#[derive(Default)]
+pub(crate) struct WorkerState {
+    context: Option<Context>,
+}
+
+struct Context {
+    call: u64,
+    bytes: Vec<u8>,
+    decoded: Option<Box<dyn Any>>,
+}
+
+impl WorkerState {
+    fn set_context(&mut self, call: u64, bytes: Vec<u8>) {
+        self.context = Some(Context {
+            call,
+            bytes,
+            decoded: None,
+        });
+    }
+
+    /// The context value of `call`, decoded on first use and kept for later chunks.
+    pub(crate) fn context<C: DeserializeOwned + 'static>(
+        &mut self,
+        call: u64,
+    ) -> Result<&C, Failure> {
+        let Some(context) = self.context.as_mut().filter(|c| c.call == call) else {
+            return Err(Failure::Malformed {
+                reason: format!("chunk of call {call} arrived before its context value"),
+            });
+        };
+        if !context.decoded.as_ref().is_some_and(|d| d.is::<C>()) {
+            let value: C =
+                codec::decode(&context.bytes).map_err(|error| Failure::DecodeContext { error })?;
+            context.decoded = Some(Box::new(value));
+        }
+        Ok(context
+            .decoded
+            .as_ref()
+            .and_then(|d| d.downcast_ref::<C>())
+            .expect("the context was decoded as C just above"))
+    }
+}
