@@ -4,7 +4,7 @@
 //! encodes about four times faster than varint, and inside one machine size matters less
 //! than speed. Swapping the codec means changing this file only.
 
-use bincode::config::{Configuration, Fixint, LittleEndian, Limit};
+use bincode::config::{Configuration, Fixint, Limit, LittleEndian};
 use bincode::enc::write::Writer;
 use bincode::error::EncodeError;
 use serde::Serialize;
@@ -98,7 +98,11 @@ mod tests {
         encode_into(&7u64, &mut buf).unwrap();
         encode_into("hello", &mut buf).unwrap();
         encode_into(&vec![1u8, 2, 3], &mut buf).unwrap();
-        assert_eq!(buf.len(), 8 + 8 + 5 + 8 + 3, "fixed-width lengths and integers");
+        assert_eq!(
+            buf.len(),
+            8 + 8 + 5 + 8 + 3,
+            "fixed-width lengths and integers"
+        );
         let mut reader = Reader::new(&buf);
         assert_eq!(reader.decode::<u64>().unwrap(), 7);
         assert_eq!(reader.decode::<String>().unwrap(), "hello");

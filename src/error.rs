@@ -47,7 +47,9 @@ pub enum Error {
     /// An input item was encoded but does not decode again, in the parent's round-trip
     /// check or in a worker. Serde attributes that need a self-describing format
     /// (`skip_serializing_if`, `untagged`, `flatten`) cause this.
-    #[error("could not decode item {item} (in worker {worker:?}; `None` is the parent's round-trip check)")]
+    #[error(
+        "could not decode item {item} (in worker {worker:?}; `None` is the parent's round-trip check)"
+    )]
     DecodeItem {
         /// Index of the item in the input.
         item: usize,

@@ -148,6 +148,7 @@ where
 
 /// Replaces lost workers, or all of them after a call that left work behind.
 fn revive(pool: &mut PoolInner) -> Result<()> {
+    pool.backend.forget_exited();
     let dirty = std::mem::take(&mut pool.dirty);
     for worker in 0..pool.backend.workers() {
         if dirty || !pool.backend.is_alive(worker) {
@@ -254,7 +255,12 @@ where
             // Recorded even if the send fails: the worker is then gone or killed, and
             // its loss reports this chunk.
             self.in_flight[worker].push_back(InFlight { chunk, items });
-            if self.pool.backend.send(worker, &mut self.pool.frame).is_err() {
+            if self
+                .pool
+                .backend
+                .send(worker, &mut self.pool.frame)
+                .is_err()
+            {
                 self.pool.backend.kill(worker);
             }
         }
@@ -277,7 +283,13 @@ where
         frame.body().extend_from_slice(context);
         let sealed = protocol::seal(frame, &Request::Context { call: self.call });
         if let Err(source) = sealed {
-            self.fail(self.next_item, Error::Context { worker: None, source });
+            self.fail(
+                self.next_item,
+                Error::Context {
+                    worker: None,
+                    source,
+                },
+            );
             return false;
         }
         if self.pool.backend.send(worker, frame).is_err() {
@@ -310,14 +322,27 @@ where
             let index = first + count;
             let start = frame.body().len();
             if let Err(source) = codec::encode_into(&item, frame.body()) {
-                self.fail(index, Error::EncodeItem { item: index, source });
+                self.fail(
+                    index,
+                    Error::EncodeItem {
+                        item: index,
+                        source,
+                    },
+                );
                 return None;
             }
             if index == 0 {
                 // Serde attributes that need a self-describing format encode fine and
                 // fail only when decoded; say so before any worker sees the item.
                 if let Err(source) = codec::decode::<T>(&frame.body()[start..]) {
-                    self.fail(index, Error::DecodeItem { item: 0, worker: None, source });
+                    self.fail(
+                        index,
+                        Error::DecodeItem {
+                            item: 0,
+                            worker: None,
+                            source,
+                        },
+                    );
                     return None;
                 }
             }
@@ -335,7 +360,13 @@ where
             task: self.task,
         });
         if let Err(source) = protocol::seal(frame, &header) {
-            self.fail(first, Error::EncodeItem { item: first, source });
+            self.fail(
+                first,
+                Error::EncodeItem {
+                    item: first,
+                    source,
+                },
+            );
             return None;
         }
         Some(first..first + count)
@@ -349,7 +380,14 @@ where
                 let lost: Vec<InFlight> = self.in_flight[worker].drain(..).collect();
                 if let Some(first) = lost.first() {
                     let items = first.items.clone();
-                    self.fail(items.start, Error::WorkerExited { worker, items, status });
+                    self.fail(
+                        items.start,
+                        Error::WorkerExited {
+                            worker,
+                            items,
+                            status,
+                        },
+                    );
                 } else if self.failure.is_none() && !self.exhausted {
                     // Lost while idle: replace it and carry on.
                     if let Err(e) = self.pool.backend.restart(worker) {
@@ -370,7 +408,10 @@ where
         };
         let position = self.in_flight[worker].iter().position(|f| f.chunk == chunk);
         let (true, Some(position)) = (call == self.call, position) else {
-            return self.protocol_error(worker, format!("unexpected reply for chunk {chunk} of call {call}"));
+            return self.protocol_error(
+                worker,
+                format!("unexpected reply for chunk {chunk} of call {call}"),
+            );
         };
         let flight = self.in_flight[worker]
             .remove(position)
@@ -397,7 +438,9 @@ where
     }
 
     fn protocol_error(&mut self, worker: usize, reason: String) {
-        let item = self.in_flight[worker].front().map_or(self.next_item, |f| f.items.start);
+        let item = self.in_flight[worker]
+            .front()
+            .map_or(self.next_item, |f| f.items.start);
         self.fail(item, Error::Protocol { worker, reason });
         // The worker's state is unknown: stop it; its loss drains its chunks.
         self.pool.backend.kill(worker);
@@ -429,22 +472,55 @@ fn describe(failure: Failure, worker: usize, items: Range<usize>) -> (usize, Err
     match failure {
         Failure::Panicked { item, panic } => {
             let item = at(item);
-            (item, Error::TaskPanicked { item, worker, panic })
+            (
+                item,
+                Error::TaskPanicked {
+                    item,
+                    worker,
+                    panic,
+                },
+            )
         }
         Failure::DecodeItem { item, error } => {
             let item = at(item);
-            (item, Error::DecodeItem { item, worker: Some(worker), source: error })
+            (
+                item,
+                Error::DecodeItem {
+                    item,
+                    worker: Some(worker),
+                    source: error,
+                },
+            )
         }
-        Failure::EncodeResult { item: Some(item), error } => {
+        Failure::EncodeResult {
+            item: Some(item),
+            error,
+        } => {
             let item = at(item);
-            (item, Error::Result { items: item..item + 1, worker, source: error })
+            (
+                item,
+                Error::Result {
+                    items: item..item + 1,
+                    worker,
+                    source: error,
+                },
+            )
         }
-        Failure::EncodeResult { item: None, error } => {
-            (items.start, Error::Result { items, worker, source: error })
-        }
-        Failure::DecodeContext { error } => {
-            (items.start, Error::Context { worker: Some(worker), source: error })
-        }
+        Failure::EncodeResult { item: None, error } => (
+            items.start,
+            Error::Result {
+                items,
+                worker,
+                source: error,
+            },
+        ),
+        Failure::DecodeContext { error } => (
+            items.start,
+            Error::Context {
+                worker: Some(worker),
+                source: error,
+            },
+        ),
         Failure::Malformed { reason } => (items.start, Error::Protocol { worker, reason }),
     }
 }

@@ -276,7 +276,13 @@ impl Pool {
             acc = Some(reduce(so_far, partial));
             Ok(())
         };
-        par_map::run(&mut self.lock(), items.into_iter(), job, context, &mut deliver)?;
+        par_map::run(
+            &mut self.lock(),
+            items.into_iter(),
+            job,
+            context,
+            &mut deliver,
+        )?;
         Ok(acc.expect("acc is refilled after every fold"))
     }
 
@@ -395,7 +401,10 @@ impl PoolBuilder {
         if self.chunk_size == Some(0) {
             return Err(Error::Config("chunk size must be at least one item"));
         }
-        if self.chunk_size.is_some_and(|n| n > par_map::MAX_CHUNK_ITEMS) {
+        if self
+            .chunk_size
+            .is_some_and(|n| n > par_map::MAX_CHUNK_ITEMS)
+        {
             return Err(Error::Config("chunk size must be at most 2^24 items"));
         }
         if !self.inline && worker::init_missing() {

@@ -48,16 +48,26 @@ pub(crate) enum Reply {
 /// Why a worker could not finish a chunk.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum Failure {
-    Panicked { item: u64, panic: TaskPanic },
-    DecodeItem { item: u64, error: CodecError },
+    Panicked {
+        item: u64,
+        panic: TaskPanic,
+    },
+    DecodeItem {
+        item: u64,
+        error: CodecError,
+    },
     /// `item` is `None` when a chunk's partial result failed.
     EncodeResult {
         item: Option<u64>,
         error: CodecError,
     },
-    DecodeContext { error: CodecError },
+    DecodeContext {
+        error: CodecError,
+    },
     /// A request the worker will not act on (a bug, or a mismatched binary).
-    Malformed { reason: String },
+    Malformed {
+        reason: String,
+    },
 }
 
 /// Appends `header` and the trailer to a frame whose payload is already written.

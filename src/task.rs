@@ -220,7 +220,10 @@ where
     }
     #[inline]
     fn push(&mut self, value: U, _: &mut Vec<u8>) -> Result<(), CodecError> {
-        let acc = self.acc.take().expect("a fold that panicked is never pushed to again");
+        let acc = self
+            .acc
+            .take()
+            .expect("a fold that panicked is never pushed to again");
         self.acc = Some(conjure::<R>()(acc, value));
         Ok(())
     }
@@ -323,10 +326,12 @@ fn guarded<R>(item: u64, f: impl FnOnce() -> R) -> Result<R, Failure> {
     let result = panic::catch_unwind(AssertUnwindSafe(f));
     CAPTURING.with(|c| c.set(false));
     result.map_err(|payload| {
-        let panic = CAUGHT.with(|c| c.borrow_mut().take()).unwrap_or_else(|| TaskPanic {
-            message: payload_message(payload.as_ref()),
-            location: None,
-        });
+        let panic = CAUGHT
+            .with(|c| c.borrow_mut().take())
+            .unwrap_or_else(|| TaskPanic {
+                message: payload_message(payload.as_ref()),
+                location: None,
+            });
         Failure::Panicked { item, panic }
     })
 }
@@ -395,7 +400,12 @@ mod tests {
         let (mut header, payload) = chunk(task, &[11, 12, 13, 14]);
         header.first_item = 10;
         let err = task
-            .run(&mut WorkerState::default(), &header, &payload, &mut Vec::new())
+            .run(
+                &mut WorkerState::default(),
+                &header,
+                &payload,
+                &mut Vec::new(),
+            )
             .unwrap_err();
         let Failure::Panicked { item, panic } = err else {
             panic!("expected a panic, got {err:?}")
@@ -411,8 +421,16 @@ mod tests {
         let (header, mut payload) = chunk(task, &[1, 2]);
         payload.truncate(12);
         let err = task
-            .run(&mut WorkerState::default(), &header, &payload, &mut Vec::new())
+            .run(
+                &mut WorkerState::default(),
+                &header,
+                &payload,
+                &mut Vec::new(),
+            )
             .unwrap_err();
-        assert!(matches!(err, Failure::DecodeItem { item: 101, .. }), "{err:?}");
+        assert!(
+            matches!(err, Failure::DecodeItem { item: 101, .. }),
+            "{err:?}"
+        );
     }
 }

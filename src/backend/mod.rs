@@ -11,7 +11,6 @@ use std::time::Duration;
 use crate::error::Result;
 use crate::transport::{Frame, FrameBuf};
 
-
 /// Something that happened to one worker.
 pub(crate) enum Event {
     /// A reply frame.
@@ -61,6 +60,14 @@ impl Backend {
         match self {
             Backend::Process(b) => b.is_alive(worker),
             Backend::Inline(b) => b.is_alive(worker),
+        }
+    }
+
+    /// Notices workers that exited while idle, so [`Backend::is_alive`] is false for
+    /// them.
+    pub(crate) fn forget_exited(&mut self) {
+        if let Backend::Process(b) = self {
+            b.forget_exited();
         }
     }
 

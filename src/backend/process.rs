@@ -76,6 +76,21 @@ impl ProcessBackend {
         self.start_slots(&[worker])
     }
 
+    /// Forgets workers that have exited since the last look (between calls), so the
+    /// next call replaces them before sending them anything.
+    pub(crate) fn forget_exited(&mut self) {
+        for worker in 0..self.slots.len() {
+            let exited = self.slots[worker]
+                .as_mut()
+                .is_some_and(|slot| !matches!(slot.child.try_wait(), Ok(None)));
+            if exited && let Some(slot) = self.slots[worker].take() {
+                self.ids.remove(&slot.id);
+                reap(slot.child, Duration::ZERO);
+                self.pending.retain(|event| event.worker() != worker);
+            }
+        }
+    }
+
     pub(crate) fn kill(&mut self, worker: usize) {
         if let Some(slot) = self.slots[worker].as_mut() {
             // Ignored error: the process has already exited; the channel close that
@@ -102,10 +117,10 @@ impl ProcessBackend {
                     source: io::Error::new(io::ErrorKind::NotConnected, "no live worker"),
                 });
             }
-            let results = self.replies.select().map_err(|source| Error::Transport {
-                worker: 0,
-                source,
-            })?;
+            let results = self
+                .replies
+                .select()
+                .map_err(|source| Error::Transport { worker: 0, source })?;
             let mut closed = Vec::new();
             for result in results {
                 match result {
@@ -204,17 +219,19 @@ impl ProcessBackend {
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     let late = Instant::now() >= deadline;
                     for s in starting.iter_mut().filter(|s| !s.finished && !s.aborted) {
-                        let child = s.child.as_mut().expect("unfinished workers keep their child");
+                        let child = s
+                            .child
+                            .as_mut()
+                            .expect("unfinished workers keep their child");
                         let reason = match child.try_wait() {
                             Ok(Some(status)) => format!(
                                 "it exited ({status}) before connecting; does `main` call \
                                  `multiproc::init()` first (or the test crate \
                                  `multiproc::enable_test_support!()`)?"
                             ),
-                            _ if late || failure.is_some() => format!(
-                                "no hello within {:?}",
-                                self.options.start_timeout
-                            ),
+                            _ if late || failure.is_some() => {
+                                format!("no hello within {:?}", self.options.start_timeout)
+                            }
                             _ => continue,
                         };
                         failure.get_or_insert(Error::Handshake {
@@ -343,16 +360,14 @@ fn launch(worker: usize, options: &StartOptions) -> Result<(Child, Listener)> {
         command.arg0(arg0);
     }
     command
-        .env(
-            WORKER_ENV,
-            format!("{worker}:{parent}:{}", listener.name()),
-        )
+        .env(WORKER_ENV, format!("{worker}:{parent}:{}", listener.name()))
         .stdin(Stdio::null());
     if !options.inherit_output {
         command.stdout(Stdio::null()).stderr(Stdio::null());
     }
     set_parent_death_signal(&mut command, parent);
-    let child = spawn_from_owner_thread(command).map_err(|source| Error::Spawn { worker, source })?;
+    let child =
+        spawn_from_owner_thread(command).map_err(|source| Error::Spawn { worker, source })?;
     Ok((child, listener))
 }
 

@@ -1,0 +1,301 @@
+//! Panics, crashes, bad data and shutdown: every failure is reported, nothing hangs.
+
+use std::time::{Duration, Instant};
+
+use multiproc::{Error, Pool};
+use serde::{Deserialize, Serialize};
+
+use crate::support::{inline_pool, pool, pool_with_chunks, process_exists};
+
+fn panics_on_13(x: u64) -> u64 {
+    if x == 13 {
+        panic!("item {x} is unlucky");
+    }
+    x * 2
+}
+
+#[test]
+fn task_panic_names_the_item_and_the_pool_stays_usable() {
+    for chunk in [1, 7, 100] {
+        let pool = pool_with_chunks(2, chunk);
+        let err = pool.map(0..100u64, panics_on_13).unwrap_err();
+        match &err {
+            Error::TaskPanicked { item, panic, .. } => {
+                assert_eq!(*item, 13);
+                assert_eq!(panic.message, "item 13 is unlucky");
+                assert!(panic.location.as_deref().unwrap().contains("faults.rs"));
+            }
+            other => panic!("expected a task panic, got {other:?}"),
+        }
+        assert!(err.to_string().contains("item 13"), "{err}");
+        let ok = pool.map(0..10u64, panics_on_13).unwrap();
+        assert_eq!(ok, (0..10u64).map(|x| x * 2).collect::<Vec<_>>());
+    }
+}
+
+#[test]
+fn the_lowest_failing_item_is_reported() {
+    let pool = pool_with_chunks(2, 1);
+    for _ in 0..3 {
+        let err = pool
+            .map(
+                0..200u64,
+                |x| if x % 50 == 13 { panic!("bad {x}") } else { x },
+            )
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::TaskPanicked { item: 13, .. }),
+            "{err:?}"
+        );
+    }
+}
+
+#[test]
+fn panic_in_reduce_inside_a_worker_is_reported() {
+    let pool = pool_with_chunks(2, 10);
+    let err = pool
+        .map_reduce(
+            0..100u64,
+            |x| x,
+            || 0,
+            |a, b| {
+                if b == 57 {
+                    panic!("cannot add 57")
+                } else {
+                    a + b
+                }
+            },
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::TaskPanicked { item: 57, .. }),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn sigkill_of_a_worker_mid_job_is_an_error_within_seconds() {
+    let pool = pool_with_chunks(2, 5);
+    let started = Instant::now();
+    let err = pool
+        .map(0..1_000u64, |x| {
+            if x == 500 {
+                // SAFETY: raising a signal in our own process has no memory effects.
+                unsafe { libc::raise(libc::SIGKILL) };
+            }
+            x
+        })
+        .unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    match err {
+        Error::WorkerExited { items, status, .. } => {
+            assert_eq!(items, 500..505);
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(status.signal(), Some(libc::SIGKILL));
+        }
+        other => panic!("expected a lost worker, got {other:?}"),
+    }
+    // The pool replaces the dead worker.
+    assert_eq!(
+        pool.map(0..10u64, |x| x + 1).unwrap(),
+        (1..11).collect::<Vec<_>>()
+    );
+    assert_eq!(pool.worker_pids().len(), 2);
+}
+
+#[test]
+fn abort_in_a_task_is_reported_with_the_chunk() {
+    let pool = pool_with_chunks(2, 1);
+    let err = pool
+        .map(0..50u64, |x| {
+            if x == 13 {
+                std::process::abort();
+            }
+            x
+        })
+        .unwrap_err();
+    match err {
+        Error::WorkerExited { items, status, .. } => {
+            assert_eq!(items, 13..14);
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(status.signal(), Some(libc::SIGABRT));
+        }
+        other => panic!("expected a lost worker, got {other:?}"),
+    }
+    let sum: u64 = pool
+        .map_reduce(0..50u64, |x| x, || 0, |a, b| a + b)
+        .unwrap();
+    assert_eq!(sum, 1225);
+}
+
+#[test]
+fn a_worker_killed_between_calls_is_replaced() {
+    let pool = pool(2);
+    let pids = pool.worker_pids();
+    assert_eq!(pids.len(), 2);
+    let status = std::process::Command::new("kill")
+        .args(["-9", &pids[0].to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // Wait until the kill has taken effect: the worker is a zombie until reaped.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !is_zombie_or_gone(pids[0]) {
+        assert!(Instant::now() < deadline, "SIGKILL did not take effect");
+        std::thread::yield_now();
+    }
+    // The next call finds it gone and replaces it before sending it anything.
+    let got = pool.map(0..1_000u64, |x| x ^ 1).unwrap();
+    assert_eq!(got, (0..1_000u64).map(|x| x ^ 1).collect::<Vec<_>>());
+    let again = pool.map(0..1_000u64, |x| x ^ 1).unwrap();
+    assert_eq!(again, got);
+    assert!(!pool.worker_pids().contains(&pids[0]));
+}
+
+fn is_zombie_or_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+        Err(_) => true,
+    }
+}
+
+#[test]
+fn no_worker_outlives_its_pool() {
+    let pool = pool(2);
+    let pids = pool.worker_pids();
+    assert_eq!(pids.len(), 2);
+    assert!(pids.iter().all(|&p| process_exists(p)));
+    assert_eq!(pool.map(0..10u64, |x| x).unwrap().len(), 10);
+    drop(pool);
+    for pid in pids {
+        assert!(!process_exists(pid), "worker {pid} still exists after drop");
+    }
+}
+
+#[test]
+fn dropping_a_pool_after_a_failure_reaps_everything() {
+    let pool = pool_with_chunks(2, 1);
+    let pids = pool.worker_pids();
+    assert!(pool.map(0..20u64, panics_on_13).is_err());
+    drop(pool);
+    for pid in pids {
+        assert!(!process_exists(pid), "worker {pid} still exists after drop");
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct Sparse {
+    id: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    note: Option<String>,
+}
+
+#[test]
+fn items_that_do_not_round_trip_are_rejected_before_dispatch() {
+    let pool = pool(2);
+    let items = vec![Sparse { id: 1, note: None }];
+    let err = pool.map(items, |s: Sparse| s.id).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::DecodeItem {
+                item: 0,
+                worker: None,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+#[derive(Debug)]
+struct FailsToSerialize(u64);
+
+impl Serialize for FailsToSerialize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.0 == 7 {
+            Err(serde::ser::Error::custom("seven cannot be written"))
+        } else {
+            s.serialize_u64(self.0)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for FailsToSerialize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        u64::deserialize(d).map(FailsToSerialize)
+    }
+}
+
+#[test]
+fn an_item_that_fails_to_encode_is_named() {
+    let pool = pool_with_chunks(2, 3);
+    let err = pool
+        .map((0..20).map(FailsToSerialize), |f: FailsToSerialize| f.0)
+        .unwrap_err();
+    assert!(matches!(err, Error::EncodeItem { item: 7, .. }), "{err:?}");
+    assert!(err.to_string().contains("item 7"));
+    assert_eq!(pool.map(0..3u64, |x| x).unwrap(), [0, 1, 2]);
+}
+
+#[test]
+fn a_result_that_fails_to_encode_is_named() {
+    let pool = pool_with_chunks(2, 4);
+    let err = pool.map(0..20u64, FailsToSerialize).unwrap_err();
+    match err {
+        Error::Result { items, .. } => assert_eq!(items, 7..8),
+        other => panic!("expected a result error, got {other:?}"),
+    }
+}
+
+#[test]
+fn faults_on_the_inline_backend_are_reported_the_same_way() {
+    let pool = inline_pool(2, Some(3));
+    let err = pool.map(0..100u64, panics_on_13).unwrap_err();
+    assert!(
+        matches!(err, Error::TaskPanicked { item: 13, .. }),
+        "{err:?}"
+    );
+    assert_eq!(pool.map(0..5u64, panics_on_13).unwrap(), [0, 2, 4, 6, 8]);
+}
+
+#[test]
+fn a_panic_in_the_callers_reduce_leaves_the_pool_usable() {
+    let pool = pool_with_chunks(2, 1);
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        pool.map_reduce(
+            0..100u64,
+            |x| x,
+            || 0,
+            |a, b| {
+                if a > 1_000 && b == 50 {
+                    panic!("parent-side reduce")
+                } else {
+                    a + b
+                }
+            },
+        )
+    }));
+    // Workers fold each one-item chunk into 0, so only the parent's reduce sees a
+    // large accumulator: the panic happens there, in this thread, mid-call.
+    assert!(caught.is_err());
+    let sum: u64 = pool
+        .map_reduce(0..100u64, |x| x, || 0, |a, b| a + b)
+        .unwrap();
+    assert_eq!(sum, 4950);
+}
+
+#[test]
+fn zero_workers_is_a_configuration_error() {
+    let err = Pool::builder().workers(0).build().unwrap_err();
+    assert!(matches!(err, Error::Config(_)));
+    let err = Pool::builder()
+        .workers(1)
+        .chunk_size(0)
+        .build()
+        .unwrap_err();
+    assert!(matches!(err, Error::Config(_)));
+}

@@ -1,0 +1,7 @@
+//! Integration tests: real worker processes (and the inline backend for comparison).
+
+multiproc::enable_test_support!();
+
+mod faults;
+mod par_map;
+mod support;
