@@ -56,7 +56,7 @@ pub use crate::worker::init;
 /// harness starts and calls [`init`], so a worker process never reaches the harness:
 /// no test-name filter to keep in sync and no harness output from workers.
 ///
-/// ```ignore
+/// ```no_run
 /// // tests/it/main.rs
 /// multiproc::enable_test_support!();
 ///

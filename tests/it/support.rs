@@ -6,7 +6,7 @@ use rand::{Rng, SeedableRng};
 
 /// A process pool of `workers` whose workers stay quiet: panics are reported through
 /// errors, and a test's output should not be interleaved with workers' stderr.
-pub fn pool(workers: usize) -> Pool {
+pub(crate) fn pool(workers: usize) -> Pool {
     Pool::builder()
         .workers(workers)
         .inherit_output(false)
@@ -14,7 +14,7 @@ pub fn pool(workers: usize) -> Pool {
         .expect("a pool starts")
 }
 
-pub fn pool_with_chunks(workers: usize, chunk_size: usize) -> Pool {
+pub(crate) fn pool_with_chunks(workers: usize, chunk_size: usize) -> Pool {
     Pool::builder()
         .workers(workers)
         .chunk_size(chunk_size)
@@ -23,7 +23,7 @@ pub fn pool_with_chunks(workers: usize, chunk_size: usize) -> Pool {
         .expect("a pool starts")
 }
 
-pub fn inline_pool(workers: usize, chunk_size: Option<usize>) -> Pool {
+pub(crate) fn inline_pool(workers: usize, chunk_size: Option<usize>) -> Pool {
     let builder = Pool::builder().workers(workers).inline(true);
     match chunk_size {
         Some(n) => builder.chunk_size(n),
@@ -34,12 +34,12 @@ pub fn inline_pool(workers: usize, chunk_size: Option<usize>) -> Pool {
 }
 
 /// Seeded input, so every run sees the same items.
-pub fn random_u64s(len: usize, seed: u64) -> Vec<u64> {
+pub(crate) fn random_u64s(len: usize, seed: u64) -> Vec<u64> {
     let mut rng = StdRng::seed_from_u64(seed);
     (0..len).map(|_| rng.random()).collect()
 }
 
-pub fn random_strings(len: usize, seed: u64) -> Vec<String> {
+pub(crate) fn random_strings(len: usize, seed: u64) -> Vec<String> {
     let mut rng = StdRng::seed_from_u64(seed);
     (0..len)
         .map(|_| {
@@ -50,7 +50,7 @@ pub fn random_strings(len: usize, seed: u64) -> Vec<String> {
 }
 
 /// The splitmix64 finaliser: a cheap, well-mixed task.
-pub fn splitmix64(x: u64) -> u64 {
+pub(crate) fn splitmix64(x: u64) -> u64 {
     let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -58,6 +58,6 @@ pub fn splitmix64(x: u64) -> u64 {
 }
 
 /// Whether a process with this id still exists (as anything but a reaped child).
-pub fn process_exists(pid: u32) -> bool {
+pub(crate) fn process_exists(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
