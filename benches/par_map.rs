@@ -74,7 +74,11 @@ fn w2_cpu(c: &mut Criterion, pool: &multiproc::Pool) {
     group.measurement_time(Duration::from_secs(15));
     let id = |name: &str| BenchmarkId::new(name, "256_tasks_of_1.5M_rounds");
     group.bench_function(id("sequential"), |b| {
-        b.iter(|| (0..black_box(W2_TASKS)).map(chain).fold(0, u64::wrapping_add))
+        b.iter(|| {
+            (0..black_box(W2_TASKS))
+                .map(chain)
+                .fold(0, u64::wrapping_add)
+        })
     });
     group.bench_function(id("rayon"), |b| {
         b.iter(|| {

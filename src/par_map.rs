@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::pool::{Pool, PoolInner};
 use crate::protocol::{self, ChunkHeader, Failure, Reply, Request};
 use crate::task::TaskRef;
-use crate::transport::Frame;
+use crate::transport::{Frame, POLL_BEFORE_BLOCKING};
 
 /// Chunks a worker may hold at once: one running, one queued behind it, so a worker
 /// never waits for the parent between chunks. Two frames of at most
@@ -22,7 +22,7 @@ const CREDIT: usize = 2;
 /// Work per chunk the adaptive sizer aims for.
 const TARGET_CHUNK_NANOS: f64 = 1_000_000.0;
 /// Encoded bytes per chunk the adaptive sizer stays under (one item may pass it).
-pub(crate) const TARGET_CHUNK_BYTES: usize = 64 * 1024;
+pub(crate) const TARGET_CHUNK_BYTES: usize = 96 * 1024;
 /// Upper bound on items per chunk.
 pub(crate) const MAX_CHUNK_ITEMS: usize = 1 << 24;
 
@@ -141,7 +141,6 @@ where
             nanos: 0.0,
             items: 0.0,
         },
-        rotate: 0,
     };
     run.drive(deliver)
 }
@@ -197,7 +196,6 @@ struct Call<'p, 'c, I> {
     /// The failure with the lowest item index so far.
     failure: Option<(usize, Error)>,
     sizer: Sizer,
-    rotate: usize,
 }
 
 impl<T, I> Call<'_, '_, I>
@@ -211,7 +209,7 @@ where
             if self.in_flight.iter().all(VecDeque::is_empty) {
                 break;
             }
-            let event = self.pool.backend.next_event()?;
+            let event = self.pool.backend.next_event(self.reply_expected_soon())?;
             self.handle(event, deliver);
         }
         match self.failure.take() {
@@ -221,6 +219,19 @@ where
                 Ok(())
             }
         }
+    }
+
+    /// Whether the shortest chunk in flight should finish within the polling window,
+    /// so waiting for it is better spent polling than sleeping.
+    fn reply_expected_soon(&self) -> bool {
+        let shortest = self
+            .in_flight
+            .iter()
+            .filter_map(|q| q.front())
+            .map(|f| f.items.len())
+            .min()
+            .unwrap_or(0);
+        self.sizer.estimate_nanos(shortest) <= POLL_BEFORE_BLOCKING.as_nanos() as f64
     }
 
     fn fail(&mut self, item: usize, error: Error) {
@@ -266,15 +277,13 @@ where
         }
     }
 
-    /// The live worker with the most free credit, rotating among equals.
-    fn pick_worker(&mut self) -> Option<usize> {
-        let n = self.in_flight.len();
-        let best = (0..n)
-            .map(|i| (self.rotate + i) % n)
+    /// The live worker with the most free credit, the lowest-numbered among equals:
+    /// a worker that just replied is still polling for work, so small calls go to
+    /// the same warm worker instead of waking a sleeping one.
+    fn pick_worker(&self) -> Option<usize> {
+        (0..self.in_flight.len())
             .filter(|&w| self.pool.backend.is_alive(w) && self.in_flight[w].len() < CREDIT)
-            .min_by_key(|&w| self.in_flight[w].len())?;
-        self.rotate = (best + 1) % n;
-        Some(best)
+            .min_by_key(|&w| self.in_flight[w].len())
     }
 
     fn send_context(&mut self, worker: usize, context: &[u8]) -> bool {
@@ -549,6 +558,15 @@ impl Sizer {
             size = size.min(remaining.div_ceil(2 * workers));
         }
         size.clamp(1, MAX_CHUNK_ITEMS)
+    }
+
+    /// Expected work for `items` items; zero before anything was measured.
+    fn estimate_nanos(&self, items: usize) -> f64 {
+        if self.items == 0.0 {
+            0.0
+        } else {
+            self.nanos / self.items * items as f64
+        }
     }
 
     fn observe(&mut self, nanos: u64, items: usize) {

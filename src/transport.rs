@@ -15,9 +15,9 @@
 
 use std::io;
 use std::ops::Deref;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use ipc_channel::IpcError;
+use ipc_channel::{IpcError, TryRecvError};
 
 use ipc_channel::ipc::{
     self, IpcBytesReceiver, IpcBytesSender, IpcOneShotServer, IpcReceiver, IpcSender,
@@ -28,6 +28,30 @@ use serde::{Deserialize, Serialize, Serializer};
 
 /// Frames with a body larger than this travel through shared memory.
 pub(crate) const INLINE_LIMIT: usize = 128 * 1024;
+
+/// How long a waiting receiver keeps polling (yielding the CPU between attempts)
+/// before it blocks. On virtual machines a blocked thread whose CPU went idle takes
+/// tens to hundreds of microseconds to wake (the hypervisor must wake the virtual
+/// CPU), many times a round trip between awake processes; polling briefly after
+/// each message keeps back-to-back requests off that path. Yielding keeps the poll
+/// from taking the CPU away from runnable workers.
+pub(crate) const POLL_BEFORE_BLOCKING: Duration = Duration::from_micros(POLL_US);
+const POLL_US: u64 = 500;
+
+/// Calls `attempt` until it yields something or [`POLL_BEFORE_BLOCKING`] has
+/// passed; `None` means the caller should block.
+pub(crate) fn poll_before_blocking<R>(mut attempt: impl FnMut() -> Option<R>) -> Option<R> {
+    let deadline = Instant::now() + POLL_BEFORE_BLOCKING;
+    loop {
+        if let Some(result) = attempt() {
+            return Some(result);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::yield_now();
+    }
+}
 
 /// Room reserved in front of every frame for its varint length.
 const PREFIX: usize = 10;
@@ -247,7 +271,12 @@ impl WorkerLink {
 
     /// The next request frame, or `None` once the parent has hung up.
     pub(crate) fn recv(&self) -> io::Result<Option<Frame>> {
-        let bytes = match self.requests.recv() {
+        let polled = poll_before_blocking(|| match self.requests.try_recv() {
+            Ok(bytes) => Some(Ok(bytes)),
+            Err(TryRecvError::Empty) => None,
+            Err(TryRecvError::IpcError(e)) => Some(Err(e)),
+        });
+        let bytes = match polled.unwrap_or_else(|| self.requests.recv()) {
             Ok(bytes) => strip_prefix(bytes)?,
             Err(IpcError::Disconnected) => return Ok(None),
             Err(e) => return Err(ipc_to_io(e)),

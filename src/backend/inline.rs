@@ -101,7 +101,7 @@ impl InlineBackend {
             .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))
     }
 
-    pub(crate) fn next_event(&mut self) -> Result<Event> {
+    pub(crate) fn next_event(&mut self, _poll: bool) -> Result<Event> {
         let (worker, message) = loop {
             let (id, message) = self
                 .replies

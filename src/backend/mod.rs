@@ -98,11 +98,12 @@ impl Backend {
     }
 
     /// Blocks until some worker replies or is lost. Only called while at least one
-    /// live worker has a request in flight.
-    pub(crate) fn next_event(&mut self) -> Result<Event> {
+    /// live worker has a request in flight. `poll` asks to poll briefly before
+    /// blocking, when a reply is expected soon (see `transport::POLL_BEFORE_BLOCKING`).
+    pub(crate) fn next_event(&mut self, poll: bool) -> Result<Event> {
         match self {
-            Backend::Process(b) => b.next_event(),
-            Backend::Inline(b) => b.next_event(),
+            Backend::Process(b) => b.next_event(poll),
+            Backend::Inline(b) => b.next_event(poll),
         }
     }
 

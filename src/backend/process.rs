@@ -9,12 +9,13 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use ipc_channel::TrySelectError;
 use ipc_channel::ipc::{IpcReceiverSet, IpcSelectionResult};
 
 use super::{Event, StartOptions};
 use crate::error::{Error, Result};
 use crate::task;
-use crate::transport::{FrameBuf, Listener, ParentLink, RawFrame};
+use crate::transport::{FrameBuf, Listener, ParentLink, RawFrame, poll_before_blocking};
 use crate::worker::WORKER_ENV;
 
 /// How long a worker gets to exit after its channels close before it is killed.
@@ -106,7 +107,7 @@ impl ProcessBackend {
         }
     }
 
-    pub(crate) fn next_event(&mut self) -> Result<Event> {
+    pub(crate) fn next_event(&mut self, poll: bool) -> Result<Event> {
         loop {
             if let Some(event) = self.pending.pop_front() {
                 return Ok(event);
@@ -117,9 +118,17 @@ impl ProcessBackend {
                     source: io::Error::new(io::ErrorKind::NotConnected, "no live worker"),
                 });
             }
-            let results = self
-                .replies
-                .select()
+            let polled = poll
+                .then(|| {
+                    poll_before_blocking(|| match self.replies.try_select() {
+                        Ok(results) => Some(Ok(results)),
+                        Err(TrySelectError::Empty) => None,
+                        Err(TrySelectError::IoError(e)) => Some(Err(e)),
+                    })
+                })
+                .flatten();
+            let results = polled
+                .unwrap_or_else(|| self.replies.select())
                 .map_err(|source| Error::Transport { worker: 0, source })?;
             let mut closed = Vec::new();
             for result in results {
