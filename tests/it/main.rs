@@ -4,4 +4,5 @@ multiproc::enable_test_support!();
 
 mod faults;
 mod par_map;
+mod soak;
 mod support;

@@ -1,0 +1,100 @@
+//! Long-running checks, run with `cargo test --release -- --ignored --test-threads=1`.
+//!
+//! They count this process's descriptors and children, so they must not run beside
+//! other tests: the lock below serialises them, and CI runs them on one thread.
+
+use std::sync::Mutex;
+
+use crate::support::{pool, splitmix64};
+
+static ALONE: Mutex<()> = Mutex::new(());
+
+fn status_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("procfs");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .unwrap_or_else(|| panic!("{field} in /proc/self/status"));
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .expect("a number of KiB")
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").expect("procfs").count()
+}
+
+/// Children of this process that have exited but were not reaped.
+fn zombie_children() -> usize {
+    let me = std::process::id().to_string();
+    std::fs::read_dir("/proc")
+        .expect("procfs")
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("stat")).ok())
+        .filter(|stat| {
+            let Some((_, rest)) = stat.rsplit_once(") ") else {
+                return false;
+            };
+            let mut fields = rest.split_whitespace();
+            let state = fields.next();
+            let parent = fields.next();
+            state == Some("Z") && parent == Some(me.as_str())
+        })
+        .count()
+}
+
+#[test]
+#[ignore = "streams 100 million items; run in release"]
+fn streamed_input_runs_in_constant_memory() {
+    let _alone = ALONE.lock().unwrap_or_else(|p| p.into_inner());
+    let pool = pool(2);
+    let n = 100_000_000u64;
+    let before = status_kib("VmHWM:");
+    let sum: u64 = pool
+        .map_reduce((0..n).map(|i| i ^ 0x5555), splitmix64, || 0, u64::wrapping_add)
+        .unwrap();
+    let expected = (0..n).map(|i| splitmix64(i ^ 0x5555)).fold(0, u64::wrapping_add);
+    assert_eq!(sum, expected);
+    let grown = status_kib("VmHWM:").saturating_sub(before);
+    // The input alone would be 800 MB if it were read ahead.
+    assert!(grown < 64 * 1024, "peak memory grew by {grown} KiB");
+}
+
+#[test]
+#[ignore = "starts a thousand pools"]
+fn pool_starts_leak_no_descriptor_and_no_zombie() {
+    let _alone = ALONE.lock().unwrap_or_else(|p| p.into_inner());
+    // Warm up: the first pool starts the spawner thread and its channels.
+    drop(pool(2));
+    let fds = open_fds();
+    for round in 0..1_000u64 {
+        let pool = pool(2);
+        let got: u64 = pool
+            .map_reduce(0..100u64, |x| x + 1, || 0, |a, b| a + b)
+            .unwrap();
+        assert_eq!(got, 5_050, "round {round}");
+    }
+    assert_eq!(open_fds(), fds, "descriptors leaked");
+    assert_eq!(zombie_children(), 0, "unreaped workers");
+}
+
+#[test]
+#[ignore = "recycles workers a thousand times"]
+fn replacing_crashed_workers_leaks_nothing() {
+    let _alone = ALONE.lock().unwrap_or_else(|p| p.into_inner());
+    let pool = pool(2);
+    pool.map(0..4u64, |x| x).unwrap();
+    let fds = open_fds();
+    for _ in 0..1_000 {
+        let err = pool.map(0..4u64, |x| {
+            if x == 1 {
+                std::process::abort();
+            }
+            x
+        });
+        assert!(err.is_err());
+    }
+    assert_eq!(pool.map(0..4u64, |x| x).unwrap(), [0, 1, 2, 3]);
+    assert_eq!(open_fds(), fds, "descriptors leaked");
+    assert_eq!(zombie_children(), 0, "unreaped workers");
+}
