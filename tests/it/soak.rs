@@ -51,9 +51,16 @@ fn streamed_input_runs_in_constant_memory() {
     let n = 100_000_000u64;
     let before = status_kib("VmHWM:");
     let sum: u64 = pool
-        .map_reduce((0..n).map(|i| i ^ 0x5555), splitmix64, || 0, u64::wrapping_add)
+        .map_reduce(
+            (0..n).map(|i| i ^ 0x5555),
+            splitmix64,
+            || 0,
+            u64::wrapping_add,
+        )
         .unwrap();
-    let expected = (0..n).map(|i| splitmix64(i ^ 0x5555)).fold(0, u64::wrapping_add);
+    let expected = (0..n)
+        .map(|i| splitmix64(i ^ 0x5555))
+        .fold(0, u64::wrapping_add);
     assert_eq!(sum, expected);
     let grown = status_kib("VmHWM:").saturating_sub(before);
     // The input alone would be 800 MB if it were read ahead.
