@@ -75,10 +75,13 @@ fn serve_process(value: &str) -> io::Result<()> {
             format!("malformed {WORKER_ENV}"),
         ));
     };
-    if parent.parse::<u32>().ok() != Some(std::os::unix::process::parent_id()) {
-        // The parent died between fork and here; nobody is waiting for us.
-        return Ok(());
-    }
+    let parent = parent.parse::<u32>().map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("malformed {WORKER_ENV}"),
+        )
+    })?;
+    crate::backend::die_with_parent(parent)?;
     let link = WorkerLink::connect(server, task::binary_fingerprint())?;
     serve(&link)
 }

@@ -11,6 +11,8 @@ use std::time::Duration;
 use crate::error::Result;
 use crate::transport::{Frame, FrameBuf};
 
+pub(crate) use process::die_with_parent;
+
 /// Something that happened to one worker.
 pub(crate) enum Event {
     /// A reply frame.

@@ -299,3 +299,76 @@ fn zero_workers_is_a_configuration_error() {
         .unwrap_err();
     assert!(matches!(err, Error::Config(_)));
 }
+
+const ORPHAN_HELPER: &str = "MULTIPROC_TEST_ORPHAN_HELPER";
+
+#[test]
+fn workers_exit_when_their_parent_is_killed() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    // A helper process (this test binary, running `orphan_helper`) starts a pool,
+    // reports its workers, and has both run a task that never returns, so they are
+    // not reading their channels; we kill the helper with SIGKILL.
+    let mut helper = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "faults::orphan_helper",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env(ORPHAN_HELPER, "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(helper.stdout.take().unwrap()).lines();
+    let pids: Vec<u32> = lines
+        .by_ref()
+        .map(|l| l.unwrap())
+        .find_map(|l| l.strip_prefix("worker pids:").map(str::to_owned))
+        .expect("the helper reports its workers")
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 2);
+    let busy = lines
+        .by_ref()
+        .map(|l| l.unwrap())
+        .filter(|l| l == "stuck in a task");
+    assert_eq!(busy.take(2).count(), 2, "both workers report being stuck");
+    helper.kill().unwrap();
+    helper.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for pid in pids {
+        while !is_zombie_or_gone(pid) {
+            assert!(
+                Instant::now() < deadline,
+                "worker {pid} outlived its parent"
+            );
+            std::thread::yield_now();
+        }
+    }
+}
+
+#[test]
+#[ignore = "helper process for workers_exit_when_their_parent_is_killed"]
+fn orphan_helper() {
+    if std::env::var_os(ORPHAN_HELPER).is_none() {
+        return;
+    }
+    // Workers inherit stdout, so their line reaches the test through our pipe.
+    let pool = Pool::builder().workers(2).chunk_size(1).build().unwrap();
+    let pids: Vec<String> = pool.worker_pids().iter().map(u32::to_string).collect();
+    println!("worker pids: {}", pids.join(" "));
+    let _ = pool.map(0..2u64, |x| -> u64 {
+        println!("stuck in a task");
+        loop {
+            std::thread::park();
+            if x > 2 {
+                return x;
+            }
+        }
+    });
+}
