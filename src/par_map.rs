@@ -13,16 +13,23 @@ use crate::error::{Error, Result};
 use crate::pool::{Pool, PoolInner};
 use crate::protocol::{self, ChunkHeader, Failure, Reply, Request};
 use crate::task::TaskRef;
-use crate::transport::{Frame, POLL_BEFORE_BLOCKING};
+use crate::transport::{Frame, INLINE_LIMIT, POLL_BEFORE_BLOCKING};
 
 /// Chunks a worker may hold at once: one running, one queued behind it, so a worker
-/// never waits for the parent between chunks. Two frames of at most
-/// `TARGET_CHUNK_BYTES` also fit a socket's send buffer, so sends do not block.
+/// never waits for the parent between chunks. A queued frame fits the socket's
+/// send buffer (one packet of up to [`INLINE_LIMIT`]), so a send never waits for a
+/// busy worker; at most it waits the moment a just-woken worker takes to read the
+/// frame before it.
 const CREDIT: usize = 2;
 /// Work per chunk the adaptive sizer aims for.
 const TARGET_CHUNK_NANOS: f64 = 1_000_000.0;
-/// Encoded bytes per chunk the adaptive sizer stays under (one item may pass it).
-pub(crate) const TARGET_CHUNK_BYTES: usize = 96 * 1024;
+/// Encoded bytes per chunk the adaptive sizer stays under (one item may pass it):
+/// as large as fits one socket packet with its header, since larger frames mean
+/// fewer messages and wake-ups per item.
+pub(crate) const TARGET_CHUNK_BYTES: usize = 192 * 1024;
+// A chunk of the target size, its header and an item of slack go out as one packet.
+const _: () = assert!(TARGET_CHUNK_BYTES + 4096 <= INLINE_LIMIT);
+
 /// Upper bound on items per chunk.
 pub(crate) const MAX_CHUNK_ITEMS: usize = 1 << 24;
 

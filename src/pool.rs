@@ -358,7 +358,7 @@ impl PoolBuilder {
     }
 
     /// Items per chunk. By default the size adapts so that a chunk holds about one
-    /// millisecond of work and at most about 64 KiB of encoded items.
+    /// millisecond of work and at most about 192 KiB of encoded items.
     pub fn chunk_size(mut self, items: usize) -> Self {
         self.chunk_size = Some(items);
         self

@@ -26,8 +26,9 @@ use ipc_channel::ipc::{
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
-/// Frames with a body larger than this travel through shared memory.
-pub(crate) const INLINE_LIMIT: usize = 128 * 1024;
+/// Frames with a body larger than this travel through shared memory. ipc-channel
+/// sends up to 212,448 bytes as one packet with the default socket buffer.
+pub(crate) const INLINE_LIMIT: usize = 200 * 1024;
 
 /// How long a waiting receiver keeps polling (yielding the CPU between attempts)
 /// before it blocks. On virtual machines a blocked thread whose CPU went idle takes

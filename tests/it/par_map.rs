@@ -156,7 +156,7 @@ fn context_reaches_every_worker_once_per_call() {
 
 #[test]
 fn large_items_and_results_travel_through_shared_memory() {
-    // Each item and each result is far above the 128 KiB inline frame limit.
+    // Each item and each result is far above the 200 KiB inline frame limit.
     let input: Vec<Vec<u8>> = (0..6u8)
         .map(|i| vec![i; 300_000 + usize::from(i)])
         .collect();
