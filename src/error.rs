@@ -47,9 +47,7 @@ pub enum Error {
     /// An input item was encoded but does not decode again, in the parent's round-trip
     /// check or in a worker. Serde attributes that need a self-describing format
     /// (`skip_serializing_if`, `untagged`, `flatten`) cause this.
-    #[error(
-        "could not decode item {item} (in worker {worker:?}; `None` is the parent's round-trip check)"
-    )]
+    #[error("could not decode item {item} {}", decoded_where(.worker))]
     DecodeItem {
         /// Index of the item in the input.
         item: usize,
@@ -73,7 +71,7 @@ pub enum Error {
     },
     /// The context value of a `*_with` call could not be encoded, or a worker could
     /// not decode it.
-    #[error("could not carry the context value to worker {worker:?}")]
+    #[error("could not carry the context value {}", context_where(.worker))]
     Context {
         /// The worker that failed to decode it, or `None` when encoding failed.
         worker: Option<usize>,
@@ -127,6 +125,20 @@ pub enum Error {
     /// The pool was configured with a value it cannot use.
     #[error("invalid pool configuration: {0}")]
     Config(&'static str),
+}
+
+fn decoded_where(worker: &Option<usize>) -> String {
+    match worker {
+        Some(worker) => format!("in worker {worker}"),
+        None => "again after encoding it (it does not survive a round trip)".to_owned(),
+    }
+}
+
+fn context_where(worker: &Option<usize>) -> String {
+    match worker {
+        Some(worker) => format!("to worker {worker}: it did not decode there"),
+        None => "to the workers: it did not encode".to_owned(),
+    }
 }
 
 /// `Result` with [`Error`] as the default error type.
