@@ -26,14 +26,15 @@ pub enum Error {
         panic: TaskPanic,
     },
     /// A worker died (killed by a signal, aborted, exited) while it held a chunk.
-    #[error("worker {worker} exited before replying ({status}) while running items {items:?}")]
+    #[error("worker {worker} exited before replying ({}) while running items {items:?}", exit_description(.status))]
     WorkerExited {
         /// The worker that died.
         worker: usize,
         /// The items of the chunk it was running or had queued first.
         items: Range<usize>,
-        /// How the worker process ended.
-        status: ExitStatus,
+        /// How the worker process ended; `None` when it had already been reaped by
+        /// someone else (for example with `SIGCHLD` ignored).
+        status: Option<ExitStatus>,
     },
     /// An input item could not be encoded in the parent.
     #[error("could not encode item {item}")]
@@ -96,11 +97,12 @@ pub enum Error {
         /// Why, in words.
         reason: String,
     },
-    /// A channel to a worker failed for a reason other than the worker's exit.
-    #[error("lost the channel to worker {worker}")]
+    /// A channel to a worker, or the wait for replies, failed for a reason other
+    /// than a worker's exit.
+    #[error("lost the channel {}", channel_description(.worker))]
     Transport {
-        /// The worker at the other end.
-        worker: usize,
+        /// The worker at the other end, when one worker's channel failed.
+        worker: Option<usize>,
         /// The operating system's error.
         #[source]
         source: std::io::Error,
@@ -122,9 +124,34 @@ pub enum Error {
          first in main (or `multiproc::enable_test_support!()` in a test binary)"
     )]
     InitMissing,
+    /// The pool is already running a call on this thread: the input iterator, an
+    /// item's `Serialize`, or the parent-side `reduce` called back into the same pool,
+    /// which would wait for itself forever.
+    #[error(
+        "the pool is already running a call on this thread (called back from the input, serialization or reduce)"
+    )]
+    NestedCall,
+    /// The task's code is not part of the program's executable (it lives in a
+    /// dynamic library or plugin), so a worker process cannot find it by address.
+    #[error("the task is not in the program's executable, so workers cannot find it")]
+    TaskNotInExecutable,
     /// The pool was configured with a value it cannot use.
     #[error("invalid pool configuration: {0}")]
     Config(&'static str),
+}
+
+fn exit_description(status: &Option<ExitStatus>) -> String {
+    match status {
+        Some(status) => status.to_string(),
+        None => "exit status unknown: it was reaped elsewhere".to_owned(),
+    }
+}
+
+fn channel_description(worker: &Option<usize>) -> String {
+    match worker {
+        Some(worker) => format!("to worker {worker}"),
+        None => "on which replies arrive".to_owned(),
+    }
 }
 
 fn decoded_where(worker: &Option<usize>) -> String {

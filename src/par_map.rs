@@ -141,6 +141,7 @@ where
         window: (4 * CREDIT * workers) as u64,
         in_flight: (0..workers).map(|_| VecDeque::new()).collect(),
         has_context: vec![false; workers],
+        usable: vec![true; workers],
         ready: BTreeMap::new(),
         failure: None,
         sizer: Sizer {
@@ -198,6 +199,8 @@ struct Call<'p, 'c, I> {
     window: u64,
     in_flight: Vec<VecDeque<InFlight>>,
     has_context: Vec<bool>,
+    /// False for a worker a send failed to; it is killed and its loss is pending.
+    usable: Vec<bool>,
     /// Replies that arrived before an earlier chunk's.
     ready: BTreeMap<u64, Ready>,
     /// The failure with the lowest item index so far.
@@ -213,9 +216,14 @@ where
     fn drive(&mut self, deliver: &mut Deliver<'_>) -> Result<()> {
         loop {
             self.dispatch();
-            if self.in_flight.iter().all(VecDeque::is_empty) {
+            if self.in_flight.iter().all(VecDeque::is_empty)
+                && (self.exhausted || self.failure.is_some())
+            {
                 break;
             }
+            // Either replies are due, or input remains and every worker that could
+            // take it is being lost (a send to it failed): its loss event comes next,
+            // and with no live worker at all `next_event` fails instead of waiting.
             let event = self.pool.backend.next_event(self.reply_expected_soon())?;
             self.handle(event, deliver);
         }
@@ -272,14 +280,10 @@ where
             self.next_chunk += 1;
             // Recorded even if the send fails: the worker is then gone or killed, and
             // its loss reports this chunk.
+            let start = items.start;
             self.in_flight[worker].push_back(InFlight { chunk, items });
-            if self
-                .pool
-                .backend
-                .send(worker, &mut self.pool.frame)
-                .is_err()
-            {
-                self.pool.backend.kill(worker);
+            if let Err(source) = self.pool.backend.send(worker, &mut self.pool.frame) {
+                self.send_failed(worker, start, source);
             }
         }
     }
@@ -289,7 +293,9 @@ where
     /// the same warm worker instead of waking a sleeping one.
     fn pick_worker(&self) -> Option<usize> {
         (0..self.in_flight.len())
-            .filter(|&w| self.pool.backend.is_alive(w) && self.in_flight[w].len() < CREDIT)
+            .filter(|&w| {
+                self.usable[w] && self.pool.backend.is_alive(w) && self.in_flight[w].len() < CREDIT
+            })
             .min_by_key(|&w| self.in_flight[w].len())
     }
 
@@ -308,12 +314,24 @@ where
             );
             return false;
         }
-        if self.pool.backend.send(worker, frame).is_err() {
+        if let Err(source) = self.pool.backend.send(worker, frame) {
             // Lost before any chunk: the loss event restarts it.
-            self.pool.backend.kill(worker);
+            self.send_failed(worker, self.next_item, source);
             return false;
         }
         true
+    }
+
+    /// A send to `worker` failed: stop using it, make sure it is gone (its loss event
+    /// reports its chunks), and keep the error unless it only says the worker died.
+    fn send_failed(&mut self, worker: usize, item: usize, source: std::io::Error) {
+        use std::io::ErrorKind::{BrokenPipe, ConnectionReset, NotConnected};
+        self.usable[worker] = false;
+        self.pool.backend.kill(worker);
+        if !matches!(source.kind(), BrokenPipe | ConnectionReset | NotConnected) {
+            let worker = Some(worker);
+            self.fail(item, Error::Transport { worker, source });
+        }
     }
 
     /// Encodes the next chunk into the pool's frame; `None` when there is nothing to
@@ -391,6 +409,7 @@ where
     fn handle(&mut self, event: Event, deliver: &mut Deliver<'_>) {
         match event {
             Event::Reply { worker, frame } => self.handle_reply(worker, frame, deliver),
+            Event::Broken { worker, reason } => self.protocol_error(worker, reason),
             Event::Lost { worker, status } => {
                 self.has_context[worker] = false;
                 let lost: Vec<InFlight> = self.in_flight[worker].drain(..).collect();
@@ -406,8 +425,9 @@ where
                     );
                 } else if self.failure.is_none() && !self.exhausted {
                     // Lost while idle: replace it and carry on.
-                    if let Err(e) = self.pool.backend.restart(worker) {
-                        self.fail(self.next_item, e);
+                    match self.pool.backend.restart(worker) {
+                        Ok(()) => self.usable[worker] = true,
+                        Err(e) => self.fail(self.next_item, e),
                     }
                 }
             }

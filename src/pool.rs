@@ -1,5 +1,7 @@
 //! Pool and PoolBuilder: start workers, feed them calls, watch and stop them.
 
+use std::cell::RefCell;
+use std::ops::{Deref, DerefMut};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -90,8 +92,12 @@ impl Pool {
     }
 
     /// Process ids of the live worker processes; empty for an inline pool.
-    pub fn worker_pids(&self) -> Vec<u32> {
-        self.lock().backend.pids().into_iter().flatten().collect()
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NestedCall`] when called from inside a call on this pool.
+    pub fn worker_pids(&self) -> Result<Vec<u32>> {
+        Ok(self.enter()?.backend.pids().into_iter().flatten().collect())
     }
 
     /// Applies `task` to every item and returns the results in input order.
@@ -246,7 +252,7 @@ impl Pool {
             }
             Ok(())
         };
-        par_map::run(&mut self.lock(), items, job, context, &mut deliver)?;
+        par_map::run(&mut *self.enter()?, items, job, context, &mut deliver)?;
         Ok(results)
     }
 
@@ -277,7 +283,7 @@ impl Pool {
             Ok(())
         };
         par_map::run(
-            &mut self.lock(),
+            &mut *self.enter()?,
             items.into_iter(),
             job,
             context,
@@ -286,14 +292,57 @@ impl Pool {
         Ok(acc.expect("acc is refilled after every fold"))
     }
 
-    fn lock(&self) -> MutexGuard<'_, PoolInner> {
+    /// Takes the pool for one call, waiting for calls from other threads to end.
+    fn enter(&self) -> Result<Entered<'_>> {
+        let id = std::ptr::from_ref(self) as usize;
+        if ENTERED.with(|entered| entered.borrow().contains(&id)) {
+            return Err(Error::NestedCall);
+        }
         // A panic in a caller's reduce poisons the lock mid-call; the call marked the
         // pool dirty, so the next call restarts the workers and carries on.
-        self.inner.lock().unwrap_or_else(|poisoned| {
+        let guard = self.inner.lock().unwrap_or_else(|poisoned| {
             let mut inner = poisoned.into_inner();
             inner.dirty = true;
             inner
-        })
+        });
+        ENTERED.with(|entered| entered.borrow_mut().push(id));
+        Ok(Entered { guard, id })
+    }
+}
+
+thread_local! {
+    /// The pools this thread is inside a call of. A call that reaches the same pool
+    /// again from its own input, `Serialize` or reduce would wait for itself.
+    static ENTERED: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The pool's state, held by one call; leaving forgets the call on this thread.
+struct Entered<'p> {
+    guard: MutexGuard<'p, PoolInner>,
+    id: usize,
+}
+
+impl Deref for Entered<'_> {
+    type Target = PoolInner;
+    fn deref(&self) -> &PoolInner {
+        &self.guard
+    }
+}
+
+impl DerefMut for Entered<'_> {
+    fn deref_mut(&mut self) -> &mut PoolInner {
+        &mut self.guard
+    }
+}
+
+impl Drop for Entered<'_> {
+    fn drop(&mut self) {
+        ENTERED.with(|entered| {
+            let mut entered = entered.borrow_mut();
+            if let Some(at) = entered.iter().rposition(|&id| id == self.id) {
+                entered.remove(at);
+            }
+        });
     }
 }
 

@@ -15,6 +15,9 @@ use crate::transport::{Frame, FrameBuf, WorkerLink};
 /// Environment variable that marks a process as a worker: `index:parent pid:server`.
 pub(crate) const WORKER_ENV: &str = "MULTIPROC_WORKER";
 
+/// Exit code of a worker that could not start serving (EX_SOFTWARE).
+pub(crate) const START_FAILED: i32 = 70;
+
 /// Set once this process has become a worker in [`init`].
 static SERVING: AtomicBool = AtomicBool::new(false);
 
@@ -54,7 +57,7 @@ pub fn init() {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("multiproc worker {}: {e}", std::process::id());
-            70
+            START_FAILED
         }
     };
     std::process::exit(code);

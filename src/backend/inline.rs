@@ -127,7 +127,7 @@ impl InlineBackend {
                 }
                 Event::Lost {
                     worker,
-                    status: ExitStatus::from_raw(THREAD_LOST),
+                    status: Some(ExitStatus::from_raw(THREAD_LOST)),
                 }
             }
         })

@@ -18,13 +18,21 @@ pub(crate) enum Event {
     /// A reply frame.
     Reply { worker: usize, frame: Frame },
     /// The worker is gone (process exited, or its thread ended); it has been reaped.
-    Lost { worker: usize, status: ExitStatus },
+    /// The status is `None` when someone else reaped it first.
+    Lost {
+        worker: usize,
+        status: Option<ExitStatus>,
+    },
+    /// The worker sent something that is not a frame; it can no longer be trusted.
+    Broken { worker: usize, reason: String },
 }
 
 impl Event {
     pub(crate) fn worker(&self) -> usize {
         match self {
-            Event::Reply { worker, .. } | Event::Lost { worker, .. } => *worker,
+            Event::Reply { worker, .. }
+            | Event::Lost { worker, .. }
+            | Event::Broken { worker, .. } => *worker,
         }
     }
 }

@@ -16,7 +16,7 @@ use super::{Event, StartOptions};
 use crate::error::{Error, Result};
 use crate::task;
 use crate::transport::{FrameBuf, Listener, ParentLink, RawFrame, poll_before_blocking};
-use crate::worker::WORKER_ENV;
+use crate::worker::{START_FAILED, WORKER_ENV};
 
 /// How long a worker gets to exit after its channels close before it is killed.
 const EXIT_GRACE: Duration = Duration::from_secs(1);
@@ -114,7 +114,7 @@ impl ProcessBackend {
             }
             if self.slots.iter().all(Option::is_none) {
                 return Err(Error::Transport {
-                    worker: 0,
+                    worker: None,
                     source: io::Error::new(io::ErrorKind::NotConnected, "no live worker"),
                 });
             }
@@ -129,7 +129,10 @@ impl ProcessBackend {
                 .flatten();
             let results = polled
                 .unwrap_or_else(|| self.replies.select())
-                .map_err(|source| Error::Transport { worker: 0, source })?;
+                .map_err(|source| Error::Transport {
+                    worker: None,
+                    source,
+                })?;
             let mut closed = Vec::new();
             for result in results {
                 match result {
@@ -140,15 +143,15 @@ impl ProcessBackend {
                         let Some(slot) = &self.slots[worker] else {
                             continue;
                         };
-                        let raw: RawFrame = message.to().map_err(|e| Error::Protocol {
-                            worker,
-                            reason: e.to_string(),
-                        })?;
-                        let frame = slot.link.open(raw).map_err(|e| Error::Protocol {
-                            worker,
-                            reason: e.to_string(),
-                        })?;
-                        self.pending.push_back(Event::Reply { worker, frame });
+                        let opened = match message.to::<RawFrame>() {
+                            Ok(raw) => slot.link.open(raw).map_err(|e| e.to_string()),
+                            Err(e) => Err(e.to_string()),
+                        };
+                        let event = match opened {
+                            Ok(frame) => Event::Reply { worker, frame },
+                            Err(reason) => Event::Broken { worker, reason },
+                        };
+                        self.pending.push_back(event);
                     }
                     IpcSelectionResult::ChannelClosed(id) => closed.push(id),
                 }
@@ -221,6 +224,7 @@ impl ProcessBackend {
         }
         drop(done_tx);
         let deadline = Instant::now() + self.options.start_timeout;
+        let mut aborted_at: Option<Instant> = None;
         while starting.iter().any(|s| !s.finished) {
             match done_rx.recv_timeout(Duration::from_millis(5)) {
                 Ok((worker, result)) => {
@@ -241,13 +245,23 @@ impl ProcessBackend {
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    let late = Instant::now() >= deadline;
+                    let now = Instant::now();
+                    let late = now >= deadline;
+                    if aborted_at.is_some_and(|at| now >= at + EXIT_GRACE) {
+                        // Aborted accept threads that still have not answered (the
+                        // wake-up could not reach them) are left behind, not waited for.
+                        break;
+                    }
                     for s in starting.iter_mut().filter(|s| !s.finished && !s.aborted) {
                         let child = s
                             .child
                             .as_mut()
                             .expect("unfinished workers keep their child");
                         let reason = match child.try_wait() {
+                            Ok(Some(status)) if status.code() == Some(START_FAILED) => format!(
+                                "it started as a worker but could not connect ({status}); \
+                                 its standard error says why"
+                            ),
                             Ok(Some(status)) => format!(
                                 "it exited ({status}) before connecting; does `main` call \
                                  `multiproc::init()` first (or the test crate \
@@ -265,6 +279,7 @@ impl ProcessBackend {
                         // Wake the accept thread so it ends; its `Ok(None)` is counted
                         // above like any other answer.
                         s.aborted = true;
+                        aborted_at.get_or_insert(now);
                         if Listener::abort(&s.name).is_err() {
                             s.finished = true;
                         }
@@ -294,7 +309,7 @@ impl ProcessBackend {
                         }
                         Err(source) => {
                             failure = Some(Error::Transport {
-                                worker: s.worker,
+                                worker: Some(s.worker),
                                 source,
                             });
                             reap(child, Duration::ZERO);
@@ -349,24 +364,26 @@ struct Starting {
 }
 
 /// Waits up to `grace` for the child to exit, then kills it; always reaps it.
-fn reap(mut child: Child, grace: Duration) -> ExitStatus {
+///
+/// `None` when the status cannot be had: someone else reaped the child (a
+/// `waitpid(-1)` elsewhere in the program, or `SIGCHLD` set to be ignored).
+fn reap(mut child: Child, grace: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + grace;
     let mut pause = Duration::from_micros(50);
     loop {
         match child.try_wait() {
-            Ok(Some(status)) => return status,
+            Ok(Some(status)) => return Some(status),
             Ok(None) if Instant::now() < deadline => {
                 thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_millis(10));
             }
-            _ => break,
+            Ok(None) => break,
+            Err(_) => return None,
         }
     }
     // Ignored error: the child exited between try_wait and kill.
     let _ = child.kill();
-    child
-        .wait()
-        .expect("waiting for our own child cannot fail once it is killed")
+    child.wait().ok()
 }
 
 /// A worker's listener and the answer to its spawn request.
