@@ -62,7 +62,7 @@ where
     I: IntoIterator<Item = T>,
     T: Serialize + DeserializeOwned,
     U: Serialize + DeserializeOwned,
-    F: Fn(T) -> U,
+    F: Fn(T) -> U + Copy + Send + Sync,
 {
     default_pool()?.map(items, task)
 }
@@ -89,9 +89,9 @@ where
     I: IntoIterator<Item = T>,
     T: Serialize + DeserializeOwned,
     U: Serialize + DeserializeOwned,
-    F: Fn(T) -> U,
-    Id: Fn() -> U,
-    R: Fn(U, U) -> U,
+    F: Fn(T) -> U + Copy + Send + Sync,
+    Id: Fn() -> U + Copy + Send + Sync,
+    R: Fn(U, U) -> U + Copy + Send + Sync,
 {
     default_pool()?.map_reduce(items, task, identity, reduce)
 }

@@ -25,8 +25,9 @@ use crate::worker;
 /// not, and reaps them all: no worker process outlives its pool.
 ///
 /// A task is a `fn` item or a closure that captures nothing (it is re-created in each
-/// worker process); the build fails with an explanation otherwise. State travels as a
-/// context value ([`Pool::map_with`]) or inside the items.
+/// worker process); the build fails with an explanation otherwise. Such functions are
+/// `Copy + Send + Sync`, which the bounds also ask for. State travels as a context
+/// value ([`Pool::map_with`]) or inside the items.
 ///
 /// # Examples
 ///
@@ -115,11 +116,15 @@ impl Pool {
         I: IntoIterator<Item = T>,
         T: Serialize + DeserializeOwned,
         U: Serialize + DeserializeOwned,
-        F: Fn(T) -> U,
+        F: Fn(T) -> U + Copy + Send + Sync,
     {
         task::assert_zero_sized::<F>();
         let _ = task;
-        self.collect(items, TaskRef::of::<T, U, Plain<F>, Collect>(), None)
+        self.collect(
+            items,
+            TaskRef::of::<T, U, Plain<F>, Collect>().ok_or(Error::TaskNotInExecutable)?,
+            None,
+        )
     }
 
     /// Like [`Pool::map`], with a context value that reaches the task by reference.
@@ -149,14 +154,14 @@ impl Pool {
         C: Serialize + DeserializeOwned + 'static,
         T: Serialize + DeserializeOwned,
         U: Serialize + DeserializeOwned,
-        F: Fn(&C, T) -> U,
+        F: Fn(&C, T) -> U + Copy + Send + Sync,
     {
         task::assert_zero_sized::<F>();
         let _ = task;
         let context = encode_context(context)?;
         self.collect(
             items,
-            TaskRef::of::<T, U, WithContext<F, C>, Collect>(),
+            TaskRef::of::<T, U, WithContext<F, C>, Collect>().ok_or(Error::TaskNotInExecutable)?,
             Some(&context),
         )
     }
@@ -183,15 +188,16 @@ impl Pool {
         I: IntoIterator<Item = T>,
         T: Serialize + DeserializeOwned,
         U: Serialize + DeserializeOwned,
-        F: Fn(T) -> U,
-        Id: Fn() -> U,
-        R: Fn(U, U) -> U,
+        F: Fn(T) -> U + Copy + Send + Sync,
+        Id: Fn() -> U + Copy + Send + Sync,
+        R: Fn(U, U) -> U + Copy + Send + Sync,
     {
         task::assert_zero_sized::<F>();
         task::assert_zero_sized::<Id>();
         task::assert_zero_sized::<R>();
         let _ = task;
-        let job = TaskRef::of::<T, U, Plain<F>, Fold<U, Id, R>>();
+        let job =
+            TaskRef::of::<T, U, Plain<F>, Fold<U, Id, R>>().ok_or(Error::TaskNotInExecutable)?;
         self.fold(items, job, None, identity, reduce)
     }
 
@@ -213,16 +219,17 @@ impl Pool {
         C: Serialize + DeserializeOwned + 'static,
         T: Serialize + DeserializeOwned,
         U: Serialize + DeserializeOwned,
-        F: Fn(&C, T) -> U,
-        Id: Fn() -> U,
-        R: Fn(U, U) -> U,
+        F: Fn(&C, T) -> U + Copy + Send + Sync,
+        Id: Fn() -> U + Copy + Send + Sync,
+        R: Fn(U, U) -> U + Copy + Send + Sync,
     {
         task::assert_zero_sized::<F>();
         task::assert_zero_sized::<Id>();
         task::assert_zero_sized::<R>();
         let _ = task;
         let context = encode_context(context)?;
-        let job = TaskRef::of::<T, U, WithContext<F, C>, Fold<U, Id, R>>();
+        let job = TaskRef::of::<T, U, WithContext<F, C>, Fold<U, Id, R>>()
+            .ok_or(Error::TaskNotInExecutable)?;
         self.fold(items, job, Some(&context), identity, reduce)
     }
 
@@ -268,8 +275,8 @@ impl Pool {
         I: IntoIterator<Item = T>,
         T: Serialize + DeserializeOwned,
         U: DeserializeOwned,
-        Id: Fn() -> U,
-        R: Fn(U, U) -> U,
+        Id: Fn() -> U + Copy + Send + Sync,
+        R: Fn(U, U) -> U + Copy + Send + Sync,
     {
         let mut acc = Some(identity());
         let mut deliver = |worker: usize, range: std::ops::Range<usize>, payload: &[u8]| {

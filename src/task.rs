@@ -2,18 +2,22 @@
 //!
 //! A task is a zero-sized closure or `fn` item. For each call the parent instantiates
 //! one monomorphised runner, [`run_chunk`], for the task's types and sends its address
-//! as an offset from [`anchor`]. Worker processes run the very same executable (the
-//! parent starts `/proc/self/exe`), so the offset names the same function there,
-//! whatever address-space randomisation did. Because the task has no size, the worker
-//! can produce it from nothing; there is no state to carry. Only the parent can send
-//! requests (the channels are created by the worker and handed to the parent alone),
-//! and every runner checks a fingerprint of its types before touching the payload.
+//! as an offset from where the program's executable is mapped. Worker processes run
+//! the very same executable (the parent starts `/proc/self/exe`), so the offset names
+//! the same function there, whatever address-space randomisation did. Both sides
+//! check that the address lies in the executable's code before using it, so a runner
+//! compiled into a dynamic library is refused in the parent rather than missed in the
+//! worker. Because the task has no size, the worker can produce it from nothing; there
+//! is no state to carry. Only the parent can send requests (the channels are created
+//! by the worker and handed to the parent alone), and every runner checks a
+//! fingerprint of its types before touching the payload.
 
 use std::any::type_name;
 use std::cell::{Cell, RefCell};
 use std::marker::PhantomData;
+use std::ops::Range;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::Once;
+use std::sync::{Once, OnceLock};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -28,25 +32,84 @@ use crate::worker::WorkerState;
 pub(crate) type RawTask =
     fn(&mut WorkerState, &ChunkHeader, &[u8], &mut Vec<u8>) -> Result<(), Failure>;
 
-/// The reference point for task offsets. Never inlined, so it has an address.
-#[inline(never)]
-fn anchor() {}
-
-/// The address of [`anchor`] in this process.
-fn anchor_address() -> i64 {
-    anchor as fn() as usize as i64
+/// Where the program's executable is mapped in this process.
+struct Image {
+    /// Lowest address of any mapping of the executable file.
+    base: usize,
+    /// Its executable mappings.
+    code: Vec<Range<usize>>,
 }
 
-/// A runner named by its offset from [`anchor`] and a fingerprint of its types.
+impl Image {
+    /// The executable's mappings in this process, read once from `/proc/self/maps`.
+    fn get() -> Option<&'static Image> {
+        static IMAGE: OnceLock<Option<Image>> = OnceLock::new();
+        IMAGE.get_or_init(Image::read).as_ref()
+    }
+
+    fn read() -> Option<Image> {
+        let exe = std::fs::read_link("/proc/self/exe").ok()?;
+        let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+        let mut base = usize::MAX;
+        let mut code = Vec::new();
+        for line in maps.lines() {
+            let Some((range, executable, path)) = parse_mapping(line) else {
+                continue;
+            };
+            if std::path::Path::new(path) != exe {
+                continue;
+            }
+            base = base.min(range.start);
+            if executable {
+                code.push(range);
+            }
+        }
+        (base != usize::MAX && !code.is_empty()).then_some(Image { base, code })
+    }
+
+    /// The offset of `address` from the base, if it is in the executable's code.
+    fn offset_of(&self, address: usize) -> Option<u64> {
+        let inside = self.code.iter().any(|r| r.contains(&address));
+        inside.then(|| (address - self.base) as u64)
+    }
+
+    /// The address `offset` names, if it is in the executable's code.
+    fn address_of(&self, offset: u64) -> Option<usize> {
+        let address = self.base.checked_add(usize::try_from(offset).ok()?)?;
+        self.code
+            .iter()
+            .any(|r| r.contains(&address))
+            .then_some(address)
+    }
+}
+
+/// Splits a `/proc/self/maps` line into its address range, whether it is executable,
+/// and its path (which may contain spaces).
+fn parse_mapping(line: &str) -> Option<(Range<usize>, bool, &str)> {
+    let mut rest = line;
+    let mut fields = [""; 5];
+    for field in &mut fields {
+        let (value, tail) = rest.trim_start().split_once(' ')?;
+        *field = value;
+        rest = tail;
+    }
+    let (start, end) = fields[0].split_once('-')?;
+    let start = usize::from_str_radix(start, 16).ok()?;
+    let end = usize::from_str_radix(end, 16).ok()?;
+    Some((start..end, fields[1].contains('x'), rest.trim_start()))
+}
+
+/// A runner named by its offset in the executable and a fingerprint of its types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct TaskRef {
-    offset: i64,
+    offset: u64,
     fingerprint: u64,
 }
 
 impl TaskRef {
-    /// Names the runner for mapping `T` to `U` with `M`, delivering into `S`.
-    pub(crate) fn of<T, U, M, S>() -> Self
+    /// Names the runner for mapping `T` to `U` with `M`, delivering into `S`;
+    /// `None` when the runner is not in the program's executable.
+    pub(crate) fn of<T, U, M, S>() -> Option<Self>
     where
         T: DeserializeOwned,
         U: Serialize,
@@ -54,10 +117,10 @@ impl TaskRef {
         S: Sink<U>,
     {
         let runner: RawTask = run_chunk::<T, U, M, S>;
-        Self {
-            offset: runner as usize as i64 - anchor_address(),
+        Some(Self {
+            offset: Image::get()?.offset_of(runner as usize)?,
             fingerprint: fingerprint::<(T, U, M, S)>(),
-        }
+        })
     }
 
     /// Finds the runner again in this process and runs the chunk with it.
@@ -68,18 +131,22 @@ impl TaskRef {
         payload: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), Failure> {
-        let address = anchor_address().wrapping_add(self.offset) as usize;
-        if address == 0 {
+        let Some(address) = Image::get().and_then(|image| image.address_of(self.offset)) else {
             return Err(Failure::Malformed {
-                reason: "task offset points at address zero".into(),
+                reason: format!(
+                    "task offset {:#x} is outside the program's code",
+                    self.offset
+                ),
             });
-        }
-        // SAFETY: `address` is `anchor + offset` where the parent computed `offset` as
-        // `run_chunk::<..> - anchor` with `TaskRef::of` in the same executable: the
-        // parent starts workers from `/proc/self/exe`, checks at the handshake that the
-        // worker's `binary_fingerprint` equals its own, and is the only process that
-        // can write to this worker's request channel. So `address` is the entry of a
-        // `run_chunk` instantiation, whose type is exactly `RawTask`.
+        };
+        // SAFETY: `address` lies in this executable's code, at the offset where the
+        // parent found `run_chunk::<..>` with `TaskRef::of` (which refuses any runner
+        // outside the executable). The parent runs the same executable (it starts
+        // workers from `/proc/self/exe` and checks each worker's `binary_fingerprint`
+        // at the handshake) and is the only process that can write to this worker's
+        // request channel. So `address` is the entry of a `run_chunk` instantiation,
+        // whose type is exactly `RawTask`; the runner then checks the fingerprint of
+        // its type parameters before it reads the payload.
         let runner: RawTask = unsafe { std::mem::transmute::<usize, RawTask>(address) };
         runner(state, header, payload, out)
     }
@@ -88,17 +155,15 @@ impl TaskRef {
 /// Identifies the executable: equal in the parent and a worker only when both run
 /// the same build. Checked once per worker at the handshake.
 pub(crate) fn binary_fingerprint() -> u64 {
-    fn probe_of<F: Fn(u64) -> u64>(_: F) -> RawTask {
+    fn probe_of<F: Fn(u64) -> u64 + Copy + Send + Sync>(_: F) -> RawTask {
         run_chunk::<u64, u64, Plain<F>, Collect>
     }
-    let probe = probe_of(|x| x.wrapping_add(1));
-    let offsets = [
-        probe as usize as i64 - anchor_address(),
-        crate::worker::init as fn() as usize as i64 - anchor_address(),
-    ];
+    let probe = probe_of(|x| x.wrapping_add(1)) as usize;
+    let init = crate::worker::init as fn() as usize;
     let mut hash = fnv1a(env!("CARGO_PKG_VERSION").as_bytes());
-    for offset in offsets {
-        hash = fnv1a_continue(hash, &offset.to_le_bytes());
+    for address in [probe, init] {
+        let offset = Image::get().and_then(|image| image.offset_of(address));
+        hash = fnv1a_continue(hash, &offset.unwrap_or(u64::MAX).to_le_bytes());
     }
     hash
 }
@@ -129,13 +194,17 @@ pub(crate) const fn assert_zero_sized<F>() {
 }
 
 /// Produces the value of a zero-sized function type.
-fn conjure<F>() -> F {
+///
+/// The parent holds a value of `F` (the caller passed it); this makes another one in
+/// whichever process or thread runs the chunk.
+fn conjure<F: Copy + Send + Sync>() -> F {
     assert_zero_sized::<F>();
     // SAFETY: `F` has size zero (checked at compile time just above), so a dangling,
-    // well-aligned pointer is valid for a read of it and the read produces the type's
-    // only value. Every `F` reaching here is a closure that captures nothing or a `fn`
-    // item (the public bounds are `Fn` traits, which only those implement with size
-    // zero), so the value carries no state and no invariant to duplicate.
+    // well-aligned pointer is valid for a read of it, and the read yields the type's
+    // one value: all values of a zero-sized type are the same bits (none). `F: Copy`
+    // means duplicating a value is always allowed, and `Send + Sync` that it may be
+    // used on any thread, so making a copy here breaks no invariant of `F`. In
+    // practice `F` is a `fn` item or a closure that captures nothing.
     unsafe { std::ptr::NonNull::<F>::dangling().as_ptr().read() }
 }
 
@@ -151,7 +220,7 @@ pub(crate) trait Mapper<T, U> {
 /// A task `Fn(T) -> U`.
 pub(crate) struct Plain<F>(PhantomData<F>);
 
-impl<T, U, F: Fn(T) -> U> Mapper<T, U> for Plain<F> {
+impl<T, U, F: Fn(T) -> U + Copy + Send + Sync> Mapper<T, U> for Plain<F> {
     type Context = ();
     const NEEDS_CONTEXT: bool = false;
     #[inline]
@@ -166,7 +235,7 @@ pub(crate) struct WithContext<F, C>(PhantomData<(F, C)>);
 impl<T, U, C, F> Mapper<T, U> for WithContext<F, C>
 where
     C: DeserializeOwned + 'static,
-    F: Fn(&C, T) -> U,
+    F: Fn(&C, T) -> U + Copy + Send + Sync,
 {
     type Context = C;
     const NEEDS_CONTEXT: bool = true;
@@ -209,8 +278,8 @@ pub(crate) struct Fold<U, Id, R> {
 impl<U, Id, R> Sink<U> for Fold<U, Id, R>
 where
     U: Serialize,
-    Id: Fn() -> U,
-    R: Fn(U, U) -> U,
+    Id: Fn() -> U + Copy + Send + Sync,
+    R: Fn(U, U) -> U + Copy + Send + Sync,
 {
     fn start() -> Self {
         Self {
@@ -344,8 +413,39 @@ mod tests {
         x * 2
     }
 
-    fn plain_ref<F: Fn(u64) -> u64>(_: F) -> TaskRef {
-        TaskRef::of::<u64, u64, Plain<F>, Collect>()
+    fn plain_ref<F: Fn(u64) -> u64 + Copy + Send + Sync>(_: F) -> TaskRef {
+        TaskRef::of::<u64, u64, Plain<F>, Collect>().expect("the test's code is in its executable")
+    }
+
+    #[test]
+    fn maps_lines_parse_with_and_without_paths() {
+        let line = "55d0c8a00000-55d0c8a2f000 r-xp 00002000 fe:00 1234    /tmp/a b/prog (deleted)";
+        let (range, executable, path) = parse_mapping(line).unwrap();
+        assert_eq!(range, 0x55d0_c8a0_0000..0x55d0_c8a2_f000);
+        assert!(executable);
+        assert_eq!(path, "/tmp/a b/prog (deleted)");
+        let anonymous = "7ffd1000-7ffd2000 rw-p 00000000 00:00 0 ";
+        assert_eq!(parse_mapping(anonymous).unwrap().2, "");
+        assert!(parse_mapping("7ffd1000-7ffd2000 rw-p 00000000 00:00 0").is_none());
+        assert!(parse_mapping("garbage").is_none());
+    }
+
+    #[test]
+    fn offsets_outside_the_code_are_refused_before_any_jump() {
+        let good = plain_ref(double);
+        for offset in [0, u64::MAX, good.offset + (1 << 40)] {
+            let bad = TaskRef { offset, ..good };
+            let (header, payload) = chunk(bad, &[1]);
+            let err = bad
+                .run(
+                    &mut WorkerState::default(),
+                    &header,
+                    &payload,
+                    &mut Vec::new(),
+                )
+                .unwrap_err();
+            assert!(matches!(err, Failure::Malformed { .. }), "{err:?}");
+        }
     }
 
     fn chunk(task: TaskRef, items: &[u64]) -> (ChunkHeader, Vec<u8>) {
