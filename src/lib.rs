@@ -56,6 +56,12 @@ pub use crate::worker::init;
 /// harness starts and calls [`init`], so a worker process never reaches the harness:
 /// no test-name filter to keep in sync and no harness output from workers.
 ///
+/// Because a worker serves from inside that constructor, constructors that would run
+/// after it (C++ static initialisers of libraries linked later, registrations made by
+/// crates such as `ctor` or `inventory`) have not run in worker processes of a test
+/// binary. Tasks that depend on them should be tested from a binary whose `main`
+/// calls [`init`].
+///
 /// ```no_run
 /// // tests/it/main.rs
 /// multiproc::enable_test_support!();

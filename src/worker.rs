@@ -12,8 +12,14 @@ use crate::protocol::{self, Failure, Reply, Request};
 use crate::task;
 use crate::transport::{Frame, FrameBuf, WorkerLink};
 
-/// Environment variable that marks a process as a worker: `index:parent pid:server`.
+/// Environment variable set in every worker: a cheap hint that [`init`] should look
+/// at the command line. Programs a task starts inherit it, so it proves nothing alone.
 pub(crate) const WORKER_ENV: &str = "MULTIPROC_WORKER";
+
+/// Prefix of the command-line argument that makes a process a worker:
+/// `--multiproc-worker=index:parent pid:server`. Arguments are not inherited, so a
+/// program started by a task is never mistaken for a worker.
+pub(crate) const WORKER_ARG: &str = "--multiproc-worker=";
 
 /// Exit code of a worker that could not start serving (EX_SOFTWARE).
 pub(crate) const START_FAILED: i32 = 70;
@@ -29,7 +35,8 @@ static SERVING: AtomicBool = AtomicBool::new(false);
 /// as Python's `if __name__ == "__main__":` guard keeps the top of a script out of its
 /// workers. In a worker process this call serves tasks until the parent hangs up and
 /// then exits the process; it never returns. In any other process it costs one
-/// environment lookup.
+/// environment lookup. (Workers get an extra command-line argument; `main` never sees
+/// it when `init()` comes first.)
 ///
 /// Test binaries have no `main` of their own: put
 /// [`enable_test_support!()`](crate::enable_test_support) in each test crate instead.
@@ -49,11 +56,11 @@ pub fn init() {
     if SERVING.load(Ordering::Relaxed) {
         return;
     }
-    let Some(value) = std::env::var_os(WORKER_ENV) else {
+    let Some(value) = worker_argument() else {
         return;
     };
     SERVING.store(true, Ordering::Relaxed);
-    let code = match serve_process(&value.to_string_lossy()) {
+    let code = match serve_process(&value) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("multiproc worker {}: {e}", std::process::id());
@@ -66,7 +73,20 @@ pub fn init() {
 /// True when this process was started as a worker but `init()` was not called first,
 /// so `main` is running in the worker and must not start workers of its own.
 pub(crate) fn init_missing() -> bool {
-    !SERVING.load(Ordering::Relaxed) && std::env::var_os(WORKER_ENV).is_some()
+    !SERVING.load(Ordering::Relaxed) && worker_argument().is_some()
+}
+
+/// The value of this process's worker argument, when it was started as a worker.
+///
+/// Read from `/proc/self/cmdline` rather than `std::env::args`, which is not yet set
+/// up when `init` runs from the test-support constructor before `main`.
+fn worker_argument() -> Option<String> {
+    std::env::var_os(WORKER_ENV)?;
+    let cmdline = std::fs::read("/proc/self/cmdline").ok()?;
+    cmdline.split(|&b| b == 0).skip(1).find_map(|arg| {
+        let arg = std::str::from_utf8(arg).ok()?;
+        arg.strip_prefix(WORKER_ARG).map(str::to_owned)
+    })
 }
 
 fn serve_process(value: &str) -> io::Result<()> {
@@ -75,16 +95,16 @@ fn serve_process(value: &str) -> io::Result<()> {
     else {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("malformed {WORKER_ENV}"),
+            format!("malformed {WORKER_ARG}"),
         ));
     };
     let parent = parent.parse::<u32>().map_err(|_| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("malformed {WORKER_ENV}"),
+            format!("malformed {WORKER_ARG}"),
         )
     })?;
-    crate::backend::die_with_parent(parent)?;
+    crate::backend::prepare_worker_process(parent)?;
     let link = WorkerLink::connect(server, task::binary_fingerprint())?;
     serve(&link)
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use crate::error::Result;
 use crate::transport::{Frame, FrameBuf};
 
-pub(crate) use process::die_with_parent;
+pub(crate) use process::prepare_worker_process;
 
 /// Something that happened to one worker.
 pub(crate) enum Event {

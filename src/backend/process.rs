@@ -16,7 +16,7 @@ use super::{Event, StartOptions};
 use crate::error::{Error, Result};
 use crate::task;
 use crate::transport::{FrameBuf, Listener, ParentLink, RawFrame, poll_before_blocking};
-use crate::worker::{START_FAILED, WORKER_ENV};
+use crate::worker::{START_FAILED, WORKER_ARG, WORKER_ENV};
 
 /// How long a worker gets to exit after its channels close before it is killed.
 const EXIT_GRACE: Duration = Duration::from_secs(1);
@@ -404,7 +404,8 @@ fn launch(worker: usize, options: &StartOptions) -> Result<Launch> {
         command.arg0(arg0);
     }
     command
-        .env(WORKER_ENV, format!("{worker}:{parent}:{}", listener.name()))
+        .arg(format!("{WORKER_ARG}{worker}:{parent}:{}", listener.name()))
+        .env(WORKER_ENV, "1")
         .stdin(Stdio::null());
     if !options.inherit_output {
         command.stdout(Stdio::null()).stderr(Stdio::null());
@@ -414,14 +415,15 @@ fn launch(worker: usize, options: &StartOptions) -> Result<Launch> {
     Ok((listener, spawned))
 }
 
-/// Asks the kernel to kill this worker process when its parent dies, then checks
-/// that the parent has not died already. Called first thing in a worker.
+/// Asks the kernel to kill this worker process when its parent dies, ignores
+/// SIGPIPE, then checks that the parent has not died already. Called first thing in
+/// a worker.
 ///
 /// Setting it in the worker rather than between fork and exec lets the parent spawn
 /// with `posix_spawn` (no `pre_exec` hook), which on a large parent is several times
 /// faster than `fork`. The signal is tied to the thread that spawned the worker, one
 /// of the spawner threads below, which live as long as the process.
-pub(crate) fn die_with_parent(parent: u32) -> io::Result<()> {
+pub(crate) fn prepare_worker_process(parent: u32) -> io::Result<()> {
     #[cfg(target_os = "linux")]
     {
         // SAFETY: `prctl(PR_SET_PDEATHSIG, SIGKILL)` only sets a flag on this process;
@@ -429,6 +431,13 @@ pub(crate) fn die_with_parent(parent: u32) -> io::Result<()> {
         if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
             return Err(io::Error::last_os_error());
         }
+    }
+    // SAFETY: setting the disposition of SIGPIPE to "ignore" installs no handler code.
+    // A worker started from the test-support constructor runs before Rust's runtime
+    // would have done the same, and a task writing to a closed pipe should get an
+    // error, not kill its worker.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
     }
     // The parent may have died before the flag was set: then nobody waits for us.
     if std::os::unix::process::parent_id() != parent {

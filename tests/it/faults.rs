@@ -408,3 +408,46 @@ fn calling_back_into_the_same_pool_is_an_error_not_a_deadlock() {
         .unwrap();
     assert_eq!(nested, [1, 11, 21]);
 }
+
+const NESTED_HELPER: &str = "MULTIPROC_TEST_NESTED_HELPER";
+
+#[test]
+fn a_program_started_by_a_task_is_not_taken_for_a_worker() {
+    // The task, in a worker process, runs this test binary again as an ordinary
+    // program that uses multiproc itself; it inherits the worker's environment.
+    let pool = pool_with_chunks(1, 1);
+    let outputs = pool
+        .map([3u64], |n| {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "faults::nested_helper",
+                    "--exact",
+                    "--ignored",
+                    "--nocapture",
+                ])
+                .env(NESTED_HELPER, n.to_string())
+                .stdin(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+        .unwrap();
+    assert!(
+        outputs[0].contains("nested sum: 3"),
+        "the nested program printed: {}",
+        outputs[0]
+    );
+}
+
+#[test]
+#[ignore = "helper process for a_program_started_by_a_task_is_not_taken_for_a_worker"]
+fn nested_helper() {
+    let Some(n) = std::env::var_os(NESTED_HELPER) else {
+        return;
+    };
+    let n: u64 = n.to_str().unwrap().parse().unwrap();
+    let pool = pool(2);
+    let sum: u64 = pool.map_reduce(0..n, |x| x, || 0, |a, b| a + b).unwrap();
+    println!("nested sum: {sum}");
+}
