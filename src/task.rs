@@ -104,6 +104,14 @@ fn parse_mapping(line: &str) -> Option<(Range<usize>, bool, &str)> {
 pub(crate) struct TaskRef {
     offset: u64,
     fingerprint: u64,
+    /// A hash of the two fields above: a damaged reference is refused before the
+    /// offset is used (1 in 2^64 odds of missing it), not discovered after a jump.
+    check: u64,
+}
+
+fn check_of(offset: u64, fingerprint: u64) -> u64 {
+    let hash = fnv1a_continue(fnv1a(b"multiproc task"), &offset.to_le_bytes());
+    fnv1a_continue(hash, &fingerprint.to_le_bytes())
 }
 
 impl TaskRef {
@@ -117,9 +125,12 @@ impl TaskRef {
         S: Sink<U>,
     {
         let runner: RawTask = run_chunk::<T, U, M, S>;
+        let offset = Image::get()?.offset_of(runner as usize)?;
+        let fingerprint = fingerprint::<(T, U, M, S)>();
         Some(Self {
-            offset: Image::get()?.offset_of(runner as usize)?,
-            fingerprint: fingerprint::<(T, U, M, S)>(),
+            offset,
+            fingerprint,
+            check: check_of(offset, fingerprint),
         })
     }
 
@@ -131,6 +142,11 @@ impl TaskRef {
         payload: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), Failure> {
+        if self.check != check_of(self.offset, self.fingerprint) {
+            return Err(Failure::Malformed {
+                reason: "task reference fails its check".into(),
+            });
+        }
         let Some(address) = Image::get().and_then(|image| image.address_of(self.offset)) else {
             return Err(Failure::Malformed {
                 reason: format!(
@@ -139,8 +155,8 @@ impl TaskRef {
                 ),
             });
         };
-        // SAFETY: `address` lies in this executable's code, at the offset where the
-        // parent found `run_chunk::<..>` with `TaskRef::of` (which refuses any runner
+        // SAFETY: `address` lies in this executable's code, at the offset (intact, by
+        // its check) where the parent found `run_chunk::<..>` with `TaskRef::of` (which refuses any runner
         // outside the executable). The parent runs the same executable (it starts
         // workers from `/proc/self/exe` and checks each worker's `binary_fingerprint`
         // at the handshake) and is the only process that can write to this worker's
@@ -418,6 +434,30 @@ mod tests {
     }
 
     #[test]
+    fn a_damaged_reference_is_refused_before_its_offset_is_used() {
+        let good = plain_ref(double);
+        for bit in 0..64 {
+            let bad = TaskRef {
+                offset: good.offset ^ (1 << bit),
+                ..good
+            };
+            let (header, payload) = chunk(bad, &[1]);
+            let err = bad
+                .run(
+                    &mut WorkerState::default(),
+                    &header,
+                    &payload,
+                    &mut Vec::new(),
+                )
+                .unwrap_err();
+            assert!(
+                matches!(&err, Failure::Malformed { reason } if reason.contains("check")),
+                "{err:?}"
+            );
+        }
+    }
+
+    #[test]
     fn maps_lines_parse_with_and_without_paths() {
         let line = "55d0c8a00000-55d0c8a2f000 r-xp 00002000 fe:00 1234    /tmp/a b/prog (deleted)";
         let (range, executable, path) = parse_mapping(line).unwrap();
@@ -434,7 +474,11 @@ mod tests {
     fn offsets_outside_the_code_are_refused_before_any_jump() {
         let good = plain_ref(double);
         for offset in [0, u64::MAX, good.offset + (1 << 40)] {
-            let bad = TaskRef { offset, ..good };
+            let bad = TaskRef {
+                offset,
+                check: check_of(offset, good.fingerprint),
+                ..good
+            };
             let (header, payload) = chunk(bad, &[1]);
             let err = bad
                 .run(
@@ -486,8 +530,10 @@ mod tests {
     #[test]
     fn a_mismatched_fingerprint_is_refused() {
         let good = plain_ref(double);
+        let fingerprint = good.fingerprint ^ 1;
         let bad = TaskRef {
-            fingerprint: good.fingerprint ^ 1,
+            fingerprint,
+            check: check_of(good.offset, fingerprint),
             ..good
         };
         assert!(matches!(run(bad, &[1]), Err(Failure::Malformed { .. })));

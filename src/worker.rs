@@ -212,3 +212,115 @@ impl WorkerState {
             .expect("the context was decoded as C just above"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    /// A link that feeds fixed frames and collects replies.
+    struct Script {
+        frames: std::cell::RefCell<Vec<Vec<u8>>>,
+        replies: std::cell::RefCell<Vec<Vec<u8>>>,
+    }
+
+    impl Link for Script {
+        fn recv(&self) -> io::Result<Option<Frame>> {
+            Ok(self.frames.borrow_mut().pop().map(Frame::Inline))
+        }
+        fn send(&self, frame: &mut FrameBuf) -> io::Result<()> {
+            self.replies.borrow_mut().push(frame.body_bytes().to_vec());
+            Ok(())
+        }
+    }
+
+    fn double(x: u64) -> u64 {
+        x * 2
+    }
+
+    fn chunk_frame<F: Fn(u64) -> u64 + Copy + Send + Sync>(_: F, items: &[u64]) -> Vec<u8> {
+        let task = task::TaskRef::of::<u64, u64, task::Plain<F>, task::Collect>()
+            .expect("the test's code is in its executable");
+        let mut frame = FrameBuf::with_capacity(256);
+        for item in items {
+            codec::encode_into(item, frame.body()).unwrap();
+        }
+        let header = protocol::ChunkHeader {
+            call: 1,
+            chunk: 0,
+            first_item: 0,
+            count: items.len() as u32,
+            task,
+        };
+        protocol::seal(&mut frame, &Request::Chunk(header)).unwrap();
+        frame.body_bytes().to_vec()
+    }
+
+    fn run_script(frame: Vec<u8>) -> Vec<Vec<u8>> {
+        let link = Script {
+            frames: vec![frame].into(),
+            replies: Vec::new().into(),
+        };
+        let _ = serve(&link);
+        link.replies.into_inner()
+    }
+
+    #[test]
+    fn a_valid_chunk_is_answered() {
+        let replies = run_script(chunk_frame(double, &[1, 2, 3]));
+        assert_eq!(replies.len(), 1);
+        let (reply, payload) = protocol::open::<Reply>(&replies[0]).unwrap();
+        assert!(matches!(
+            reply,
+            Reply::Done {
+                call: 1,
+                chunk: 0,
+                ..
+            }
+        ));
+        let mut reader = codec::Reader::new(payload);
+        let got: Vec<u64> = (0..3).map(|_| reader.decode().unwrap()).collect();
+        assert_eq!(got, [2, 4, 6]);
+    }
+
+    #[test]
+    fn every_single_byte_corruption_of_a_chunk_is_survived() {
+        // Each corrupted frame is refused, answered with a failure, or (when the
+        // damage hits an item's bytes) answered with other numbers: never a crash.
+        let good = chunk_frame(double, &[1, 2, 3]);
+        for i in 0..good.len() {
+            for flip in [0x01u8, 0x10, 0x80, 0xff] {
+                let mut bad = good.clone();
+                bad[i] ^= flip;
+                for reply in run_script(bad) {
+                    assert!(
+                        protocol::open::<Reply>(&reply).is_ok(),
+                        "byte {i} ^ {flip:#x}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn random_frames_never_crash_the_worker_loop() {
+        // Garbage may be refused (an `Err` ends the loop) but must never panic,
+        // abort or run anything: the first byte decides the request kind and the
+        // task offset is checked before use.
+        let mut rng = StdRng::seed_from_u64(7);
+        for round in 0..20_000 {
+            let len = rng.random_range(0..64);
+            let frame: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+            let link = Script {
+                frames: vec![frame].into(),
+                replies: Vec::new().into(),
+            };
+            let _ = serve(&link);
+            for reply in link.replies.borrow().iter() {
+                assert!(protocol::open::<Reply>(reply).is_ok(), "round {round}");
+            }
+        }
+    }
+}
