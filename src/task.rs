@@ -343,6 +343,7 @@ where
     };
     let first = header.first_item;
     let mut reader = Reader::new(payload);
+    let _capturing = Capturing::start();
     let mut sink = guarded(first, S::start)?;
     for i in 0..u64::from(header.count) {
         let item = first + i;
@@ -404,12 +405,29 @@ fn payload_message(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-/// Runs user code, turning a panic into [`Failure::Panicked`] for `item`.
+/// Marks this thread as running user code for as long as it lives, so the panic
+/// hook records panics instead of printing them. Set once per chunk rather than per
+/// item: thread-local accesses would otherwise cost more than a tiny task.
+struct Capturing;
+
+impl Capturing {
+    fn start() -> Self {
+        CAPTURING.with(|c| c.set(true));
+        Capturing
+    }
+}
+
+impl Drop for Capturing {
+    fn drop(&mut self) {
+        CAPTURING.with(|c| c.set(false));
+    }
+}
+
+/// Runs user code, turning a panic into [`Failure::Panicked`] for `item`. Callers
+/// hold a [`Capturing`] so the panic's message and location are recorded.
 #[inline]
 fn guarded<R>(item: u64, f: impl FnOnce() -> R) -> Result<R, Failure> {
-    CAPTURING.with(|c| c.set(true));
     let result = panic::catch_unwind(AssertUnwindSafe(f));
-    CAPTURING.with(|c| c.set(false));
     result.map_err(|payload| {
         let panic = CAUGHT
             .with(|c| c.borrow_mut().take())
