@@ -240,7 +240,8 @@ impl Pool {
         U: DeserializeOwned,
     {
         let items = items.into_iter();
-        let mut results = Vec::with_capacity(items.size_hint().0);
+        // The hint is only a hint: a wrong one must not reserve absurd amounts.
+        let mut results = Vec::with_capacity(items.size_hint().0.min(1 << 20));
         let mut deliver = |worker: usize, range: std::ops::Range<usize>, payload: &[u8]| {
             let mut reader = Reader::new(payload);
             for item in range.clone() {
