@@ -215,3 +215,43 @@ fn the_default_pool_serves_par_map() {
     let total: u64 = multiproc::par_map_reduce(0..1_000u64, |x| x, || 0, |a, b| a + b).unwrap();
     assert_eq!(total, 499_500);
 }
+
+#[test]
+fn random_shapes_match_the_sequential_answer() {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    // Seeded cases over lengths, chunk sizes and worker counts: threads for many
+    // cases, real processes for a few.
+    let mut rng = StdRng::seed_from_u64(2026);
+    for case in 0..120 {
+        let len = rng.random_range(0..400usize);
+        let chunk = rng.random_range(1..len + 3);
+        let workers = rng.random_range(1..5usize);
+        let input = random_u64s(len, case);
+        let pool = if case % 20 == 0 {
+            pool_with_chunks(workers, chunk)
+        } else {
+            inline_pool(workers, Some(chunk))
+        };
+        let expected: Vec<u64> = input.iter().copied().map(splitmix64).collect();
+        let got = pool.map(input.clone(), splitmix64).unwrap();
+        assert_eq!(
+            got, expected,
+            "case {case}: len {len}, chunk {chunk}, workers {workers}"
+        );
+        let concat = pool
+            .map_reduce(
+                input.clone(),
+                |x: u64| format!("{x:x};"),
+                String::new,
+                |a, b| a + &b,
+            )
+            .unwrap();
+        let expected: String = input.iter().map(|x| format!("{x:x};")).collect();
+        assert_eq!(
+            concat, expected,
+            "case {case}: len {len}, chunk {chunk}, workers {workers}"
+        );
+    }
+}
