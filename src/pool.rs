@@ -12,7 +12,7 @@ use crate::backend::{Backend, StartOptions};
 use crate::codec::{self, Reader};
 use crate::error::{Error, Result};
 use crate::par_map;
-use crate::task::{self, Collect, Fold, Plain, TaskRef, WithContext};
+use crate::task::{self, Collect, Fold, Mapper, Plain, Sink, TaskRef, WithContext};
 use crate::transport::FrameBuf;
 use crate::worker;
 
@@ -120,11 +120,7 @@ impl Pool {
     {
         task::assert_zero_sized::<F>();
         let _ = task;
-        self.collect(
-            items,
-            TaskRef::of::<T, U, Plain<F>, Collect>().ok_or(Error::TaskNotInExecutable)?,
-            None,
-        )
+        self.collect(items, job::<T, U, Plain<F>, Collect>()?, None)
     }
 
     /// Like [`Pool::map`], with a context value that reaches the task by reference.
@@ -161,7 +157,7 @@ impl Pool {
         let context = encode_context(context)?;
         self.collect(
             items,
-            TaskRef::of::<T, U, WithContext<F, C>, Collect>().ok_or(Error::TaskNotInExecutable)?,
+            job::<T, U, WithContext<F, C>, Collect>()?,
             Some(&context),
         )
     }
@@ -196,8 +192,7 @@ impl Pool {
         task::assert_zero_sized::<Id>();
         task::assert_zero_sized::<R>();
         let _ = task;
-        let job =
-            TaskRef::of::<T, U, Plain<F>, Fold<U, Id, R>>().ok_or(Error::TaskNotInExecutable)?;
+        let job = job::<T, U, Plain<F>, Fold<U, Id, R>>()?;
         self.fold(items, job, None, identity, reduce)
     }
 
@@ -228,8 +223,7 @@ impl Pool {
         task::assert_zero_sized::<R>();
         let _ = task;
         let context = encode_context(context)?;
-        let job = TaskRef::of::<T, U, WithContext<F, C>, Fold<U, Id, R>>()
-            .ok_or(Error::TaskNotInExecutable)?;
+        let job = job::<T, U, WithContext<F, C>, Fold<U, Id, R>>()?;
         self.fold(items, job, Some(&context), identity, reduce)
     }
 
@@ -360,6 +354,17 @@ impl std::fmt::Debug for Pool {
             .field("workers", &self.workers)
             .finish_non_exhaustive()
     }
+}
+
+/// Names the runner for a call, or says why a worker could not find it.
+fn job<T, U, M, S>() -> Result<TaskRef>
+where
+    T: DeserializeOwned,
+    U: Serialize,
+    M: Mapper<T, U>,
+    S: Sink<U>,
+{
+    TaskRef::of::<T, U, M, S>().ok_or(Error::TaskNotInExecutable)
 }
 
 fn encode_context<C: Serialize>(context: &C) -> Result<Vec<u8>> {

@@ -459,15 +459,7 @@ mod tests {
                 offset: good.offset ^ (1 << bit),
                 ..good
             };
-            let (header, payload) = chunk(bad, &[1]);
-            let err = bad
-                .run(
-                    &mut WorkerState::default(),
-                    &header,
-                    &payload,
-                    &mut Vec::new(),
-                )
-                .unwrap_err();
+            let err = run(bad, &[1]).unwrap_err();
             assert!(
                 matches!(&err, Failure::Malformed { reason } if reason.contains("check")),
                 "{err:?}"
@@ -497,15 +489,7 @@ mod tests {
                 check: check_of(offset, good.fingerprint),
                 ..good
             };
-            let (header, payload) = chunk(bad, &[1]);
-            let err = bad
-                .run(
-                    &mut WorkerState::default(),
-                    &header,
-                    &payload,
-                    &mut Vec::new(),
-                )
-                .unwrap_err();
+            let err = run(bad, &[1]).unwrap_err();
             assert!(matches!(err, Failure::Malformed { .. }), "{err:?}");
         }
     }
