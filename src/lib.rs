@@ -33,6 +33,7 @@
 //! [`Error::WorkerExited`].
 
 mod backend;
+mod chunker;
 mod codec;
 mod error;
 mod par_map;

@@ -8,30 +8,20 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::backend::Event;
+use crate::chunker::{Sizer, TARGET_CHUNK_BYTES};
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::pool::{Pool, PoolInner};
 use crate::protocol::{self, ChunkHeader, Failure, Reply, Request};
 use crate::task::TaskRef;
-use crate::transport::{Frame, INLINE_LIMIT, POLL_BEFORE_BLOCKING};
+use crate::transport::{Frame, POLL_BEFORE_BLOCKING};
 
 /// Chunks a worker may hold at once: one running, one queued behind it, so a worker
 /// never waits for the parent between chunks. A queued frame fits the socket's
-/// send buffer (one packet of up to [`INLINE_LIMIT`]), so a send never waits for a
+/// send buffer (one packet of up to `transport::INLINE_LIMIT`), so a send never waits for a
 /// busy worker; at most it waits the moment a just-woken worker takes to read the
 /// frame before it.
 const CREDIT: usize = 2;
-/// Work per chunk the adaptive sizer aims for.
-const TARGET_CHUNK_NANOS: f64 = 1_000_000.0;
-/// Encoded bytes per chunk the adaptive sizer stays under (one item may pass it):
-/// as large as fits one socket packet with its header, since larger frames mean
-/// fewer messages and wake-ups per item.
-pub(crate) const TARGET_CHUNK_BYTES: usize = 192 * 1024;
-// A chunk of the target size, its header and an item of slack go out as one packet.
-const _: () = assert!(TARGET_CHUNK_BYTES + 4096 <= INLINE_LIMIT);
-
-/// Upper bound on items per chunk.
-pub(crate) const MAX_CHUNK_ITEMS: usize = 1 << 24;
 
 /// Applies `task` to every item on the default pool; results in input order.
 ///
@@ -144,11 +134,7 @@ where
         usable: vec![true; workers],
         ready: BTreeMap::new(),
         failure: None,
-        sizer: Sizer {
-            fixed,
-            nanos: 0.0,
-            items: 0.0,
-        },
+        sizer: Sizer::new(fixed),
     };
     run.drive(deliver)
 }
@@ -558,46 +544,5 @@ fn describe(failure: Failure, worker: usize, items: Range<usize>) -> (usize, Err
             },
         ),
         Failure::Malformed { reason } => (items.start, Error::Protocol { worker, reason }),
-    }
-}
-
-/// Picks chunk sizes: about [`TARGET_CHUNK_NANOS`] of work each, measured by the
-/// workers, unless the caller fixed the size.
-struct Sizer {
-    fixed: Option<usize>,
-    nanos: f64,
-    items: f64,
-}
-
-impl Sizer {
-    fn next(&self, remaining: usize, workers: usize) -> usize {
-        if let Some(fixed) = self.fixed {
-            return fixed;
-        }
-        if self.items == 0.0 {
-            // Nothing measured yet: one item tells the cost without risking a long chunk.
-            return 1;
-        }
-        let per_item = (self.nanos / self.items).max(1.0);
-        let mut size = (TARGET_CHUNK_NANOS / per_item) as usize;
-        if remaining > 0 {
-            // Near the end, smaller chunks keep every worker busy until the last one.
-            size = size.min(remaining.div_ceil(2 * workers));
-        }
-        size.clamp(1, MAX_CHUNK_ITEMS)
-    }
-
-    /// Expected work for `items` items; zero before anything was measured.
-    fn estimate_nanos(&self, items: usize) -> f64 {
-        if self.items == 0.0 {
-            0.0
-        } else {
-            self.nanos / self.items * items as f64
-        }
-    }
-
-    fn observe(&mut self, nanos: u64, items: usize) {
-        self.nanos += nanos as f64;
-        self.items += items as f64;
     }
 }

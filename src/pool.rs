@@ -9,6 +9,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::backend::{Backend, StartOptions};
+use crate::chunker;
 use crate::codec::{self, Reader};
 use crate::error::{Error, Result};
 use crate::par_map;
@@ -465,7 +466,7 @@ impl PoolBuilder {
         }
         if self
             .chunk_size
-            .is_some_and(|n| n > par_map::MAX_CHUNK_ITEMS)
+            .is_some_and(|n| n > chunker::MAX_CHUNK_ITEMS)
         {
             return Err(Error::Config("chunk size must be at most 2^24 items"));
         }
@@ -482,7 +483,7 @@ impl PoolBuilder {
                 backend,
                 next_call: 0,
                 chunk_size: self.chunk_size,
-                frame: FrameBuf::with_capacity(par_map::TARGET_CHUNK_BYTES + 1024),
+                frame: FrameBuf::with_capacity(chunker::TARGET_CHUNK_BYTES + 1024),
                 dirty: false,
             }),
             workers,

@@ -1,0 +1,95 @@
+//! The chunker: how many items go into the next chunk, adapting to the task's cost.
+
+use crate::transport::INLINE_LIMIT;
+
+/// Work per chunk the adaptive sizer aims for.
+pub(crate) const TARGET_CHUNK_NANOS: f64 = 1_000_000.0;
+/// Encoded bytes per chunk the adaptive sizer stays under (one item may pass it):
+/// as large as fits one socket packet with its header, since larger frames mean
+/// fewer messages and wake-ups per item.
+pub(crate) const TARGET_CHUNK_BYTES: usize = 192 * 1024;
+// A chunk of the target size, its header and an item of slack go out as one packet.
+const _: () = assert!(TARGET_CHUNK_BYTES + 4096 <= INLINE_LIMIT);
+
+/// Upper bound on items per chunk.
+pub(crate) const MAX_CHUNK_ITEMS: usize = 1 << 24;
+
+/// Picks chunk sizes: about [`TARGET_CHUNK_NANOS`] of work each, measured by the
+/// workers, unless the caller fixed the size.
+pub(crate) struct Sizer {
+    pub(crate) fixed: Option<usize>,
+    nanos: f64,
+    items: f64,
+}
+
+impl Sizer {
+    pub(crate) fn new(fixed: Option<usize>) -> Self {
+        Self {
+            fixed,
+            nanos: 0.0,
+            items: 0.0,
+        }
+    }
+
+    pub(crate) fn next(&self, remaining: usize, workers: usize) -> usize {
+        if let Some(fixed) = self.fixed {
+            return fixed;
+        }
+        if self.items == 0.0 {
+            // Nothing measured yet: one item tells the cost without risking a long chunk.
+            return 1;
+        }
+        let per_item = (self.nanos / self.items).max(1.0);
+        let mut size = (TARGET_CHUNK_NANOS / per_item) as usize;
+        if remaining > 0 {
+            // Near the end, smaller chunks keep every worker busy until the last one.
+            size = size.min(remaining.div_ceil(2 * workers));
+        }
+        size.clamp(1, MAX_CHUNK_ITEMS)
+    }
+
+    /// Expected work for `items` items; zero before anything was measured.
+    pub(crate) fn estimate_nanos(&self, items: usize) -> f64 {
+        if self.items == 0.0 {
+            0.0
+        } else {
+            self.nanos / self.items * items as f64
+        }
+    }
+
+    pub(crate) fn observe(&mut self, nanos: u64, items: usize) {
+        self.nanos += nanos as f64;
+        self.items += items as f64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_chunk_is_one_item_then_about_a_millisecond() {
+        let mut sizer = Sizer::new(None);
+        assert_eq!(sizer.next(1_000_000, 2), 1);
+        sizer.observe(10_000, 1); // 10 us per item
+        assert_eq!(sizer.next(1_000_000, 2), 100);
+        sizer.observe(990_000, 99);
+        assert_eq!(sizer.next(1_000_000, 2), 100);
+    }
+
+    #[test]
+    fn the_tail_is_split_across_workers() {
+        let mut sizer = Sizer::new(None);
+        sizer.observe(1_000, 1_000); // 1 ns per item: a million fit a millisecond
+        assert_eq!(sizer.next(10_000_000, 2), 1_000_000);
+        assert_eq!(sizer.next(1_000, 2), 250);
+        assert_eq!(sizer.next(3, 2), 1);
+    }
+
+    #[test]
+    fn a_fixed_size_is_kept() {
+        let mut sizer = Sizer::new(Some(7));
+        sizer.observe(1, 1_000_000);
+        assert_eq!(sizer.next(5, 4), 7);
+    }
+}
