@@ -192,8 +192,12 @@ fn send_frame(
     if frame.body_len() <= INLINE_LIMIT {
         return bytes.send(frame.prefixed());
     }
-    big.send(IpcSharedMemory::from_bytes(frame.body_bytes()))
-        .map_err(ipc_to_io)?;
+    // ipc-channel asserts (panics) when it cannot create the memfd, for example when
+    // the process is out of descriptors; turn that into an error for this frame.
+    let body = frame.body_bytes();
+    let shared = std::panic::catch_unwind(|| IpcSharedMemory::from_bytes(body))
+        .map_err(|_| io::Error::other("could not create shared memory for a large frame"))?;
+    big.send(shared).map_err(ipc_to_io)?;
     // The empty frame says "the body is waiting on the shared-memory channel".
     bytes.send(&[0])
 }
