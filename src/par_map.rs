@@ -145,13 +145,13 @@ fn revive(pool: &mut PoolInner) -> Result<()> {
     let dirty = std::mem::take(&mut pool.dirty);
     for worker in 0..pool.backend.workers() {
         if dirty || !pool.backend.is_alive(worker) {
-            // Still dirty if this fails, so the next call tries again.
-            pool.dirty = true;
-            pool.backend.restart(worker)?;
-            pool.dirty = dirty && worker + 1 < pool.backend.workers();
+            if let Err(e) = pool.backend.restart(worker) {
+                // The next call tries again, from the start if this one was dirty.
+                pool.dirty = dirty;
+                return Err(e);
+            }
         }
     }
-    pool.dirty = false;
     Ok(())
 }
 

@@ -325,6 +325,7 @@ impl ProcessBackend {
             Some(e) => {
                 for &worker in workers {
                     if let Some(slot) = self.slots[worker].take() {
+                        self.ids.remove(&slot.id);
                         drop(slot.link);
                         reap(slot.child, EXIT_GRACE);
                     }
