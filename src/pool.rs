@@ -476,6 +476,8 @@ impl PoolBuilder {
         let options = StartOptions {
             inherit_output: self.inherit_output,
             start_timeout: self.start_timeout,
+            #[cfg(test)]
+            program: None,
         };
         let backend = Backend::start(self.inline, workers, options)?;
         Ok(Pool {

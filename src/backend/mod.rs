@@ -42,6 +42,10 @@ impl Event {
 pub(crate) struct StartOptions {
     pub(crate) inherit_output: bool,
     pub(crate) start_timeout: Duration,
+    /// Another program to start instead of this executable: only for testing how
+    /// start-up failures are reported.
+    #[cfg(test)]
+    pub(crate) program: Option<std::path::PathBuf>,
 }
 
 /// The workers of one pool.

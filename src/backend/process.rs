@@ -400,6 +400,8 @@ fn launch(worker: usize, options: &StartOptions) -> Result<Launch> {
     } else {
         std::env::current_exe().map_err(|source| Error::Spawn { worker, source })?
     };
+    #[cfg(test)]
+    let exe = options.program.clone().unwrap_or(exe);
     let mut command = Command::new(exe);
     if let Some(arg0) = std::env::args_os().next() {
         command.arg0(arg0);
@@ -490,4 +492,55 @@ fn spawn_from_owner_thread(command: Command) -> io::Result<mpsc::Receiver<io::Re
         .send((command, reply_tx))
         .map_err(|_| io::Error::other("spawner threads have stopped"))?;
     Ok(reply_rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(program: &str) -> StartOptions {
+        StartOptions {
+            inherit_output: false,
+            start_timeout: Duration::from_secs(10),
+            program: Some(program.into()),
+        }
+    }
+
+    #[test]
+    fn a_worker_that_exits_before_connecting_fails_the_start_with_a_hint() {
+        let err = ProcessBackend::start(2, options("/bin/true"))
+            .err()
+            .expect("no hello");
+        let Error::Handshake { reason, .. } = &err else {
+            panic!("expected a handshake error, got {err:?}");
+        };
+        assert!(reason.contains("before connecting"), "{reason}");
+        assert!(reason.contains("multiproc::init()"), "{reason}");
+    }
+
+    #[test]
+    fn a_program_that_cannot_be_started_is_a_spawn_error() {
+        let err = ProcessBackend::start(1, options("/nonexistent/program"))
+            .err()
+            .expect("no such program");
+        assert!(matches!(err, Error::Spawn { worker: 0, .. }), "{err:?}");
+    }
+
+    #[test]
+    fn workers_start_and_stop_cleanly() {
+        let backend = ProcessBackend::start(
+            2,
+            StartOptions {
+                program: None,
+                ..options("")
+            },
+        )
+        .expect("workers start");
+        let pids: Vec<u32> = backend.pids().into_iter().flatten().collect();
+        assert_eq!(pids.len(), 2);
+        drop(backend);
+        for pid in pids {
+            assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+        }
+    }
 }
