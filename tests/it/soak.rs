@@ -68,13 +68,13 @@ fn streamed_input_runs_in_constant_memory() {
 }
 
 #[test]
-#[ignore = "starts a thousand pools"]
-fn pool_starts_leak_no_descriptor_and_no_zombie() {
+#[ignore = "starts ten thousand pools"]
+fn ten_thousand_pool_starts_leak_no_descriptor_and_no_zombie() {
     let _alone = ALONE.lock().unwrap_or_else(|p| p.into_inner());
     // Warm up: the first pool starts the spawner thread and its channels.
     drop(pool(2));
     let fds = open_fds();
-    for round in 0..1_000u64 {
+    for round in 0..10_000u64 {
         let pool = pool(2);
         let got: u64 = pool
             .map_reduce(0..100u64, |x| x + 1, || 0, |a, b| a + b)
