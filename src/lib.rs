@@ -26,11 +26,22 @@
 //! }
 //! ```
 //!
-//! Items, results and context values are encoded with serde; types whose serde
-//! implementation needs a self-describing format (`#[serde(untagged)]`, `flatten`,
-//! `skip_serializing_if`) fail with [`Error::DecodeItem`] before any worker runs.
-//! With `panic = "abort"` a panicking task kills its worker; the call then reports
-//! [`Error::WorkerExited`].
+//! Items, results and context values are encoded with serde (bincode), at most 4 GiB
+//! each. Serde attributes that need a self-describing format or make the encoding
+//! depend on the value (`#[serde(untagged)]`, `flatten`, `skip_serializing_if`) are
+//! not supported: the first item ([`Error::DecodeItem`]), the first result
+//! ([`Error::Result`]) and the context ([`Error::Context`]) are checked and rejected,
+//! but a later value can decode wrongly. With `panic = "abort"` a panicking task
+//! kills its worker; the call then reports [`Error::WorkerExited`].
+//!
+//! Worker processes run with one extra command-line argument
+//! (`--multiproc-worker=…`) and `MULTIPROC_WORKER=1` in their environment. Linux only.
+
+#[cfg(not(target_os = "linux"))]
+compile_error!(
+    "multiproc runs on Linux only for now: workers find themselves through /proc and die \
+     with their parent through PR_SET_PDEATHSIG"
+);
 
 mod backend;
 mod chunker;
@@ -76,10 +87,13 @@ pub use crate::worker::init;
 #[macro_export]
 macro_rules! enable_test_support {
     () => {
-        // SAFETY: `.init_array` entries are called once by the loader before `main`
-        // with no arguments expected; the entry is a plain `extern "C" fn()`.
-        // `init` only reads the environment and, in a worker process, serves and
-        // exits; in any other process it returns at once.
+        // SAFETY: the loader calls each `.init_array` entry once, before `main`, as
+        // `fn(argc, argv, envp)`; an `extern "C" fn()` that ignores its arguments is
+        // called correctly that way on every Linux ABI. In most processes `init` then
+        // reads one environment variable and returns. In a worker process it reads
+        // `/proc`, sets its signal dispositions and serves tasks until it exits the
+        // process, all before `main`; it catches panics from user code and from its
+        // own loop, so none unwinds out of this C-ABI function.
         #[used]
         #[unsafe(link_section = ".init_array")]
         static __MULTIPROC_TEST_SUPPORT: extern "C" fn() = {

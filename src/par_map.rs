@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::pool::{Pool, PoolInner};
 use crate::protocol::{self, ChunkHeader, Failure, Reply, Request};
 use crate::task::TaskRef;
-use crate::transport::{Frame, POLL_BEFORE_BLOCKING};
+use crate::transport::{Frame, FrameBuf, POLL_BEFORE_BLOCKING};
 
 /// Chunks a worker may hold at once: one running, one queued behind it, so a worker
 /// never waits for the parent between chunks. A queued frame fits the socket's
@@ -116,6 +116,20 @@ where
     revive(pool)?;
     let call = pool.next_call;
     pool.next_call += 1;
+    let context = match context {
+        Some(bytes) => {
+            let mut frame = FrameBuf::with_capacity(bytes.len() + 64);
+            frame.body().extend_from_slice(bytes);
+            protocol::seal(&mut frame, &Request::Context { call }).map_err(|source| {
+                Error::Context {
+                    worker: None,
+                    source,
+                }
+            })?;
+            Some(frame)
+        }
+        None => None,
+    };
     let workers = pool.backend.workers();
     let fixed = pool.chunk_size;
     let mut run = Call {
@@ -132,24 +146,35 @@ where
         in_flight: (0..workers).map(|_| VecDeque::new()).collect(),
         has_context: vec![false; workers],
         usable: vec![true; workers],
+        killed: vec![false; workers],
         ready: BTreeMap::new(),
         failure: None,
         sizer: Sizer::new(fixed),
     };
-    run.drive(deliver)
+    let result = run.drive(deliver);
+    drop(run);
+    if pool.frame.body().capacity() > KEEP_FRAME {
+        // One huge item (or a large fixed chunk size) must not pin its buffer for the
+        // life of the pool.
+        pool.frame = FrameBuf::with_capacity(TARGET_CHUNK_BYTES + 1024);
+    }
+    result
 }
+
+/// Largest request buffer a pool keeps between calls.
+const KEEP_FRAME: usize = 4 << 20;
 
 /// Replaces lost workers, or all of them after a call that left work behind.
 fn revive(pool: &mut PoolInner) -> Result<()> {
     pool.backend.forget_exited();
     let dirty = std::mem::take(&mut pool.dirty);
     for worker in 0..pool.backend.workers() {
-        if dirty || !pool.backend.is_alive(worker) {
-            if let Err(e) = pool.backend.restart(worker) {
-                // The next call tries again, from the start if this one was dirty.
-                pool.dirty = dirty;
-                return Err(e);
-            }
+        if (dirty || !pool.backend.is_alive(worker))
+            && let Err(e) = pool.backend.restart(worker)
+        {
+            // The next call tries again, from the start if this one was dirty.
+            pool.dirty = dirty;
+            return Err(e);
         }
     }
     Ok(())
@@ -168,11 +193,13 @@ struct Ready {
 }
 
 /// The state of one call.
-struct Call<'p, 'c, I> {
+struct Call<'p, I> {
     pool: &'p mut PoolInner,
     call: u64,
     task: TaskRef,
-    context: Option<&'c [u8]>,
+    /// The sealed `Request::Context` frame of this call, built once, sent to each
+    /// worker before its first chunk.
+    context: Option<FrameBuf>,
     items: I,
     /// Index of the next item the iterator yields.
     next_item: usize,
@@ -187,6 +214,8 @@ struct Call<'p, 'c, I> {
     has_context: Vec<bool>,
     /// False for a worker a send failed to; it is killed and its loss is pending.
     usable: Vec<bool>,
+    /// True for a worker this call killed after recording why; its loss adds nothing.
+    killed: Vec<bool>,
     /// Replies that arrived before an earlier chunk's.
     ready: BTreeMap<u64, Ready>,
     /// The failure with the lowest item index so far.
@@ -194,7 +223,7 @@ struct Call<'p, 'c, I> {
     sizer: Sizer,
 }
 
-impl<T, I> Call<'_, '_, I>
+impl<T, I> Call<'_, I>
 where
     T: Serialize + DeserializeOwned,
     I: Iterator<Item = T>,
@@ -251,27 +280,49 @@ where
             let Some(worker) = self.pick_worker() else {
                 return;
             };
-            if let Some(context) = self.context
-                && !self.has_context[worker]
-            {
-                if !self.send_context(worker, context) {
-                    continue;
-                }
-                self.has_context[worker] = true;
+            if !self.has_context[worker] && !self.send_context(worker) {
+                continue;
             }
             let Some(items) = self.encode_chunk() else {
                 return;
             };
             let chunk = self.next_chunk;
             self.next_chunk += 1;
-            // Recorded even if the send fails: the worker is then gone or killed, and
-            // its loss reports this chunk.
             let start = items.start;
             self.in_flight[worker].push_back(InFlight { chunk, items });
-            if let Err(source) = self.pool.backend.send(worker, &mut self.pool.frame) {
-                self.send_failed(worker, start, source);
-            }
+            self.send_chunk(worker, start);
         }
+    }
+
+    /// Sends the encoded chunk in the pool's frame to `worker`. A worker that turns
+    /// out to have died while idle (nothing else in flight) is replaced and the chunk
+    /// sent again; otherwise the chunk stays recorded and the worker's loss reports it.
+    fn send_chunk(&mut self, worker: usize, start: usize) {
+        let Err(source) = self.pool.backend.send(worker, &mut self.pool.frame) else {
+            return;
+        };
+        if is_hang_up(&source) && self.in_flight[worker].len() == 1 {
+            match self.replace(worker) {
+                Ok(()) if self.send_context(worker) => {
+                    if let Err(source) = self.pool.backend.send(worker, &mut self.pool.frame) {
+                        self.send_failed(worker, start, source);
+                    }
+                }
+                Ok(()) => {} // the context send failed and said why
+                Err(e) => self.fail(start, e),
+            }
+            return;
+        }
+        self.send_failed(worker, start, source);
+    }
+
+    /// Replaces `worker` by a fresh process, keeping its in-flight record.
+    fn replace(&mut self, worker: usize) -> Result<()> {
+        self.pool.backend.restart(worker)?;
+        self.has_context[worker] = false;
+        self.usable[worker] = true;
+        self.killed[worker] = false;
+        Ok(())
     }
 
     /// The live worker with the most free credit, the lowest-numbered among equals:
@@ -285,36 +336,36 @@ where
             .min_by_key(|&w| self.in_flight[w].len())
     }
 
-    fn send_context(&mut self, worker: usize, context: &[u8]) -> bool {
-        let frame = &mut self.pool.frame;
-        frame.clear();
-        frame.body().extend_from_slice(context);
-        let sealed = protocol::seal(frame, &Request::Context { call: self.call });
-        if let Err(source) = sealed {
-            self.fail(
-                self.next_item,
-                Error::Context {
-                    worker: None,
-                    source,
-                },
-            );
-            return false;
+    /// Sends this call's context to `worker` unless it has it or the call has none;
+    /// false when that failed (the failure is recorded or the worker is being lost).
+    fn send_context(&mut self, worker: usize) -> bool {
+        let Some(frame) = self.context.as_mut() else {
+            return true;
+        };
+        if self.has_context[worker] {
+            return true;
         }
-        if let Err(source) = self.pool.backend.send(worker, frame) {
-            // Lost before any chunk: the loss event restarts it.
-            self.send_failed(worker, self.next_item, source);
-            return false;
+        match self.pool.backend.send(worker, frame) {
+            Ok(()) => {
+                self.has_context[worker] = true;
+                true
+            }
+            Err(source) => {
+                // Nothing of this call is in flight there yet: the loss event restarts
+                // it if the call still needs it.
+                self.send_failed(worker, self.next_item, source);
+                false
+            }
         }
-        true
     }
 
     /// A send to `worker` failed: stop using it, make sure it is gone (its loss event
     /// reports its chunks), and keep the error unless it only says the worker died.
     fn send_failed(&mut self, worker: usize, item: usize, source: std::io::Error) {
-        use std::io::ErrorKind::{BrokenPipe, ConnectionReset, NotConnected};
         self.usable[worker] = false;
         self.pool.backend.kill(worker);
-        if !matches!(source.kind(), BrokenPipe | ConnectionReset | NotConnected) {
+        if !is_hang_up(&source) {
+            self.killed[worker] = true;
             let worker = Some(worker);
             self.fail(item, Error::Transport { worker, source });
         }
@@ -399,7 +450,9 @@ where
             Event::Lost { worker, status } => {
                 self.has_context[worker] = false;
                 let lost: Vec<InFlight> = self.in_flight[worker].drain(..).collect();
-                if let Some(first) = lost.first() {
+                if std::mem::take(&mut self.killed[worker]) {
+                    // Killed by this call, which already recorded why.
+                } else if let Some(first) = lost.first() {
                     let items = first.items.clone();
                     self.fail(
                         items.start,
@@ -411,9 +464,8 @@ where
                     );
                 } else if self.failure.is_none() && !self.exhausted {
                     // Lost while idle: replace it and carry on.
-                    match self.pool.backend.restart(worker) {
-                        Ok(()) => self.usable[worker] = true,
-                        Err(e) => self.fail(self.next_item, e),
+                    if let Err(e) = self.replace(worker) {
+                        self.fail(self.next_item, e);
                     }
                 }
             }
@@ -465,6 +517,8 @@ where
             .map_or(self.next_item, |f| f.items.start);
         self.fail(item, Error::Protocol { worker, reason });
         // The worker's state is unknown: stop it; its loss drains its chunks.
+        self.usable[worker] = false;
+        self.killed[worker] = true;
         self.pool.backend.kill(worker);
     }
 
@@ -480,12 +534,18 @@ where
     }
 }
 
-impl<I> Drop for Call<'_, '_, I> {
+impl<I> Drop for Call<'_, I> {
     fn drop(&mut self) {
         if self.in_flight.iter().any(|q| !q.is_empty()) {
             self.pool.dirty = true;
         }
     }
+}
+
+/// Whether a send failed only because the worker is gone.
+fn is_hang_up(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionReset, NotConnected};
+    matches!(error.kind(), BrokenPipe | ConnectionReset | NotConnected)
 }
 
 /// Turns a worker's failure report into an error and the item it concerns.
@@ -522,7 +582,7 @@ fn describe(failure: Failure, worker: usize, items: Range<usize>) -> (usize, Err
             (
                 item,
                 Error::Result {
-                    items: item..item + 1,
+                    items: item..item.saturating_add(1),
                     worker,
                     source: error,
                 },

@@ -361,16 +361,19 @@ impl std::fmt::Debug for Pool {
 fn job<T, U, M, S>() -> Result<TaskRef>
 where
     T: DeserializeOwned,
-    U: Serialize,
+    U: Serialize + DeserializeOwned,
     M: Mapper<T, U>,
     S: Sink<U>,
 {
     TaskRef::of::<T, U, M, S>().ok_or(Error::TaskNotInExecutable)
 }
 
-fn encode_context<C: Serialize>(context: &C) -> Result<Vec<u8>> {
+/// Encodes a call's context value, checking that it decodes again.
+fn encode_context<C: Serialize + DeserializeOwned>(context: &C) -> Result<Vec<u8>> {
     let mut bytes = Vec::new();
-    codec::encode_into(context, &mut bytes).map_err(|source| Error::Context {
+    let encoded = codec::encode_into(context, &mut bytes)
+        .and_then(|()| codec::decode::<C>(&bytes).map(|_| ()));
+    encoded.map_err(|source| Error::Context {
         worker: None,
         source,
     })?;

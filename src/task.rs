@@ -41,10 +41,15 @@ struct Image {
 }
 
 impl Image {
-    /// The executable's mappings in this process, read once from `/proc/self/maps`.
+    /// The executable's mappings in this process, read from `/proc/self/maps` on
+    /// first success and kept (a failed read is tried again next time).
     fn get() -> Option<&'static Image> {
-        static IMAGE: OnceLock<Option<Image>> = OnceLock::new();
-        IMAGE.get_or_init(Image::read).as_ref()
+        static IMAGE: OnceLock<Image> = OnceLock::new();
+        if let Some(image) = IMAGE.get() {
+            return Some(image);
+        }
+        let image = Image::read()?;
+        Some(IMAGE.get_or_init(|| image))
     }
 
     fn read() -> Option<Image> {
@@ -53,15 +58,19 @@ impl Image {
         let mut base = usize::MAX;
         let mut code = Vec::new();
         for line in maps.lines() {
-            let Some((range, executable, path)) = parse_mapping(line) else {
+            let Some(mapping) = parse_mapping(line) else {
                 continue;
             };
-            if std::path::Path::new(path) != exe {
+            if std::path::Path::new(mapping.path) != exe {
                 continue;
             }
-            base = base.min(range.start);
-            if executable {
-                code.push(range);
+            // The loader maps the file's start (offset 0) first, at the load base;
+            // later mappings of the same file (say, by a symboliser) may lie anywhere.
+            if mapping.offset == 0 && base == usize::MAX {
+                base = mapping.range.start;
+            }
+            if mapping.executable {
+                code.push(mapping.range);
             }
         }
         (base != usize::MAX && !code.is_empty()).then_some(Image { base, code })
@@ -83,9 +92,17 @@ impl Image {
     }
 }
 
-/// Splits a `/proc/self/maps` line into its address range, whether it is executable,
-/// and its path (which may contain spaces).
-fn parse_mapping(line: &str) -> Option<(Range<usize>, bool, &str)> {
+/// One line of `/proc/self/maps`.
+struct Mapping<'a> {
+    range: Range<usize>,
+    executable: bool,
+    /// Offset in the file of the mapping's first byte.
+    offset: u64,
+    /// May contain spaces.
+    path: &'a str,
+}
+
+fn parse_mapping(line: &str) -> Option<Mapping<'_>> {
     let mut rest = line;
     let mut fields = [""; 5];
     for field in &mut fields {
@@ -94,9 +111,12 @@ fn parse_mapping(line: &str) -> Option<(Range<usize>, bool, &str)> {
         rest = tail;
     }
     let (start, end) = fields[0].split_once('-')?;
-    let start = usize::from_str_radix(start, 16).ok()?;
-    let end = usize::from_str_radix(end, 16).ok()?;
-    Some((start..end, fields[1].contains('x'), rest.trim_start()))
+    Some(Mapping {
+        range: usize::from_str_radix(start, 16).ok()?..usize::from_str_radix(end, 16).ok()?,
+        executable: fields[1].contains('x'),
+        offset: u64::from_str_radix(fields[2], 16).ok()?,
+        path: rest.trim_start(),
+    })
 }
 
 /// A runner named by its offset in the executable and a fingerprint of its types.
@@ -120,7 +140,7 @@ impl TaskRef {
     pub(crate) fn of<T, U, M, S>() -> Option<Self>
     where
         T: DeserializeOwned,
-        U: Serialize,
+        U: Serialize + DeserializeOwned,
         M: Mapper<T, U>,
         S: Sink<U>,
     {
@@ -327,7 +347,7 @@ fn run_chunk<T, U, M, S>(
 ) -> Result<(), Failure>
 where
     T: DeserializeOwned,
-    U: Serialize,
+    U: Serialize + DeserializeOwned,
     M: Mapper<T, U>,
     S: Sink<U>,
 {
@@ -336,25 +356,31 @@ where
             reason: "task fingerprint does not match the function at its offset".into(),
         });
     }
-    let context = if M::NEEDS_CONTEXT {
-        state.context::<M::Context>(header.call)?
-    } else {
-        &codec::decode::<M::Context>(&[]).map_err(|error| Failure::DecodeContext { error })?
-    };
     let first = header.first_item;
-    let mut reader = Reader::new(payload);
+    // Everything from here runs user code (`Deserialize`, the task, `Serialize`,
+    // identity and reduce), so every step is guarded: a panic names its item.
     let _capturing = Capturing::start();
+    let context = if M::NEEDS_CONTEXT {
+        guarded(first, || state.context::<M::Context>(header.call))??
+    } else {
+        &guarded(first, || codec::decode::<M::Context>(&[]))?
+            .map_err(|error| Failure::DecodeContext { error })?
+    };
+    let mut reader = Reader::new(payload);
     let mut sink = guarded(first, S::start)?;
     for i in 0..u64::from(header.count) {
-        let item = first + i;
-        let value: T = reader
-            .decode()
+        let item = first.wrapping_add(i);
+        let value: T = guarded(item, || reader.decode())?
             .map_err(|error| Failure::DecodeItem { item, error })?;
         let result = guarded(item, || M::call(context, value))?;
+        let before = out.len();
         guarded(item, || sink.push(result, out))?.map_err(|error| Failure::EncodeResult {
             item: Some(item),
             error,
         })?;
+        if item == 0 && out.len() > before {
+            round_trip::<U>(item, &out[before..], Some(item))?;
+        }
     }
     if !reader.is_empty() {
         return Err(Failure::Malformed {
@@ -365,8 +391,30 @@ where
             ),
         });
     }
-    let last = first + u64::from(header.count).saturating_sub(1);
-    guarded(last, || sink.finish(out))?.map_err(|error| Failure::EncodeResult { item: None, error })
+    let last = first.wrapping_add(u64::from(header.count).saturating_sub(1));
+    let before = out.len();
+    guarded(last, || sink.finish(out))?
+        .map_err(|error| Failure::EncodeResult { item: None, error })?;
+    if first == 0 && out.len() > before {
+        round_trip::<U>(last, &out[before..], None)?;
+    }
+    Ok(())
+}
+
+/// Checks that the first result of a call decodes again, which catches most types
+/// whose serde attributes need a self-describing format (see the crate docs).
+fn round_trip<U: DeserializeOwned>(
+    at: u64,
+    bytes: &[u8],
+    item: Option<u64>,
+) -> Result<(), Failure> {
+    match guarded(at, || codec::decode::<U>(bytes))? {
+        Ok(_) => Ok(()),
+        Err(e) => Err(Failure::EncodeResult {
+            item,
+            error: CodecError(format!("the result does not decode again: {e}")),
+        }),
+    }
 }
 
 thread_local! {
@@ -470,12 +518,13 @@ mod tests {
     #[test]
     fn maps_lines_parse_with_and_without_paths() {
         let line = "55d0c8a00000-55d0c8a2f000 r-xp 00002000 fe:00 1234    /tmp/a b/prog (deleted)";
-        let (range, executable, path) = parse_mapping(line).unwrap();
-        assert_eq!(range, 0x55d0_c8a0_0000..0x55d0_c8a2_f000);
-        assert!(executable);
-        assert_eq!(path, "/tmp/a b/prog (deleted)");
+        let mapping = parse_mapping(line).unwrap();
+        assert_eq!(mapping.range, 0x55d0_c8a0_0000..0x55d0_c8a2_f000);
+        assert!(mapping.executable);
+        assert_eq!(mapping.offset, 0x2000);
+        assert_eq!(mapping.path, "/tmp/a b/prog (deleted)");
         let anonymous = "7ffd1000-7ffd2000 rw-p 00000000 00:00 0 ";
-        assert_eq!(parse_mapping(anonymous).unwrap().2, "");
+        assert_eq!(parse_mapping(anonymous).unwrap().path, "");
         assert!(parse_mapping("7ffd1000-7ffd2000 rw-p 00000000 00:00 0").is_none());
         assert!(parse_mapping("garbage").is_none());
     }

@@ -60,10 +60,20 @@ pub fn init() {
         return;
     };
     SERVING.store(true, Ordering::Relaxed);
-    let code = match serve_process(&value) {
-        Ok(()) => 0,
-        Err(e) => {
+    // Task panics are caught per item; this catches anything else (a bug here), so
+    // that no panic unwinds out of the test-support constructor, a C-ABI function.
+    let served = std::panic::catch_unwind(|| serve_process(&value));
+    let code = match served {
+        Ok(Ok(())) => 0,
+        Ok(Err(e)) => {
             eprintln!("multiproc worker {}: {e}", std::process::id());
+            START_FAILED
+        }
+        Err(_) => {
+            eprintln!(
+                "multiproc worker {}: panicked outside a task",
+                std::process::id()
+            );
             START_FAILED
         }
     };

@@ -323,6 +323,15 @@ fn workers_exit_when_their_parent_is_killed() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // Hang guard: if the helper stalls, kill it so that its stdout closes and the
+    // reads below fail instead of waiting forever.
+    let (done, watchdog) = std::sync::mpsc::channel::<()>();
+    let helper_pid = helper.id().to_string();
+    let guard = std::thread::spawn(move || {
+        if watchdog.recv_timeout(Duration::from_secs(60)).is_err() {
+            let _ = Command::new("kill").args(["-9", &helper_pid]).status();
+        }
+    });
     let mut lines = BufReader::new(helper.stdout.take().unwrap()).lines();
     let pids: Vec<u32> = lines
         .by_ref()
@@ -338,6 +347,8 @@ fn workers_exit_when_their_parent_is_killed() {
         .map(|l| l.unwrap())
         .filter(|l| l == "stuck in a task");
     assert_eq!(busy.take(2).count(), 2, "both workers report being stuck");
+    let _ = done.send(());
+    guard.join().unwrap();
     helper.kill().unwrap();
     helper.wait().unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -450,4 +461,53 @@ fn nested_helper() {
     let pool = pool(2);
     let sum: u64 = pool.map_reduce(0..n, |x| x, || 0, |a, b| a + b).unwrap();
     println!("nested sum: {sum}");
+}
+
+#[derive(Debug, Serialize)]
+struct PanicsWhenDecoded(u64);
+
+impl<'de> Deserialize<'de> for PanicsWhenDecoded {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = u64::deserialize(d)?;
+        assert_ne!(value, 13, "cannot decode 13");
+        Ok(PanicsWhenDecoded(value))
+    }
+}
+
+#[test]
+fn a_panic_while_decoding_an_item_in_a_worker_names_the_item() {
+    let pool = pool_with_chunks(2, 4);
+    let err = pool
+        .map((0..20).map(PanicsWhenDecoded), |p: PanicsWhenDecoded| p.0)
+        .unwrap_err();
+    match &err {
+        Error::TaskPanicked { item, panic, .. } => {
+            assert_eq!(*item, 13);
+            assert!(panic.message.contains("cannot decode 13"), "{panic}");
+        }
+        other => panic!("expected a task panic, got {other:?}"),
+    }
+    // The worker survived: it caught the panic.
+    assert_eq!(pool.map(0..3u64, |x| x).unwrap(), [0, 1, 2]);
+}
+
+#[test]
+fn results_that_do_not_round_trip_are_rejected() {
+    let pool = pool(2);
+    let err = pool
+        .map(0..5u64, |id| Sparse { id, note: None })
+        .unwrap_err();
+    match err {
+        Error::Result { items, .. } => assert_eq!(items, 0..1),
+        other => panic!("expected a result error, got {other:?}"),
+    }
+    let err = pool
+        .map_with(0..5u64, &Sparse { id: 1, note: None }, |s: &Sparse, x| {
+            s.id + x
+        })
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Context { worker: None, .. }),
+        "{err:?}"
+    );
 }
