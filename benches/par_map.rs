@@ -16,43 +16,66 @@ fn sm(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-const W1_ITEMS: u64 = 10_000_000;
-const W1_CHECKSUM: u64 = 0x7f71_50bd_29b4_988b;
+/// A map-reduce workload over `0..items` with a wrapping-sum reduce.
+struct SumWorkload<F> {
+    group: &'static str,
+    input: &'static str,
+    items: u64,
+    checksum: u64,
+    measurement: Duration,
+    task: F,
+}
 
-fn w1_tiny(c: &mut Criterion, pool: &multiproc::Pool) {
+/// Checks the workload's checksum on the pool, then times it sequentially, with rayon
+/// and with multiproc (items shipped by value) in one group.
+fn bench_sum<F>(c: &mut Criterion, pool: &multiproc::Pool, w: SumWorkload<F>)
+where
+    F: Fn(u64) -> u64 + Copy + Send + Sync,
+{
+    let task = w.task;
     let got: u64 = pool
-        .map_reduce(0..W1_ITEMS, sm, || 0, u64::wrapping_add)
-        .expect("W1 runs");
-    assert_eq!(got, W1_CHECKSUM, "W1 checksum");
+        .map_reduce(0..w.items, task, || 0, u64::wrapping_add)
+        .expect("the workload runs");
+    assert_eq!(got, w.checksum, "{} checksum", w.group);
 
-    let mut group = c.benchmark_group("w1_tiny");
-    group.throughput(Throughput::Elements(W1_ITEMS));
+    let mut group = c.benchmark_group(w.group);
+    group.throughput(Throughput::Elements(w.items));
     group.sample_size(10);
-    group.measurement_time(Duration::from_secs(8));
-    let id = |name: &str| BenchmarkId::new(name, "10M_u64_items");
+    group.measurement_time(w.measurement);
+    let id = |name: &str| BenchmarkId::new(name, w.input);
     group.bench_function(id("sequential"), |b| {
-        b.iter(|| (0..black_box(W1_ITEMS)).map(sm).fold(0, u64::wrapping_add))
+        b.iter(|| (0..black_box(w.items)).map(task).fold(0, u64::wrapping_add))
     });
     group.bench_function(id("rayon"), |b| {
         b.iter(|| {
-            (0..black_box(W1_ITEMS))
+            (0..black_box(w.items))
                 .into_par_iter()
-                .map(sm)
+                .map(task)
                 .reduce(|| 0, u64::wrapping_add)
         })
     });
     group.bench_function(id("multiproc_items_by_value"), |b| {
         b.iter(|| {
-            pool.map_reduce(0..black_box(W1_ITEMS), sm, || 0, u64::wrapping_add)
-                .expect("W1 runs")
+            pool.map_reduce(0..black_box(w.items), task, || 0, u64::wrapping_add)
+                .expect("the workload runs")
         })
     });
     group.finish();
 }
 
-const W2_TASKS: u64 = 256;
+fn w1_tiny(c: &mut Criterion, pool: &multiproc::Pool) {
+    let workload = SumWorkload {
+        group: "w1_tiny",
+        input: "10M_u64_items",
+        items: 10_000_000,
+        checksum: 0x7f71_50bd_29b4_988b,
+        measurement: Duration::from_secs(8),
+        task: sm,
+    };
+    bench_sum(c, pool, workload);
+}
+
 const W2_ROUNDS: u64 = 1_500_000;
-const W2_CHECKSUM: u64 = 0x5a47_6f5c_7f52_e9e5;
 
 fn chain(i: u64) -> u64 {
     let mut x = i;
@@ -63,38 +86,15 @@ fn chain(i: u64) -> u64 {
 }
 
 fn w2_cpu(c: &mut Criterion, pool: &multiproc::Pool) {
-    let got: u64 = pool
-        .map_reduce(0..W2_TASKS, chain, || 0, u64::wrapping_add)
-        .expect("W2 runs");
-    assert_eq!(got, W2_CHECKSUM, "W2 checksum");
-
-    let mut group = c.benchmark_group("w2_cpu");
-    group.throughput(Throughput::Elements(W2_TASKS));
-    group.sample_size(10);
-    group.measurement_time(Duration::from_secs(15));
-    let id = |name: &str| BenchmarkId::new(name, "256_tasks_of_1.5M_rounds");
-    group.bench_function(id("sequential"), |b| {
-        b.iter(|| {
-            (0..black_box(W2_TASKS))
-                .map(chain)
-                .fold(0, u64::wrapping_add)
-        })
-    });
-    group.bench_function(id("rayon"), |b| {
-        b.iter(|| {
-            (0..black_box(W2_TASKS))
-                .into_par_iter()
-                .map(chain)
-                .reduce(|| 0, u64::wrapping_add)
-        })
-    });
-    group.bench_function(id("multiproc"), |b| {
-        b.iter(|| {
-            pool.map_reduce(0..black_box(W2_TASKS), chain, || 0, u64::wrapping_add)
-                .expect("W2 runs")
-        })
-    });
-    group.finish();
+    let workload = SumWorkload {
+        group: "w2_cpu",
+        input: "256_tasks_of_1.5M_rounds",
+        items: 256,
+        checksum: 0x5a47_6f5c_7f52_e9e5,
+        measurement: Duration::from_secs(15),
+        task: chain,
+    };
+    bench_sum(c, pool, workload);
 }
 
 fn inc(x: u64) -> u64 {
