@@ -20,6 +20,9 @@ fn main() -> multiproc::Result<()> {
     println!("pool of {} workers, map: lengths {lens:?}", pool.workers());
     let sum: u64 = pool.map_reduce(0..10u64, |x| x, || 0, |a, b| a + b)?;
     println!("pool map_reduce: 0 + 1 + ... + 9 = {sum}");
+    let offset = 10u64; // state travels as a context value, sent once to each worker
+    let shifted: Vec<u64> = pool.map_with(0..4u64, &offset, |off: &u64, x| x + off)?;
+    println!("pool map_with an offset of {offset}: {shifted:?}");
 
     // Isolation: a panicking task costs one error naming the item, not the job.
     let err = pool
