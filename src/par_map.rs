@@ -239,7 +239,11 @@ where
             // Either replies are due, or input remains and every worker that could
             // take it is being lost (a send to it failed): its loss event comes next,
             // and with no live worker at all `next_event` fails instead of waiting.
-            let event = self.pool.backend.next_event(self.reply_expected_soon())?;
+            let event = match self.pool.backend.next_event(self.reply_expected_soon()) {
+                Ok(event) => event,
+                // A failure already recorded explains more than "no live worker".
+                Err(e) => return Err(self.failure.take().map_or(e, |(_, first)| first)),
+            };
             self.handle(event, deliver);
         }
         match self.failure.take() {
@@ -280,7 +284,7 @@ where
             let Some(worker) = self.pick_worker() else {
                 return;
             };
-            if !self.has_context[worker] && !self.send_context(worker) {
+            if !self.has_context[worker] && !self.send_context(worker, self.next_item) {
                 continue;
             }
             let Some(items) = self.encode_chunk() else {
@@ -303,13 +307,18 @@ where
         };
         if is_hang_up(&source) && self.in_flight[worker].len() == 1 {
             match self.replace(worker) {
-                Ok(()) if self.send_context(worker) => {
+                Ok(()) if self.send_context(worker, start) => {
                     if let Err(source) = self.pool.backend.send(worker, &mut self.pool.frame) {
                         self.send_failed(worker, start, source);
                     }
                 }
                 Ok(()) => {} // the context send failed and said why
-                Err(e) => self.fail(start, e),
+                Err(e) => {
+                    // No process holds the chunk and none will report its loss.
+                    self.in_flight[worker].pop_back();
+                    self.usable[worker] = false;
+                    self.fail(start, e);
+                }
             }
             return;
         }
@@ -338,7 +347,7 @@ where
 
     /// Sends this call's context to `worker` unless it has it or the call has none;
     /// false when that failed (the failure is recorded or the worker is being lost).
-    fn send_context(&mut self, worker: usize) -> bool {
+    fn send_context(&mut self, worker: usize, item: usize) -> bool {
         let Some(frame) = self.context.as_mut() else {
             return true;
         };
@@ -351,9 +360,8 @@ where
                 true
             }
             Err(source) => {
-                // Nothing of this call is in flight there yet: the loss event restarts
-                // it if the call still needs it.
-                self.send_failed(worker, self.next_item, source);
+                // The loss event restarts it if the call still needs it.
+                self.send_failed(worker, item, source);
                 false
             }
         }

@@ -2,7 +2,7 @@
 //!
 //! A task is a zero-sized closure or `fn` item. For each call the parent instantiates
 //! one monomorphised runner, [`run_chunk`], for the task's types and sends its address
-//! as an offset from where the program's executable is mapped. Worker processes run
+//! as an offset from [`anchor`], a function of this crate. Worker processes run
 //! the very same executable (the parent starts `/proc/self/exe`), so the offset names
 //! the same function there, whatever address-space randomisation did. Both sides
 //! check that the address lies in the executable's code before using it, so a runner
@@ -32,16 +32,23 @@ use crate::worker::WorkerState;
 pub(crate) type RawTask =
     fn(&mut WorkerState, &ChunkHeader, &[u8], &mut Vec<u8>) -> Result<(), Failure>;
 
-/// Where the program's executable is mapped in this process.
+/// Where the program's executable code is mapped in this process.
+///
+/// Offsets are taken from [`anchor`], a function of this crate, rather than from a
+/// load base: the code ranges say whether an address belongs to the executable, and
+/// both the anchor and every runner must, so a crate built as a dynamic library (where
+/// the distance between them changes from process to process) is refused.
 struct Image {
-    /// Lowest address of any mapping of the executable file.
-    base: usize,
-    /// Its executable mappings.
+    /// The executable's mappings with execute permission.
     code: Vec<Range<usize>>,
 }
 
+/// The reference point for task offsets. Never inlined, so it has an address.
+#[inline(never)]
+fn anchor() {}
+
 impl Image {
-    /// The executable's mappings in this process, read from `/proc/self/maps` on
+    /// The executable's code ranges in this process, read from `/proc/self/maps` on
     /// first success and kept (a failed read is tried again next time).
     fn get() -> Option<&'static Image> {
         static IMAGE: OnceLock<Image> = OnceLock::new();
@@ -55,40 +62,30 @@ impl Image {
     fn read() -> Option<Image> {
         let exe = std::fs::read_link("/proc/self/exe").ok()?;
         let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-        let mut base = usize::MAX;
-        let mut code = Vec::new();
-        for line in maps.lines() {
-            let Some(mapping) = parse_mapping(line) else {
-                continue;
-            };
-            if std::path::Path::new(mapping.path) != exe {
-                continue;
-            }
-            // The loader maps the file's start (offset 0) first, at the load base;
-            // later mappings of the same file (say, by a symboliser) may lie anywhere.
-            if mapping.offset == 0 && base == usize::MAX {
-                base = mapping.range.start;
-            }
-            if mapping.executable {
-                code.push(mapping.range);
-            }
-        }
-        (base != usize::MAX && !code.is_empty()).then_some(Image { base, code })
+        let code: Vec<Range<usize>> = maps
+            .lines()
+            .filter_map(parse_mapping)
+            .filter(|m| m.executable && std::path::Path::new(m.path) == exe)
+            .map(|m| m.range)
+            .collect();
+        let image = Image { code };
+        image.contains(anchor as fn() as usize).then_some(image)
     }
 
-    /// The offset of `address` from the base, if it is in the executable's code.
+    fn contains(&self, address: usize) -> bool {
+        self.code.iter().any(|r| r.contains(&address))
+    }
+
+    /// The offset of `address` from the anchor, if it is in the executable's code.
     fn offset_of(&self, address: usize) -> Option<u64> {
-        let inside = self.code.iter().any(|r| r.contains(&address));
-        inside.then(|| (address - self.base) as u64)
+        self.contains(address)
+            .then(|| address.wrapping_sub(anchor as fn() as usize) as u64)
     }
 
     /// The address `offset` names, if it is in the executable's code.
     fn address_of(&self, offset: u64) -> Option<usize> {
-        let address = self.base.checked_add(usize::try_from(offset).ok()?)?;
-        self.code
-            .iter()
-            .any(|r| r.contains(&address))
-            .then_some(address)
+        let address = (anchor as fn() as usize).wrapping_add(offset as usize);
+        self.contains(address).then_some(address)
     }
 }
 
@@ -96,8 +93,6 @@ impl Image {
 struct Mapping<'a> {
     range: Range<usize>,
     executable: bool,
-    /// Offset in the file of the mapping's first byte.
-    offset: u64,
     /// May contain spaces.
     path: &'a str,
 }
@@ -114,7 +109,6 @@ fn parse_mapping(line: &str) -> Option<Mapping<'_>> {
     Some(Mapping {
         range: usize::from_str_radix(start, 16).ok()?..usize::from_str_radix(end, 16).ok()?,
         executable: fields[1].contains('x'),
-        offset: u64::from_str_radix(fields[2], 16).ok()?,
         path: rest.trim_start(),
     })
 }
@@ -175,8 +169,8 @@ impl TaskRef {
                 ),
             });
         };
-        // SAFETY: `address` lies in this executable's code, at the offset (intact, by
-        // its check) where the parent found `run_chunk::<..>` with `TaskRef::of` (which refuses any runner
+        // SAFETY: `address` lies in this executable's code, at the distance from
+        // `anchor` (intact, by its check) at which the parent found `run_chunk::<..>` with `TaskRef::of` (which refuses any runner
         // outside the executable). The parent runs the same executable (it starts
         // workers from `/proc/self/exe` and checks each worker's `binary_fingerprint`
         // at the handshake) and is the only process that can write to this worker's
@@ -184,7 +178,10 @@ impl TaskRef {
         // whose type is exactly `RawTask`; the runner then checks the fingerprint of
         // its type parameters before it reads the payload.
         let runner: RawTask = unsafe { std::mem::transmute::<usize, RawTask>(address) };
-        runner(state, header, payload, out)
+        // The runner guards each step of user code; this also catches what escapes
+        // those guards, such as a panicking `Drop` of a value dropped on an early
+        // return, and blames the chunk's first item.
+        guarded(header.first_item, || runner(state, header, payload, out))?
     }
 }
 
@@ -283,6 +280,8 @@ where
 
 /// What happens to each result inside the worker.
 pub(crate) trait Sink<U>: Sized {
+    /// Whether `push` encodes each result (else only `finish` writes anything).
+    const ENCODES_EACH: bool;
     fn start() -> Self;
     fn push(&mut self, value: U, out: &mut Vec<u8>) -> Result<(), CodecError>;
     fn finish(self, out: &mut Vec<u8>) -> Result<(), CodecError>;
@@ -292,6 +291,7 @@ pub(crate) trait Sink<U>: Sized {
 pub(crate) struct Collect;
 
 impl<U: Serialize> Sink<U> for Collect {
+    const ENCODES_EACH: bool = true;
     fn start() -> Self {
         Collect
     }
@@ -317,6 +317,7 @@ where
     Id: Fn() -> U + Copy + Send + Sync,
     R: Fn(U, U) -> U + Copy + Send + Sync,
 {
+    const ENCODES_EACH: bool = false;
     fn start() -> Self {
         Self {
             acc: Some(conjure::<Id>()()),
@@ -378,7 +379,7 @@ where
             item: Some(item),
             error,
         })?;
-        if item == 0 && out.len() > before {
+        if item == 0 && S::ENCODES_EACH {
             round_trip::<U>(item, &out[before..], Some(item))?;
         }
     }
@@ -395,7 +396,7 @@ where
     let before = out.len();
     guarded(last, || sink.finish(out))?
         .map_err(|error| Failure::EncodeResult { item: None, error })?;
-    if first == 0 && out.len() > before {
+    if first == 0 && !S::ENCODES_EACH {
         round_trip::<U>(last, &out[before..], None)?;
     }
     Ok(())
@@ -408,7 +409,8 @@ fn round_trip<U: DeserializeOwned>(
     bytes: &[u8],
     item: Option<u64>,
 ) -> Result<(), Failure> {
-    match guarded(at, || codec::decode::<U>(bytes))? {
+    // The decoded value is dropped inside the guard: its `Drop` is user code too.
+    match guarded(at, || codec::decode::<U>(bytes).map(drop))? {
         Ok(_) => Ok(()),
         Err(e) => Err(Failure::EncodeResult {
             item,
@@ -521,7 +523,6 @@ mod tests {
         let mapping = parse_mapping(line).unwrap();
         assert_eq!(mapping.range, 0x55d0_c8a0_0000..0x55d0_c8a2_f000);
         assert!(mapping.executable);
-        assert_eq!(mapping.offset, 0x2000);
         assert_eq!(mapping.path, "/tmp/a b/prog (deleted)");
         let anonymous = "7ffd1000-7ffd2000 rw-p 00000000 00:00 0 ";
         assert_eq!(parse_mapping(anonymous).unwrap().path, "");
@@ -532,7 +533,13 @@ mod tests {
     #[test]
     fn offsets_outside_the_code_are_refused_before_any_jump() {
         let good = plain_ref(double);
-        for offset in [0, u64::MAX, good.offset + (1 << 40)] {
+        // Far outside any code mapping (offsets near zero name code next to the
+        // anchor: only the check hash stands between those and a jump).
+        for offset in [
+            1 << 40,
+            (1u64 << 40).wrapping_neg(),
+            good.offset ^ (1 << 44),
+        ] {
             let bad = TaskRef {
                 offset,
                 check: check_of(offset, good.fingerprint),

@@ -193,11 +193,14 @@ struct Context {
 
 impl WorkerState {
     fn set_context(&mut self, call: u64, bytes: Vec<u8>) {
-        self.context = Some(Context {
+        let previous = self.context.replace(Context {
             call,
             bytes,
             decoded: None,
         });
+        // The previous call's context value is user code when dropped; a panic there
+        // concerns no item of any call, so it is printed by the panic hook and ignored.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(previous)));
     }
 
     /// The context value of `call`, decoded on first use and kept for later chunks.

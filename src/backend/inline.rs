@@ -29,6 +29,8 @@ pub(crate) struct InlineBackend {
     workers: Vec<Option<Worker>>,
     /// Every thread gets a new id, so a replaced thread's late messages are ignored.
     next_id: u64,
+    /// Workers given up by `kill`, whose loss is still to be reported.
+    lost: std::collections::VecDeque<usize>,
     replies_tx: mpsc::Sender<ReplyMessage>,
     replies: mpsc::Receiver<ReplyMessage>,
 }
@@ -39,6 +41,7 @@ impl InlineBackend {
         let mut backend = Self {
             workers: (0..workers).map(|_| None).collect(),
             next_id: 0,
+            lost: std::collections::VecDeque::new(),
             replies_tx,
             replies,
         };
@@ -57,6 +60,7 @@ impl InlineBackend {
     }
 
     pub(crate) fn restart(&mut self, worker: usize) -> Result<()> {
+        self.lost.retain(|&w| w != worker);
         let (requests, requests_rx) = mpsc::channel();
         let id = self.next_id;
         self.next_id += 1;
@@ -82,12 +86,12 @@ impl InlineBackend {
         Ok(())
     }
 
+    /// Stops using the worker now and queues its loss. A thread cannot be killed:
+    /// it sees its request channel close and ends after the chunk it is running,
+    /// and anything it still sends is ignored (its id is no longer current).
     pub(crate) fn kill(&mut self, worker: usize) {
-        // A thread cannot be killed; closing its request channel ends it after the
-        // chunk it is running, and its end is reported as a loss.
-        if let Some(w) = self.workers[worker].as_mut() {
-            let (closed, _) = mpsc::channel();
-            w.requests = closed;
+        if self.workers[worker].take().is_some() {
+            self.lost.push_back(worker);
         }
     }
 
@@ -102,6 +106,12 @@ impl InlineBackend {
     }
 
     pub(crate) fn next_event(&mut self, _poll: bool) -> Result<Event> {
+        if let Some(worker) = self.lost.pop_front() {
+            return Ok(Event::Lost {
+                worker,
+                status: Some(ExitStatus::from_raw(THREAD_LOST)),
+            });
+        }
         let (worker, message) = loop {
             let (id, message) = self
                 .replies

@@ -93,8 +93,9 @@ impl Backend {
         }
     }
 
-    /// Stops a worker that can no longer be trusted (it broke the protocol); a later
-    /// [`Backend::next_event`] reports it as lost.
+    /// Stops a worker that can no longer be trusted (a send to it failed, or it broke
+    /// the protocol) at once; [`Backend::next_event`] reports it as lost, and it is
+    /// not alive from now on.
     pub(crate) fn kill(&mut self, worker: usize) {
         match self {
             Backend::Process(b) => b.kill(worker),

@@ -92,11 +92,14 @@ impl ProcessBackend {
         }
     }
 
+    /// Kills and reaps the worker now and queues its loss, so neither this call nor
+    /// the next one can send it anything more.
     pub(crate) fn kill(&mut self, worker: usize) {
-        if let Some(slot) = self.slots[worker].as_mut() {
-            // Ignored error: the process has already exited; the channel close that
-            // follows reports it either way.
-            let _ = slot.child.kill();
+        if let Some(slot) = self.slots[worker].take() {
+            self.ids.remove(&slot.id);
+            self.pending.retain(|event| event.worker() != worker);
+            let status = reap(slot.child, Duration::ZERO);
+            self.pending.push_back(Event::Lost { worker, status });
         }
     }
 

@@ -511,3 +511,25 @@ fn results_that_do_not_round_trip_are_rejected() {
         "{err:?}"
     );
 }
+
+#[derive(Debug, Serialize, Deserialize)]
+struct OnlySkipped {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    note: Option<u8>,
+}
+
+#[test]
+fn a_result_that_encodes_to_nothing_is_still_checked() {
+    let pool = pool(2);
+    let err = pool
+        .map(0..3u64, |_| OnlySkipped { note: None })
+        .unwrap_err();
+    assert!(matches!(err, Error::Result { .. }), "{err:?}");
+    // Unit results encode to nothing too, and are fine.
+    let units: Vec<()> = pool.map(0..3u64, |_| ()).unwrap();
+    assert_eq!(units.len(), 3);
+    let unit: () = pool
+        .map_reduce(0..3u64, |_| (), || (), |(), ()| ())
+        .unwrap();
+    assert_eq!(unit, ());
+}
