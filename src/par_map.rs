@@ -284,7 +284,7 @@ where
             let Some(worker) = self.pick_worker() else {
                 return;
             };
-            if !self.has_context[worker] && !self.send_context(worker, self.next_item) {
+            if !self.send_context(worker, self.next_item) {
                 continue;
             }
             let Some(items) = self.encode_chunk() else {
