@@ -138,6 +138,77 @@ pub enum Error {
     /// The pool was configured with a value it cannot use.
     #[error("invalid pool configuration: {0}")]
     Config(&'static str),
+    /// The task needs per-worker state that the worker does not have: the pool has
+    /// no initializer of that type, or the initializer failed in that worker.
+    #[error("no worker state for the task in worker {worker}: {reason}")]
+    WorkerState {
+        /// The worker that ran the task.
+        worker: usize,
+        /// Why, in words.
+        reason: String,
+    },
+    /// The pool's initializer failed in a worker.
+    #[error("the initializer failed in worker {worker}: {reason}")]
+    Initializer {
+        /// The worker it failed in.
+        worker: usize,
+        /// Why, in words (a panic's message and location).
+        reason: String,
+    },
+    /// The pool was closed ([`Pool::close`](crate::Pool::close)) and takes no more
+    /// work.
+    #[error("the pool is closed and takes no more work")]
+    PoolClosed,
+    /// The pool was terminated ([`Pool::terminate`](crate::Pool::terminate)) or
+    /// dropped before this work finished.
+    #[error("the pool was terminated before this work finished")]
+    Terminated,
+    /// [`Pool::join`](crate::Pool::join) was called on a pool that is still open.
+    #[error("join waits for a closed pool: call close() or terminate() first")]
+    NotClosed,
+    /// A wait with a time limit ended before the result was ready; the result is
+    /// not lost and can still be waited for.
+    #[error("the result was not ready within {0:?}")]
+    Timeout(std::time::Duration),
+    /// The result was already taken from this handle by an earlier
+    /// [`AsyncResult::get_timeout`](crate::AsyncResult::get_timeout).
+    #[error("the result was already taken from this handle")]
+    ResultTaken,
+    /// A callback given to `apply_async_with_callback` or `map_async_with_callback`
+    /// panicked; the task's own result is lost with it.
+    #[error("the callback panicked: {0}")]
+    CallbackPanicked(TaskPanic),
+}
+
+impl Error {
+    /// The same error for a call that had one item (`apply`): item indices that
+    /// counted a stream of submissions become 0.
+    pub(crate) fn for_single_item(self) -> Self {
+        match self {
+            Error::TaskPanicked { worker, panic, .. } => Error::TaskPanicked {
+                item: 0,
+                worker,
+                panic,
+            },
+            Error::WorkerExited { worker, status, .. } => Error::WorkerExited {
+                worker,
+                items: 0..1,
+                status,
+            },
+            Error::EncodeItem { source, .. } => Error::EncodeItem { item: 0, source },
+            Error::DecodeItem { worker, source, .. } => Error::DecodeItem {
+                item: 0,
+                worker,
+                source,
+            },
+            Error::Result { worker, source, .. } => Error::Result {
+                items: 0..1,
+                worker,
+                source,
+            },
+            other => other,
+        }
+    }
 }
 
 fn exit_description(status: &Option<ExitStatus>) -> String {

@@ -46,15 +46,23 @@ compile_error!(
 mod backend;
 mod chunker;
 mod codec;
+mod driver;
 mod error;
+mod handle;
+mod job;
 mod par_map;
 mod pool;
 mod protocol;
+mod scheduler;
+mod spawn;
+mod state;
+mod supervisor;
 mod task;
 mod transport;
 mod worker;
 
 pub use crate::error::{CodecError, Error, Result, TaskPanic};
+pub use crate::handle::{AsyncResult, Imap, ImapUnordered};
 pub use crate::par_map::{par_map, par_map_reduce};
 pub use crate::pool::{Pool, PoolBuilder};
 pub use crate::worker::init;

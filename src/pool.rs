@@ -1,8 +1,8 @@
-//! Pool and PoolBuilder: start workers, feed them calls, watch and stop them.
+//! Pool and PoolBuilder: the public face of a set of workers, Python's `Pool` typed.
 
-use std::cell::RefCell;
-use std::ops::{Deref, DerefMut};
-use std::sync::{Mutex, MutexGuard};
+use std::any::TypeId;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -10,25 +10,62 @@ use serde::de::DeserializeOwned;
 
 use crate::backend::{Backend, StartOptions};
 use crate::chunker;
-use crate::codec::{self, Reader};
+use crate::codec;
+use crate::driver::Core;
 use crate::error::{Error, Result};
-use crate::par_map;
-use crate::task::{self, Collect, Fold, Mapper, Plain, Sink, TaskRef, WithContext};
-use crate::transport::FrameBuf;
+use crate::handle::{
+    ApplyCompletion, AsyncResult, CollectSink, Completion, FoldSink, Imap, ImapUnordered,
+    MapAsyncSink, OnError, OnResult, imap_parts,
+};
+use crate::job::{IterSource, Job, Kind, Sink, encode_item};
+use crate::protocol::TaskRef;
+use crate::scheduler::{Engine, Hooks, Local, Submission};
+use crate::spawn::SpawnOptions;
+use crate::supervisor::Supervisor;
+use crate::task::{self, Collect, Fold, Mapper, Outcomes, Plain, WithContext, WithState};
 use crate::worker;
 
-/// A set of worker processes that run tasks, kept alive across calls.
+/// A set of worker processes that run tasks, kept alive across calls: Python's
+/// `multiprocessing.Pool`, typed.
 ///
-/// Build one with [`Pool::builder`]. Each call (`map`, `map_reduce`, ...) splits its
-/// input into chunks, runs them on the workers and returns the results in input
-/// order. Calls from several threads are served one after another. Dropping the pool
-/// closes the workers' channels, waits briefly for them to exit, kills any that do
-/// not, and reaps them all: no worker process outlives its pool.
+/// Build one with [`Pool::builder`]. Blocking calls ([`map`](Pool::map),
+/// [`map_reduce`](Pool::map_reduce), [`apply`](Pool::apply)) split their input into
+/// chunks, run them on the workers and return the results in input order.
+/// Asynchronous calls ([`apply_async`](Pool::apply_async),
+/// [`map_async`](Pool::map_async)) return a handle at once; [`imap`](Pool::imap)
+/// and [`imap_unordered`](Pool::imap_unordered) return iterators that read their
+/// input lazily. Many jobs can be in flight at once, from any number of threads:
+/// the workers' capacity goes to the live jobs in turn, and a failure ends its own
+/// job only.
 ///
 /// A task is a `fn` item or a closure that captures nothing (it is re-created in each
 /// worker process); the build fails with an explanation otherwise. Such functions are
 /// `Copy + Send + Sync`, which the bounds also ask for. State travels as a context
-/// value ([`Pool::map_with`]) or inside the items.
+/// value ([`Pool::map_with`]), inside the items, or in per-worker state built by an
+/// initializer ([`PoolBuilder::initializer`], [`Pool::map_with_state`]). A task that
+/// takes several arguments takes a tuple (Python's `starmap`):
+///
+/// ```standalone_crate
+/// fn main() -> multiproc::Result<()> {
+///     multiproc::init(); // in a worker process this call serves tasks and never returns
+///     let pool = multiproc::Pool::builder().workers(2).build()?;
+///     let pairs = vec![(1u64, 2u64), (3, 4)];
+///     let sums: Vec<u64> = pool.map(pairs, |(a, b): (u64, u64)| a + b)?;
+///     assert_eq!(sums, [3, 7]);
+///     Ok(())
+/// }
+/// ```
+///
+/// # Lifecycle
+///
+/// [`close`](Pool::close) refuses new work, [`join`](Pool::join) waits for the work
+/// already submitted (and its callbacks) and stops the workers, and
+/// [`terminate`](Pool::terminate) stops them at once, failing pending work with
+/// [`Error::Terminated`]. Dropping the pool stops the workers as well: gracefully
+/// (their channels close and they exit) when nothing is pending, by killing them
+/// otherwise, and every pending handle and iterator then ends with
+/// [`Error::Terminated`]. Drop never waits for a running task; call `close` and
+/// `join` first to let submitted work finish. No worker process outlives its pool.
 ///
 /// # Examples
 ///
@@ -40,6 +77,8 @@ use crate::worker;
 ///     assert_eq!(lens, [1, 2]);
 ///     let sum: u64 = pool.map_reduce(0..10u64, |x| x, || 0, |a, b| a + b)?;
 ///     assert_eq!(sum, 45);
+///     let handle = pool.apply_async(|x: u64| x * 10, 4)?;
+///     assert_eq!(handle.get()?, 40);
 ///     Ok(())
 /// }
 /// ```
@@ -66,20 +105,10 @@ use crate::worker;
 /// # }
 /// ```
 pub struct Pool {
-    inner: Mutex<PoolInner>,
+    core: Arc<Core>,
     workers: usize,
-}
-
-/// The pool's mutable state, owned by one call at a time.
-pub(crate) struct PoolInner {
-    pub(crate) backend: Backend,
-    pub(crate) next_call: u64,
-    pub(crate) chunk_size: Option<usize>,
-    /// Reused for every request frame.
-    pub(crate) frame: FrameBuf,
-    /// A call ended with chunks still in flight (an error path, or a panic in the
-    /// caller's reduce): the workers' queues hold stale work, so restart them all.
-    pub(crate) dirty: bool,
+    /// The type of the state the initializer builds, if any.
+    state: Option<(TypeId, &'static str)>,
 }
 
 impl Pool {
@@ -97,9 +126,19 @@ impl Pool {
     ///
     /// # Errors
     ///
-    /// [`Error::NestedCall`] when called from inside a call on this pool.
+    /// [`Error::NestedCall`] when called from inside work this thread drives for
+    /// this pool (an input iterator, `Serialize`, or a reduce).
     pub fn worker_pids(&self) -> Result<Vec<u32>> {
-        Ok(self.enter()?.backend.pids().into_iter().flatten().collect())
+        Ok(self.core.lock_engine()?.engine().workers.pids())
+    }
+
+    /// Workers started since the pool was built, replacements included.
+    ///
+    /// # Errors
+    ///
+    /// As [`Pool::worker_pids`].
+    pub fn workers_started(&self) -> Result<u64> {
+        Ok(self.core.lock_engine()?.engine().workers.started)
     }
 
     /// Applies `task` to every item and returns the results in input order.
@@ -108,10 +147,12 @@ impl Pool {
     ///
     /// # Errors
     ///
-    /// The first failure by item index among those seen before the call stopped: a
-    /// task panic ([`Error::TaskPanicked`]), an item or result that does not encode or
-    /// decode, a worker that died ([`Error::WorkerExited`]). No partial result is
-    /// returned; the pool stays usable (lost workers are replaced on the next call).
+    /// The first failure seen: a task panic ([`Error::TaskPanicked`]), an item or
+    /// result that does not encode or decode, a worker that died
+    /// ([`Error::WorkerExited`]). The call returns it at once, without waiting for
+    /// chunks still running; workers that hold nothing but such chunks are stopped
+    /// and replaced. No partial result is returned; the pool stays usable.
+    /// [`Error::PoolClosed`] after [`close`](Pool::close).
     pub fn map<I, T, U, F>(&self, items: I, task: F) -> Result<Vec<U>>
     where
         I: IntoIterator<Item = T>,
@@ -121,7 +162,7 @@ impl Pool {
     {
         task::assert_zero_sized::<F>();
         let _ = task;
-        self.collect(items, job::<T, U, Plain<F>, Collect>()?, None)
+        self.collect(items, task_ref::<T, U, Plain<F>, Collect>()?, None)
     }
 
     /// Like [`Pool::map`], with a context value that reaches the task by reference.
@@ -156,11 +197,45 @@ impl Pool {
         task::assert_zero_sized::<F>();
         let _ = task;
         let context = encode_context(context)?;
-        self.collect(
-            items,
-            job::<T, U, WithContext<F, C>, Collect>()?,
-            Some(&context),
-        )
+        let task = task_ref::<T, U, WithContext<F, C>, Collect>()?;
+        self.collect(items, task, Some(&context))
+    }
+
+    /// Like [`Pool::map`], for a task that uses the per-worker state built by the
+    /// pool's initializer ([`PoolBuilder::initializer`]): `Fn(&mut S, T) -> U`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Pool::map`]; [`Error::Config`] when the pool has no initializer building
+    /// an `S`, and [`Error::WorkerState`] when the initializer failed in the worker
+    /// that ran an item.
+    ///
+    /// # Examples
+    ///
+    /// ```standalone_crate
+    /// fn main() -> multiproc::Result<()> {
+    ///     multiproc::init();
+    ///     let pool = multiproc::Pool::builder()
+    ///         .workers(2)
+    ///         .initializer(|base: u64| base, 100)
+    ///         .build()?;
+    ///     let out: Vec<u64> = pool.map_with_state(0..3u64, |base: &mut u64, x| *base + x)?;
+    ///     assert_eq!(out, [100, 101, 102]);
+    ///     Ok(())
+    /// }
+    /// ```
+    pub fn map_with_state<I, S, T, U, F>(&self, items: I, task: F) -> Result<Vec<U>>
+    where
+        I: IntoIterator<Item = T>,
+        S: 'static,
+        T: Serialize + DeserializeOwned,
+        U: Serialize + DeserializeOwned,
+        F: Fn(&mut S, T) -> U + Copy + Send + Sync,
+    {
+        task::assert_zero_sized::<F>();
+        let _ = task;
+        self.check_state::<S>()?;
+        self.collect(items, task_ref::<T, U, WithState<F, S>, Collect>()?, None)
     }
 
     /// Maps every item with `task` and combines the results with `reduce`.
@@ -193,8 +268,8 @@ impl Pool {
         task::assert_zero_sized::<Id>();
         task::assert_zero_sized::<R>();
         let _ = task;
-        let job = job::<T, U, Plain<F>, Fold<U, Id, R>>()?;
-        self.fold(items, job, None, identity, reduce)
+        let task = task_ref::<T, U, Plain<F>, Fold<U, Id, R>>()?;
+        self.fold(items, task, None, identity, reduce)
     }
 
     /// [`Pool::map_reduce`] with a context value, as in [`Pool::map_with`].
@@ -224,11 +299,384 @@ impl Pool {
         task::assert_zero_sized::<R>();
         let _ = task;
         let context = encode_context(context)?;
-        let job = job::<T, U, WithContext<F, C>, Fold<U, Id, R>>()?;
-        self.fold(items, job, Some(&context), identity, reduce)
+        let task = task_ref::<T, U, WithContext<F, C>, Fold<U, Id, R>>()?;
+        self.fold(items, task, Some(&context), identity, reduce)
     }
 
-    fn collect<I, T, U>(&self, items: I, job: TaskRef, context: Option<&[u8]>) -> Result<Vec<U>>
+    /// Runs `task` on one argument in a worker and waits for its result.
+    ///
+    /// # Errors
+    ///
+    /// As [`AsyncResult::get`] and [`Pool::apply_async`].
+    pub fn apply<T, U, F>(&self, task: F, arg: T) -> Result<U>
+    where
+        T: Serialize + DeserializeOwned,
+        U: Serialize + DeserializeOwned + Send + 'static,
+        F: Fn(T) -> U + Copy + Send + Sync,
+    {
+        self.apply_async(task, arg)?.get()
+    }
+
+    /// Submits `task` on one argument and returns a handle to its result at once.
+    ///
+    /// Submissions of the same task are batched into chunks as they queue up, so
+    /// thousands in flight do not cost a message and a wake-up each. Each handle
+    /// gets its own result or its own error: a task that panics fails its handle
+    /// only. A worker that dies fails the handles of the chunk it held.
+    ///
+    /// # Errors
+    ///
+    /// At once: [`Error::PoolClosed`] after [`close`](Pool::close),
+    /// [`Error::Terminated`] after [`terminate`](Pool::terminate), and
+    /// [`Error::EncodeItem`] or [`Error::DecodeItem`] when the argument does not
+    /// encode. Everything else arrives through the handle.
+    ///
+    /// # Examples
+    ///
+    /// ```standalone_crate
+    /// fn main() -> multiproc::Result<()> {
+    ///     multiproc::init();
+    ///     let pool = multiproc::Pool::builder().workers(2).build()?;
+    ///     let handles: Vec<_> = (0..10u64)
+    ///         .map(|x| pool.apply_async(|x: u64| x * x, x))
+    ///         .collect::<multiproc::Result<_>>()?;
+    ///     let squares: Vec<u64> = handles.into_iter().map(|h| h.get()).collect::<multiproc::Result<_>>()?;
+    ///     assert_eq!(squares[9], 81);
+    ///     Ok(())
+    /// }
+    /// ```
+    pub fn apply_async<T, U, F>(&self, task: F, arg: T) -> Result<AsyncResult<U>>
+    where
+        T: Serialize + DeserializeOwned,
+        U: Serialize + DeserializeOwned + Send + 'static,
+        F: Fn(T) -> U + Copy + Send + Sync,
+    {
+        task::assert_zero_sized::<F>();
+        let _ = task;
+        self.submit_apply::<T, U, F>(arg, None)
+    }
+
+    /// [`Pool::apply_async`] with callbacks run in this process, as Python's
+    /// `apply_async(func, args, callback, error_callback)`.
+    ///
+    /// `callback` gets the result, or `error_callback` the error, on one thread the
+    /// pool owns, in the order results complete; the handle is ready once it has
+    /// run, and still returns the result. A callback that panics becomes the
+    /// handle's error ([`Error::CallbackPanicked`]) and stalls nothing else.
+    /// Callbacks may capture anything `Send`: they never leave this process.
+    ///
+    /// # Errors
+    ///
+    /// As [`Pool::apply_async`].
+    ///
+    /// # Examples
+    ///
+    /// ```standalone_crate
+    /// use std::sync::{Arc, Mutex};
+    /// fn main() -> multiproc::Result<()> {
+    ///     multiproc::init();
+    ///     let pool = multiproc::Pool::builder().workers(2).build()?;
+    ///     let seen = Arc::new(Mutex::new(Vec::new()));
+    ///     let sink = Arc::clone(&seen);
+    ///     let handle = pool.apply_async_with_callback(
+    ///         |x: u64| x + 1,
+    ///         41,
+    ///         move |v: &u64| sink.lock().unwrap().push(*v * 10),
+    ///         |e| eprintln!("failed: {e}"),
+    ///     )?;
+    ///     assert_eq!(handle.get()?, 42);
+    ///     assert_eq!(*seen.lock().unwrap(), [420]);
+    ///     Ok(())
+    /// }
+    /// ```
+    pub fn apply_async_with_callback<T, U, F, C, E>(
+        &self,
+        task: F,
+        arg: T,
+        callback: C,
+        error_callback: E,
+    ) -> Result<AsyncResult<U>>
+    where
+        T: Serialize + DeserializeOwned,
+        U: Serialize + DeserializeOwned + Send + 'static,
+        F: Fn(T) -> U + Copy + Send + Sync,
+        C: FnOnce(&U) + Send + 'static,
+        E: FnOnce(&Error) + Send + 'static,
+    {
+        task::assert_zero_sized::<F>();
+        let _ = task;
+        let callbacks: (OnResult<U>, OnError) = (Box::new(callback), Box::new(error_callback));
+        self.submit_apply::<T, U, F>(arg, Some(callbacks))
+    }
+
+    fn submit_apply<T, U, F>(
+        &self,
+        arg: T,
+        callbacks: Option<(OnResult<U>, OnError)>,
+    ) -> Result<AsyncResult<U>>
+    where
+        T: Serialize + DeserializeOwned,
+        U: Serialize + DeserializeOwned + Send + 'static,
+        F: Fn(T) -> U + Copy + Send + Sync,
+    {
+        let task = task_ref::<T, U, Plain<F>, Outcomes>()?;
+        let mut bytes = Vec::new();
+        encode_item(&arg, 0, &mut bytes)?;
+        let (handle, completion) = Completion::new(&self.core, callbacks);
+        let submission = Submission::Apply {
+            task,
+            arg: bytes,
+            handle: Box::new(ApplyCompletion(completion)),
+        };
+        self.core.submit(submission, 1)?;
+        Ok(handle)
+    }
+
+    /// Runs a whole [`Pool::map`] in the background and returns one handle to all
+    /// its results, in input order.
+    ///
+    /// The input is read lazily by whichever thread drives the pool, so it must be
+    /// `Send + 'static`.
+    ///
+    /// # Errors
+    ///
+    /// At once as [`Pool::apply_async`]; through the handle as [`Pool::map`].
+    pub fn map_async<I, T, U, F>(&self, items: I, task: F) -> Result<AsyncResult<Vec<U>>>
+    where
+        I: IntoIterator<Item = T>,
+        I::IntoIter: Send + 'static,
+        T: Serialize + DeserializeOwned,
+        U: Serialize + DeserializeOwned + Send + 'static,
+        F: Fn(T) -> U + Copy + Send + Sync,
+    {
+        task::assert_zero_sized::<F>();
+        let _ = task;
+        self.submit_map::<I, T, U, F>(items, None)
+    }
+
+    /// [`Pool::map_async`] with callbacks, as in [`Pool::apply_async_with_callback`]:
+    /// `callback` gets the whole result vector.
+    ///
+    /// # Errors
+    ///
+    /// As [`Pool::map_async`].
+    pub fn map_async_with_callback<I, T, U, F, C, E>(
+        &self,
+        items: I,
+        task: F,
+        callback: C,
+        error_callback: E,
+    ) -> Result<AsyncResult<Vec<U>>>
+    where
+        I: IntoIterator<Item = T>,
+        I::IntoIter: Send + 'static,
+        T: Serialize + DeserializeOwned,
+        U: Serialize + DeserializeOwned + Send + 'static,
+        F: Fn(T) -> U + Copy + Send + Sync,
+        C: FnOnce(&Vec<U>) + Send + 'static,
+        E: FnOnce(&Error) + Send + 'static,
+    {
+        task::assert_zero_sized::<F>();
+        let _ = task;
+        let callbacks: (OnResult<Vec<U>>, OnError) = (Box::new(callback), Box::new(error_callback));
+        self.submit_map::<I, T, U, F>(items, Some(callbacks))
+    }
+
+    fn submit_map<I, T, U, F>(
+        &self,
+        items: I,
+        callbacks: Option<(OnResult<Vec<U>>, OnError)>,
+    ) -> Result<AsyncResult<Vec<U>>>
+    where
+        I: IntoIterator<Item = T>,
+        I::IntoIter: Send + 'static,
+        T: Serialize + DeserializeOwned,
+        U: Serialize + DeserializeOwned + Send + 'static,
+        F: Fn(T) -> U + Copy + Send + Sync,
+    {
+        let task = task_ref::<T, U, Plain<F>, Collect>()?;
+        let (handle, completion) = Completion::new(&self.core, callbacks);
+        let kind = Kind::Owned {
+            source: Box::new(IterSource::new(items.into_iter())),
+            sink: Box::new(MapAsyncSink {
+                results: Vec::new(),
+                completion: Some(completion),
+            }),
+        };
+        let job = self
+            .core
+            .lock_open_engine()?
+            .engine()
+            .new_job(task, kind, true, None)?;
+        self.core.submit(Submission::Job(Box::new(job)), 1)?;
+        Ok(handle)
+    }
+
+    /// Applies `task` to every item lazily: an iterator of results in input order.
+    ///
+    /// The input is read only while the iterator waits for results, at most a
+    /// bounded window of chunks ahead of what was taken, so an endless input works.
+    /// Dropping the iterator early stops reading the input and discards what is in
+    /// flight; the pool is usable at once.
+    ///
+    /// # Errors
+    ///
+    /// At once: [`Error::PoolClosed`], [`Error::TaskNotInExecutable`]. Then each
+    /// failure as an `Err` item (as [`Pool::map`]), after which the iterator ends.
+    ///
+    /// # Examples
+    ///
+    /// ```standalone_crate
+    /// fn main() -> multiproc::Result<()> {
+    ///     multiproc::init();
+    ///     let pool = multiproc::Pool::builder().workers(2).build()?;
+    ///     let first: Vec<u64> = pool
+    ///         .imap(0..u64::MAX, |x: u64| x * 2)?
+    ///         .take(5)
+    ///         .collect::<multiproc::Result<_>>()?;
+    ///     assert_eq!(first, [0, 2, 4, 6, 8]);
+    ///     Ok(())
+    /// }
+    /// ```
+    pub fn imap<I, T, U, F>(&self, items: I, task: F) -> Result<Imap<'_, I::IntoIter, U>>
+    where
+        I: IntoIterator<Item = T>,
+        T: Serialize + DeserializeOwned,
+        U: Serialize + DeserializeOwned,
+        F: Fn(T) -> U + Copy + Send + Sync,
+    {
+        task::assert_zero_sized::<F>();
+        let _ = task;
+        let task = task_ref::<T, U, Plain<F>, Collect>()?;
+        let mut driving = self.core.lock_open_engine()?;
+        let engine = driving.engine();
+        let mut job = engine.new_job(task, Kind::Lent, true, None)?;
+        let (parts, sink) = imap_parts(&self.core, job.id, items.into_iter());
+        job.kind = Kind::OwnedSink(Box::new(sink));
+        engine.add(job);
+        Ok(Imap::new(parts))
+    }
+
+    /// Like [`Pool::imap`], yielding `(index, result)` pairs in completion order.
+    ///
+    /// # Errors
+    ///
+    /// As [`Pool::imap`].
+    pub fn imap_unordered<I, T, U, F>(
+        &self,
+        items: I,
+        task: F,
+    ) -> Result<ImapUnordered<'_, I::IntoIter, U>>
+    where
+        I: IntoIterator<Item = T>,
+        T: Serialize + DeserializeOwned,
+        U: Serialize + DeserializeOwned,
+        F: Fn(T) -> U + Copy + Send + Sync,
+    {
+        task::assert_zero_sized::<F>();
+        let _ = task;
+        let task = task_ref::<T, U, Plain<F>, Collect>()?;
+        let mut driving = self.core.lock_open_engine()?;
+        let engine = driving.engine();
+        let mut job = engine.new_job(task, Kind::Lent, false, None)?;
+        let (parts, sink) = imap_parts(&self.core, job.id, items.into_iter());
+        job.kind = Kind::OwnedSink(Box::new(sink));
+        engine.add(job);
+        Ok(ImapUnordered::new(parts))
+    }
+
+    /// Refuses new work: later submissions and calls fail with
+    /// [`Error::PoolClosed`]. Work already submitted goes on; [`Pool::join`] waits
+    /// for it.
+    pub fn close(&self) {
+        self.core.close();
+    }
+
+    /// Waits until every submitted job and its callbacks are done, then stops the
+    /// workers. The pool must be closed (or terminated) first, as in Python.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotClosed`] when the pool is still open, [`Error::NestedCall`] from
+    /// inside the pool's own work.
+    pub fn join(&self) -> Result<()> {
+        if !self.core.is_closed() {
+            return Err(Error::NotClosed);
+        }
+        let core = &self.core;
+        core.wait_until(&|| core.pending() == 0, None)?;
+        let mut driving = core.lock_engine()?;
+        let engine = driving.engine();
+        if !engine.outstanding() {
+            engine.workers.backend.shutdown();
+        }
+        Ok(())
+    }
+
+    /// Stops the workers now. Every pending handle and iterator ends with
+    /// [`Error::Terminated`]; later calls fail with it too.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NestedCall`] from inside the pool's own work.
+    pub fn terminate(&self) -> Result<()> {
+        self.core.terminate()
+    }
+
+    fn check_state<S: 'static>(&self) -> Result<()> {
+        match self.state {
+            Some((id, _)) if id == TypeId::of::<S>() => Ok(()),
+            Some(_) => Err(Error::Config(
+                "the task's state type is not the type the pool's initializer builds",
+            )),
+            None => Err(Error::Config(
+                "the task uses per-worker state, but the pool has no initializer",
+            )),
+        }
+    }
+
+    /// Runs a job whose source and sink the caller lends, driving the pool until
+    /// the job ends.
+    fn run_lent<I, T>(
+        &self,
+        items: I,
+        task: TaskRef,
+        context: Option<&[u8]>,
+        sink: &mut dyn Sink,
+    ) -> Result<()>
+    where
+        I: Iterator<Item = T>,
+        T: Serialize + DeserializeOwned,
+    {
+        let mut driving = self.core.lock_open_engine()?;
+        let job = driving.engine().new_job(task, Kind::Lent, true, context)?;
+        let id = driving.engine().add(job);
+        let mut source = IterSource::new(items);
+        let mut local = Local {
+            job: id,
+            source: Some(&mut source),
+            sink: Some(sink),
+        };
+        let mut until = |engine: &Engine| engine.job(id).is_none_or(Job::ended);
+        // User code runs inside (the input iterator, `Serialize`, the reduce): if it
+        // panics, the job leaves the table before the panic goes on, so its late
+        // replies are ignored and the pool stays usable.
+        let driven = panic::catch_unwind(AssertUnwindSafe(|| {
+            driving.drive(Some(&mut local), &mut until, None)
+        }));
+        let outcome = driving.engine().remove(id);
+        let driven = match driven {
+            Ok(driven) => driven,
+            Err(payload) => {
+                drop(driving);
+                panic::resume_unwind(payload)
+            }
+        };
+        driven?;
+        outcome.unwrap_or(Err(Error::Terminated))
+    }
+
+    fn collect<I, T, U>(&self, items: I, task: TaskRef, context: Option<&[u8]>) -> Result<Vec<U>>
     where
         I: IntoIterator<Item = T>,
         T: Serialize + DeserializeOwned,
@@ -236,33 +684,17 @@ impl Pool {
     {
         let items = items.into_iter();
         // The hint is only a hint: a wrong one must not reserve absurd amounts.
-        let mut results = Vec::with_capacity(items.size_hint().0.min(1 << 20));
-        let mut deliver = |worker: usize, range: std::ops::Range<usize>, payload: &[u8]| {
-            let mut reader = Reader::new(payload);
-            for item in range.clone() {
-                let value = reader.decode().map_err(|source| Error::Result {
-                    items: item..item + 1,
-                    worker,
-                    source,
-                })?;
-                results.push(value);
-            }
-            if !reader.is_empty() {
-                return Err(Error::Protocol {
-                    worker,
-                    reason: format!("extra bytes after the results of items {range:?}"),
-                });
-            }
-            Ok(())
+        let mut sink = CollectSink {
+            results: Vec::with_capacity(items.size_hint().0.min(1 << 20)),
         };
-        par_map::run(&mut *self.enter()?, items, job, context, &mut deliver)?;
-        Ok(results)
+        self.run_lent(items, task, context, &mut sink)?;
+        Ok(sink.results)
     }
 
     fn fold<I, T, U, Id, R>(
         &self,
         items: I,
-        job: TaskRef,
+        task: TaskRef,
         context: Option<&[u8]>,
         identity: Id,
         reduce: R,
@@ -274,78 +706,30 @@ impl Pool {
         Id: Fn() -> U + Copy + Send + Sync,
         R: Fn(U, U) -> U + Copy + Send + Sync,
     {
-        let mut acc = Some(identity());
-        let mut deliver = |worker: usize, range: std::ops::Range<usize>, payload: &[u8]| {
-            let partial: U = codec::decode(payload).map_err(|source| Error::Result {
-                items: range,
-                worker,
-                source,
-            })?;
-            let so_far = acc.take().expect("acc is refilled after every fold");
-            acc = Some(reduce(so_far, partial));
-            Ok(())
+        let mut sink = FoldSink {
+            acc: Some(identity()),
+            reduce,
         };
-        par_map::run(
-            &mut *self.enter()?,
-            items.into_iter(),
-            job,
-            context,
-            &mut deliver,
-        )?;
-        Ok(acc.expect("acc is refilled after every fold"))
-    }
-
-    /// Takes the pool for one call, waiting for calls from other threads to end.
-    fn enter(&self) -> Result<Entered<'_>> {
-        let id = std::ptr::from_ref(self) as usize;
-        if ENTERED.with(|entered| entered.borrow().contains(&id)) {
-            return Err(Error::NestedCall);
-        }
-        // A panic in a caller's reduce poisons the lock mid-call; the call marked the
-        // pool dirty, so the next call restarts the workers and carries on.
-        let guard = self.inner.lock().unwrap_or_else(|poisoned| {
-            let mut inner = poisoned.into_inner();
-            inner.dirty = true;
-            inner
-        });
-        ENTERED.with(|entered| entered.borrow_mut().push(id));
-        Ok(Entered { guard, id })
+        self.run_lent(items.into_iter(), task, context, &mut sink)?;
+        Ok(sink.acc.expect("acc is refilled after every fold"))
     }
 }
 
-thread_local! {
-    /// The pools this thread is inside a call of. A call that reaches the same pool
-    /// again from its own input, `Serialize` or reduce would wait for itself.
-    static ENTERED: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
-}
-
-/// The pool's state, held by one call; leaving forgets the call on this thread.
-struct Entered<'p> {
-    guard: MutexGuard<'p, PoolInner>,
-    id: usize,
-}
-
-impl Deref for Entered<'_> {
-    type Target = PoolInner;
-    fn deref(&self) -> &PoolInner {
-        &self.guard
-    }
-}
-
-impl DerefMut for Entered<'_> {
-    fn deref_mut(&mut self) -> &mut PoolInner {
-        &mut self.guard
-    }
-}
-
-impl Drop for Entered<'_> {
+impl Drop for Pool {
     fn drop(&mut self) {
-        ENTERED.with(|entered| {
-            let mut entered = entered.borrow_mut();
-            if let Some(at) = entered.iter().rposition(|&id| id == self.id) {
-                entered.remove(at);
+        // Pending work is terminated; with nothing pending, the workers get their
+        // channels closed and exit on their own.
+        self.core.close();
+        if self.core.pending() > 0 {
+            let _ = self.core.terminate();
+        } else if let Ok(mut driving) = self.core.lock_engine() {
+            let engine = driving.engine();
+            if engine.outstanding() {
+                engine.terminate();
             }
-        });
+            engine.workers.backend.shutdown();
+        }
+        self.core.stop_background();
     }
 }
 
@@ -357,13 +741,13 @@ impl std::fmt::Debug for Pool {
     }
 }
 
-/// Names the runner for a call, or says why a worker could not find it.
-fn job<T, U, M, S>() -> Result<TaskRef>
+/// Names the runner for a job, or says why a worker could not find it.
+fn task_ref<T, U, M, S>() -> Result<TaskRef>
 where
     T: DeserializeOwned,
     U: Serialize + DeserializeOwned,
     M: Mapper<T, U>,
-    S: Sink<U>,
+    S: task::Sink<U>,
 {
     TaskRef::of::<T, U, M, S>().ok_or(Error::TaskNotInExecutable)
 }
@@ -380,6 +764,14 @@ fn encode_context<C: Serialize + DeserializeOwned>(context: &C) -> Result<Vec<u8
     Ok(bytes)
 }
 
+/// An initializer given to the builder: its runner and encoded argument, or why it
+/// cannot be used.
+#[derive(Debug, Clone)]
+struct Initializer {
+    prepared: std::result::Result<(TaskRef, Vec<u8>), String>,
+    state: (TypeId, &'static str),
+}
+
 /// Configures and starts a [`Pool`].
 ///
 /// ```standalone_crate
@@ -390,6 +782,7 @@ fn encode_context<C: Serialize + DeserializeOwned>(context: &C) -> Result<Vec<u8
 ///         .workers(2)
 ///         .chunk_size(64)
 ///         .start_timeout(Duration::from_secs(5))
+///         .max_tasks_per_worker(1_000)
 ///         .build()?;
 ///     assert_eq!(pool.workers(), 2);
 ///     Ok(())
@@ -402,6 +795,8 @@ pub struct PoolBuilder {
     inline: bool,
     inherit_output: bool,
     start_timeout: Duration,
+    max_tasks: Option<usize>,
+    initializer: Option<Initializer>,
 }
 
 impl Default for PoolBuilder {
@@ -412,6 +807,8 @@ impl Default for PoolBuilder {
             inline: false,
             inherit_output: true,
             start_timeout: Duration::from_secs(30),
+            max_tasks: None,
+            initializer: None,
         }
     }
 }
@@ -424,7 +821,9 @@ impl PoolBuilder {
     }
 
     /// Items per chunk. By default the size adapts so that a chunk holds about one
-    /// millisecond of work and at most about 192 KiB of encoded items.
+    /// millisecond of work and at most about 192 KiB of encoded items; a fixed size
+    /// lifts that byte limit (a chunk over the socket's one-message size travels
+    /// through shared memory).
     pub fn chunk_size(mut self, items: usize) -> Self {
         self.chunk_size = Some(items);
         self
@@ -432,6 +831,8 @@ impl PoolBuilder {
 
     /// Runs the workers as threads in this process instead of child processes: the
     /// same protocol and encoding, without the isolation. For tests and debugging.
+    /// A thread cannot be killed: a stuck task keeps its thread, which the pool
+    /// abandons (it does not wait for it when dropped).
     pub fn inline(mut self, inline: bool) -> Self {
         self.inline = inline;
         self
@@ -452,13 +853,56 @@ impl PoolBuilder {
         self
     }
 
-    /// Starts the workers and waits until each has connected.
+    /// Replaces a worker after it has been given `n` items (Python's
+    /// `maxtasksperchild`), to contain leaks in the tasks or the libraries they use.
+    /// The replacement is started as soon as the old worker has its last item, while
+    /// that worker finishes, so the pool keeps its strength. Chunks never take a
+    /// worker past `n` items.
+    pub fn max_tasks_per_worker(mut self, n: usize) -> Self {
+        self.max_tasks = Some(n);
+        self
+    }
+
+    /// Runs `init(arg)` once in each worker when it starts (replacements included)
+    /// and keeps what it returns as that worker's state, which tasks given to
+    /// [`Pool::map_with_state`] get as `&mut S` (Python's `initializer` and
+    /// `initargs`, typed). `init` is a `fn` or a closure that captures nothing; `arg`
+    /// is encoded once, here.
+    ///
+    /// A panic in `init` fails [`build`](Self::build) with [`Error::Initializer`]; in
+    /// a replacement worker, it fails the tasks that need the state with
+    /// [`Error::WorkerState`].
+    pub fn initializer<A, S, F>(mut self, init: F, arg: A) -> Self
+    where
+        A: Serialize + DeserializeOwned,
+        S: 'static,
+        F: Fn(A) -> S + Copy + Send + Sync,
+    {
+        task::assert_zero_sized::<F>();
+        let _ = init;
+        let mut bytes = Vec::new();
+        let prepared = match TaskRef::init::<A, S, F>() {
+            None => Err("the initializer is not in the program's executable".to_owned()),
+            Some(task) => encode_item(&arg, 0, &mut bytes)
+                .map(|()| (task, bytes))
+                .map_err(|e| format!("its argument does not encode: {e}")),
+        };
+        self.initializer = Some(Initializer {
+            prepared,
+            state: (TypeId::of::<S>(), std::any::type_name::<S>()),
+        });
+        self
+    }
+
+    /// Starts the workers and waits until each has connected (and run the
+    /// initializer, if any).
     ///
     /// # Errors
     ///
     /// [`Error::Config`] for zero workers or a zero chunk size, [`Error::InitMissing`]
     /// when called in a worker process whose `main` did not call [`init`](crate::init)
-    /// first, [`Error::Spawn`] or [`Error::Handshake`] when a worker cannot be started.
+    /// first, [`Error::Spawn`] or [`Error::Handshake`] when a worker cannot be started,
+    /// [`Error::Initializer`] when the initializer fails.
     pub fn build(self) -> Result<Pool> {
         let workers = self.workers.unwrap_or_else(num_cpus::get);
         if workers == 0 {
@@ -473,25 +917,71 @@ impl PoolBuilder {
         {
             return Err(Error::Config("chunk size must be at most 2^24 items"));
         }
+        if self.max_tasks == Some(0) {
+            return Err(Error::Config("max_tasks_per_worker must be at least 1"));
+        }
         if !self.inline && worker::init_missing() {
             return Err(Error::InitMissing);
         }
+        let (init, state) = match self.initializer {
+            None => (None, None),
+            Some(Initializer {
+                prepared: Ok(prepared),
+                state,
+            }) => (Some(prepared), Some(state)),
+            Some(Initializer {
+                prepared: Err(reason),
+                ..
+            }) => return Err(Error::Initializer { worker: 0, reason }),
+        };
         let options = StartOptions {
-            inherit_output: self.inherit_output,
+            spawn: SpawnOptions {
+                inherit_output: self.inherit_output,
+                #[cfg(test)]
+                program: None,
+            },
             start_timeout: self.start_timeout,
-            #[cfg(test)]
-            program: None,
         };
         let backend = Backend::start(self.inline, workers, options)?;
+        let supervisor = Supervisor::new(backend, self.max_tasks, init);
+        let mut engine = Engine::new(supervisor, self.chunk_size, workers);
+        if engine.workers.initializing() {
+            engine.drive(&Starting, None, &mut |e| !e.workers.initializing(), None)?;
+        }
+        if let Some((worker, reason)) = engine.init_failures.pop() {
+            return Err(Error::Initializer { worker, reason });
+        }
         Ok(Pool {
-            inner: Mutex::new(PoolInner {
-                backend,
-                next_call: 0,
-                chunk_size: self.chunk_size,
-                frame: FrameBuf::with_capacity(chunker::TARGET_CHUNK_BYTES + 1024),
-                dirty: false,
-            }),
+            core: Core::new(engine),
             workers,
+            state,
         })
+    }
+}
+
+/// The hooks of an engine not yet shared: nothing can be submitted to it yet.
+struct Starting;
+
+impl Hooks for Starting {
+    fn take_inbox(&self) -> Vec<Submission> {
+        Vec::new()
+    }
+    fn terminating(&self) -> bool {
+        false
+    }
+    fn notify(&self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync + 'static>() {}
+
+    #[test]
+    fn pools_handles_and_errors_cross_threads() {
+        assert_send_sync::<Pool>();
+        assert_send_sync::<Error>();
+        assert_send_sync::<AsyncResult<u64>>();
     }
 }

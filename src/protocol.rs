@@ -9,44 +9,61 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec;
 use crate::error::{CodecError, TaskPanic};
-use crate::task::TaskRef;
 use crate::transport::FrameBuf;
+
+/// The job id of a worker's initializer run: no real job has it.
+pub(crate) const INIT_JOB: u64 = 0;
 
 /// Parent to worker.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum Request {
-    /// The payload is the encoded context value of call `call`; chunks of that call
-    /// may use it.
-    Context { call: u64 },
+    /// The payload is the encoded context value of job `job`; chunks of that job
+    /// may use it until a `Forget` for the job.
+    Context { job: u64 },
     /// The payload is `count` encoded items.
     Chunk(ChunkHeader),
+    /// Job `job` has ended: drop its context value.
+    Forget { job: u64 },
 }
 
 /// Which items a chunk holds and what to run on them.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct ChunkHeader {
-    pub(crate) call: u64,
+    pub(crate) job: u64,
     pub(crate) chunk: u64,
     pub(crate) first_item: u64,
     pub(crate) count: u32,
     pub(crate) task: TaskRef,
 }
 
+/// A monomorphised runner, named by its offset from an anchor function in the
+/// executable and a fingerprint of its types (see `task.rs`, which makes and
+/// resolves these). Plain data here, so the wire knows nothing of tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub(crate) struct TaskRef {
+    pub(crate) offset: u64,
+    pub(crate) fingerprint: u64,
+    /// A hash of the two fields above: a damaged reference is refused before the
+    /// offset is used (1 in 2^64 odds of missing it), not discovered after a jump.
+    pub(crate) check: u64,
+}
+
 /// Worker to parent.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum Reply {
-    /// The payload is the chunk's results (one per item), or its partial result.
-    Done { call: u64, chunk: u64, nanos: u64 },
+    /// The payload is the chunk's results (one per item, or one outcome per item),
+    /// or its partial result.
+    Done { job: u64, chunk: u64, nanos: u64 },
     /// The chunk failed; the payload is empty.
     Failed {
-        call: u64,
+        job: u64,
         chunk: u64,
         failure: Failure,
     },
 }
 
 /// Why a worker could not finish a chunk.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) enum Failure {
     Panicked {
         item: u64,
@@ -63,6 +80,11 @@ pub(crate) enum Failure {
     },
     DecodeContext {
         error: CodecError,
+    },
+    /// The task uses per-worker state that the worker does not have: the pool has no
+    /// initializer of that type, or the initializer failed.
+    NoState {
+        reason: String,
     },
     /// A request the worker will not act on (a bug, or a mismatched binary).
     Malformed {
@@ -108,7 +130,7 @@ mod tests {
         let mut frame = FrameBuf::with_capacity(64);
         frame.body().extend_from_slice(b"payload");
         let reply = Reply::Done {
-            call: 3,
+            job: 3,
             chunk: 9,
             nanos: 1,
         };
@@ -119,7 +141,7 @@ mod tests {
         assert!(matches!(
             header,
             Reply::Done {
-                call: 3,
+                job: 3,
                 chunk: 9,
                 nanos: 1
             }
@@ -137,7 +159,7 @@ mod tests {
         let mut frame = FrameBuf::with_capacity(64);
         frame.body().extend_from_slice(&[1, 2, 3]);
         let failure = Reply::Failed {
-            call: 1,
+            job: 1,
             chunk: 2,
             failure: Failure::Panicked {
                 item: 13,

@@ -24,8 +24,8 @@ use serde::de::DeserializeOwned;
 
 use crate::codec::{self, Reader};
 use crate::error::{CodecError, TaskPanic};
-use crate::protocol::{ChunkHeader, Failure};
-use crate::worker::WorkerState;
+use crate::protocol::{ChunkHeader, Failure, TaskRef};
+use crate::state::WorkerState;
 
 /// Runs one chunk: decodes its items from the payload, runs the task, appends the
 /// encoded results (or the partial result) to `out`.
@@ -113,16 +113,6 @@ fn parse_mapping(line: &str) -> Option<Mapping<'_>> {
     })
 }
 
-/// A runner named by its offset in the executable and a fingerprint of its types.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub(crate) struct TaskRef {
-    offset: u64,
-    fingerprint: u64,
-    /// A hash of the two fields above: a damaged reference is refused before the
-    /// offset is used (1 in 2^64 odds of missing it), not discovered after a jump.
-    check: u64,
-}
-
 fn check_of(offset: u64, fingerprint: u64) -> u64 {
     let hash = fnv1a_continue(fnv1a(b"multiproc task"), &offset.to_le_bytes());
     fnv1a_continue(hash, &fingerprint.to_le_bytes())
@@ -138,9 +128,22 @@ impl TaskRef {
         M: Mapper<T, U>,
         S: Sink<U>,
     {
-        let runner: RawTask = run_chunk::<T, U, M, S>;
+        Self::named(run_chunk::<T, U, M, S>, fingerprint::<(T, U, M, S)>())
+    }
+
+    /// Names the runner of an initializer `F: Fn(A) -> S` that stores its result as
+    /// the worker's state; `None` when it is not in the program's executable.
+    pub(crate) fn init<A, S, F>() -> Option<Self>
+    where
+        A: DeserializeOwned,
+        S: 'static,
+        F: Fn(A) -> S + Copy + Send + Sync,
+    {
+        Self::named(run_init::<A, S, F>, fingerprint::<(A, S, F)>())
+    }
+
+    fn named(runner: RawTask, fingerprint: u64) -> Option<Self> {
         let offset = Image::get()?.offset_of(runner as usize)?;
-        let fingerprint = fingerprint::<(T, U, M, S)>();
         Some(Self {
             offset,
             fingerprint,
@@ -192,7 +195,7 @@ pub(crate) fn binary_fingerprint() -> u64 {
         run_chunk::<u64, u64, Plain<F>, Collect>
     }
     let probe = probe_of(|x| x.wrapping_add(1)) as usize;
-    let init = crate::worker::init as fn() as usize;
+    let init = install_panic_hook as fn() as usize;
     let mut hash = fnv1a(env!("CARGO_PKG_VERSION").as_bytes());
     for address in [probe, init] {
         let offset = Image::get().and_then(|image| image.offset_of(address));
@@ -241,28 +244,31 @@ fn conjure<F: Copy + Send + Sync>() -> F {
     unsafe { std::ptr::NonNull::<F>::dangling().as_ptr().read() }
 }
 
-/// Calls the user's function on one item, with or without a context value.
+/// Calls the user's function on one item, with what it needs from the worker.
 pub(crate) trait Mapper<T, U> {
-    /// The context type; `()` when there is none.
-    type Context: DeserializeOwned + 'static;
-    /// Whether chunks need a `Request::Context` first.
-    const NEEDS_CONTEXT: bool;
-    fn call(context: &Self::Context, item: T) -> U;
+    /// What the task sees besides its item, borrowed from the worker's state once
+    /// per chunk.
+    type Env<'a>;
+    /// Finds the task's environment for a chunk of `job`.
+    fn env(state: &mut WorkerState, job: u64) -> Result<Self::Env<'_>, Failure>;
+    fn call(env: &mut Self::Env<'_>, item: T) -> U;
 }
 
 /// A task `Fn(T) -> U`.
 pub(crate) struct Plain<F>(PhantomData<F>);
 
 impl<T, U, F: Fn(T) -> U + Copy + Send + Sync> Mapper<T, U> for Plain<F> {
-    type Context = ();
-    const NEEDS_CONTEXT: bool = false;
+    type Env<'a> = ();
+    fn env(_: &mut WorkerState, _: u64) -> Result<(), Failure> {
+        Ok(())
+    }
     #[inline]
-    fn call(_: &(), item: T) -> U {
+    fn call(_: &mut (), item: T) -> U {
         conjure::<F>()(item)
     }
 }
 
-/// A task `Fn(&C, T) -> U` with a context value sent once per worker.
+/// A task `Fn(&C, T) -> U` with a context value sent once per worker and job.
 pub(crate) struct WithContext<F, C>(PhantomData<(F, C)>);
 
 impl<T, U, C, F> Mapper<T, U> for WithContext<F, C>
@@ -270,11 +276,32 @@ where
     C: DeserializeOwned + 'static,
     F: Fn(&C, T) -> U + Copy + Send + Sync,
 {
-    type Context = C;
-    const NEEDS_CONTEXT: bool = true;
+    type Env<'a> = &'a C;
+    fn env(state: &mut WorkerState, job: u64) -> Result<&C, Failure> {
+        state.context::<C>(job)
+    }
     #[inline]
-    fn call(context: &C, item: T) -> U {
+    fn call(context: &mut &C, item: T) -> U {
         conjure::<F>()(context, item)
+    }
+}
+
+/// A task `Fn(&mut S, T) -> U` using the state the pool's initializer built in
+/// this worker.
+pub(crate) struct WithState<F, S>(PhantomData<(F, S)>);
+
+impl<T, U, S, F> Mapper<T, U> for WithState<F, S>
+where
+    S: 'static,
+    F: Fn(&mut S, T) -> U + Copy + Send + Sync,
+{
+    type Env<'a> = &'a mut S;
+    fn env(state: &mut WorkerState, _: u64) -> Result<&mut S, Failure> {
+        state.user::<S>()
+    }
+    #[inline]
+    fn call(state: &mut &mut S, item: T) -> U {
+        conjure::<F>()(state, item)
     }
 }
 
@@ -282,6 +309,9 @@ where
 pub(crate) trait Sink<U>: Sized {
     /// Whether `push` encodes each result (else only `finish` writes anything).
     const ENCODES_EACH: bool;
+    /// Whether each item's outcome is written, success or failure, so a failed item
+    /// ends neither the chunk nor the other items (see [`Outcomes`]).
+    const OUTCOMES: bool = false;
     fn start() -> Self;
     fn push(&mut self, value: U, out: &mut Vec<u8>) -> Result<(), CodecError>;
     fn finish(self, out: &mut Vec<u8>) -> Result<(), CodecError>;
@@ -298,6 +328,41 @@ impl<U: Serialize> Sink<U> for Collect {
     #[inline]
     fn push(&mut self, value: U, out: &mut Vec<u8>) -> Result<(), CodecError> {
         codec::encode_into(&value, out)
+    }
+    fn finish(self, _: &mut Vec<u8>) -> Result<(), CodecError> {
+        Ok(())
+    }
+}
+
+/// Independent items (`apply_async`): each item's outcome is written as a tag byte,
+/// then the encoded result's length (`u64`, little endian) and the encoded result
+/// (tag [`OUTCOME_OK`]), or the encoded [`Failure`] (tag [`OUTCOME_FAILED`]), so the
+/// parent can split a chunk's outcomes without knowing the result type. A failed
+/// item does not stop the chunk.
+pub(crate) struct Outcomes;
+
+/// Tag of a successful item under [`Outcomes`].
+pub(crate) const OUTCOME_OK: u8 = 0;
+/// Tag of a failed item under [`Outcomes`].
+pub(crate) const OUTCOME_FAILED: u8 = 1;
+/// Bytes in front of a successful result under [`Outcomes`]: tag and length.
+const OUTCOME_PREFIX: usize = 9;
+
+impl<U: Serialize> Sink<U> for Outcomes {
+    const ENCODES_EACH: bool = true;
+    const OUTCOMES: bool = true;
+    fn start() -> Self {
+        Outcomes
+    }
+    #[inline]
+    fn push(&mut self, value: U, out: &mut Vec<u8>) -> Result<(), CodecError> {
+        let start = out.len();
+        out.push(OUTCOME_OK);
+        out.extend_from_slice(&[0; 8]);
+        codec::encode_into(&value, out).inspect_err(|_| out.truncate(start))?;
+        let len = (out.len() - start - OUTCOME_PREFIX) as u64;
+        out[start + 1..start + OUTCOME_PREFIX].copy_from_slice(&len.to_le_bytes());
+        Ok(())
     }
     fn finish(self, _: &mut Vec<u8>) -> Result<(), CodecError> {
         Ok(())
@@ -361,26 +426,35 @@ where
     // Everything from here runs user code (`Deserialize`, the task, `Serialize`,
     // identity and reduce), so every step is guarded: a panic names its item.
     let _capturing = Capturing::start();
-    let context = if M::NEEDS_CONTEXT {
-        guarded(first, || state.context::<M::Context>(header.call))??
-    } else {
-        &guarded(first, || codec::decode::<M::Context>(&[]))?
-            .map_err(|error| Failure::DecodeContext { error })?
-    };
+    let mut env = guarded(first, || M::env(state, header.job))??;
     let mut reader = Reader::new(payload);
     let mut sink = guarded(first, S::start)?;
     for i in 0..u64::from(header.count) {
         let item = first.wrapping_add(i);
-        let value: T = guarded(item, || reader.decode())?
-            .map_err(|error| Failure::DecodeItem { item, error })?;
-        let result = guarded(item, || M::call(context, value))?;
         let before = out.len();
-        guarded(item, || sink.push(result, out))?.map_err(|error| Failure::EncodeResult {
-            item: Some(item),
-            error,
-        })?;
-        if item == 0 && S::ENCODES_EACH {
-            round_trip::<U>(item, &out[before..], Some(item))?;
+        let outcome = run_item::<T, U, M, S>(item, &mut env, &mut reader, &mut sink, out);
+        match outcome {
+            Ok(()) => {}
+            Err(failure) if S::OUTCOMES => {
+                // The item's bytes were consumed or are lost with the failure: a
+                // decode failure leaves the reader where it cannot find the next
+                // item, so only a failure after decoding lets the chunk go on.
+                out.truncate(before);
+                let decoded = !matches!(failure, Failure::DecodeItem { .. });
+                out.push(OUTCOME_FAILED);
+                codec::encode_into(&failure, out).map_err(|error| Failure::EncodeResult {
+                    item: Some(item),
+                    error,
+                })?;
+                if !decoded {
+                    return Err(failure);
+                }
+            }
+            Err(failure) => return Err(failure),
+        }
+        if item == 0 && S::ENCODES_EACH && (!S::OUTCOMES || out.get(before) == Some(&OUTCOME_OK)) {
+            let skip = if S::OUTCOMES { OUTCOME_PREFIX } else { 0 };
+            round_trip::<U>(item, &out[before + skip..], Some(item))?;
         }
     }
     if !reader.is_empty() {
@@ -400,6 +474,71 @@ where
         round_trip::<U>(last, &out[before..], None)?;
     }
     Ok(())
+}
+
+/// Decodes one item, runs the task on it and hands the result to the sink.
+#[inline]
+fn run_item<T, U, M, S>(
+    item: u64,
+    env: &mut M::Env<'_>,
+    reader: &mut Reader<'_>,
+    sink: &mut S,
+    out: &mut Vec<u8>,
+) -> Result<(), Failure>
+where
+    T: DeserializeOwned,
+    U: Serialize + DeserializeOwned,
+    M: Mapper<T, U>,
+    S: Sink<U>,
+{
+    let value: T =
+        guarded(item, || reader.decode())?.map_err(|error| Failure::DecodeItem { item, error })?;
+    let result = guarded(item, || M::call(env, value))?;
+    guarded(item, || sink.push(result, out))?.map_err(|error| Failure::EncodeResult {
+        item: Some(item),
+        error,
+    })
+}
+
+/// The runner of an initializer: decodes its argument, builds the state and keeps
+/// it in the worker; a failure is remembered so that tasks needing the state say why.
+fn run_init<A, S, F>(
+    state: &mut WorkerState,
+    header: &ChunkHeader,
+    payload: &[u8],
+    _out: &mut Vec<u8>,
+) -> Result<(), Failure>
+where
+    A: DeserializeOwned,
+    S: 'static,
+    F: Fn(A) -> S + Copy + Send + Sync,
+{
+    if header.task.fingerprint != fingerprint::<(A, S, F)>() {
+        return Err(Failure::Malformed {
+            reason: "initializer fingerprint does not match the function at its offset".into(),
+        });
+    }
+    let _capturing = Capturing::start();
+    let built = guarded(0, || codec::decode::<A>(payload))
+        .and_then(|arg| arg.map_err(|error| Failure::DecodeItem { item: 0, error }))
+        .and_then(|arg| guarded(0, || conjure::<F>()(arg)));
+    match built {
+        Ok(value) => {
+            state.set_user(Box::new(value));
+            Ok(())
+        }
+        Err(failure) => {
+            let reason = match &failure {
+                Failure::Panicked { panic, .. } => format!("it panicked: {panic}"),
+                Failure::DecodeItem { error, .. } => {
+                    format!("its argument did not decode: {error}")
+                }
+                other => format!("{other:?}"),
+            };
+            state.set_user_failed(reason);
+            Err(failure)
+        }
+    }
 }
 
 /// Checks that the first result of a call decodes again, which catches most types
@@ -556,7 +695,7 @@ mod tests {
             codec::encode_into(item, &mut payload).unwrap();
         }
         let header = ChunkHeader {
-            call: 1,
+            job: 1,
             chunk: 0,
             first_item: 100,
             count: items.len() as u32,

@@ -1,28 +1,14 @@
 //! Child side: the entry hook, the receive loop, running a chunk and replying.
 
-use std::any::Any;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use serde::de::DeserializeOwned;
-
-use crate::codec;
-use crate::protocol::{self, Failure, Reply, Request};
+use crate::protocol::{self, Reply, Request};
+use crate::spawn::{START_FAILED, WORKER_ARG, WORKER_ENV};
+use crate::state::WorkerState;
 use crate::task;
 use crate::transport::{Frame, FrameBuf, WorkerLink};
-
-/// Environment variable set in every worker: a cheap hint that [`init`] should look
-/// at the command line. Programs a task starts inherit it, so it proves nothing alone.
-pub(crate) const WORKER_ENV: &str = "MULTIPROC_WORKER";
-
-/// Prefix of the command-line argument that makes a process a worker:
-/// `--multiproc-worker=index:parent pid:server`. Arguments are not inherited, so a
-/// program started by a task is never mistaken for a worker.
-pub(crate) const WORKER_ARG: &str = "--multiproc-worker=";
-
-/// Exit code of a worker that could not start serving (EX_SOFTWARE).
-pub(crate) const START_FAILED: i32 = 70;
 
 /// Set once this process has become a worker in [`init`].
 static SERVING: AtomicBool = AtomicBool::new(false);
@@ -114,7 +100,7 @@ fn serve_process(value: &str) -> io::Result<()> {
             format!("malformed {WORKER_ARG}"),
         )
     })?;
-    crate::backend::prepare_worker_process(parent)?;
+    crate::spawn::prepare_child(parent)?;
     let link = WorkerLink::connect(server, task::binary_fingerprint())?;
     serve(&link)
 }
@@ -148,20 +134,21 @@ pub(crate) fn serve(link: &impl Link) -> io::Result<()> {
         let (request, payload) = protocol::open::<Request>(&frame)
             .map_err(|reason| io::Error::new(io::ErrorKind::InvalidData, reason))?;
         match request {
-            Request::Context { call } => state.set_context(call, payload.to_vec()),
+            Request::Context { job } => state.set_context(job, payload.to_vec()),
+            Request::Forget { job } => state.forget(job),
             Request::Chunk(header) => {
                 out.clear();
                 let started = Instant::now();
                 let reply = match header.task.run(&mut state, &header, payload, out.body()) {
                     Ok(()) => Reply::Done {
-                        call: header.call,
+                        job: header.job,
                         chunk: header.chunk,
                         nanos: u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
                     },
                     Err(failure) => {
                         out.clear();
                         Reply::Failed {
-                            call: header.call,
+                            job: header.job,
                             chunk: header.chunk,
                             failure,
                         }
@@ -179,59 +166,13 @@ pub(crate) fn serve(link: &impl Link) -> io::Result<()> {
     Ok(())
 }
 
-/// What a worker remembers between chunks: the current call's context value.
-#[derive(Default)]
-pub(crate) struct WorkerState {
-    context: Option<Context>,
-}
-
-struct Context {
-    call: u64,
-    bytes: Vec<u8>,
-    decoded: Option<Box<dyn Any>>,
-}
-
-impl WorkerState {
-    fn set_context(&mut self, call: u64, bytes: Vec<u8>) {
-        let previous = self.context.replace(Context {
-            call,
-            bytes,
-            decoded: None,
-        });
-        // The previous call's context value is user code when dropped; a panic there
-        // concerns no item of any call, so it is printed by the panic hook and ignored.
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(previous)));
-    }
-
-    /// The context value of `call`, decoded on first use and kept for later chunks.
-    pub(crate) fn context<C: DeserializeOwned + 'static>(
-        &mut self,
-        call: u64,
-    ) -> Result<&C, Failure> {
-        let Some(context) = self.context.as_mut().filter(|c| c.call == call) else {
-            return Err(Failure::Malformed {
-                reason: format!("chunk of call {call} arrived before its context value"),
-            });
-        };
-        if !context.decoded.as_ref().is_some_and(|d| d.is::<C>()) {
-            let value: C =
-                codec::decode(&context.bytes).map_err(|error| Failure::DecodeContext { error })?;
-            context.decoded = Some(Box::new(value));
-        }
-        Ok(context
-            .decoded
-            .as_ref()
-            .and_then(|d| d.downcast_ref::<C>())
-            .expect("the context was decoded as C just above"))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
     use super::*;
+    use crate::codec;
 
     /// A link that feeds fixed frames and collects replies.
     struct Script {
@@ -254,14 +195,14 @@ mod tests {
     }
 
     fn chunk_frame<F: Fn(u64) -> u64 + Copy + Send + Sync>(_: F, items: &[u64]) -> Vec<u8> {
-        let task = task::TaskRef::of::<u64, u64, task::Plain<F>, task::Collect>()
+        let task = protocol::TaskRef::of::<u64, u64, task::Plain<F>, task::Collect>()
             .expect("the test's code is in its executable");
         let mut frame = FrameBuf::with_capacity(256);
         for item in items {
             codec::encode_into(item, frame.body()).unwrap();
         }
         let header = protocol::ChunkHeader {
-            call: 1,
+            job: 1,
             chunk: 0,
             first_item: 0,
             count: items.len() as u32,
@@ -288,7 +229,7 @@ mod tests {
         assert!(matches!(
             reply,
             Reply::Done {
-                call: 1,
+                job: 1,
                 chunk: 0,
                 ..
             }

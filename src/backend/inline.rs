@@ -1,13 +1,16 @@
 //! Workers as threads in this process, speaking the same protocol over in-memory
 //! channels: for tests, debugging, and jobs that want no isolation.
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
+use std::sync::Arc;
 use std::sync::mpsc;
 use std::thread;
+use std::time::Instant;
 
-use super::Event;
+use super::{Event, Waker};
 use crate::error::{Error, Result};
 use crate::transport::{Frame, FrameBuf};
 use crate::worker::{self, Link};
@@ -16,21 +19,26 @@ use crate::worker::{self, Link};
 /// 101, what a Rust process that panics exits with.
 const THREAD_LOST: i32 = 101 << 8;
 
-/// A reply (or `None`: the thread ended) tagged with the id of the thread that sent it.
+/// The sender id of a wake-up (no worker thread has it).
+const WAKE: u64 = u64::MAX;
+
+/// A reply (or `None`: the thread ended) tagged with the generation of the thread
+/// that sent it.
 type ReplyMessage = (u64, Option<Vec<u8>>);
 
 struct Worker {
-    id: u64,
+    generation: u64,
     requests: mpsc::Sender<Vec<u8>>,
     thread: thread::JoinHandle<()>,
 }
 
 pub(crate) struct InlineBackend {
     workers: Vec<Option<Worker>>,
-    /// Every thread gets a new id, so a replaced thread's late messages are ignored.
-    next_id: u64,
-    /// Workers given up by `kill`, whose loss is still to be reported.
-    lost: std::collections::VecDeque<usize>,
+    /// Every thread gets a new generation, so a replaced thread's late messages are
+    /// ignored.
+    next_generation: u64,
+    /// Losses to report: workers given up by `kill`.
+    lost: VecDeque<Event>,
     replies_tx: mpsc::Sender<ReplyMessage>,
     replies: mpsc::Receiver<ReplyMessage>,
 }
@@ -40,8 +48,8 @@ impl InlineBackend {
         let (replies_tx, replies) = mpsc::channel();
         let mut backend = Self {
             workers: (0..workers).map(|_| None).collect(),
-            next_id: 0,
-            lost: std::collections::VecDeque::new(),
+            next_generation: 1,
+            lost: VecDeque::new(),
             replies_tx,
             replies,
         };
@@ -51,21 +59,31 @@ impl InlineBackend {
         Ok(backend)
     }
 
-    pub(crate) fn workers(&self) -> usize {
+    pub(crate) fn slots(&self) -> usize {
         self.workers.len()
     }
 
-    pub(crate) fn is_alive(&self, worker: usize) -> bool {
-        self.workers[worker].is_some()
+    pub(crate) fn generation(&self, worker: usize) -> Option<u64> {
+        self.workers.get(worker)?.as_ref().map(|w| w.generation)
     }
 
-    pub(crate) fn restart(&mut self, worker: usize) -> Result<()> {
-        self.lost.retain(|&w| w != worker);
+    pub(crate) fn waker(&self) -> Waker {
+        let tx = self.replies_tx.clone();
+        Waker(Arc::new(move || {
+            // Ignored error: the backend is gone, so nobody waits.
+            let _ = tx.send((WAKE, None));
+        }))
+    }
+
+    pub(crate) fn restart(&mut self, worker: usize) -> Result<u64> {
+        if worker >= self.workers.len() {
+            self.workers.resize_with(worker + 1, || None);
+        }
         let (requests, requests_rx) = mpsc::channel();
-        let id = self.next_id;
-        self.next_id += 1;
+        let generation = self.next_generation;
+        self.next_generation += 1;
         let link = ThreadLink {
-            id,
+            generation,
             requests: requests_rx,
             replies: self.replies_tx.clone(),
         };
@@ -79,24 +97,28 @@ impl InlineBackend {
             .map_err(|source| Error::Spawn { worker, source })?;
         // A replaced thread sees its request channel close and ends on its own.
         self.workers[worker] = Some(Worker {
-            id,
+            generation,
             requests,
             thread,
         });
-        Ok(())
+        Ok(generation)
     }
 
     /// Stops using the worker now and queues its loss. A thread cannot be killed:
     /// it sees its request channel close and ends after the chunk it is running,
-    /// and anything it still sends is ignored (its id is no longer current).
+    /// and anything it still sends is ignored (its generation is no longer current).
     pub(crate) fn kill(&mut self, worker: usize) {
-        if self.workers[worker].take().is_some() {
-            self.lost.push_back(worker);
+        if let Some(w) = self.workers.get_mut(worker).and_then(Option::take) {
+            self.lost.push_back(Event::Lost {
+                worker,
+                generation: w.generation,
+                status: Some(ExitStatus::from_raw(THREAD_LOST)),
+            });
         }
     }
 
     pub(crate) fn send(&mut self, worker: usize, frame: &mut FrameBuf) -> io::Result<()> {
-        let Some(w) = &self.workers[worker] else {
+        let Some(Some(w)) = self.workers.get(worker) else {
             return Err(io::Error::from(io::ErrorKind::NotConnected));
         };
         let body = frame.body_bytes().to_vec();
@@ -105,57 +127,80 @@ impl InlineBackend {
             .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))
     }
 
-    pub(crate) fn next_event(&mut self, _poll: bool) -> Result<Event> {
-        if let Some(worker) = self.lost.pop_front() {
-            return Ok(Event::Lost {
-                worker,
-                status: Some(ExitStatus::from_raw(THREAD_LOST)),
-            });
+    pub(crate) fn next_event(&mut self, _poll: bool, deadline: Option<Instant>) -> Result<Event> {
+        if let Some(event) = self.lost.pop_front() {
+            return Ok(event);
         }
-        let (worker, message) = loop {
-            let (id, message) = self
-                .replies
-                .recv()
-                .expect("the backend holds a reply sender, so the channel stays open");
+        loop {
+            let received = match deadline {
+                None => self.replies.recv().map_err(|_| ()),
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match self.replies.recv_timeout(left) {
+                        Ok(message) => Ok(message),
+                        Err(mpsc::RecvTimeoutError::Timeout) => return Ok(Event::TimedOut),
+                        Err(mpsc::RecvTimeoutError::Disconnected) => Err(()),
+                    }
+                }
+            };
+            let (generation, message) =
+                received.expect("the backend holds a reply sender, so the channel stays open");
+            if generation == WAKE {
+                return Ok(Event::Woken);
+            }
             let current = self
                 .workers
                 .iter()
-                .position(|w| w.as_ref().is_some_and(|w| w.id == id));
-            if let Some(worker) = current {
-                break (worker, message);
-            }
-        };
-        Ok(match message {
-            Some(body) => Event::Reply {
-                worker,
-                frame: Frame::Inline(body),
-            },
-            None => {
-                if let Some(w) = self.workers[worker].take() {
-                    // Ignored result: the thread already ended.
-                    let _ = w.thread.join();
-                }
-                Event::Lost {
+                .position(|w| w.as_ref().is_some_and(|w| w.generation == generation));
+            let Some(worker) = current else {
+                continue;
+            };
+            return Ok(match message {
+                Some(body) => Event::Reply {
                     worker,
-                    status: Some(ExitStatus::from_raw(THREAD_LOST)),
+                    generation,
+                    frame: Frame::Inline(body),
+                },
+                None => {
+                    if let Some(w) = self.workers[worker].take() {
+                        // Ignored result: the thread already ended.
+                        let _ = w.thread.join();
+                    }
+                    Event::Lost {
+                        worker,
+                        generation,
+                        status: Some(ExitStatus::from_raw(THREAD_LOST)),
+                    }
                 }
+            });
+        }
+    }
+}
+
+impl InlineBackend {
+    pub(crate) fn shutdown(&mut self) {
+        for w in self.workers.iter_mut().filter_map(Option::take) {
+            drop(w.requests);
+            // A thread still running a task cannot be stopped; it ends by itself when
+            // the task returns and it sees its channel closed. Only finished threads
+            // are joined, so dropping the pool never waits for a stuck task.
+            if w.thread.is_finished() {
+                // Ignored result: a worker thread that panicked has nothing to report.
+                let _ = w.thread.join();
             }
-        })
+        }
+        self.lost.clear();
     }
 }
 
 impl Drop for InlineBackend {
     fn drop(&mut self) {
-        for w in self.workers.iter_mut().filter_map(Option::take) {
-            drop(w.requests);
-            // Ignored result: a worker thread that panicked has nothing to report now.
-            let _ = w.thread.join();
-        }
+        self.shutdown();
     }
 }
 
 struct ThreadLink {
-    id: u64,
+    generation: u64,
     requests: mpsc::Receiver<Vec<u8>>,
     replies: mpsc::Sender<ReplyMessage>,
 }
@@ -168,7 +213,7 @@ impl Link for ThreadLink {
     fn send(&self, frame: &mut FrameBuf) -> io::Result<()> {
         let bytes = frame.body_bytes().to_vec();
         self.replies
-            .send((self.id, Some(bytes)))
+            .send((self.generation, Some(bytes)))
             .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))
     }
 }
@@ -177,6 +222,6 @@ impl Drop for ThreadLink {
     fn drop(&mut self) {
         // Tells the parent this worker has ended (normally only at pool drop, when
         // nobody listens any more).
-        let _ = self.replies.send((self.id, None));
+        let _ = self.replies.send((self.generation, None));
     }
 }

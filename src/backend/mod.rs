@@ -1,51 +1,62 @@
 //! Where workers live: separate processes (the default) or threads in this process.
 //!
-//! Both speak the same protocol; the scheduler in `par_map.rs` sees only this enum.
+//! Both speak the same protocol; the supervisor sees only this enum. Workers are
+//! numbered by slot; a slot's current process has a generation, so an event from an
+//! earlier process of a reused slot is never taken for the current one's.
 
 mod inline;
 mod process;
 
 use std::process::ExitStatus;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::error::Result;
+use crate::spawn::SpawnOptions;
 use crate::transport::{Frame, FrameBuf};
 
-pub(crate) use process::prepare_worker_process;
-
-/// Something that happened to one worker.
+/// Something that happened to one worker, or to the wait itself.
 pub(crate) enum Event {
     /// A reply frame.
-    Reply { worker: usize, frame: Frame },
+    Reply {
+        worker: usize,
+        generation: u64,
+        frame: Frame,
+    },
     /// The worker is gone (process exited, or its thread ended); it has been reaped.
     /// The status is `None` when someone else reaped it first.
     Lost {
         worker: usize,
+        generation: u64,
         status: Option<ExitStatus>,
     },
     /// The worker sent something that is not a frame; it can no longer be trusted.
-    Broken { worker: usize, reason: String },
-}
-
-impl Event {
-    pub(crate) fn worker(&self) -> usize {
-        match self {
-            Event::Reply { worker, .. }
-            | Event::Lost { worker, .. }
-            | Event::Broken { worker, .. } => *worker,
-        }
-    }
+    Broken {
+        worker: usize,
+        generation: u64,
+        reason: String,
+    },
+    /// Someone called [`Waker::wake`].
+    Woken,
+    /// The deadline passed with nothing to report.
+    TimedOut,
 }
 
 /// How workers are started.
 #[derive(Debug, Clone)]
 pub(crate) struct StartOptions {
-    pub(crate) inherit_output: bool,
+    pub(crate) spawn: SpawnOptions,
     pub(crate) start_timeout: Duration,
-    /// Another program to start instead of this executable: only for testing how
-    /// start-up failures are reported.
-    #[cfg(test)]
-    pub(crate) program: Option<std::path::PathBuf>,
+}
+
+/// Interrupts a thread waiting in [`Backend::next_event`], from any thread.
+#[derive(Clone)]
+pub(crate) struct Waker(Arc<dyn Fn() + Send + Sync>);
+
+impl Waker {
+    pub(crate) fn wake(&self) {
+        (self.0)();
+    }
 }
 
 /// The workers of one pool.
@@ -55,6 +66,7 @@ pub(crate) enum Backend {
 }
 
 impl Backend {
+    /// Starts `workers` workers in slots `0..workers`.
     pub(crate) fn start(inline: bool, workers: usize, options: StartOptions) -> Result<Self> {
         Ok(if inline {
             Backend::Inline(inline::InlineBackend::start(workers)?)
@@ -63,39 +75,34 @@ impl Backend {
         })
     }
 
-    pub(crate) fn workers(&self) -> usize {
+    /// The number of slots, live or not.
+    pub(crate) fn slots(&self) -> usize {
         match self {
-            Backend::Process(b) => b.workers(),
-            Backend::Inline(b) => b.workers(),
+            Backend::Process(b) => b.slots(),
+            Backend::Inline(b) => b.slots(),
         }
     }
 
-    pub(crate) fn is_alive(&self, worker: usize) -> bool {
+    /// The generation of the slot's current worker, `None` when it has none.
+    pub(crate) fn generation(&self, worker: usize) -> Option<u64> {
         match self {
-            Backend::Process(b) => b.is_alive(worker),
-            Backend::Inline(b) => b.is_alive(worker),
+            Backend::Process(b) => b.generation(worker),
+            Backend::Inline(b) => b.generation(worker),
         }
     }
 
-    /// Notices workers that exited while idle, so [`Backend::is_alive`] is false for
-    /// them.
-    pub(crate) fn forget_exited(&mut self) {
-        if let Backend::Process(b) = self {
-            b.forget_exited();
-        }
-    }
-
-    /// Replaces a lost worker with a fresh one.
-    pub(crate) fn restart(&mut self, worker: usize) -> Result<()> {
+    /// Starts a fresh worker in slot `worker` (which may be one past the last slot),
+    /// after forgetting any process it had; returns its generation.
+    pub(crate) fn restart(&mut self, worker: usize) -> Result<u64> {
         match self {
             Backend::Process(b) => b.restart(worker),
             Backend::Inline(b) => b.restart(worker),
         }
     }
 
-    /// Stops a worker that can no longer be trusted (a send to it failed, or it broke
-    /// the protocol) at once; [`Backend::next_event`] reports it as lost, and it is
-    /// not alive from now on.
+    /// Stops a worker at once; [`Backend::next_event`] reports it as lost, after
+    /// any reply already received from it. A thread cannot be stopped: it is
+    /// abandoned and its later messages are ignored.
     pub(crate) fn kill(&mut self, worker: usize) {
         match self {
             Backend::Process(b) => b.kill(worker),
@@ -112,21 +119,45 @@ impl Backend {
         }
     }
 
-    /// Blocks until some worker replies or is lost. Only called while at least one
-    /// live worker has a request in flight. `poll` asks to poll briefly before
-    /// blocking, when a reply is expected soon (see `transport::POLL_BEFORE_BLOCKING`).
-    pub(crate) fn next_event(&mut self, poll: bool) -> Result<Event> {
+    /// Blocks until some worker replies or is lost, the waker is called, or the
+    /// deadline passes. `poll` asks to poll briefly before blocking, when a reply is
+    /// expected soon (see `transport::POLL_BEFORE_BLOCKING`).
+    pub(crate) fn next_event(&mut self, poll: bool, deadline: Option<Instant>) -> Result<Event> {
         match self {
-            Backend::Process(b) => b.next_event(poll),
-            Backend::Inline(b) => b.next_event(poll),
+            Backend::Process(b) => b.next_event(poll, deadline),
+            Backend::Inline(b) => b.next_event(poll, deadline),
         }
     }
 
-    /// Process ids of the workers (`None` for a lost one); empty for threads.
+    /// What interrupts [`Backend::next_event`] from another thread.
+    pub(crate) fn waker(&self) -> Waker {
+        match self {
+            Backend::Process(b) => b.waker(),
+            Backend::Inline(b) => b.waker(),
+        }
+    }
+
+    /// Process ids of the workers by slot (`None` for an empty slot); empty for
+    /// threads.
     pub(crate) fn pids(&self) -> Vec<Option<u32>> {
         match self {
             Backend::Process(b) => b.pids(),
             Backend::Inline(_) => Vec::new(),
         }
+    }
+
+    /// Stops every worker now: closes their channels, gives each a moment to exit
+    /// and kills the rest, and reaps them. Nothing is reported as lost.
+    pub(crate) fn shutdown(&mut self) {
+        match self {
+            Backend::Process(b) => b.shutdown(),
+            Backend::Inline(b) => b.shutdown(),
+        }
+    }
+
+    /// Whether a lost worker can really be stopped (processes) or only abandoned
+    /// (threads).
+    pub(crate) fn can_kill(&self) -> bool {
+        matches!(self, Backend::Process(_))
     }
 }

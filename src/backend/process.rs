@@ -2,21 +2,20 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::os::unix::process::CommandExt as _;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::process::Child;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use ipc_channel::TrySelectError;
-use ipc_channel::ipc::{IpcReceiverSet, IpcSelectionResult};
+use ipc_channel::ipc::{self, IpcReceiverSet, IpcSelectionResult, IpcSender};
 
-use super::{Event, StartOptions};
+use super::{Event, StartOptions, Waker};
 use crate::error::{Error, Result};
+use crate::spawn::{self, START_FAILED, reap};
 use crate::task;
 use crate::transport::{FrameBuf, Listener, ParentLink, RawFrame, poll_before_blocking};
-use crate::worker::{START_FAILED, WORKER_ARG, WORKER_ENV};
 
 /// How long a worker gets to exit after its channels close before it is killed.
 const EXIT_GRACE: Duration = Duration::from_secs(1);
@@ -26,100 +25,125 @@ struct Slot {
     link: ParentLink,
     /// Its reply receiver's id in the receiver set.
     id: u64,
+    generation: u64,
 }
 
 pub(crate) struct ProcessBackend {
     slots: Vec<Option<Slot>>,
     replies: IpcReceiverSet,
-    /// Receiver-set id to worker index.
-    ids: HashMap<u64, usize>,
+    /// Receiver-set id to worker slot and generation.
+    ids: HashMap<u64, (usize, u64)>,
     pending: VecDeque<Event>,
     options: StartOptions,
+    next_generation: u64,
+    /// The receiver-set id of the wake-up channel.
+    wake_id: u64,
+    wake: Arc<WakeChannel>,
+}
+
+/// The sending side of the wake-up channel. A wake-up already queued and not yet
+/// seen is not sent again, so a burst of submissions costs one message.
+struct WakeChannel {
+    sender: Mutex<IpcSender<()>>,
+    queued: AtomicBool,
 }
 
 impl ProcessBackend {
     pub(crate) fn start(workers: usize, options: StartOptions) -> Result<Self> {
+        let setup = |source| Error::Spawn { worker: 0, source };
+        let mut replies = IpcReceiverSet::new().map_err(setup)?;
+        let (wake_tx, wake_rx) = ipc::channel::<()>().map_err(setup)?;
+        let wake_id = replies.add(wake_rx).map_err(setup)?;
         let mut backend = Self {
             slots: (0..workers).map(|_| None).collect(),
-            replies: IpcReceiverSet::new().map_err(|source| Error::Spawn { worker: 0, source })?,
+            replies,
             ids: HashMap::new(),
             pending: VecDeque::new(),
             options,
+            next_generation: 1,
+            wake_id,
+            wake: Arc::new(WakeChannel {
+                sender: Mutex::new(wake_tx),
+                queued: AtomicBool::new(false),
+            }),
         };
         let all: Vec<usize> = (0..workers).collect();
         backend.start_slots(&all)?;
         Ok(backend)
     }
 
-    pub(crate) fn workers(&self) -> usize {
+    pub(crate) fn slots(&self) -> usize {
         self.slots.len()
     }
 
-    pub(crate) fn is_alive(&self, worker: usize) -> bool {
-        self.slots[worker].is_some()
+    pub(crate) fn generation(&self, worker: usize) -> Option<u64> {
+        self.slots.get(worker)?.as_ref().map(|s| s.generation)
     }
 
     pub(crate) fn pids(&self) -> Vec<Option<u32>> {
         self.slots
             .iter()
-            .map(|s| s.as_ref().map(|s| s.link.pid))
+            .map(|s| s.as_ref().map(|s| s.child.id()))
             .collect()
     }
 
-    pub(crate) fn restart(&mut self, worker: usize) -> Result<()> {
+    pub(crate) fn waker(&self) -> Waker {
+        let wake = Arc::clone(&self.wake);
+        Waker(Arc::new(move || {
+            if !wake.queued.swap(true, Ordering::AcqRel) {
+                // Ignored error: the pool is being dropped and nobody waits any more.
+                let _ = wake
+                    .sender
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .send(());
+            }
+        }))
+    }
+
+    pub(crate) fn restart(&mut self, worker: usize) -> Result<u64> {
+        if worker >= self.slots.len() {
+            self.slots.resize_with(worker + 1, || None);
+        }
         if let Some(slot) = self.slots[worker].take() {
-            // Forget the old process entirely, so nothing it sent or its channel's
-            // close is taken for the new one.
+            // Forget the old process entirely: its queued events carry its
+            // generation, and nothing it sends later is read.
             self.ids.remove(&slot.id);
             reap(slot.child, Duration::ZERO);
         }
-        self.pending.retain(|event| event.worker() != worker);
-        self.start_slots(&[worker])
+        self.start_slots(&[worker])?;
+        Ok(self.generation(worker).expect("the slot was just started"))
     }
 
-    /// Forgets workers that have exited since the last look (between calls), so the
-    /// next call replaces them before sending them anything.
-    pub(crate) fn forget_exited(&mut self) {
-        for worker in 0..self.slots.len() {
-            let exited = self.slots[worker]
-                .as_mut()
-                .is_some_and(|slot| !matches!(slot.child.try_wait(), Ok(None)));
-            if exited && let Some(slot) = self.slots[worker].take() {
-                self.ids.remove(&slot.id);
-                reap(slot.child, Duration::ZERO);
-                self.pending.retain(|event| event.worker() != worker);
-            }
-        }
-    }
-
-    /// Kills and reaps the worker now and queues its loss, so neither this call nor
-    /// the next one can send it anything more.
+    /// Kills and reaps the worker now and queues its loss, after any reply already
+    /// received from it, so neither this job nor the next can send it anything more.
     pub(crate) fn kill(&mut self, worker: usize) {
-        if let Some(slot) = self.slots[worker].take() {
+        if let Some(slot) = self.slots.get_mut(worker).and_then(Option::take) {
             self.ids.remove(&slot.id);
-            self.pending.retain(|event| event.worker() != worker);
             let status = reap(slot.child, Duration::ZERO);
-            self.pending.push_back(Event::Lost { worker, status });
+            self.pending.push_back(Event::Lost {
+                worker,
+                generation: slot.generation,
+                status,
+            });
         }
     }
 
     pub(crate) fn send(&mut self, worker: usize, frame: &mut FrameBuf) -> io::Result<()> {
-        match &self.slots[worker] {
-            Some(slot) => slot.link.send(frame),
-            None => Err(io::Error::from(io::ErrorKind::NotConnected)),
+        match self.slots.get(worker) {
+            Some(Some(slot)) => retry_interrupted(|| slot.link.send(frame)),
+            _ => Err(io::Error::from(io::ErrorKind::NotConnected)),
         }
     }
 
-    pub(crate) fn next_event(&mut self, poll: bool) -> Result<Event> {
+    pub(crate) fn next_event(&mut self, poll: bool, deadline: Option<Instant>) -> Result<Event> {
         loop {
             if let Some(event) = self.pending.pop_front() {
                 return Ok(event);
             }
-            if self.slots.iter().all(Option::is_none) {
-                return Err(Error::Transport {
-                    worker: None,
-                    source: io::Error::new(io::ErrorKind::NotConnected, "no live worker"),
-                });
+            self.reap_exited();
+            if !self.pending.is_empty() {
+                continue;
             }
             let polled = poll
                 .then(|| {
@@ -130,20 +154,46 @@ impl ProcessBackend {
                     })
                 })
                 .flatten();
-            let results = polled
-                .unwrap_or_else(|| self.replies.select())
-                .map_err(|source| Error::Transport {
-                    worker: None,
-                    source,
-                })?;
+            let results = match polled {
+                Some(results) => results,
+                None => match deadline {
+                    None => self.replies.select(),
+                    Some(deadline) => {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        match self.replies.try_select_timeout(left) {
+                            Ok(results) => Ok(results),
+                            Err(TrySelectError::Empty) => return Ok(Event::TimedOut),
+                            Err(TrySelectError::IoError(e)) => Err(e),
+                        }
+                    }
+                },
+            };
+            let results = match results {
+                Ok(results) => results,
+                // A signal handler installed without SA_RESTART interrupted the wait.
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => {
+                    return Err(Error::Transport {
+                        worker: None,
+                        source,
+                    });
+                }
+            };
             let mut closed = Vec::new();
             for result in results {
                 match result {
+                    IpcSelectionResult::MessageReceived(id, _) if id == self.wake_id => {
+                        self.wake.queued.store(false, Ordering::Release);
+                        self.pending.push_back(Event::Woken);
+                    }
                     IpcSelectionResult::MessageReceived(id, message) => {
-                        let Some(&worker) = self.ids.get(&id) else {
+                        let Some(&(worker, generation)) = self.ids.get(&id) else {
                             continue;
                         };
-                        let Some(slot) = &self.slots[worker] else {
+                        let Some(slot) = self.slots[worker]
+                            .as_ref()
+                            .filter(|s| s.generation == generation)
+                        else {
                             continue;
                         };
                         let opened = match message.to::<RawFrame>() {
@@ -151,8 +201,16 @@ impl ProcessBackend {
                             Err(e) => Err(e.to_string()),
                         };
                         let event = match opened {
-                            Ok(frame) => Event::Reply { worker, frame },
-                            Err(reason) => Event::Broken { worker, reason },
+                            Ok(frame) => Event::Reply {
+                                worker,
+                                generation,
+                                frame,
+                            },
+                            Err(reason) => Event::Broken {
+                                worker,
+                                generation,
+                                reason,
+                            },
                         };
                         self.pending.push_back(event);
                     }
@@ -161,13 +219,39 @@ impl ProcessBackend {
             }
             // Replies first: a worker may answer and then die in the same wake-up.
             for id in closed {
-                let Some(worker) = self.ids.remove(&id) else {
+                let Some((worker, generation)) = self.ids.remove(&id) else {
                     continue;
                 };
-                if let Some(slot) = self.slots[worker].take() {
+                let current = self.slots[worker]
+                    .as_ref()
+                    .is_some_and(|s| s.generation == generation);
+                if current && let Some(slot) = self.slots[worker].take() {
                     let status = reap(slot.child, EXIT_GRACE);
-                    self.pending.push_back(Event::Lost { worker, status });
+                    self.pending.push_back(Event::Lost {
+                        worker,
+                        generation,
+                        status,
+                    });
                 }
+            }
+        }
+    }
+
+    /// Queues the loss of workers whose process has exited but whose channel has
+    /// not closed (a process it started still holds the channel's descriptors).
+    fn reap_exited(&mut self) {
+        for worker in 0..self.slots.len() {
+            let exited = self.slots[worker]
+                .as_mut()
+                .is_some_and(|slot| !matches!(slot.child.try_wait(), Ok(None)));
+            if exited && let Some(slot) = self.slots[worker].take() {
+                self.ids.remove(&slot.id);
+                let status = reap(slot.child, Duration::ZERO);
+                self.pending.push_back(Event::Lost {
+                    worker,
+                    generation: slot.generation,
+                    status,
+                });
             }
         }
     }
@@ -181,23 +265,22 @@ impl ProcessBackend {
         // while this thread waits.
         let mut launched = Vec::new();
         for &worker in workers {
-            match launch(worker, &self.options) {
+            let launched_one = Listener::new().and_then(|listener| {
+                let spawned = spawn::launch(worker, listener.name(), &self.options.spawn)?;
+                Ok((listener, spawned))
+            });
+            match launched_one {
                 Ok(launch) => launched.push((worker, launch)),
-                Err(e) => {
-                    failure = Some(e);
+                Err(source) => {
+                    failure = Some(Error::Spawn { worker, source });
                     break;
                 }
             }
         }
         for (worker, (listener, spawned)) in launched {
-            let child = match spawned.recv() {
-                Ok(Ok(child)) => child,
-                Ok(Err(source)) => {
-                    failure.get_or_insert(Error::Spawn { worker, source });
-                    continue;
-                }
-                Err(_) => {
-                    let source = io::Error::other("the spawner thread stopped");
+            let child = match spawn::wait_spawned(&spawned, self.options.start_timeout) {
+                Ok(child) => child,
+                Err(source) => {
                     failure.get_or_insert(Error::Spawn { worker, source });
                     continue;
                 }
@@ -297,6 +380,18 @@ impl ProcessBackend {
             let child = s.child.expect("every starting worker has its child");
             match s.link {
                 Some((link, replies)) if failure.is_none() => {
+                    if link.pid != child.id() {
+                        failure = Some(Error::Handshake {
+                            worker: s.worker,
+                            reason: format!(
+                                "it announced pid {} but the process started was {}",
+                                link.pid,
+                                child.id()
+                            ),
+                        });
+                        reap(child, Duration::ZERO);
+                        continue;
+                    }
                     if link.fingerprint != fingerprint {
                         failure = Some(Error::Handshake {
                             worker: s.worker,
@@ -307,8 +402,15 @@ impl ProcessBackend {
                     }
                     match self.replies.add(replies) {
                         Ok(id) => {
-                            self.ids.insert(id, s.worker);
-                            self.slots[s.worker] = Some(Slot { child, link, id });
+                            let generation = self.next_generation;
+                            self.next_generation += 1;
+                            self.ids.insert(id, (s.worker, generation));
+                            self.slots[s.worker] = Some(Slot {
+                                child,
+                                link,
+                                id,
+                                generation,
+                            });
                         }
                         Err(source) => {
                             failure = Some(Error::Transport {
@@ -340,19 +442,27 @@ impl ProcessBackend {
     }
 }
 
-impl Drop for ProcessBackend {
-    fn drop(&mut self) {
+impl ProcessBackend {
+    pub(crate) fn shutdown(&mut self) {
         // Closing the request channels tells each worker to exit.
-        let children: Vec<Child> = self
-            .slots
-            .iter_mut()
-            .filter_map(Option::take)
-            .map(|slot| slot.child)
-            .collect();
+        let slots: Vec<Slot> = self.slots.iter_mut().filter_map(Option::take).collect();
+        let mut children = Vec::with_capacity(slots.len());
+        for slot in slots {
+            self.ids.remove(&slot.id);
+            drop(slot.link);
+            children.push(slot.child);
+        }
         let deadline = Instant::now() + EXIT_GRACE;
         for child in children {
             reap(child, deadline.saturating_duration_since(Instant::now()));
         }
+        self.pending.clear();
+    }
+}
+
+impl Drop for ProcessBackend {
+    fn drop(&mut self) {
+        self.shutdown();
     }
 }
 
@@ -367,151 +477,34 @@ struct Starting {
     aborted: bool,
 }
 
-/// Waits up to `grace` for the child to exit, then kills it; always reaps it.
-///
-/// `None` when the status cannot be had: someone else reaped the child (a
-/// `waitpid(-1)` elsewhere in the program, or `SIGCHLD` set to be ignored).
-fn reap(mut child: Child, grace: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + grace;
-    let mut pause = Duration::from_micros(50);
+/// Calls `f` again while it fails with `EINTR`: a signal handler installed
+/// without `SA_RESTART` interrupted it before anything was done.
+fn retry_interrupted<R>(mut f: impl FnMut() -> io::Result<R>) -> io::Result<R> {
     loop {
-        match child.try_wait() {
-            Ok(Some(status)) => return Some(status),
-            Ok(None) if Instant::now() < deadline => {
-                thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(10));
-            }
-            Ok(None) => break,
-            Err(_) => return None,
+        match f() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            other => return other,
         }
     }
-    // Ignored error: the child exited between try_wait and kill.
-    let _ = child.kill();
-    child.wait().ok()
-}
-
-/// A worker's listener and the answer to its spawn request.
-type Launch = (Listener, mpsc::Receiver<io::Result<Child>>);
-
-/// Opens one worker's listener and asks a spawner thread to start its process.
-fn launch(worker: usize, options: &StartOptions) -> Result<Launch> {
-    let listener = Listener::new().map_err(|source| Error::Spawn { worker, source })?;
-    let parent = std::process::id();
-    // `/proc/self/exe` is this very executable even if its file was replaced since.
-    let exe = if cfg!(target_os = "linux") {
-        std::path::PathBuf::from("/proc/self/exe")
-    } else {
-        std::env::current_exe().map_err(|source| Error::Spawn { worker, source })?
-    };
-    #[cfg(test)]
-    let exe = options.program.clone().unwrap_or(exe);
-    let mut command = Command::new(exe);
-    if let Some(arg0) = std::env::args_os().next() {
-        command.arg0(arg0);
-    }
-    command
-        .arg(format!("{WORKER_ARG}{worker}:{parent}:{}", listener.name()))
-        .env(WORKER_ENV, "1")
-        .stdin(Stdio::null());
-    if !options.inherit_output {
-        command.stdout(Stdio::null()).stderr(Stdio::null());
-    }
-    let spawned =
-        spawn_from_owner_thread(command).map_err(|source| Error::Spawn { worker, source })?;
-    Ok((listener, spawned))
-}
-
-/// Asks the kernel to kill this worker process when its parent dies, ignores
-/// SIGPIPE, then checks that the parent has not died already. Called first thing in
-/// a worker.
-///
-/// Setting it in the worker rather than between fork and exec lets the parent spawn
-/// with `posix_spawn` (no `pre_exec` hook), which on a large parent is several times
-/// faster than `fork`. The signal is tied to the thread that spawned the worker, one
-/// of the spawner threads below, which live as long as the process.
-pub(crate) fn prepare_worker_process(parent: u32) -> io::Result<()> {
-    #[cfg(target_os = "linux")]
-    {
-        // SAFETY: `prctl(PR_SET_PDEATHSIG, SIGKILL)` only sets a flag on this process;
-        // it reads and writes no memory of ours.
-        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    // SAFETY: setting the disposition of SIGPIPE to "ignore" installs no handler code.
-    // A worker started from the test-support constructor runs before Rust's runtime
-    // would have done the same, and a task writing to a closed pipe should get an
-    // error, not kill its worker.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
-    }
-    // The parent may have died before the flag was set: then nobody waits for us.
-    if std::os::unix::process::parent_id() != parent {
-        return Err(io::Error::other(
-            "the parent exited while this worker started",
-        ));
-    }
-    Ok(())
-}
-
-/// Long-lived threads that spawn workers, so several can start at once.
-const SPAWNER_THREADS: usize = 4;
-
-/// Asks one of a few long-lived threads to spawn `command`; the answer arrives on
-/// the returned channel.
-///
-/// Linux delivers the parent-death signal when the *thread* that spawned a child
-/// exits, not the process, so workers must never be spawned from a thread that may
-/// end first (a test thread, a scoped thread, a rayon worker). `posix_spawn` blocks
-/// its thread until the child has called `exec`, hence more than one such thread.
-fn spawn_from_owner_thread(command: Command) -> io::Result<mpsc::Receiver<io::Result<Child>>> {
-    type Job = (Command, mpsc::Sender<io::Result<Child>>);
-    static OWNERS: OnceLock<io::Result<mpsc::Sender<Job>>> = OnceLock::new();
-    let owners = OWNERS.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<Job>();
-        let jobs = Arc::new(Mutex::new(rx));
-        for i in 0..SPAWNER_THREADS {
-            let jobs = Arc::clone(&jobs);
-            thread::Builder::new()
-                .name(format!("multiproc-spawner-{i}"))
-                .spawn(move || {
-                    loop {
-                        let job = jobs.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                        let Ok((mut command, reply)) = job else {
-                            return;
-                        };
-                        // The requester may have given up; nothing else to do then.
-                        let _ = reply.send(command.spawn());
-                    }
-                })?;
-        }
-        Ok(tx)
-    });
-    let owners = owners
-        .as_ref()
-        .map_err(|e| io::Error::new(e.kind(), format!("spawner thread: {e}")))?;
-    let (reply_tx, reply_rx) = mpsc::channel();
-    owners
-        .send((command, reply_tx))
-        .map_err(|_| io::Error::other("spawner threads have stopped"))?;
-    Ok(reply_rx)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn options(program: &str) -> StartOptions {
+    fn options(program: Option<&str>) -> StartOptions {
         StartOptions {
-            inherit_output: false,
+            spawn: spawn::SpawnOptions {
+                inherit_output: false,
+                program: program.map(Into::into),
+            },
             start_timeout: Duration::from_secs(10),
-            program: Some(program.into()),
         }
     }
 
     #[test]
     fn a_worker_that_exits_before_connecting_fails_the_start_with_a_hint() {
-        let err = ProcessBackend::start(2, options("/bin/true"))
+        let err = ProcessBackend::start(2, options(Some("/bin/true")))
             .err()
             .expect("no hello");
         let Error::Handshake { reason, .. } = &err else {
@@ -523,7 +516,7 @@ mod tests {
 
     #[test]
     fn a_program_that_cannot_be_started_is_a_spawn_error() {
-        let err = ProcessBackend::start(1, options("/nonexistent/program"))
+        let err = ProcessBackend::start(1, options(Some("/nonexistent/program")))
             .err()
             .expect("no such program");
         assert!(matches!(err, Error::Spawn { worker: 0, .. }), "{err:?}");
@@ -531,14 +524,7 @@ mod tests {
 
     #[test]
     fn workers_start_and_stop_cleanly() {
-        let backend = ProcessBackend::start(
-            2,
-            StartOptions {
-                program: None,
-                ..options("")
-            },
-        )
-        .expect("workers start");
+        let backend = ProcessBackend::start(2, options(None)).expect("workers start");
         let pids: Vec<u32> = backend.pids().into_iter().flatten().collect();
         assert_eq!(pids.len(), 2);
         drop(backend);

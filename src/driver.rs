@@ -1,0 +1,426 @@
+//! Who drives the scheduler: the thread that waits, or the pool thread while
+//! asynchronous work is pending; and the thread that runs callbacks.
+//!
+//! Holding the engine means driving it: dispatching chunks and waiting for replies.
+//! A blocking call on an idle pool takes the engine on its own thread, so its round
+//! trip involves no hand-off to another thread (waking a sleeping thread costs
+//! 80-150 us on this kind of virtual machine, far more than the round trip). Other
+//! threads submit work to an inbox and wake the driver through the backend's waker.
+//! A pool thread drives only while asynchronous work (handles, `imap` chunks in
+//! flight) is pending and nobody else drives. Callbacks run on one more thread, in
+//! completion order, never inside the scheduler.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
+use std::thread;
+use std::time::Instant;
+
+use crate::backend::Waker;
+use crate::error::{Error, Result};
+use crate::scheduler::{Drive, Engine, Hooks, Local, Submission};
+
+/// A piece of work for the callback thread.
+pub(crate) type Callback = Box<dyn FnOnce() + Send>;
+
+/// The state threads share, behind one short-held lock.
+struct Board {
+    inbox: Vec<Submission>,
+    /// A thread holds the engine (or is about to).
+    busy: bool,
+    /// The last driver left work in flight or waiting to be sent.
+    outstanding: bool,
+    /// No more submissions (`close`, `terminate`, `join`, or the pool's drop).
+    closed: bool,
+    /// The background thread has been started.
+    background: bool,
+}
+
+/// Everything a pool's threads and handles share.
+pub(crate) struct Core {
+    engine: Mutex<Engine>,
+    board: Mutex<Board>,
+    changed: Condvar,
+    waker: Waker,
+    /// Blocking callers waiting for the engine: a background driver gives it up.
+    want_engine: AtomicUsize,
+    inbox_queued: AtomicBool,
+    terminating: AtomicBool,
+    shutdown: AtomicBool,
+    /// Asynchronous results submitted and not yet completed (callbacks included).
+    pending: AtomicUsize,
+    callbacks: Mutex<Option<mpsc::Sender<Callback>>>,
+}
+
+thread_local! {
+    /// The cores whose engine this thread holds: a call that needs the same engine
+    /// again (from an input iterator, `Serialize`, or a reduce run by the driver)
+    /// would wait for itself.
+    static DRIVING: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The engine, held by this thread; releasing it lets another thread drive.
+pub(crate) struct Driving<'c> {
+    core: &'c Core,
+    engine: Option<MutexGuard<'c, Engine>>,
+    id: usize,
+    /// The last drive found nothing to do: do not hand the engine to the
+    /// background thread on account of this driver.
+    idle: bool,
+}
+
+impl Driving<'_> {
+    pub(crate) fn engine(&mut self) -> &mut Engine {
+        self.engine.as_mut().expect("held until drop")
+    }
+
+    /// Drives until `until` holds, the deadline passes, or nothing more can happen.
+    pub(crate) fn drive(
+        &mut self,
+        local: Option<&mut Local<'_>>,
+        until: &mut dyn FnMut(&Engine) -> bool,
+        deadline: Option<Instant>,
+    ) -> Result<Drive> {
+        let core = self.core;
+        let result = self.engine().drive(core, local, until, deadline);
+        self.idle = matches!(result, Ok(Drive::Idle));
+        result
+    }
+}
+
+impl Drop for Driving<'_> {
+    fn drop(&mut self) {
+        let outstanding = {
+            let engine = self.engine.take().expect("held until drop");
+            let outstanding = !self.idle && engine.outstanding();
+            drop(engine);
+            outstanding
+        };
+        DRIVING.with(|d| {
+            let mut d = d.borrow_mut();
+            if let Some(at) = d.iter().rposition(|&id| id == self.id) {
+                d.remove(at);
+            }
+        });
+        let mut board = self.core.lock_board();
+        board.busy = false;
+        board.outstanding = outstanding;
+        drop(board);
+        self.core.changed.notify_all();
+    }
+}
+
+impl Core {
+    pub(crate) fn new(engine: Engine) -> Arc<Self> {
+        let waker = engine.workers.backend.waker();
+        Arc::new(Self {
+            engine: Mutex::new(engine),
+            board: Mutex::new(Board {
+                inbox: Vec::new(),
+                busy: false,
+                outstanding: false,
+                closed: false,
+                background: false,
+            }),
+            changed: Condvar::new(),
+            waker,
+            want_engine: AtomicUsize::new(0),
+            inbox_queued: AtomicBool::new(false),
+            terminating: AtomicBool::new(false),
+            shutdown: AtomicBool::new(false),
+            pending: AtomicUsize::new(0),
+            callbacks: Mutex::new(None),
+        })
+    }
+
+    fn lock_board(&self) -> MutexGuard<'_, Board> {
+        self.board.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn id(&self) -> usize {
+        std::ptr::from_ref(self) as usize
+    }
+
+    fn drives_here(&self) -> bool {
+        let id = self.id();
+        DRIVING.with(|d| d.borrow().contains(&id))
+    }
+
+    fn hold(&self) -> Driving<'_> {
+        let id = self.id();
+        DRIVING.with(|d| d.borrow_mut().push(id));
+        // The engine lock is never contended: `busy` on the board hands it over.
+        // A panic in user code run by a driver (an input iterator, a reduce)
+        // poisons it; the engine's state is still consistent between events.
+        let engine = self.engine.lock().unwrap_or_else(|p| p.into_inner());
+        Driving {
+            core: self,
+            engine: Some(engine),
+            id,
+            idle: false,
+        }
+    }
+
+    /// Takes the engine, waiting for the thread that drives it to hand it over.
+    pub(crate) fn lock_engine(&self) -> Result<Driving<'_>> {
+        if self.drives_here() {
+            return Err(Error::NestedCall);
+        }
+        let mut board = self.lock_board();
+        if board.busy {
+            self.want_engine.fetch_add(1, Ordering::SeqCst);
+            self.waker.wake();
+            while board.busy {
+                board = self.changed.wait(board).unwrap_or_else(|p| p.into_inner());
+            }
+            self.want_engine.fetch_sub(1, Ordering::SeqCst);
+        }
+        board.busy = true;
+        drop(board);
+        Ok(self.hold())
+    }
+
+    /// Like [`Core::lock_engine`], for calls that start work: fails once the pool is
+    /// closed.
+    pub(crate) fn lock_open_engine(&self) -> Result<Driving<'_>> {
+        let driving = self.lock_engine()?;
+        if self.terminating.load(Ordering::SeqCst) {
+            return Err(Error::Terminated);
+        }
+        if self.lock_board().closed {
+            return Err(Error::PoolClosed);
+        }
+        Ok(driving)
+    }
+
+    /// Waits until `ready()` holds or the deadline passes, driving the engine
+    /// whenever no other thread does. `ready` is called with the board locked, and
+    /// whatever makes it true calls [`Core::notify`] afterwards. Returns whether it
+    /// holds.
+    pub(crate) fn wait_until(
+        &self,
+        ready: &dyn Fn() -> bool,
+        deadline: Option<Instant>,
+    ) -> Result<bool> {
+        loop {
+            if ready() {
+                return Ok(true);
+            }
+            let mut board = self.lock_board();
+            if !board.busy && self.want_engine.load(Ordering::SeqCst) == 0 {
+                if self.drives_here() {
+                    return Err(Error::NestedCall);
+                }
+                board.busy = true;
+                drop(board);
+                let mut driving = self.hold();
+                // A blocking call that wants the engine gets it: it serves every
+                // job, this one's too.
+                let mut until = |_: &Engine| ready() || self.want_engine.load(Ordering::SeqCst) > 0;
+                let outcome = driving.drive(None, &mut until, deadline);
+                drop(driving);
+                match outcome? {
+                    Drive::Satisfied if ready() => return Ok(true),
+                    Drive::Satisfied => {}
+                    Drive::TimedOut => return Ok(ready()),
+                    Drive::Idle => {
+                        // Nothing in flight: what `ready` waits for happens on
+                        // another thread (a callback) or after a new submission.
+                        let board = self.lock_board();
+                        if ready() || !board.inbox.is_empty() {
+                            continue;
+                        }
+                        if !self.wait_changed(board, deadline) {
+                            return Ok(ready());
+                        }
+                    }
+                }
+                continue;
+            }
+            if !self.wait_changed(board, deadline) {
+                return Ok(ready());
+            }
+        }
+    }
+
+    /// Waits for a notification; false when the deadline passed first.
+    fn wait_changed(&self, board: MutexGuard<'_, Board>, deadline: Option<Instant>) -> bool {
+        match deadline {
+            None => {
+                drop(self.changed.wait(board).unwrap_or_else(|p| p.into_inner()));
+                true
+            }
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return false;
+                }
+                let (_board, result) = self
+                    .changed
+                    .wait_timeout(board, left)
+                    .unwrap_or_else(|p| p.into_inner());
+                !result.timed_out()
+            }
+        }
+    }
+
+    /// Wakes every waiting thread: something completed.
+    pub(crate) fn notify(&self) {
+        drop(self.lock_board());
+        self.changed.notify_all();
+    }
+
+    /// Queues asynchronous work. `pending` counts the results it will complete.
+    pub(crate) fn submit(self: &Arc<Self>, submission: Submission, pending: usize) -> Result<()> {
+        if self.terminating.load(Ordering::SeqCst) {
+            return Err(Error::Terminated);
+        }
+        let mut board = self.lock_board();
+        if board.closed {
+            return Err(Error::PoolClosed);
+        }
+        self.pending.fetch_add(pending, Ordering::SeqCst);
+        board.inbox.push(submission);
+        self.inbox_queued.store(true, Ordering::SeqCst);
+        let busy = board.busy;
+        let start_background = !std::mem::replace(&mut board.background, true);
+        drop(board);
+        if start_background {
+            self.start_background();
+        }
+        if busy {
+            self.waker.wake();
+        } else {
+            self.changed.notify_all();
+        }
+        Ok(())
+    }
+
+    /// One asynchronous result completed (after its callbacks).
+    pub(crate) fn completed_one(&self) {
+        self.pending.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Asynchronous results not yet completed.
+    pub(crate) fn pending(&self) -> usize {
+        self.pending.load(Ordering::SeqCst)
+    }
+
+    /// Runs `callback` on the pool's callback thread, after those queued before it.
+    pub(crate) fn run_callback(&self, callback: Callback) {
+        let mut slot = self.callbacks.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            let (tx, rx) = mpsc::channel::<Callback>();
+            let started = thread::Builder::new()
+                .name("multiproc-callbacks".into())
+                .spawn(move || {
+                    for callback in rx {
+                        callback();
+                    }
+                });
+            match started {
+                Ok(_) => *slot = Some(tx),
+                // No thread to run it on: run it here, so the result is not lost.
+                Err(_) => return callback(),
+            }
+        }
+        if let Err(mpsc::SendError(callback)) = slot.as_ref().expect("set above").send(callback) {
+            // The callback thread is gone (it never ends before the pool): run it here.
+            callback();
+        }
+    }
+
+    fn start_background(self: &Arc<Self>) {
+        let core = Arc::clone(self);
+        let started = thread::Builder::new()
+            .name("multiproc-pool".into())
+            .spawn(move || core.background());
+        if started.is_err() {
+            // Without the thread, asynchronous work still moves whenever a caller
+            // waits on a handle (waiters drive); mark it so a later submission tries
+            // again.
+            self.lock_board().background = false;
+        }
+    }
+
+    /// The pool thread: drives while asynchronous work is pending and nobody else
+    /// drives.
+    fn background(&self) {
+        loop {
+            let mut board = self.lock_board();
+            loop {
+                if self.shutdown.load(Ordering::SeqCst) {
+                    return;
+                }
+                let work = board.outstanding
+                    || !board.inbox.is_empty()
+                    || self.terminating.load(Ordering::SeqCst);
+                if !board.busy && work && self.want_engine.load(Ordering::SeqCst) == 0 {
+                    break;
+                }
+                board = self.changed.wait(board).unwrap_or_else(|p| p.into_inner());
+            }
+            board.busy = true;
+            drop(board);
+            let mut driving = self.hold();
+            let mut until = |_: &Engine| {
+                self.want_engine.load(Ordering::SeqCst) > 0 || self.shutdown.load(Ordering::SeqCst)
+            };
+            // An error has been given to every job already.
+            let _ = driving.drive(None, &mut until, None);
+        }
+    }
+
+    /// Marks the pool closed: submissions fail from now on.
+    pub(crate) fn close(&self) {
+        self.lock_board().closed = true;
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.lock_board().closed
+    }
+
+    /// Asks whoever drives to terminate every job and stop the workers, and does it
+    /// when nobody drives.
+    pub(crate) fn terminate(&self) -> Result<()> {
+        self.terminating.store(true, Ordering::SeqCst);
+        self.close();
+        self.waker.wake();
+        self.changed.notify_all();
+        let mut driving = self.lock_engine()?;
+        let engine = driving.engine();
+        if !engine.terminated {
+            engine.terminate();
+        }
+        engine.workers.backend.shutdown();
+        drop(driving);
+        self.notify();
+        Ok(())
+    }
+
+    /// Stops the pool thread (the pool is being dropped).
+    pub(crate) fn stop_background(&self) {
+        self.shutdown.store(true, Ordering::SeqCst);
+        self.waker.wake();
+        self.changed.notify_all();
+    }
+}
+
+impl Hooks for Core {
+    fn take_inbox(&self) -> Vec<Submission> {
+        if !self.inbox_queued.load(Ordering::SeqCst) {
+            return Vec::new();
+        }
+        let mut board = self.lock_board();
+        self.inbox_queued.store(false, Ordering::SeqCst);
+        std::mem::take(&mut board.inbox)
+    }
+
+    fn terminating(&self) -> bool {
+        self.terminating.load(Ordering::SeqCst)
+    }
+
+    fn notify(&self) {
+        Core::notify(self);
+    }
+}

@@ -1,0 +1,327 @@
+//! One job: its source of chunks and its sink of replies.
+//!
+//! Every `map`, `map_reduce`, `imap`, `map_async` and stream of `apply_async`
+//! submissions is a job in the pool's job table. A job's source encodes items into
+//! chunk frames; its sink takes each chunk's reply payload. The source and the sink
+//! either live in the job record (owned, `Send`, served by whichever thread drives
+//! the scheduler) or are lent by the caller for as long as it drives (a blocking
+//! `map` borrows the caller's iterator and result vector; an `imap` lends its
+//! iterator only inside `next`).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::{Deref, Range};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::chunker::Sizer;
+use crate::codec;
+use crate::error::{Error, Result};
+use crate::protocol::TaskRef;
+use crate::transport::{Frame, FrameBuf};
+
+/// A job's number in its pool; jobs are served in the order of their ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct JobId(pub(crate) u64);
+
+/// A chunk's reply payload, borrowed from the frame it arrived in.
+pub(crate) struct Payload {
+    frame: Frame,
+    len: usize,
+}
+
+impl Payload {
+    pub(crate) fn new(frame: Frame, len: usize) -> Self {
+        Self { frame, len }
+    }
+}
+
+impl Deref for Payload {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.frame[..self.len]
+    }
+}
+
+/// What [`Source::fill`] put in a chunk.
+pub(crate) struct Filled {
+    /// Items encoded.
+    pub(crate) count: usize,
+    /// The source has no more items.
+    pub(crate) exhausted: bool,
+}
+
+/// Where a job's items come from.
+pub(crate) trait Source {
+    /// Appends up to `max_items` encoded items to `body`, stopping once it holds
+    /// `byte_cap` bytes. `first` is the index of the first item. An item that fails
+    /// to encode is an error naming it.
+    fn fill(
+        &mut self,
+        first: usize,
+        max_items: usize,
+        byte_cap: usize,
+        body: &mut Vec<u8>,
+    ) -> Result<Filled>;
+
+    /// A lower bound on the items left, for sizing the last chunks.
+    fn remaining_hint(&self) -> usize;
+}
+
+/// A source that reads an iterator lazily.
+pub(crate) struct IterSource<I> {
+    items: I,
+}
+
+impl<I> IterSource<I> {
+    pub(crate) fn new(items: I) -> Self {
+        Self { items }
+    }
+}
+
+impl<T, I> Source for IterSource<I>
+where
+    T: Serialize + DeserializeOwned,
+    I: Iterator<Item = T>,
+{
+    fn fill(
+        &mut self,
+        first: usize,
+        max_items: usize,
+        byte_cap: usize,
+        body: &mut Vec<u8>,
+    ) -> Result<Filled> {
+        let start_len = body.len();
+        let mut count = 0;
+        while count < max_items && body.len() - start_len < byte_cap {
+            let Some(item) = self.items.next() else {
+                return Ok(Filled {
+                    count,
+                    exhausted: true,
+                });
+            };
+            let index = first + count;
+            encode_item(&item, index, body)?;
+            count += 1;
+        }
+        Ok(Filled {
+            count,
+            exhausted: false,
+        })
+    }
+
+    fn remaining_hint(&self) -> usize {
+        self.items.size_hint().0
+    }
+}
+
+/// Encodes item `index` onto `body`; the first item of a job is also decoded again,
+/// since serde attributes that need a self-describing format encode fine and fail
+/// only when decoded: better said before any worker sees the item.
+pub(crate) fn encode_item<T: Serialize + DeserializeOwned>(
+    item: &T,
+    index: usize,
+    body: &mut Vec<u8>,
+) -> Result<()> {
+    let start = body.len();
+    codec::encode_into(item, body).map_err(|source| Error::EncodeItem {
+        item: index,
+        source,
+    })?;
+    if index == 0
+        && let Err(source) = codec::decode::<T>(&body[start..])
+    {
+        body.truncate(start);
+        return Err(Error::DecodeItem {
+            item: 0,
+            worker: None,
+            source,
+        });
+    }
+    Ok(())
+}
+
+/// Where a job's replies go.
+pub(crate) trait Sink {
+    /// One chunk's reply payload; in chunk order when the job is ordered.
+    fn deliver(&mut self, worker: usize, items: Range<usize>, payload: Payload) -> Result<()>;
+
+    /// The job is over: `Ok` once every chunk was delivered, or why it failed.
+    /// Called once, for sinks the job owns.
+    fn finish(&mut self, outcome: Result<()>);
+
+    /// How many chunks a consumer has taken, when one takes them (`imap`): the job
+    /// dispatches only a window ahead of that.
+    fn taken(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// Completes one `apply_async` handle.
+pub(crate) trait Complete: Send {
+    /// `Ok` carries the worker that ran it and the encoded result.
+    fn complete(self: Box<Self>, outcome: Result<(usize, &[u8])>);
+}
+
+/// A stream of `apply_async` submissions of one task: queued arguments, and the
+/// handles waiting for their results, by item index.
+#[derive(Default)]
+pub(crate) struct ApplyStream {
+    queue: VecDeque<Vec<u8>>,
+    waiting: HashMap<usize, Box<dyn Complete>>,
+    next_index: usize,
+}
+
+impl ApplyStream {
+    /// Queues one submission.
+    pub(crate) fn push(&mut self, arg: Vec<u8>, handle: Box<dyn Complete>) {
+        self.waiting.insert(self.next_index, handle);
+        self.next_index += 1;
+        self.queue.push_back(arg);
+    }
+
+    /// Queued submissions not yet sent.
+    pub(crate) fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Handles not yet completed.
+    pub(crate) fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Completes the handle of item `index`, if it still waits. Errors name item 0:
+    /// each handle has one argument, whatever its place in the stream.
+    pub(crate) fn complete(&mut self, index: usize, outcome: Result<(usize, &[u8])>) {
+        if let Some(handle) = self.waiting.remove(&index) {
+            handle.complete(outcome.map_err(|e| e.for_single_item()));
+        }
+    }
+
+    /// Fails every handle still waiting (the pool is terminated or dropped).
+    pub(crate) fn fail_all(&mut self, error: impl Fn() -> Error) {
+        self.queue.clear();
+        for (_, handle) in self.waiting.drain() {
+            handle.complete(Err(error()));
+        }
+    }
+}
+
+impl Source for ApplyStream {
+    fn fill(
+        &mut self,
+        _first: usize,
+        max_items: usize,
+        byte_cap: usize,
+        body: &mut Vec<u8>,
+    ) -> Result<Filled> {
+        let start_len = body.len();
+        let mut count = 0;
+        while count < max_items && body.len() - start_len < byte_cap {
+            let Some(arg) = self.queue.pop_front() else {
+                break;
+            };
+            body.extend_from_slice(&arg);
+            count += 1;
+        }
+        // A stream never runs dry for good: more submissions may come.
+        Ok(Filled {
+            count,
+            exhausted: false,
+        })
+    }
+
+    fn remaining_hint(&self) -> usize {
+        self.queue.len()
+    }
+}
+
+/// How a job's chunks end up.
+pub(crate) enum Kind {
+    /// A source and sink the caller lends while it drives (`map`, `map_reduce`), or
+    /// a sink the job owns with a source lent by the consumer (`imap`).
+    Lent,
+    /// Source and sink owned by the job (`map_async`).
+    Owned {
+        source: Box<dyn Source + Send>,
+        sink: Box<dyn Sink + Send>,
+    },
+    /// A sink the job owns, fed by a source the consumer lends (`imap`).
+    OwnedSink(Box<dyn Sink + Send>),
+    /// `apply_async` submissions; each item completes its own handle, and a failed
+    /// item fails only that handle.
+    Apply(ApplyStream),
+}
+
+/// A chunk whose reply arrived before an earlier chunk's (ordered jobs).
+pub(crate) struct Ready {
+    pub(crate) worker: usize,
+    pub(crate) items: Range<usize>,
+    pub(crate) payload: Payload,
+}
+
+/// One job in the table.
+pub(crate) struct Job {
+    pub(crate) id: JobId,
+    pub(crate) task: TaskRef,
+    /// The sealed `Request::Context` frame, sent to each worker before its first
+    /// chunk of this job.
+    pub(crate) context: Option<FrameBuf>,
+    pub(crate) kind: Kind,
+    /// Deliver in chunk order (else as replies arrive).
+    pub(crate) ordered: bool,
+    pub(crate) sizer: Sizer,
+    /// Index of the next item the source yields.
+    pub(crate) next_item: usize,
+    pub(crate) next_chunk: u64,
+    /// The chunk whose results are delivered next (ordered jobs).
+    pub(crate) next_deliver: u64,
+    /// Chunks delivered (all jobs).
+    pub(crate) delivered: u64,
+    /// Chunks sent and not yet answered.
+    pub(crate) in_flight: usize,
+    pub(crate) exhausted: bool,
+    pub(crate) ready: BTreeMap<u64, Ready>,
+    /// Payload bytes held in `ready`.
+    pub(crate) ready_bytes: usize,
+    /// Set once the job has ended: `Ok` or its first error.
+    pub(crate) outcome: Option<Result<()>>,
+}
+
+impl Job {
+    pub(crate) fn new(
+        id: JobId,
+        task: TaskRef,
+        kind: Kind,
+        ordered: bool,
+        fixed: Option<usize>,
+    ) -> Self {
+        Self {
+            id,
+            task,
+            context: None,
+            kind,
+            ordered,
+            sizer: Sizer::new(fixed),
+            next_item: 0,
+            next_chunk: 0,
+            next_deliver: 0,
+            delivered: 0,
+            in_flight: 0,
+            exhausted: false,
+            ready: BTreeMap::new(),
+            ready_bytes: 0,
+            outcome: None,
+        }
+    }
+
+    /// Whether the job has ended (all delivered, or failed).
+    pub(crate) fn ended(&self) -> bool {
+        self.outcome.is_some()
+    }
+
+    /// Whether every item was sent and every reply delivered.
+    pub(crate) fn complete(&self) -> bool {
+        self.exhausted && self.in_flight == 0 && self.ready.is_empty()
+    }
+}

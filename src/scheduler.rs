@@ -1,0 +1,961 @@
+//! The job table: hand worker credit to jobs, route replies, reorder, end jobs.
+//!
+//! One [`Engine`] per pool, owned by whichever thread drives it (see `driver.rs`).
+//! Free worker credit goes to live jobs in turn, in submission order, so no job
+//! starves another; each reply is routed by job and chunk; a failure ends its own
+//! job and no other.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+use std::process::ExitStatus;
+use std::time::Instant;
+
+use crate::backend::Event;
+use crate::chunker::TARGET_CHUNK_BYTES;
+use crate::codec::Reader;
+use crate::error::{Error, Result};
+use crate::job::{Complete, Job, JobId, Kind, Payload, Ready, Sink, Source};
+use crate::protocol::{self, ChunkHeader, Failure, INIT_JOB, Reply, Request, TaskRef};
+use crate::supervisor::{CREDIT, InFlight, Supervisor};
+use crate::task::{OUTCOME_FAILED, OUTCOME_OK};
+use crate::transport::{FrameBuf, POLL_BEFORE_BLOCKING};
+
+/// Payload bytes an ordered job may hold in its reorder buffer before it stops
+/// dispatching until the earliest chunk is in: large results (each a shared-memory
+/// frame and a mapping) must not pin unbounded memory and descriptors.
+const READY_BYTES_CAP: usize = 64 << 20;
+
+/// Work submitted from any thread, taken in by the driver.
+pub(crate) enum Submission {
+    /// One `apply_async`: the encoded argument and the handle to complete.
+    Apply {
+        task: TaskRef,
+        arg: Vec<u8>,
+        handle: Box<dyn Complete>,
+    },
+    /// A job with its own source and sink (`map_async`).
+    Job(Box<Job>),
+}
+
+/// What the driver's surroundings provide: the inbox, the terminate request, and
+/// a way to tell waiting threads that something completed.
+pub(crate) trait Hooks {
+    /// Submissions made since the last call.
+    fn take_inbox(&self) -> Vec<Submission>;
+    /// Whether `terminate()` was called.
+    fn terminating(&self) -> bool;
+    /// Some handle or job completed: waiting threads should look again.
+    fn notify(&self);
+}
+
+/// What the caller of [`Engine::drive`] lends: its job's source and sink.
+pub(crate) struct Local<'a> {
+    pub(crate) job: JobId,
+    pub(crate) source: Option<&'a mut dyn Source>,
+    pub(crate) sink: Option<&'a mut dyn Sink>,
+}
+
+/// Why [`Engine::drive`] returned.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Drive {
+    /// The caller's condition holds.
+    Satisfied,
+    /// The deadline passed.
+    TimedOut,
+    /// Nothing is in flight and nothing can be sent: waiting would never end.
+    Idle,
+}
+
+/// The pool's engine: its workers and its jobs.
+pub(crate) struct Engine {
+    pub(crate) workers: Supervisor,
+    jobs: BTreeMap<JobId, Job>,
+    next_job: u64,
+    /// The job that was given the last chunk; the next chunk goes to a later one.
+    last_served: JobId,
+    chunk_size: Option<usize>,
+    /// How many chunks an ordered job may dispatch ahead of delivery.
+    window: u64,
+    /// The live `apply_async` stream of each task.
+    streams: HashMap<TaskRef, JobId>,
+    /// Initializer failures, by worker, not yet reported.
+    pub(crate) init_failures: Vec<(usize, String)>,
+    /// A handle or job completed since the hooks were last told.
+    completed: bool,
+    /// `terminate()` has run: nothing more is accepted.
+    pub(crate) terminated: bool,
+    /// A failed attempt to replace workers in this drive; not retried until the
+    /// next one, so a failing spawn does not run once per chunk.
+    revive_failed: bool,
+}
+
+impl Engine {
+    pub(crate) fn new(workers: Supervisor, chunk_size: Option<usize>, count: usize) -> Self {
+        Self {
+            workers,
+            jobs: BTreeMap::new(),
+            next_job: INIT_JOB + 1,
+            last_served: JobId(INIT_JOB),
+            chunk_size,
+            window: (4 * CREDIT * count) as u64,
+            streams: HashMap::new(),
+            init_failures: Vec::new(),
+            completed: false,
+            terminated: false,
+            revive_failed: false,
+        }
+    }
+
+    /// A new job's record, numbered; `context` is the encoded context value.
+    pub(crate) fn new_job(
+        &mut self,
+        task: TaskRef,
+        kind: Kind,
+        ordered: bool,
+        context: Option<&[u8]>,
+    ) -> Result<Job> {
+        let id = JobId(self.next_job);
+        self.next_job += 1;
+        let mut job = Job::new(id, task, kind, ordered, self.chunk_size);
+        if let Some(bytes) = context {
+            let mut frame = FrameBuf::with_capacity(bytes.len() + 64);
+            frame.body().extend_from_slice(bytes);
+            protocol::seal(&mut frame, &Request::Context { job: id.0 }).map_err(|source| {
+                Error::Context {
+                    worker: None,
+                    source,
+                }
+            })?;
+            job.context = Some(frame);
+        }
+        Ok(job)
+    }
+
+    /// Puts a job in the table.
+    pub(crate) fn add(&mut self, job: Job) -> JobId {
+        let id = job.id;
+        self.jobs.insert(id, job);
+        id
+    }
+
+    pub(crate) fn job(&self, id: JobId) -> Option<&Job> {
+        self.jobs.get(&id)
+    }
+
+    /// Removes a job the caller drove to its end (or gives up: an `imap` dropped
+    /// early), returning its outcome. Its chunks still in flight are ignored when
+    /// they come back.
+    pub(crate) fn remove(&mut self, id: JobId) -> Option<Result<()>> {
+        let job = self.jobs.remove(&id)?;
+        if job.context.is_some() {
+            self.workers.forget_context(id);
+        }
+        job.outcome
+    }
+
+    /// Whether anything is in flight, or an owned job or stream could send more.
+    pub(crate) fn outstanding(&self) -> bool {
+        self.workers.busy()
+            || self.jobs.values().any(|job| match &job.kind {
+                Kind::Owned { .. } => !job.ended(),
+                Kind::Apply(stream) => stream.queued() > 0 || stream.waiting() > 0,
+                Kind::Lent | Kind::OwnedSink(_) => false,
+            })
+    }
+
+    /// Takes in submissions.
+    fn absorb(&mut self, submissions: Vec<Submission>) {
+        for submission in submissions {
+            match submission {
+                Submission::Job(job) => {
+                    if self.terminated {
+                        self.end_owned(*job, Err(Error::Terminated));
+                    } else {
+                        self.add(*job);
+                    }
+                }
+                Submission::Apply { task, arg, handle } => {
+                    if self.terminated {
+                        handle.complete(Err(Error::Terminated));
+                        self.completed = true;
+                        continue;
+                    }
+                    let id = match self.streams.get(&task) {
+                        Some(&id) if self.jobs.contains_key(&id) => id,
+                        _ => {
+                            let job = self
+                                .new_job(task, Kind::Apply(Default::default()), false, None)
+                                .expect("a job without context always builds");
+                            let id = self.add(job);
+                            self.streams.insert(task, id);
+                            id
+                        }
+                    };
+                    if let Some(Job {
+                        kind: Kind::Apply(stream),
+                        ..
+                    }) = self.jobs.get_mut(&id)
+                    {
+                        stream.push(arg, handle);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs the engine until `until` holds, the deadline passes, or nothing more
+    /// can happen.
+    pub(crate) fn drive(
+        &mut self,
+        hooks: &dyn Hooks,
+        mut local: Option<&mut Local<'_>>,
+        until: &mut dyn FnMut(&Engine) -> bool,
+        deadline: Option<Instant>,
+    ) -> Result<Drive> {
+        self.revive_failed = false;
+        loop {
+            let inbox = hooks.take_inbox();
+            if !inbox.is_empty() {
+                self.absorb(inbox);
+            }
+            if hooks.terminating() && !self.terminated {
+                self.terminate();
+            }
+            self.dispatch(local.as_deref_mut());
+            if self.completed {
+                self.completed = false;
+                hooks.notify();
+            }
+            if until(self) {
+                return Ok(Drive::Satisfied);
+            }
+            if !self.workers.busy() {
+                return Ok(Drive::Idle);
+            }
+            let poll = self.reply_expected_soon();
+            let event = match self.workers.backend.next_event(poll, deadline) {
+                Ok(event) => event,
+                Err(e) => {
+                    self.fail_everything(&e);
+                    return Err(e);
+                }
+            };
+            match event {
+                Event::TimedOut => {
+                    if until(self) {
+                        return Ok(Drive::Satisfied);
+                    }
+                    return Ok(Drive::TimedOut);
+                }
+                Event::Woken => {}
+                event => self.handle(event, local.as_deref_mut()),
+            }
+        }
+    }
+
+    /// Whether the shortest chunk being run should finish within the polling
+    /// window, so waiting for it is better spent polling than sleeping.
+    fn reply_expected_soon(&self) -> bool {
+        (0..self.workers.slots())
+            .filter_map(|w| self.workers.front(w))
+            .map(|f| match self.jobs.get(&f.job) {
+                Some(job) => job.sizer.estimate_nanos(f.items.len()),
+                None => 0.0,
+            })
+            .fold(f64::INFINITY, f64::min)
+            <= POLL_BEFORE_BLOCKING.as_nanos() as f64
+    }
+
+    /// Sends chunks while some worker has credit and some job has input.
+    fn dispatch(&mut self, mut local: Option<&mut Local<'_>>) {
+        let mut revived = false;
+        loop {
+            let Some(id) = self.next_dispatchable(local.as_deref()) else {
+                return;
+            };
+            // Work is waiting: bring the pool back to strength first (lost workers,
+            // and replacements for workers given their last task).
+            if !revived && !self.revive_failed {
+                revived = true;
+                if let Err(e) = self.workers.revive() {
+                    self.revive_failed = true;
+                    if self.workers.pick().is_none() {
+                        self.fail_job(id, 0, e, local.as_deref_mut());
+                        continue;
+                    }
+                }
+            }
+            let Some(worker) = self.workers.pick() else {
+                return;
+            };
+            self.last_served = id;
+            self.send_chunk(id, worker, local.as_deref_mut());
+        }
+    }
+
+    /// The next job, after the last one served, that could send a chunk now.
+    fn next_dispatchable(&self, local: Option<&Local<'_>>) -> Option<JobId> {
+        let can = |job: &Job| -> bool {
+            if job.ended() || job.exhausted {
+                return false;
+            }
+            let lent = local.is_some_and(|l| l.job == job.id && l.source.is_some());
+            match &job.kind {
+                Kind::Apply(stream) => stream.queued() > 0,
+                Kind::Owned { .. } => self.within_window(job),
+                Kind::Lent | Kind::OwnedSink(_) => lent && self.within_window(job),
+            }
+        };
+        let after = self.jobs.range(JobId(self.last_served.0 + 1)..);
+        let before = self.jobs.range(..=self.last_served);
+        after
+            .chain(before)
+            .map(|(_, job)| job)
+            .find(|job| can(job))
+            .map(|job| job.id)
+    }
+
+    fn within_window(&self, job: &Job) -> bool {
+        let taken = match &job.kind {
+            Kind::Owned { sink, .. } | Kind::OwnedSink(sink) => sink.taken(),
+            _ => None,
+        };
+        match taken {
+            Some(taken) => job.next_chunk < taken + self.window,
+            None if job.ordered => {
+                job.next_chunk < job.next_deliver + self.window && job.ready_bytes < READY_BYTES_CAP
+            }
+            None => (job.in_flight as u64) < self.window,
+        }
+    }
+
+    /// Encodes the next chunk of job `id` and sends it to `worker`.
+    fn send_chunk(&mut self, id: JobId, worker: usize, mut local: Option<&mut Local<'_>>) {
+        if !self.send_context(id, worker) {
+            return;
+        }
+        let mut frame = self.workers.take_frame();
+        let Engine { jobs, workers, .. } = self;
+        let job = jobs
+            .get_mut(&id)
+            .expect("dispatchable jobs are in the table");
+        let source: &mut dyn Source = match &mut job.kind {
+            Kind::Apply(stream) => stream,
+            Kind::Owned { source, .. } => source.as_mut(),
+            Kind::Lent | Kind::OwnedSink(_) => match local.as_deref_mut() {
+                Some(Local {
+                    source: Some(source),
+                    ..
+                }) => &mut **source,
+                _ => unreachable!("only the job's own caller dispatches a lent source"),
+            },
+        };
+        let size = job
+            .sizer
+            .next(source.remaining_hint(), workers.slots().max(1))
+            .min(workers.budget(worker));
+        let byte_cap = if job.sizer.fixed.is_some() {
+            usize::MAX
+        } else {
+            TARGET_CHUNK_BYTES
+        };
+        let first = job.next_item;
+        let filled = source.fill(first, size, byte_cap, frame.body());
+        let filled = match filled {
+            Ok(filled) => filled,
+            Err(e) => {
+                let item = first;
+                self.workers.return_frame(frame);
+                self.fail_job(id, item, e, local);
+                return;
+            }
+        };
+        job.exhausted |= filled.exhausted;
+        if filled.count == 0 {
+            self.workers.return_frame(frame);
+            if self.jobs.get(&id).is_some_and(Job::complete) {
+                self.finish(id, Ok(()), local);
+            }
+            return;
+        }
+        let chunk = job.next_chunk;
+        let header = Request::Chunk(ChunkHeader {
+            job: id.0,
+            chunk,
+            first_item: first as u64,
+            count: u32::try_from(filled.count).expect("chunks hold at most MAX_CHUNK_ITEMS items"),
+            task: job.task,
+        });
+        if let Err(source) = protocol::seal(&mut frame, &header) {
+            self.workers.return_frame(frame);
+            let error = Error::EncodeItem {
+                item: first,
+                source,
+            };
+            self.fail_job(id, first, error, local);
+            return;
+        }
+        job.next_item += filled.count;
+        job.next_chunk += 1;
+        job.in_flight += 1;
+        let items = first..first + filled.count;
+        let flight = InFlight {
+            job: id,
+            chunk,
+            items,
+            frame,
+        };
+        if let Err(source) = self.workers.send_chunk(worker, flight) {
+            self.send_failed(worker, id, first, source, local);
+        }
+    }
+
+    /// Sends job `id`'s context value to `worker` unless it has it or the job has
+    /// none; false when that failed (the worker is given up and its loss reported).
+    fn send_context(&mut self, id: JobId, worker: usize) -> bool {
+        if self.workers.has_context(worker, id) {
+            return true;
+        }
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return false;
+        };
+        let Some(frame) = job.context.as_mut() else {
+            return true;
+        };
+        match self.workers.send_request(worker, frame) {
+            Ok(()) => {
+                self.workers.add_context(worker, id);
+                true
+            }
+            Err(_) => {
+                // Its loss event reports what it held; the chunk goes elsewhere.
+                self.workers.kill(worker);
+                false
+            }
+        }
+    }
+
+    /// A send of a chunk of job `id` to `worker` failed. A worker that died while
+    /// it held nothing else is replaced and the chunk sent again; otherwise the
+    /// worker is given up (its loss reports what it held) and an error other than
+    /// a hang-up fails the job.
+    fn send_failed(
+        &mut self,
+        worker: usize,
+        id: JobId,
+        item: usize,
+        source: std::io::Error,
+        local: Option<&mut Local<'_>>,
+    ) {
+        if is_hang_up(&source) && self.workers.held(worker) == 1 {
+            let flight = self.workers.unrecord_last(worker).expect("just recorded");
+            let resent = self.workers.replace(worker).and_then(|()| {
+                if self.send_context(id, worker) {
+                    self.workers.send_chunk(worker, flight).map_err(|source| {
+                        self.workers.kill(worker);
+                        Error::Transport {
+                            worker: Some(worker),
+                            source,
+                        }
+                    })
+                } else {
+                    // Recorded nowhere: no process holds it; say so.
+                    Err(Error::Transport {
+                        worker: Some(worker),
+                        source: std::io::Error::from(std::io::ErrorKind::BrokenPipe),
+                    })
+                }
+            });
+            if let Err(e) = resent {
+                if let Some(job) = self.jobs.get_mut(&id) {
+                    job.in_flight = job.in_flight.saturating_sub(1);
+                }
+                self.fail_job(id, item, e, local);
+            }
+            return;
+        }
+        if !is_hang_up(&source) {
+            let error = Error::Transport {
+                worker: Some(worker),
+                source,
+            };
+            self.fail_job(id, item, error, local);
+        }
+        self.workers.kill(worker);
+    }
+
+    fn handle(&mut self, event: Event, local: Option<&mut Local<'_>>) {
+        match event {
+            Event::Reply {
+                worker,
+                generation,
+                frame,
+            } => {
+                let opened = protocol::open::<Reply>(&frame).map(|(r, p)| (r, p.len()));
+                let (reply, payload_len) = match opened {
+                    Ok(opened) => opened,
+                    Err(reason) => return self.protocol_error(worker, generation, reason, local),
+                };
+                let (job, chunk) = match &reply {
+                    Reply::Done { job, chunk, .. } | Reply::Failed { job, chunk, .. } => {
+                        (JobId(*job), *chunk)
+                    }
+                };
+                let Some(flight) = self.workers.answered(worker, generation, job, chunk) else {
+                    if self.workers.is_current(worker, generation) {
+                        let reason = format!("unexpected reply for chunk {chunk} of job {}", job.0);
+                        self.protocol_error(worker, generation, reason, local);
+                    }
+                    return;
+                };
+                let items = flight.items.clone();
+                self.workers.return_frame(flight.frame);
+                self.workers.retire_if_done(worker);
+                if job.0 == INIT_JOB {
+                    if let Reply::Failed { failure, .. } = reply {
+                        self.init_failures.push((worker, describe_init(failure)));
+                    }
+                    return;
+                }
+                self.chunk_answered(
+                    job,
+                    worker,
+                    items,
+                    reply,
+                    Payload::new(frame, payload_len),
+                    local,
+                );
+            }
+            Event::Lost {
+                worker,
+                generation,
+                status,
+            } => {
+                let Some(chunks) = self.workers.lost(worker, generation) else {
+                    return;
+                };
+                let mut local = local;
+                for flight in chunks {
+                    let InFlight {
+                        job, items, frame, ..
+                    } = flight;
+                    self.workers.return_frame(frame);
+                    if job.0 == INIT_JOB {
+                        let reason = format!("the worker exited ({})", exit_description(status));
+                        self.init_failures.push((worker, reason));
+                        continue;
+                    }
+                    self.chunk_lost(job, worker, items, status, local.as_deref_mut());
+                }
+            }
+            Event::Broken {
+                worker,
+                generation,
+                reason,
+            } => self.protocol_error(worker, generation, reason, local),
+            Event::Woken | Event::TimedOut => {}
+        }
+    }
+
+    fn chunk_answered(
+        &mut self,
+        id: JobId,
+        worker: usize,
+        items: Range<usize>,
+        reply: Reply,
+        payload: Payload,
+        mut local: Option<&mut Local<'_>>,
+    ) {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return; // the job was cancelled: its late replies are ignored
+        };
+        job.in_flight = job.in_flight.saturating_sub(1);
+        if job.ended() {
+            return;
+        }
+        match reply {
+            Reply::Done { nanos, chunk, .. } => {
+                job.sizer.observe(nanos, items.len());
+                if let Kind::Apply(stream) = &mut job.kind {
+                    if let Err(reason) = complete_outcomes(stream, worker, items.clone(), &payload)
+                    {
+                        fail_items(stream, items, |_| Error::Protocol {
+                            worker,
+                            reason: reason.clone(),
+                        });
+                    }
+                    self.completed = true;
+                    return;
+                }
+                if job.ordered {
+                    job.ready_bytes += payload.len();
+                    job.ready.insert(
+                        chunk,
+                        Ready {
+                            worker,
+                            items,
+                            payload,
+                        },
+                    );
+                    self.deliver_ready(id, local.as_deref_mut());
+                } else {
+                    job.delivered += 1;
+                    let start = items.start;
+                    if let Err(e) = deliver_to(job, local.as_deref_mut(), worker, items, payload) {
+                        self.fail_job(id, start, e, local.as_deref_mut());
+                        return;
+                    }
+                }
+            }
+            Reply::Failed { failure, .. } => {
+                if let Kind::Apply(stream) = &mut job.kind {
+                    fail_items(stream, items.clone(), |item| {
+                        describe(failure.clone(), worker, item..item + 1).1
+                    });
+                    self.completed = true;
+                    return;
+                }
+                let (item, error) = describe(failure, worker, items);
+                self.fail_job(id, item, error, local.as_deref_mut());
+                return;
+            }
+        }
+        if self.jobs.get(&id).is_some_and(Job::complete) {
+            self.finish(id, Ok(()), local);
+        }
+    }
+
+    fn chunk_lost(
+        &mut self,
+        id: JobId,
+        worker: usize,
+        items: Range<usize>,
+        status: Option<ExitStatus>,
+        local: Option<&mut Local<'_>>,
+    ) {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        job.in_flight = job.in_flight.saturating_sub(1);
+        if job.ended() {
+            return;
+        }
+        if let Kind::Apply(stream) = &mut job.kind {
+            let chunk = items.clone();
+            fail_items(stream, items, |_| Error::WorkerExited {
+                worker,
+                items: chunk.clone(),
+                status,
+            });
+            self.completed = true;
+            return;
+        }
+        let start = items.start;
+        let error = Error::WorkerExited {
+            worker,
+            items,
+            status,
+        };
+        self.fail_job(id, start, error, local);
+    }
+
+    /// Delivers the ordered job's ready chunks that are next in line.
+    fn deliver_ready(&mut self, id: JobId, mut local: Option<&mut Local<'_>>) {
+        loop {
+            let Some(job) = self.jobs.get_mut(&id) else {
+                return;
+            };
+            let Some(ready) = job.ready.remove(&job.next_deliver) else {
+                return;
+            };
+            job.next_deliver += 1;
+            job.delivered += 1;
+            job.ready_bytes -= ready.payload.len();
+            let start = ready.items.start;
+            if let Err(e) = deliver_to(
+                job,
+                local.as_deref_mut(),
+                ready.worker,
+                ready.items,
+                ready.payload,
+            ) {
+                self.fail_job(id, start, e, local);
+                return;
+            }
+        }
+    }
+
+    /// Ends a job with an error: it stops dispatching, its chunks still in flight
+    /// are ignored, and workers that hold nothing but such chunks are stopped (and
+    /// replaced when work needs them) so that a stuck task cannot hold the pool.
+    fn fail_job(&mut self, id: JobId, _item: usize, error: Error, local: Option<&mut Local<'_>>) {
+        if self.jobs.get(&id).is_none_or(Job::ended) {
+            return;
+        }
+        self.finish(id, Err(error), local);
+        if !self.workers.backend.can_kill() {
+            return;
+        }
+        for worker in 0..self.workers.slots() {
+            let abandoned = {
+                let mut held = self.workers.jobs_held(worker).peekable();
+                held.peek().is_some()
+                    && held
+                        .all(|job| job.0 != INIT_JOB && self.jobs.get(&job).is_none_or(Job::ended))
+            };
+            if abandoned {
+                self.workers.kill(worker);
+            }
+        }
+    }
+
+    /// Records a job's end. An owned sink is told and the job leaves the table; a
+    /// lent job stays until its caller removes it.
+    fn finish(&mut self, id: JobId, outcome: Result<()>, _local: Option<&mut Local<'_>>) {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        job.ready.clear();
+        job.ready_bytes = 0;
+        match &job.kind {
+            Kind::Lent => {
+                job.outcome = Some(outcome);
+                self.completed = true;
+            }
+            Kind::Apply(_) => {
+                // A stream does not end on its own; its items fail one by one.
+                job.outcome = None;
+            }
+            Kind::Owned { .. } | Kind::OwnedSink(_) => {
+                let job = self.jobs.remove(&id).expect("found above");
+                if job.context.is_some() {
+                    self.workers.forget_context(id);
+                }
+                self.end_owned(job, outcome);
+            }
+        }
+        if self
+            .jobs
+            .get(&id)
+            .is_some_and(|j| j.ended() && j.context.is_some())
+        {
+            self.workers.forget_context(id);
+        }
+    }
+
+    fn end_owned(&mut self, job: Job, outcome: Result<()>) {
+        match job.kind {
+            Kind::Owned { mut sink, .. } | Kind::OwnedSink(mut sink) => sink.finish(outcome),
+            Kind::Apply(mut stream) => stream.fail_all(|| Error::Terminated),
+            Kind::Lent => {}
+        }
+        self.completed = true;
+    }
+
+    /// A worker sent something it should not have: the job of the chunk it was
+    /// running fails with a protocol error and the worker is stopped (its loss
+    /// reports the other chunks it held).
+    fn protocol_error(
+        &mut self,
+        worker: usize,
+        generation: u64,
+        reason: String,
+        local: Option<&mut Local<'_>>,
+    ) {
+        if !self.workers.is_current(worker, generation) {
+            return;
+        }
+        let front = self.workers.front(worker).map(|f| (f.job, f.items.start));
+        if let Some((job, item)) = front {
+            self.fail_job(job, item, Error::Protocol { worker, reason }, local);
+        }
+        self.workers.kill(worker);
+    }
+
+    /// `terminate()`: every job fails with [`Error::Terminated`] and every worker
+    /// is stopped now.
+    pub(crate) fn terminate(&mut self) {
+        self.terminated = true;
+        let ids: Vec<JobId> = self.jobs.keys().copied().collect();
+        for id in ids {
+            let job = self.jobs.get_mut(&id).expect("listed above");
+            if let Kind::Apply(stream) = &mut job.kind {
+                stream.fail_all(|| Error::Terminated);
+                self.completed = true;
+                continue;
+            }
+            self.finish(id, Err(Error::Terminated), None);
+        }
+        self.workers.kill_all();
+    }
+
+    /// The wait for replies failed: no job can go on.
+    fn fail_everything(&mut self, error: &Error) {
+        let ids: Vec<JobId> = self.jobs.keys().copied().collect();
+        for id in ids {
+            let copy = || Error::Transport {
+                worker: None,
+                source: std::io::Error::other(error.to_string()),
+            };
+            let job = self.jobs.get_mut(&id).expect("listed above");
+            if let Kind::Apply(stream) = &mut job.kind {
+                stream.fail_all(copy);
+                continue;
+            }
+            self.finish(id, Err(copy()), None);
+        }
+        self.completed = true;
+    }
+}
+
+/// Hands one chunk's payload to the job's sink: the caller's, or the job's own.
+fn deliver_to(
+    job: &mut Job,
+    local: Option<&mut Local<'_>>,
+    worker: usize,
+    items: Range<usize>,
+    payload: Payload,
+) -> Result<()> {
+    match &mut job.kind {
+        Kind::Owned { sink, .. } | Kind::OwnedSink(sink) => sink.deliver(worker, items, payload),
+        Kind::Lent => match local {
+            Some(Local {
+                job: lent,
+                sink: Some(sink),
+                ..
+            }) if *lent == job.id => sink.deliver(worker, items, payload),
+            _ => unreachable!("a lent job is driven by its caller until it ends"),
+        },
+        Kind::Apply(_) => unreachable!("apply streams complete items one by one"),
+    }
+}
+
+/// Completes each handle of an `apply_async` chunk from its outcome.
+fn complete_outcomes(
+    stream: &mut crate::job::ApplyStream,
+    worker: usize,
+    items: Range<usize>,
+    payload: &[u8],
+) -> std::result::Result<(), String> {
+    let mut rest = payload;
+    for item in items.clone() {
+        let Some((&tag, after)) = rest.split_first() else {
+            return Err(format!("the outcomes of items {items:?} end early"));
+        };
+        match tag {
+            OUTCOME_OK => {
+                let (len, after) = after
+                    .split_first_chunk::<8>()
+                    .ok_or_else(|| format!("item {item}: result length missing"))?;
+                let len = usize::try_from(u64::from_le_bytes(*len))
+                    .ok()
+                    .filter(|&len| len <= after.len())
+                    .ok_or_else(|| format!("item {item}: result length exceeds the frame"))?;
+                stream.complete(item, Ok((worker, &after[..len])));
+                rest = &after[len..];
+            }
+            OUTCOME_FAILED => {
+                let mut reader = Reader::new(after);
+                let failure: Failure = reader
+                    .decode()
+                    .map_err(|e| format!("item {item}: bad failure report: {e}"))?;
+                rest = &after[after.len() - reader.remaining()..];
+                let (_, error) = describe(failure, worker, item..item + 1);
+                stream.complete(item, Err(error));
+            }
+            other => return Err(format!("item {item}: unknown outcome tag {other}")),
+        }
+    }
+    if !rest.is_empty() {
+        return Err(format!("extra bytes after the outcomes of items {items:?}"));
+    }
+    Ok(())
+}
+
+fn fail_items(
+    stream: &mut crate::job::ApplyStream,
+    items: Range<usize>,
+    error: impl Fn(usize) -> Error,
+) {
+    for item in items {
+        stream.complete(item, Err(error(item)));
+    }
+}
+
+/// Whether a send failed only because the worker is gone.
+fn is_hang_up(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionReset, NotConnected};
+    matches!(error.kind(), BrokenPipe | ConnectionReset | NotConnected)
+}
+
+fn exit_description(status: Option<ExitStatus>) -> String {
+    status.map_or_else(|| "exit status unknown".to_owned(), |s| s.to_string())
+}
+
+fn describe_init(failure: Failure) -> String {
+    match failure {
+        Failure::Panicked { panic, .. } => format!("it panicked: {panic}"),
+        Failure::DecodeItem { error, .. } => format!("its argument did not decode: {error}"),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Turns a worker's failure report into an error and the item it concerns.
+pub(crate) fn describe(failure: Failure, worker: usize, items: Range<usize>) -> (usize, Error) {
+    let at = |item: u64| usize::try_from(item).unwrap_or(usize::MAX);
+    match failure {
+        Failure::Panicked { item, panic } => {
+            let item = at(item);
+            (
+                item,
+                Error::TaskPanicked {
+                    item,
+                    worker,
+                    panic,
+                },
+            )
+        }
+        Failure::DecodeItem { item, error } => {
+            let item = at(item);
+            (
+                item,
+                Error::DecodeItem {
+                    item,
+                    worker: Some(worker),
+                    source: error,
+                },
+            )
+        }
+        Failure::EncodeResult {
+            item: Some(item),
+            error,
+        } => {
+            let item = at(item);
+            (
+                item,
+                Error::Result {
+                    items: item..item.saturating_add(1),
+                    worker,
+                    source: error,
+                },
+            )
+        }
+        Failure::EncodeResult { item: None, error } => (
+            items.start,
+            Error::Result {
+                items,
+                worker,
+                source: error,
+            },
+        ),
+        Failure::DecodeContext { error } => (
+            items.start,
+            Error::Context {
+                worker: Some(worker),
+                source: error,
+            },
+        ),
+        Failure::NoState { reason } => (items.start, Error::WorkerState { worker, reason }),
+        Failure::Malformed { reason } => (items.start, Error::Protocol { worker, reason }),
+    }
+}

@@ -1,0 +1,202 @@
+//! Starting a child process of this executable and ending it: spawn, mark, reap.
+//!
+//! Pool workers are started here, and so will be any other child that runs a task
+//! (`Process`). The child is `/proc/self/exe` started again with one marker argument;
+//! [`prepare_child`] is the first thing it does.
+
+use std::io;
+use std::os::unix::process::CommandExt as _;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Environment variable set in every worker: a cheap hint that `init` should look at
+/// the command line. Programs a task starts inherit it, so it proves nothing alone.
+pub(crate) const WORKER_ENV: &str = "MULTIPROC_WORKER";
+
+/// Prefix of the command-line argument that makes a process a worker:
+/// `--multiproc-worker=index:parent pid:server`. Arguments are not inherited, so a
+/// program started by a task is never mistaken for a worker.
+pub(crate) const WORKER_ARG: &str = "--multiproc-worker=";
+
+/// Exit code of a worker that could not start serving (EX_SOFTWARE).
+pub(crate) const START_FAILED: i32 = 70;
+
+/// How a child is started.
+#[derive(Debug, Clone)]
+pub(crate) struct SpawnOptions {
+    /// Whether the child writes to this process's stdout and stderr, or to /dev/null.
+    pub(crate) inherit_output: bool,
+    /// Another program to start instead of this executable: only for testing how
+    /// start-up failures are reported.
+    #[cfg(test)]
+    pub(crate) program: Option<PathBuf>,
+}
+
+/// Asks a spawner thread to start this executable as worker `index`, connecting
+/// back to the one-shot server `server`. The answer arrives on the returned channel.
+pub(crate) fn launch(
+    index: usize,
+    server: &str,
+    options: &SpawnOptions,
+) -> io::Result<mpsc::Receiver<io::Result<Child>>> {
+    let parent = std::process::id();
+    // `/proc/self/exe` is this very executable even if its file was replaced since.
+    let exe = PathBuf::from("/proc/self/exe");
+    #[cfg(test)]
+    let exe = options.program.clone().unwrap_or(exe);
+    let mut command = Command::new(exe);
+    if let Some(arg0) = std::env::args_os().next() {
+        command.arg0(arg0);
+    }
+    command
+        .arg(format!("{WORKER_ARG}{index}:{parent}:{server}"))
+        .env(WORKER_ENV, "1")
+        .stdin(Stdio::null());
+    if !options.inherit_output {
+        command.stdout(Stdio::null()).stderr(Stdio::null());
+    }
+    spawn_from_owner_thread(command)
+}
+
+/// Waits for the answer to a [`launch`], at most `timeout`.
+pub(crate) fn wait_spawned(
+    spawned: &mpsc::Receiver<io::Result<Child>>,
+    timeout: Duration,
+) -> io::Result<Child> {
+    match spawned.recv_timeout(timeout) {
+        Ok(result) => result,
+        Err(mpsc::RecvTimeoutError::Timeout) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the spawner thread did not start the process within {timeout:?}"),
+        )),
+        Err(mpsc::RecvTimeoutError::Disconnected) => {
+            Err(io::Error::other("the spawner thread stopped"))
+        }
+    }
+}
+
+/// Asks the kernel to kill this child when its parent dies, ignores SIGPIPE, then
+/// checks that the parent has not died already. Called first thing in a child.
+///
+/// Setting it in the child rather than between fork and exec lets the parent spawn
+/// with `posix_spawn` (no `pre_exec` hook), which on a large parent is several times
+/// faster than `fork`. The signal is tied to the thread that spawned the child, one
+/// of the spawner threads below, which live as long as the process.
+pub(crate) fn prepare_child(parent: u32) -> io::Result<()> {
+    // SAFETY: `prctl(PR_SET_PDEATHSIG, SIGKILL)` only sets a flag on this process;
+    // it reads and writes no memory of ours.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: setting the disposition of SIGPIPE to "ignore" installs no handler code.
+    // A worker started from the test-support constructor runs before Rust's runtime
+    // would have done the same, and a task writing to a closed pipe should get an
+    // error, not kill its worker.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    // The parent may have died before the flag was set: then nobody waits for us.
+    if std::os::unix::process::parent_id() != parent {
+        return Err(io::Error::other(
+            "the parent exited while this worker started",
+        ));
+    }
+    Ok(())
+}
+
+/// Waits up to `grace` for the child to exit, then kills it; always reaps it.
+///
+/// `None` when the status cannot be had: someone else reaped the child (a
+/// `waitpid(-1)` elsewhere in the program, or `SIGCHLD` set to be ignored).
+pub(crate) fn reap(mut child: Child, grace: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + grace;
+    let mut pause = Duration::from_micros(50);
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < deadline => {
+                thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(10));
+            }
+            Ok(None) => break,
+            Err(_) => return None,
+        }
+    }
+    // Ignored error: the child exited between try_wait and kill.
+    let _ = child.kill();
+    // `wait` retries on EINTR itself.
+    child.wait().ok()
+}
+
+/// Long-lived threads that spawn children, so several can start at once.
+const SPAWNER_THREADS: usize = 4;
+
+type SpawnJob = (Command, mpsc::Sender<io::Result<Child>>);
+
+/// Asks one of a few long-lived threads to spawn `command`; the answer arrives on
+/// the returned channel.
+///
+/// Linux delivers the parent-death signal when the *thread* that spawned a child
+/// exits, not the process, so workers must never be spawned from a thread that may
+/// end first (a test thread, a scoped thread, a rayon worker). `posix_spawn` blocks
+/// its thread until the child has called `exec`, hence more than one such thread.
+/// A failure to start those threads is returned and tried again on the next call.
+fn spawn_from_owner_thread(command: Command) -> io::Result<mpsc::Receiver<io::Result<Child>>> {
+    static OWNERS: Mutex<Option<mpsc::Sender<SpawnJob>>> = Mutex::new(None);
+    let mut owners = OWNERS.lock().unwrap_or_else(|p| p.into_inner());
+    if owners.is_none() {
+        *owners = Some(start_spawners()?);
+    }
+    let (reply_tx, reply_rx) = mpsc::channel();
+    let sent = owners
+        .as_ref()
+        .expect("set just above")
+        .send((command, reply_tx));
+    if let Err(mpsc::SendError((command, reply_tx))) = sent {
+        // Every spawner thread has gone (they only end when their queue closes, so
+        // this does not happen in practice): start new ones and try once more.
+        let fresh = start_spawners()?;
+        fresh
+            .send((command, reply_tx))
+            .map_err(|_| io::Error::other("spawner threads have stopped"))?;
+        *owners = Some(fresh);
+    }
+    Ok(reply_rx)
+}
+
+fn start_spawners() -> io::Result<mpsc::Sender<SpawnJob>> {
+    let (tx, rx) = mpsc::channel::<SpawnJob>();
+    let jobs = Arc::new(Mutex::new(rx));
+    let mut started = 0;
+    let mut last_error = None;
+    for i in 0..SPAWNER_THREADS {
+        let jobs = Arc::clone(&jobs);
+        let spawned = thread::Builder::new()
+            .name(format!("multiproc-spawner-{i}"))
+            .spawn(move || {
+                loop {
+                    let job = jobs.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    let Ok((mut command, reply)) = job else {
+                        return;
+                    };
+                    // The requester may have given up; nothing else to do then.
+                    let _ = reply.send(command.spawn());
+                }
+            });
+        match spawned {
+            Ok(_) => started += 1,
+            Err(e) => last_error = Some(e),
+        }
+    }
+    match (started, last_error) {
+        (0, Some(e)) => Err(io::Error::new(
+            e.kind(),
+            format!("could not start a spawner thread: {e}"),
+        )),
+        _ => Ok(tx),
+    }
+}

@@ -1,0 +1,147 @@
+//! What a worker keeps between chunks: the context values of live jobs and the
+//! per-worker state built by the pool's initializer.
+
+use std::any::Any;
+use std::collections::HashMap;
+
+use serde::de::DeserializeOwned;
+
+use crate::codec;
+use crate::protocol::Failure;
+
+/// A worker's memory across chunks.
+#[derive(Default)]
+pub(crate) struct WorkerState {
+    contexts: HashMap<u64, Context>,
+    /// What the initializer built, or why there is nothing.
+    user: Option<Result<Box<dyn Any>, String>>,
+}
+
+struct Context {
+    bytes: Vec<u8>,
+    decoded: Option<Box<dyn Any>>,
+}
+
+impl WorkerState {
+    /// Keeps the encoded context value of `job` until [`WorkerState::forget`].
+    pub(crate) fn set_context(&mut self, job: u64, bytes: Vec<u8>) {
+        let previous = self.contexts.insert(
+            job,
+            Context {
+                bytes,
+                decoded: None,
+            },
+        );
+        drop_user_value(previous);
+    }
+
+    /// Drops the context value of a job that has ended.
+    pub(crate) fn forget(&mut self, job: u64) {
+        let previous = self.contexts.remove(&job);
+        drop_user_value(previous);
+    }
+
+    /// How many jobs' context values this worker holds.
+    #[cfg(test)]
+    pub(crate) fn contexts(&self) -> usize {
+        self.contexts.len()
+    }
+
+    /// The context value of `job`, decoded on first use and kept for later chunks.
+    pub(crate) fn context<C: DeserializeOwned + 'static>(
+        &mut self,
+        job: u64,
+    ) -> Result<&C, Failure> {
+        let Some(context) = self.contexts.get_mut(&job) else {
+            return Err(Failure::Malformed {
+                reason: format!("chunk of job {job} arrived before its context value"),
+            });
+        };
+        if !context.decoded.as_ref().is_some_and(|d| d.is::<C>()) {
+            let value: C =
+                codec::decode(&context.bytes).map_err(|error| Failure::DecodeContext { error })?;
+            context.decoded = Some(Box::new(value));
+        }
+        Ok(context
+            .decoded
+            .as_ref()
+            .and_then(|d| d.downcast_ref::<C>())
+            .expect("the context was decoded as C just above"))
+    }
+
+    /// Stores what the initializer built.
+    pub(crate) fn set_user(&mut self, value: Box<dyn Any>) {
+        let previous = self.user.replace(Ok(value));
+        drop_user_value(previous);
+    }
+
+    /// Records that the initializer failed, so tasks that need its state say why.
+    pub(crate) fn set_user_failed(&mut self, reason: String) {
+        let previous = self.user.replace(Err(reason));
+        drop_user_value(previous);
+    }
+
+    /// The per-worker state of type `S`.
+    pub(crate) fn user<S: 'static>(&mut self) -> Result<&mut S, Failure> {
+        match &mut self.user {
+            None => Err(Failure::NoState {
+                reason: format!(
+                    "the task needs per-worker state of type {} but the pool has no initializer",
+                    std::any::type_name::<S>()
+                ),
+            }),
+            Some(Err(reason)) => Err(Failure::NoState {
+                reason: format!("the initializer failed in this worker: {reason}"),
+            }),
+            Some(Ok(value)) => value.downcast_mut::<S>().ok_or_else(|| Failure::NoState {
+                reason: format!(
+                    "the task needs per-worker state of type {}, which is not what the initializer built",
+                    std::any::type_name::<S>()
+                ),
+            }),
+        }
+    }
+}
+
+/// Drops a value that may run user code in its `Drop`; a panic there concerns no
+/// item of any job, so it is printed by the panic hook and ignored.
+fn drop_user_value<V>(value: V) {
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(value)));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contexts_are_kept_per_job_until_forgotten() {
+        let mut state = WorkerState::default();
+        let mut bytes = Vec::new();
+        codec::encode_into(&7u64, &mut bytes).unwrap();
+        state.set_context(1, bytes.clone());
+        codec::encode_into(&1u8, &mut bytes).unwrap();
+        let mut other = Vec::new();
+        codec::encode_into(&9u64, &mut other).unwrap();
+        state.set_context(2, other);
+        assert_eq!(*state.context::<u64>(1).unwrap(), 7);
+        assert_eq!(*state.context::<u64>(2).unwrap(), 9);
+        state.forget(1);
+        assert!(state.context::<u64>(1).is_err());
+        assert_eq!(state.contexts(), 1);
+    }
+
+    #[test]
+    fn user_state_is_typed() {
+        let mut state = WorkerState::default();
+        assert!(matches!(state.user::<u32>(), Err(Failure::NoState { .. })));
+        state.set_user(Box::new(5u32));
+        *state.user::<u32>().unwrap() += 1;
+        assert_eq!(*state.user::<u32>().unwrap(), 6);
+        assert!(matches!(state.user::<u64>(), Err(Failure::NoState { .. })));
+        state.set_user_failed("boom".into());
+        let Err(Failure::NoState { reason }) = state.user::<u32>() else {
+            panic!("expected no state");
+        };
+        assert!(reason.contains("boom"));
+    }
+}
