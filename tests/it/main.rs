@@ -3,6 +3,7 @@
 multiproc::enable_test_support!();
 
 mod faults;
+mod jobs;
 mod par_map;
 mod soak;
 mod support;

@@ -5,7 +5,7 @@
 
 use std::sync::Mutex;
 
-use crate::support::{pool, splitmix64};
+use crate::support::{children_of_this_process, open_fds, pool, splitmix64};
 
 static ALONE: Mutex<()> = Mutex::new(());
 
@@ -21,25 +21,11 @@ fn status_kib(field: &str) -> u64 {
         .expect("a number of KiB")
 }
 
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").expect("procfs").count()
-}
-
 /// Children of this process that have exited but were not reaped.
 fn zombie_children() -> usize {
-    let me = std::process::id().to_string();
-    std::fs::read_dir("/proc")
-        .expect("procfs")
-        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("stat")).ok())
-        .filter(|stat| {
-            let Some((_, rest)) = stat.rsplit_once(") ") else {
-                return false;
-            };
-            let mut fields = rest.split_whitespace();
-            let state = fields.next();
-            let parent = fields.next();
-            state == Some("Z") && parent == Some(me.as_str())
-        })
+    children_of_this_process()
+        .into_iter()
+        .filter(|&(_, state)| state == 'Z')
         .count()
 }
 

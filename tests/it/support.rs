@@ -61,3 +61,25 @@ pub(crate) fn splitmix64(x: u64) -> u64 {
 pub(crate) fn process_exists(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
+
+/// Descriptors this process has open.
+pub(crate) fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").expect("procfs").count()
+}
+
+/// This process's children, with their state letter (`Z` for a zombie).
+pub(crate) fn children_of_this_process() -> Vec<(u32, char)> {
+    let me = std::process::id().to_string();
+    std::fs::read_dir("/proc")
+        .expect("procfs")
+        .filter_map(|e| {
+            let entry = e.ok()?;
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            let (_, rest) = stat.rsplit_once(") ")?;
+            let mut fields = rest.split_whitespace();
+            let state = fields.next()?.chars().next()?;
+            (fields.next()? == me).then_some((pid, state))
+        })
+        .collect()
+}
