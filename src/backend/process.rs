@@ -26,6 +26,8 @@ struct Slot {
     /// Its reply receiver's id in the receiver set.
     id: u64,
     generation: u64,
+    /// Killed; its loss is still to be seen.
+    killed: bool,
 }
 
 pub(crate) struct ProcessBackend {
@@ -83,7 +85,7 @@ impl ProcessBackend {
     pub(crate) fn pids(&self) -> Vec<Option<u32>> {
         self.slots
             .iter()
-            .map(|s| s.as_ref().map(|s| s.child.id()))
+            .map(|s| s.as_ref().filter(|s| !s.killed).map(|s| s.child.id()))
             .collect()
     }
 
@@ -115,23 +117,22 @@ impl ProcessBackend {
         Ok(self.generation(worker).expect("the slot was just started"))
     }
 
-    /// Kills and reaps the worker now and queues its loss, after any reply already
-    /// received from it, so neither this job nor the next can send it anything more.
+    /// Kills the worker now; nothing more is sent to it. Its loss is reported as
+    /// usual, once its channel has closed: every reply it sent before it died is
+    /// delivered first, and only what it had not answered is lost.
     pub(crate) fn kill(&mut self, worker: usize) {
-        if let Some(slot) = self.slots.get_mut(worker).and_then(Option::take) {
-            self.ids.remove(&slot.id);
-            let status = reap(slot.child, Duration::ZERO);
-            self.pending.push_back(Event::Lost {
-                worker,
-                generation: slot.generation,
-                status,
-            });
+        if let Some(slot) = self.slots.get_mut(worker).and_then(Option::as_mut)
+            && !slot.killed
+        {
+            slot.killed = true;
+            // Ignored error: the process has exited already; its loss comes anyway.
+            let _ = slot.child.kill();
         }
     }
 
     pub(crate) fn send(&mut self, worker: usize, frame: &mut FrameBuf) -> io::Result<()> {
         match self.slots.get(worker) {
-            Some(Some(slot)) => retry_interrupted(|| slot.link.send(frame)),
+            Some(Some(slot)) if !slot.killed => retry_interrupted(|| slot.link.send(frame)),
             _ => Err(io::Error::from(io::ErrorKind::NotConnected)),
         }
     }
@@ -179,72 +180,88 @@ impl ProcessBackend {
                     });
                 }
             };
-            let mut closed = Vec::new();
-            for result in results {
-                match result {
-                    IpcSelectionResult::MessageReceived(id, _) if id == self.wake_id => {
-                        self.wake.queued.store(false, Ordering::Release);
-                        self.pending.push_back(Event::Woken);
-                    }
-                    IpcSelectionResult::MessageReceived(id, message) => {
-                        let Some(&(worker, generation)) = self.ids.get(&id) else {
-                            continue;
-                        };
-                        let Some(slot) = self.slots[worker]
-                            .as_ref()
-                            .filter(|s| s.generation == generation)
-                        else {
-                            continue;
-                        };
-                        let opened = match message.to::<RawFrame>() {
-                            Ok(raw) => slot.link.open(raw).map_err(|e| e.to_string()),
-                            Err(e) => Err(e.to_string()),
-                        };
-                        let event = match opened {
-                            Ok(frame) => Event::Reply {
-                                worker,
-                                generation,
-                                frame,
-                            },
-                            Err(reason) => Event::Broken {
-                                worker,
-                                generation,
-                                reason,
-                            },
-                        };
-                        self.pending.push_back(event);
-                    }
-                    IpcSelectionResult::ChannelClosed(id) => closed.push(id),
+            self.absorb(results);
+        }
+    }
+
+    /// Turns what a select returned into events: replies first, then losses, as a
+    /// worker may answer and then die in the same wake-up.
+    fn absorb(&mut self, results: Vec<IpcSelectionResult>) {
+        let mut closed = Vec::new();
+        for result in results {
+            match result {
+                IpcSelectionResult::MessageReceived(id, _) if id == self.wake_id => {
+                    self.wake.queued.store(false, Ordering::Release);
+                    self.pending.push_back(Event::Woken);
                 }
+                IpcSelectionResult::MessageReceived(id, message) => {
+                    let Some(&(worker, generation)) = self.ids.get(&id) else {
+                        continue;
+                    };
+                    let Some(slot) = self.slots[worker]
+                        .as_ref()
+                        .filter(|s| s.generation == generation)
+                    else {
+                        continue;
+                    };
+                    let opened = match message.to::<RawFrame>() {
+                        Ok(raw) => slot.link.open(raw).map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    let event = match opened {
+                        Ok(frame) => Event::Reply {
+                            worker,
+                            generation,
+                            frame,
+                        },
+                        Err(reason) => Event::Broken {
+                            worker,
+                            generation,
+                            reason,
+                        },
+                    };
+                    self.pending.push_back(event);
+                }
+                IpcSelectionResult::ChannelClosed(id) => closed.push(id),
             }
-            // Replies first: a worker may answer and then die in the same wake-up.
-            for id in closed {
-                let Some((worker, generation)) = self.ids.remove(&id) else {
-                    continue;
-                };
-                let current = self.slots[worker]
-                    .as_ref()
-                    .is_some_and(|s| s.generation == generation);
-                if current && let Some(slot) = self.slots[worker].take() {
-                    let status = reap(slot.child, EXIT_GRACE);
-                    self.pending.push_back(Event::Lost {
-                        worker,
-                        generation,
-                        status,
-                    });
-                }
+        }
+        for id in closed {
+            let Some((worker, generation)) = self.ids.remove(&id) else {
+                continue;
+            };
+            let current = self.slots[worker]
+                .as_ref()
+                .is_some_and(|s| s.generation == generation);
+            if current && let Some(slot) = self.slots[worker].take() {
+                let status = reap(slot.child, EXIT_GRACE);
+                self.pending.push_back(Event::Lost {
+                    worker,
+                    generation,
+                    status,
+                });
             }
         }
     }
 
     /// Queues the loss of workers whose process has exited but whose channel has
     /// not closed (a process it started still holds the channel's descriptors).
+    /// Whatever they sent before they died is read first.
     fn reap_exited(&mut self) {
-        for worker in 0..self.slots.len() {
-            let exited = self.slots[worker]
-                .as_mut()
-                .is_some_and(|slot| !matches!(slot.child.try_wait(), Ok(None)));
-            if exited && let Some(slot) = self.slots[worker].take() {
+        let exited: Vec<usize> = (0..self.slots.len())
+            .filter(|&w| {
+                self.slots[w]
+                    .as_mut()
+                    .is_some_and(|slot| !matches!(slot.child.try_wait(), Ok(None)))
+            })
+            .collect();
+        if exited.is_empty() {
+            return;
+        }
+        if let Ok(results) = self.replies.try_select() {
+            self.absorb(results);
+        }
+        for worker in exited {
+            if let Some(slot) = self.slots[worker].take() {
                 self.ids.remove(&slot.id);
                 let status = reap(slot.child, Duration::ZERO);
                 self.pending.push_back(Event::Lost {
@@ -410,6 +427,7 @@ impl ProcessBackend {
                                 link,
                                 id,
                                 generation,
+                                killed: false,
                             });
                         }
                         Err(source) => {

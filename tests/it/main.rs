@@ -3,6 +3,7 @@
 multiproc::enable_test_support!();
 
 mod faults;
+mod hardening;
 mod jobs;
 mod par_map;
 mod soak;

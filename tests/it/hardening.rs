@@ -1,0 +1,119 @@
+//! Bugs and blind spots found by review of the first engine: each test failed on it.
+
+use std::time::{Duration, Instant};
+
+use multiproc::{Error, Pool};
+
+use crate::support::{pool, pool_with_chunks, process_exists};
+
+fn stuck_on_0_panics_on_1(x: u64) -> u64 {
+    match x {
+        0 => std::thread::sleep(Duration::from_secs(3600)),
+        1 => panic!("item 1 fails"),
+        _ => {}
+    }
+    x
+}
+
+#[test]
+fn a_failure_is_returned_without_waiting_for_a_stuck_task() {
+    let pool = pool_with_chunks(2, 1);
+    let started = Instant::now();
+    let err = pool.map(0..10u64, stuck_on_0_panics_on_1).unwrap_err();
+    assert!(
+        matches!(err, Error::TaskPanicked { item: 1, .. }),
+        "{err:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "waited {:?}",
+        started.elapsed()
+    );
+    // The stuck worker was stopped and replaced: the pool answers at once.
+    let ok = pool.map(2..20u64, stuck_on_0_panics_on_1).unwrap();
+    assert_eq!(ok, (2..20).collect::<Vec<_>>());
+    assert_eq!(pool.worker_pids().unwrap().len(), 2);
+}
+
+#[test]
+fn worker_pids_are_the_children_started() {
+    let pool = pool(3);
+    let pids = pool.worker_pids().unwrap();
+    assert_eq!(pids.len(), 3);
+    let me = std::process::id().to_string();
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let parent = stat.rsplit_once(") ").unwrap().1.split_whitespace().nth(1);
+        assert_eq!(parent, Some(me.as_str()), "worker {pid} is not our child");
+    }
+}
+
+#[test]
+fn eight_workers_share_a_job() {
+    let pool = pool_with_chunks(8, 3);
+    let out = pool.map(0..10_000u64, |x| x ^ 0xff).unwrap();
+    assert_eq!(out, (0..10_000u64).map(|x| x ^ 0xff).collect::<Vec<_>>());
+    assert_eq!(pool.worker_pids().unwrap().len(), 8);
+}
+
+#[test]
+fn a_context_larger_than_one_message_reaches_every_worker() {
+    let pool = pool_with_chunks(2, 5);
+    let table: Vec<u64> = (0..100_000).collect(); // 800 KB: travels through shared memory
+    let out = pool
+        .map_with(0..1_000u64, &table, |t: &Vec<u64>, x| {
+            t[x as usize * 99] + 1
+        })
+        .unwrap();
+    assert_eq!(out, (0..1_000u64).map(|x| x * 99 + 1).collect::<Vec<_>>());
+}
+
+#[test]
+fn output_can_be_silenced() {
+    // Workers that print to a closed output still work.
+    let pool = Pool::builder()
+        .workers(2)
+        .inherit_output(false)
+        .build()
+        .unwrap();
+    let out = pool
+        .map(0..20u64, |x| {
+            println!("item {x}");
+            eprintln!("item {x}");
+            x
+        })
+        .unwrap();
+    assert_eq!(out, (0..20).collect::<Vec<_>>());
+}
+
+#[test]
+fn replies_received_before_a_worker_dies_are_delivered() {
+    // One worker, one item per chunk, two in flight: it answers item 0 and then
+    // dies on item 1. The answer to item 0 is in hand; the loss concerns item 1.
+    for _ in 0..20 {
+        let pool = pool_with_chunks(1, 1);
+        let err = pool
+            .map(0..10u64, |x| {
+                if x == 1 {
+                    // SAFETY: raising a signal in our own process has no memory effects.
+                    unsafe { libc::raise(libc::SIGKILL) };
+                }
+                x
+            })
+            .unwrap_err();
+        match err {
+            Error::WorkerExited { items, .. } => assert_eq!(items, 1..2),
+            other => panic!("expected a lost worker, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_killed_pool_worker_is_not_left_behind_by_terminate() {
+    let pool = pool(2);
+    let pids = pool.worker_pids().unwrap();
+    pool.terminate().unwrap();
+    for pid in pids {
+        assert!(!process_exists(pid));
+    }
+}
