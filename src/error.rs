@@ -131,6 +131,15 @@ pub enum Error {
         "the pool is already running a call on this thread (called back from the input, serialization or reduce)"
     )]
     NestedCall,
+    /// [`par_map`](crate::par_map) or [`par_map_reduce`](crate::par_map_reduce) was
+    /// called from a task running in a worker process. The default pool would start
+    /// one worker per CPU in every worker; as Python refuses children of its pool
+    /// workers, this is refused. A task that really wants a pool of its own builds
+    /// one with [`Pool::builder`](crate::Pool::builder).
+    #[error(
+        "par_map was called inside a worker process, where it would start a pool of one worker per CPU in every worker; build a pool explicitly if that is wanted"
+    )]
+    InsideWorker,
     /// The task's code is not part of the program's executable (it lives in a
     /// dynamic library or plugin), so a worker process cannot find it by address.
     #[error("the task is not in the program's executable, so workers cannot find it")]

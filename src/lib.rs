@@ -36,6 +36,26 @@
 //!
 //! Worker processes run with one extra command-line argument
 //! (`--multiproc-worker=…`) and `MULTIPROC_WORKER=1` in their environment. Linux only.
+//!
+//! # Sharp edges
+//!
+//! - A task is named by its offset in the executable, with a check hash and a type
+//!   fingerprint: a damaged reference is refused before any jump, but the check is
+//!   against corruption, not forgery. What keeps others from making a worker run
+//!   code is that only its parent can write to its channels (they are created by
+//!   the worker and handed to the parent alone).
+//! - A task is re-created in the worker from its type, so a zero-sized value it
+//!   captures is re-created too: a zero-sized token meaning "this was initialised"
+//!   (a proof type) proves nothing there.
+//! - The codec is not self-describing: types that need one (`serde_json::Value`,
+//!   `#[serde(untagged)]`, `flatten`, `skip_serializing_if`) do not cross. The first
+//!   item, the first result and the context are checked, and rejected with an error.
+//! - [`PoolBuilder::chunk_size`] fixes the items per chunk and lifts the byte limit
+//!   of adaptive chunks: a large chunk then travels through shared memory.
+//! - [`par_map`] inside a task is refused ([`Error::InsideWorker`]): the default
+//!   pool would start one worker per CPU in every worker.
+//! - With the inline backend ([`PoolBuilder::inline`]) a stuck task cannot be
+//!   killed; its thread is abandoned.
 
 #[cfg(not(target_os = "linux"))]
 compile_error!(

@@ -5,14 +5,15 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::pool::Pool;
 
 /// Applies `task` to every item on the default pool; results in input order.
 ///
 /// The default pool is started on first use with one worker per CPU
 /// (`num_cpus::get()`) and lives until the process exits. Calls from several threads
-/// take turns. See [`Pool::map`] for the details and [`Pool::builder`] to choose
+/// share it. Inside a worker process (from a task) it is refused with
+/// [`Error::InsideWorker`](crate::Error::InsideWorker). See [`Pool::map`] for the details and [`Pool::builder`] to choose
 /// the worker count.
 ///
 /// # Errors
@@ -72,6 +73,9 @@ where
 }
 
 fn default_pool() -> Result<Arc<Pool>> {
+    if crate::worker::is_worker() {
+        return Err(Error::InsideWorker);
+    }
     static DEFAULT: Mutex<Option<Arc<Pool>>> = Mutex::new(None);
     let mut slot = DEFAULT.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(pool) = slot.as_ref() {

@@ -66,6 +66,11 @@ pub fn init() {
     std::process::exit(code);
 }
 
+/// True in a worker process serving its parent.
+pub(crate) fn is_worker() -> bool {
+    SERVING.load(Ordering::Relaxed)
+}
+
 /// True when this process was started as a worker but `init()` was not called first,
 /// so `main` is running in the worker and must not start workers of its own.
 pub(crate) fn init_missing() -> bool {

@@ -117,3 +117,17 @@ fn a_killed_pool_worker_is_not_left_behind_by_terminate() {
         assert!(!process_exists(pid));
     }
 }
+
+fn nested_par_map(x: u64) -> String {
+    match multiproc::par_map(vec![x], |y: u64| y) {
+        Ok(_) => "ran".to_owned(),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn par_map_inside_a_worker_is_refused_with_a_clear_error() {
+    let pool = pool(1);
+    let out = pool.map(vec![1u64], nested_par_map).unwrap();
+    assert!(out[0].contains("inside a worker process"), "{}", out[0]);
+}
