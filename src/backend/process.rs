@@ -533,6 +533,27 @@ mod tests {
     }
 
     #[test]
+    fn a_worker_that_never_connects_fails_after_the_start_timeout() {
+        // A program that ignores its arguments and never connects.
+        let dir = std::env::temp_dir().join(format!("multiproc-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("silent-worker");
+        std::fs::write(&script, "#!/bin/sh\nexec sleep 60\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let mut options = options(script.to_str());
+        options.start_timeout = Duration::from_millis(300);
+        let started = Instant::now();
+        let err = ProcessBackend::start(1, options).err().expect("no hello");
+        std::fs::remove_dir_all(&dir).unwrap();
+        let Error::Handshake { reason, .. } = &err else {
+            panic!("expected a handshake error, got {err:?}");
+        };
+        assert!(reason.contains("no hello within"), "{reason}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
     fn a_program_that_cannot_be_started_is_a_spawn_error() {
         let err = ProcessBackend::start(1, options(Some("/nonexistent/program")))
             .err()

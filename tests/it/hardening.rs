@@ -131,3 +131,42 @@ fn par_map_inside_a_worker_is_refused_with_a_clear_error() {
     let out = pool.map(vec![1u64], nested_par_map).unwrap();
     assert!(out[0].contains("inside a worker process"), "{}", out[0]);
 }
+
+static CONTEXT_DECODES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A context value that counts how often it is decoded in this process.
+#[derive(serde::Serialize)]
+struct Counted(Vec<u64>);
+
+impl<'de> serde::Deserialize<'de> for Counted {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        CONTEXT_DECODES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Vec::<u64>::deserialize(d).map(Counted)
+    }
+}
+
+fn decodes_so_far(c: &Counted, i: u64) -> (u32, u64, u64) {
+    (
+        std::process::id(),
+        CONTEXT_DECODES.load(std::sync::atomic::Ordering::SeqCst),
+        c.0[i as usize],
+    )
+}
+
+#[test]
+fn a_context_is_decoded_once_per_worker_and_job() {
+    let pool = pool_with_chunks(2, 10);
+    let context = Counted((0..1_000).collect());
+    for call in 1..=3u64 {
+        let seen = pool
+            .map_with(0..1_000u64, &context, decodes_so_far)
+            .unwrap();
+        for (i, &(_, decodes, value)) in seen.iter().enumerate() {
+            assert_eq!(value, i as u64);
+            // Each worker decoded this job's context once, and once per earlier job.
+            assert_eq!(decodes, call, "item {i} of call {call}");
+        }
+        let workers: std::collections::HashSet<u32> = seen.iter().map(|s| s.0).collect();
+        assert_eq!(workers.len(), 2, "both workers took part");
+    }
+}
