@@ -131,6 +131,16 @@ pub enum Error {
         "the pool is already running a call on this thread (called back from the input, serialization or reduce)"
     )]
     NestedCall,
+    /// A stage of a [`Pipeline`](crate::Pipeline) failed (stages count from 1); the
+    /// error inside names the item (its index in that stage's input) and the
+    /// worker.
+    #[error("stage {stage} of the pipeline failed: {error}")]
+    Stage {
+        /// The stage, counted from 1 in the order they were added.
+        stage: usize,
+        /// What went wrong there.
+        error: Box<Error>,
+    },
     /// [`par_map`](crate::par_map) or [`par_map_reduce`](crate::par_map_reduce) was
     /// called from a task running in a worker process. The default pool would start
     /// one worker per CPU in every worker; as Python refuses children of its pool

@@ -351,8 +351,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// The consumer's side of an `imap` or `imap_unordered`: pulls its input only
 /// while it waits for results, so the input is read a bounded window ahead of what
 /// was taken.
-struct ImapCore<'p, I, U> {
-    core: &'p Core,
+struct ImapCore<I, U> {
+    core: Arc<Core>,
     job: JobId,
     source: IterSource<I>,
     state: Arc<Mutex<ImapState>>,
@@ -363,7 +363,7 @@ struct ImapCore<'p, I, U> {
     job_gone: bool,
 }
 
-impl<'p, I, U> ImapCore<'p, I, U> {
+impl<I, U> ImapCore<I, U> {
     pub(crate) fn sink_for(state: &Arc<Mutex<ImapState>>) -> ImapSink {
         ImapSink {
             state: Arc::clone(state),
@@ -372,15 +372,15 @@ impl<'p, I, U> ImapCore<'p, I, U> {
 }
 
 /// Builds the consumer side and the job sink of a new `imap`.
-pub(crate) fn imap_parts<'p, I, U>(
-    core: &'p Core,
+pub(crate) fn imap_parts<I, U>(
+    core: &Arc<Core>,
     job: JobId,
     items: I,
-) -> (ImapParts<'p, I, U>, ImapSink) {
+) -> (ImapParts<I, U>, ImapSink) {
     let state = Arc::new(Mutex::new(ImapState::default()));
     let sink = ImapCore::<I, U>::sink_for(&state);
     let parts = ImapParts(ImapCore {
-        core,
+        core: Arc::clone(core),
         job,
         source: IterSource::new(items),
         state,
@@ -392,9 +392,9 @@ pub(crate) fn imap_parts<'p, I, U>(
 }
 
 /// An `imap` consumer not yet wrapped in its public iterator type.
-pub(crate) struct ImapParts<'p, I, U>(ImapCore<'p, I, U>);
+pub(crate) struct ImapParts<I, U>(ImapCore<I, U>);
 
-impl<T, I, U> ImapCore<'_, I, U>
+impl<T, I, U> ImapCore<I, U>
 where
     T: serde::Serialize + DeserializeOwned,
     I: Iterator<Item = T>,
@@ -461,7 +461,7 @@ where
     }
 }
 
-impl<I, U> ImapCore<'_, I, U> {
+impl<I, U> ImapCore<I, U> {
     /// Stops the job: reads no more input and ignores what is in flight.
     fn stop(&mut self) {
         self.finished = true;
@@ -475,7 +475,7 @@ impl<I, U> ImapCore<'_, I, U> {
     }
 }
 
-impl<I, U> Drop for ImapCore<'_, I, U> {
+impl<I, U> Drop for ImapCore<I, U> {
     fn drop(&mut self) {
         self.stop();
     }
@@ -487,15 +487,15 @@ impl<I, U> Drop for ImapCore<'_, I, U> {
 /// results taken. Dropping it early stops reading the input and discards what is
 /// in flight; the pool is usable at once.
 pub struct Imap<'p, I, U> {
-    inner: ImapCore<'p, I, U>,
-    _results: PhantomData<U>,
+    inner: ImapCore<I, U>,
+    _pool: PhantomData<&'p ()>,
 }
 
-impl<'p, I, U> Imap<'p, I, U> {
-    pub(crate) fn new(parts: ImapParts<'p, I, U>) -> Self {
+impl<I, U> Imap<'_, I, U> {
+    pub(crate) fn new(parts: ImapParts<I, U>) -> Self {
         Self {
             inner: parts.0,
-            _results: PhantomData,
+            _pool: PhantomData,
         }
     }
 }
@@ -518,12 +518,16 @@ where
 ///
 /// Reads its input lazily as [`Imap`] does, and stops the same way when dropped.
 pub struct ImapUnordered<'p, I, U> {
-    inner: ImapCore<'p, I, U>,
+    inner: ImapCore<I, U>,
+    _pool: PhantomData<&'p ()>,
 }
 
-impl<'p, I, U> ImapUnordered<'p, I, U> {
-    pub(crate) fn new(parts: ImapParts<'p, I, U>) -> Self {
-        Self { inner: parts.0 }
+impl<I, U> ImapUnordered<'_, I, U> {
+    pub(crate) fn new(parts: ImapParts<I, U>) -> Self {
+        Self {
+            inner: parts.0,
+            _pool: PhantomData,
+        }
     }
 }
 

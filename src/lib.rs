@@ -71,6 +71,7 @@ mod error;
 mod handle;
 mod job;
 mod par_map;
+mod pipeline;
 mod pool;
 mod protocol;
 mod scheduler;
@@ -84,6 +85,7 @@ mod worker;
 pub use crate::error::{CodecError, Error, Result, TaskPanic};
 pub use crate::handle::{AsyncResult, Imap, ImapUnordered};
 pub use crate::par_map::{par_map, par_map_reduce};
+pub use crate::pipeline::{DEFAULT_STAGE_ITEMS, Pipeline, PipelineStats, Stage};
 pub use crate::pool::{Pool, PoolBuilder};
 pub use crate::worker::init;
 

@@ -14,8 +14,8 @@ use crate::codec;
 use crate::driver::Core;
 use crate::error::{Error, Result};
 use crate::handle::{
-    ApplyCompletion, AsyncResult, CollectSink, Completion, FoldSink, Imap, ImapUnordered,
-    MapAsyncSink, OnError, OnResult, imap_parts,
+    ApplyCompletion, AsyncResult, CollectSink, Completion, FoldSink, Imap, ImapParts,
+    ImapUnordered, MapAsyncSink, OnError, OnResult, imap_parts,
 };
 use crate::job::{IterSource, Job, Kind, Sink, encode_item};
 use crate::protocol::TaskRef;
@@ -547,14 +547,7 @@ impl Pool {
     {
         task::assert_zero_sized::<F>();
         let _ = task;
-        let task = task_ref::<T, U, Plain<F>, Collect>()?;
-        let mut driving = self.core.lock_open_engine()?;
-        let engine = driving.engine();
-        let mut job = engine.new_job(task, Kind::Lent, true, None)?;
-        let (parts, sink) = imap_parts(&self.core, job.id, items.into_iter());
-        job.kind = Kind::OwnedSink(Box::new(sink));
-        engine.add(job);
-        Ok(Imap::new(parts))
+        Ok(Imap::new(self.start_imap::<I, T, U, F>(items, true)?))
     }
 
     /// Like [`Pool::imap`], yielding `(index, result)` pairs in completion order.
@@ -575,14 +568,31 @@ impl Pool {
     {
         task::assert_zero_sized::<F>();
         let _ = task;
+        Ok(ImapUnordered::new(
+            self.start_imap::<I, T, U, F>(items, false)?,
+        ))
+    }
+
+    /// Puts an `imap` job in the table; its consumer side is returned.
+    pub(crate) fn start_imap<I, T, U, F>(
+        &self,
+        items: I,
+        ordered: bool,
+    ) -> Result<ImapParts<I::IntoIter, U>>
+    where
+        I: IntoIterator<Item = T>,
+        T: Serialize + DeserializeOwned,
+        U: Serialize + DeserializeOwned,
+        F: Fn(T) -> U + Copy + Send + Sync,
+    {
         let task = task_ref::<T, U, Plain<F>, Collect>()?;
         let mut driving = self.core.lock_open_engine()?;
         let engine = driving.engine();
-        let mut job = engine.new_job(task, Kind::Lent, false, None)?;
+        let mut job = engine.new_job(task, Kind::Lent, ordered, None)?;
         let (parts, sink) = imap_parts(&self.core, job.id, items.into_iter());
         job.kind = Kind::OwnedSink(Box::new(sink));
         engine.add(job);
-        Ok(ImapUnordered::new(parts))
+        Ok(parts)
     }
 
     /// Refuses new work: later submissions and calls fail with
@@ -797,6 +807,7 @@ pub struct PoolBuilder {
     start_timeout: Duration,
     max_tasks: Option<usize>,
     initializer: Option<Initializer>,
+    max_chunk_items: Option<usize>,
 }
 
 impl Default for PoolBuilder {
@@ -809,6 +820,7 @@ impl Default for PoolBuilder {
             start_timeout: Duration::from_secs(30),
             max_tasks: None,
             initializer: None,
+            max_chunk_items: None,
         }
     }
 }
@@ -894,6 +906,13 @@ impl PoolBuilder {
         self
     }
 
+    /// Caps adaptive chunks at `items` items (pipeline stages bound their queues
+    /// in items this way).
+    pub(crate) fn max_chunk_items(mut self, items: usize) -> Self {
+        self.max_chunk_items = Some(items.max(1));
+        self
+    }
+
     /// Starts the workers and waits until each has connected (and run the
     /// initializer, if any).
     ///
@@ -945,6 +964,7 @@ impl PoolBuilder {
         let backend = Backend::start(self.inline, workers, options)?;
         let supervisor = Supervisor::new(backend, self.max_tasks, init);
         let mut engine = Engine::new(supervisor, self.chunk_size, workers);
+        engine.max_chunk_items = self.max_chunk_items.unwrap_or(usize::MAX);
         if engine.workers.initializing() {
             engine.drive(&Starting, None, &mut |e| !e.workers.initializing(), None)?;
         }

@@ -74,8 +74,10 @@ pub(crate) struct Engine {
     /// The job that was given the last chunk; the next chunk goes to a later one.
     last_served: JobId,
     chunk_size: Option<usize>,
-    /// How many chunks an ordered job may dispatch ahead of delivery.
-    window: u64,
+    /// Most items in one adaptive chunk.
+    pub(crate) max_chunk_items: usize,
+    /// How many chunks a job may dispatch ahead of delivery.
+    pub(crate) window: u64,
     /// The live `apply_async` stream of each task.
     streams: HashMap<TaskRef, JobId>,
     /// Initializer failures, by worker, not yet reported.
@@ -97,6 +99,7 @@ impl Engine {
             next_job: INIT_JOB + 1,
             last_served: JobId(INIT_JOB),
             chunk_size,
+            max_chunk_items: usize::MAX,
             window: (4 * CREDIT * count) as u64,
             streams: HashMap::new(),
             init_failures: Vec::new(),
@@ -335,7 +338,12 @@ impl Engine {
             return;
         }
         let mut frame = self.workers.take_frame();
-        let Engine { jobs, workers, .. } = self;
+        let Engine {
+            jobs,
+            workers,
+            max_chunk_items,
+            ..
+        } = self;
         let job = jobs
             .get_mut(&id)
             .expect("dispatchable jobs are in the table");
@@ -353,7 +361,8 @@ impl Engine {
         let size = job
             .sizer
             .next(source.remaining_hint(), workers.slots().max(1))
-            .min(workers.budget(worker));
+            .min(workers.budget(worker))
+            .min(*max_chunk_items);
         let byte_cap = if job.sizer.fixed.is_some() {
             usize::MAX
         } else {

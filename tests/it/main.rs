@@ -6,5 +6,6 @@ mod faults;
 mod hardening;
 mod jobs;
 mod par_map;
+mod pipeline;
 mod soak;
 mod support;

@@ -93,3 +93,26 @@ fn replacing_crashed_workers_leaks_nothing() {
     assert_eq!(open_fds(), fds, "descriptors leaked");
     assert_eq!(zombie_children(), 0, "unreaped workers");
 }
+
+#[test]
+#[ignore = "streams 10 million items through a pipeline; run in release"]
+fn ten_million_items_through_a_pipeline_in_bounded_memory() {
+    let _alone = ALONE.lock().unwrap_or_else(|p| p.into_inner());
+    let bound = 65_536u64;
+    let pipeline = multiproc::Pipeline::new(0..10_000_000u64)
+        .inherit_output(false)
+        .stage(1, |x: u64| x ^ 0x5555)
+        .stage(1, splitmix64)
+        .stage_items(bound as usize);
+    let stats = pipeline.stats();
+    let sum = pipeline.reduce(|| 0, u64::wrapping_add).unwrap();
+    let expected = (0..10_000_000u64)
+        .map(|x| splitmix64(x ^ 0x5555))
+        .fold(0, u64::wrapping_add);
+    assert_eq!(sum, expected);
+    assert!(
+        stats.peak_in_flight() <= 3 * bound,
+        "peak {} items in flight",
+        stats.peak_in_flight()
+    );
+}

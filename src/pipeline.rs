@@ -1,0 +1,553 @@
+//! Stages of workers joined by bounded queues: a source, stages, a sink in the parent.
+//!
+//! Each stage is an `imap` job on a pool of its own, whose input is the previous
+//! stage's output: items pass through the parent between stages, a bounded window
+//! of chunks at a time (see `docs/ARCHITECTURE.md` for why not worker to worker). The
+//! end of the input is the end of the source iterator, passed along stage by stage,
+//! never "a queue looked empty".
+
+use std::cell::RefCell;
+use std::fmt;
+use std::marker::PhantomData;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::{Error, Result};
+use crate::handle::{Imap, ImapUnordered};
+use crate::pool::Pool;
+use crate::task;
+
+/// Items a stage may hold in flight by default (in its workers and in the reorder
+/// window), whatever their size; payload bytes are bounded too (64 MiB per stage).
+pub const DEFAULT_STAGE_ITEMS: usize = 65_536;
+
+/// A stream of items under construction: a source, then stages of worker processes,
+/// then a sink in the parent.
+///
+/// ```standalone_crate
+/// fn main() -> multiproc::Result<()> {
+///     multiproc::init(); // in a worker process this call serves tasks and never returns
+///     let lengths: Vec<usize> = multiproc::Pipeline::new(0..1_000u64)
+///         .stage(2, |n: u64| "x".repeat((n % 7) as usize)) // in 2 worker processes
+///         .filter_stage(1, |s: &String| !s.is_empty())       // in 1 more
+///         .stage(2, |s: String| s.len())                      // and 2 more
+///         .collect()?;
+///     assert_eq!(lengths.len(), 1_000 - 143);
+///     Ok(())
+/// }
+/// ```
+///
+/// Stages run at once, each in its own set of workers, and a fast stage waits for a
+/// slow one instead of filling memory: each stage holds at most
+/// [`stage_items`](Pipeline::stage_items) items (default
+/// [`DEFAULT_STAGE_ITEMS`]) and 64 MiB of results in flight. Results keep the input
+/// order unless [`unordered`](Pipeline::unordered) is asked for. The first failure
+/// ends the pipeline (fail fast) with [`Error::Stage`], naming the stage and, inside,
+/// the item (its index in that stage's input) and the worker. Dropping a pipeline,
+/// or the end of its sink, stops every stage's workers.
+pub struct Pipeline<'a, T> {
+    build: Builder<'a, T>,
+    settings: Settings,
+}
+
+/// Builds the stream of a pipeline once the sink runs.
+type Builder<'a, T> = Box<dyn FnOnce(&Settings) -> Result<Stream<'a, T>> + 'a>;
+
+/// A stage's output, item by item.
+type Stream<'a, T> = Box<dyn Iterator<Item = Result<T>> + 'a>;
+
+/// How the pipeline runs; chosen on the builder, applied to every stage.
+#[derive(Clone)]
+struct Settings {
+    ordered: bool,
+    stage_items: usize,
+    inherit_output: bool,
+    stats: Arc<Counters>,
+    stages: usize,
+}
+
+#[derive(Default)]
+struct Counters {
+    read: AtomicU64,
+    done: AtomicU64,
+    peak: AtomicU64,
+}
+
+impl Counters {
+    fn read_one(&self) {
+        let read = self.read.fetch_add(1, Ordering::Relaxed) + 1;
+        let in_flight = read.saturating_sub(self.done.load(Ordering::Relaxed));
+        self.peak.fetch_max(in_flight, Ordering::Relaxed);
+    }
+
+    fn done_one(&self) {
+        self.done.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Counters of a pipeline, readable while and after it runs.
+#[derive(Clone)]
+pub struct PipelineStats(Arc<Counters>);
+
+impl PipelineStats {
+    /// Items read from the source so far.
+    pub fn read(&self) -> u64 {
+        self.0.read.load(Ordering::Relaxed)
+    }
+
+    /// Items that came out of the last stage (or, for
+    /// [`reduce`](Stage::reduce), that entered it).
+    pub fn done(&self) -> u64 {
+        self.0.done.load(Ordering::Relaxed)
+    }
+
+    /// The most items read from the source and not yet done at any moment.
+    pub fn peak_in_flight(&self) -> u64 {
+        self.0.peak.load(Ordering::Relaxed)
+    }
+}
+
+impl fmt::Debug for PipelineStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PipelineStats")
+            .field("read", &self.read())
+            .field("done", &self.done())
+            .field("peak_in_flight", &self.peak_in_flight())
+            .finish()
+    }
+}
+
+impl<'a, T: 'a> Pipeline<'a, T> {
+    /// A pipeline whose items come from `source`, read lazily in this process.
+    pub fn new<I>(source: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        I::IntoIter: 'a,
+    {
+        let source = source.into_iter();
+        Pipeline {
+            build: Box::new(move |settings: &Settings| {
+                let stats = Arc::clone(&settings.stats);
+                let stream: Stream<'a, T> = Box::new(source.map(move |item| {
+                    stats.read_one();
+                    Ok(item)
+                }));
+                Ok(stream)
+            }),
+            settings: Settings {
+                ordered: true,
+                stage_items: DEFAULT_STAGE_ITEMS,
+                inherit_output: true,
+                stats: Arc::default(),
+                stages: 0,
+            },
+        }
+    }
+
+    /// Items flow in completion order instead of input order: a slow item does not
+    /// hold back the ones after it.
+    pub fn unordered(mut self) -> Self {
+        self.settings.ordered = false;
+        self
+    }
+
+    /// Most items each stage holds in flight (at least one per chunk window).
+    pub fn stage_items(mut self, items: usize) -> Self {
+        self.settings.stage_items = items.max(1);
+        self
+    }
+
+    /// Whether the stages' worker processes write to this process's stdout and
+    /// stderr (the default) or to `/dev/null`.
+    pub fn inherit_output(mut self, inherit: bool) -> Self {
+        self.settings.inherit_output = inherit;
+        self
+    }
+
+    /// The pipeline's counters, to read while or after it runs.
+    pub fn stats(&self) -> PipelineStats {
+        PipelineStats(Arc::clone(&self.settings.stats))
+    }
+
+    /// Adds a stage: `task` runs on every item in a set of `workers` processes of
+    /// its own.
+    pub fn stage<U, F>(self, workers: usize, task: F) -> Stage<'a, T, U, F>
+    where
+        T: Serialize + DeserializeOwned,
+        U: Serialize + DeserializeOwned + 'a,
+        F: Fn(T) -> U + Copy + Send + Sync + 'a,
+    {
+        task::assert_zero_sized::<F>();
+        let mut settings = self.settings.clone();
+        settings.stages += 1;
+        Stage {
+            upstream: self,
+            workers,
+            task,
+            settings,
+            _output: PhantomData,
+        }
+    }
+
+    /// Adds a stage whose `task` turns each item into any number of items.
+    pub fn flat_map_stage<U, F>(self, workers: usize, task: F) -> Pipeline<'a, U>
+    where
+        T: Serialize + DeserializeOwned,
+        U: Serialize + DeserializeOwned + 'a,
+        F: Fn(T) -> Vec<U> + Copy + Send + Sync + 'a,
+    {
+        task::assert_zero_sized::<F>();
+        self.stage(workers, task).into_pipeline().then(
+            |items: Stream<'a, Vec<U>>| -> Stream<'a, U> {
+                Box::new(items.flat_map(|batch| -> Stream<'a, U> {
+                    match batch {
+                        Ok(batch) => Box::new(batch.into_iter().map(Ok)),
+                        Err(e) => Box::new(std::iter::once(Err(e))),
+                    }
+                }))
+            },
+        )
+    }
+
+    /// Adds a stage that keeps the items for which `keep` is true.
+    pub fn filter_stage<F>(self, workers: usize, keep: F) -> Pipeline<'a, T>
+    where
+        T: Serialize + DeserializeOwned,
+        F: Fn(&T) -> bool + Copy + Send + Sync + 'a,
+    {
+        task::assert_zero_sized::<F>();
+        let _ = keep;
+        self.stage(workers, move |item: T| keep(&item).then_some(item))
+            .into_pipeline()
+            .then(|items: Stream<'a, Option<T>>| -> Stream<'a, T> {
+                Box::new(items.filter_map(Result::transpose))
+            })
+    }
+
+    /// Runs the pipeline and returns every item that comes out, in input order
+    /// unless [`unordered`](Pipeline::unordered).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Stage`] for the first failure of a stage; the errors of
+    /// [`PoolBuilder::build`](crate::PoolBuilder::build) when a stage's workers cannot
+    /// start.
+    pub fn collect(self) -> Result<Vec<T>> {
+        let mut out = Vec::new();
+        self.for_each(|item| out.push(item))?;
+        Ok(out)
+    }
+
+    /// Runs the pipeline and hands every item that comes out to `f`, here in the
+    /// parent, as it comes.
+    ///
+    /// # Errors
+    ///
+    /// As [`Pipeline::collect`].
+    pub fn for_each(self, mut f: impl FnMut(T)) -> Result<()> {
+        let stats = Arc::clone(&self.settings.stats);
+        let stream = (self.build)(&self.settings)?;
+        for item in stream {
+            f(item?);
+            stats.done_one();
+        }
+        Ok(())
+    }
+
+    /// Runs the pipeline and folds every item that comes out with `combine`, from
+    /// `identity()`, in the parent. After [`stage`](Pipeline::stage), use
+    /// [`Stage::reduce`], which folds in that stage's workers first.
+    ///
+    /// # Errors
+    ///
+    /// As [`Pipeline::collect`].
+    pub fn reduce<Id, R>(self, identity: Id, combine: R) -> Result<T>
+    where
+        Id: Fn() -> T,
+        R: Fn(T, T) -> T,
+    {
+        let mut acc = Some(identity());
+        self.for_each(|item| {
+            let so_far = acc.take().expect("refilled after every item");
+            acc = Some(combine(so_far, item));
+        })?;
+        Ok(acc.expect("refilled after every item"))
+    }
+
+    /// Applies `f` to the stream this pipeline will produce.
+    fn then<V: 'a>(self, f: impl FnOnce(Stream<'a, T>) -> Stream<'a, V> + 'a) -> Pipeline<'a, V> {
+        let build = self.build;
+        Pipeline {
+            build: Box::new(move |settings: &Settings| build(settings).map(f)),
+            settings: self.settings,
+        }
+    }
+}
+
+/// A pipeline whose last step is a stage: it can still fold inside that stage's
+/// workers ([`Stage::reduce`]); every other method is that of [`Pipeline`].
+pub struct Stage<'a, P, T, F> {
+    upstream: Pipeline<'a, P>,
+    workers: usize,
+    task: F,
+    settings: Settings,
+    _output: PhantomData<fn() -> T>,
+}
+
+impl<'a, P, T, F> Stage<'a, P, T, F>
+where
+    P: Serialize + DeserializeOwned + 'a,
+    T: Serialize + DeserializeOwned + 'a,
+    F: Fn(P) -> T + Copy + Send + Sync + 'a,
+{
+    /// The stage as a plain pipeline: an `imap` on a pool of its own.
+    fn into_pipeline(self) -> Pipeline<'a, T> {
+        let Stage {
+            upstream,
+            workers,
+            settings,
+            ..
+        } = self;
+        let number = settings.stages;
+        let build = upstream.build;
+        Pipeline {
+            build: Box::new(move |settings: &Settings| -> Result<Stream<'a, T>> {
+                let input = build(settings)?;
+                let pool = stage_pool(settings, workers, number)?;
+                let upstream = Rc::new(RefCell::new(None));
+                let feed = Feed {
+                    input,
+                    error: Rc::clone(&upstream),
+                };
+                let outputs: Stream<'a, T> = if settings.ordered {
+                    let parts = pool.start_imap::<_, P, T, F>(feed, true)?;
+                    Box::new(Imap::new(parts))
+                } else {
+                    let parts = pool.start_imap::<_, P, T, F>(feed, false)?;
+                    Box::new(ImapUnordered::new(parts).map(|r| r.map(|(_, v)| v)))
+                };
+                Ok(Box::new(StageOutput {
+                    outputs,
+                    upstream,
+                    stage: number,
+                    failed: false,
+                    _pool: pool,
+                }))
+            }),
+            settings,
+        }
+    }
+
+    /// Runs the pipeline and folds this stage's results with `combine` from
+    /// `identity()`: first inside this stage's workers (one partial per chunk, as
+    /// [`Pool::map_reduce`] does), then in the parent, in input order. `combine` must
+    /// be associative and `identity()` its neutral element.
+    ///
+    /// # Errors
+    ///
+    /// As [`Pipeline::collect`].
+    pub fn reduce<Id, R>(self, identity: Id, combine: R) -> Result<T>
+    where
+        Id: Fn() -> T + Copy + Send + Sync,
+        R: Fn(T, T) -> T + Copy + Send + Sync,
+    {
+        let Stage {
+            upstream,
+            workers,
+            task,
+            settings,
+            ..
+        } = self;
+        let stats = Arc::clone(&settings.stats);
+        let input = (upstream.build)(&settings)?;
+        let pool = stage_pool(&settings, workers, settings.stages)?;
+        let error = Rc::new(RefCell::new(None));
+        let feed = Feed {
+            input,
+            error: Rc::clone(&error),
+        }
+        .inspect(|_| stats.done_one());
+        let folded = pool.map_reduce(feed, task, identity, combine);
+        if let Some(e) = error.borrow_mut().take() {
+            return Err(e);
+        }
+        folded.map_err(|e| Error::Stage {
+            stage: settings.stages,
+            error: Box::new(e),
+        })
+    }
+
+    /// Adds a stage after this one; see [`Pipeline::stage`].
+    pub fn stage<U, G>(self, workers: usize, task: G) -> Stage<'a, T, U, G>
+    where
+        U: Serialize + DeserializeOwned + 'a,
+        G: Fn(T) -> U + Copy + Send + Sync + 'a,
+    {
+        self.into_pipeline().stage(workers, task)
+    }
+
+    /// See [`Pipeline::flat_map_stage`].
+    pub fn flat_map_stage<U, G>(self, workers: usize, task: G) -> Pipeline<'a, U>
+    where
+        U: Serialize + DeserializeOwned + 'a,
+        G: Fn(T) -> Vec<U> + Copy + Send + Sync + 'a,
+    {
+        self.into_pipeline().flat_map_stage(workers, task)
+    }
+
+    /// See [`Pipeline::filter_stage`].
+    pub fn filter_stage<G>(self, workers: usize, keep: G) -> Pipeline<'a, T>
+    where
+        G: Fn(&T) -> bool + Copy + Send + Sync + 'a,
+    {
+        self.into_pipeline().filter_stage(workers, keep)
+    }
+
+    /// See [`Pipeline::unordered`].
+    pub fn unordered(mut self) -> Self {
+        self.settings.ordered = false;
+        self
+    }
+
+    /// See [`Pipeline::stage_items`].
+    pub fn stage_items(mut self, items: usize) -> Self {
+        self.settings.stage_items = items.max(1);
+        self
+    }
+
+    /// See [`Pipeline::inherit_output`].
+    pub fn inherit_output(mut self, inherit: bool) -> Self {
+        self.settings.inherit_output = inherit;
+        self
+    }
+
+    /// See [`Pipeline::stats`].
+    pub fn stats(&self) -> PipelineStats {
+        PipelineStats(Arc::clone(&self.settings.stats))
+    }
+
+    /// See [`Pipeline::collect`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Pipeline::collect`].
+    pub fn collect(self) -> Result<Vec<T>> {
+        self.into_pipeline().collect()
+    }
+
+    /// See [`Pipeline::for_each`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Pipeline::collect`].
+    pub fn for_each(self, f: impl FnMut(T)) -> Result<()> {
+        self.into_pipeline().for_each(f)
+    }
+}
+
+/// Starts the workers of stage `number` (counted from 1).
+fn stage_pool(settings: &Settings, workers: usize, number: usize) -> Result<Pool> {
+    // A stage's window is four chunks per worker: cap chunks so that the window
+    // holds at most `stage_items` items.
+    let window = 4 * crate::supervisor::CREDIT * workers.max(1);
+    Pool::builder()
+        .workers(workers)
+        .inherit_output(settings.inherit_output)
+        .max_chunk_items(settings.stage_items.div_ceil(window))
+        .build()
+        .map_err(|e| Error::Stage {
+            stage: number,
+            error: Box::new(e),
+        })
+}
+
+/// The previous stage's items as plain items for the next stage's input: the first
+/// error stops the input and is kept, to be passed on after this stage's own
+/// results.
+struct Feed<'a, T> {
+    input: Stream<'a, T>,
+    error: Rc<RefCell<Option<Error>>>,
+}
+
+impl<T> Iterator for Feed<'_, T> {
+    type Item = T;
+
+    fn next(&mut self) -> Option<T> {
+        if self.error.borrow().is_some() {
+            return None;
+        }
+        match self.input.next()? {
+            Ok(item) => Some(item),
+            Err(e) => {
+                *self.error.borrow_mut() = Some(e);
+                None
+            }
+        }
+    }
+}
+
+/// A stage's results, then any error from upstream. Owns the stage's pool, which
+/// stops its workers when the stream is dropped.
+struct StageOutput<'a, T> {
+    outputs: Stream<'a, T>,
+    upstream: Rc<RefCell<Option<Error>>>,
+    stage: usize,
+    failed: bool,
+    // Dropped after `outputs`, whose job it serves.
+    _pool: Pool,
+}
+
+impl<T> Iterator for StageOutput<'_, T> {
+    type Item = Result<T>;
+
+    fn next(&mut self) -> Option<Result<T>> {
+        if self.failed {
+            return None;
+        }
+        // An error from upstream comes first: this stage's input ended because of it.
+        if let Some(e) = self.upstream.borrow_mut().take() {
+            self.failed = true;
+            return Some(Err(e));
+        }
+        match self.outputs.next() {
+            Some(Ok(item)) => Some(Ok(item)),
+            Some(Err(e)) => {
+                self.failed = true;
+                let upstream = self.upstream.borrow_mut().take();
+                Some(Err(upstream.unwrap_or(Error::Stage {
+                    stage: self.stage,
+                    error: Box::new(e),
+                })))
+            }
+            None => {
+                let upstream = self.upstream.borrow_mut().take();
+                upstream.map(|e| {
+                    self.failed = true;
+                    Err(e)
+                })
+            }
+        }
+    }
+}
+
+impl<T> fmt::Debug for Pipeline<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("stages", &self.settings.stages)
+            .field("ordered", &self.settings.ordered)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P, T, F> fmt::Debug for Stage<'_, P, T, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Stage")
+            .field("stage", &self.settings.stages)
+            .field("workers", &self.workers)
+            .finish_non_exhaustive()
+    }
+}
