@@ -5,20 +5,23 @@
 //! than speed. Swapping the codec means changing this file only.
 
 use bincode::config::{Configuration, Fixint, Limit, LittleEndian};
+use bincode::de::read::Reader as ByteReader;
+use bincode::de::{Decode, Decoder, DecoderImpl};
 use bincode::enc::write::Writer;
-use bincode::error::EncodeError;
+use bincode::error::{DecodeError, EncodeError};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::CodecError;
 
-/// Largest size one decoded value may claim for its containers: 4 GiB.
+/// The decoder's byte budget before [`Reader::decode`] narrows it to the input.
 ///
 /// bincode allocates a string or byte buffer at the length its prefix claims before
-/// reading it, so without a limit one corrupt length aborts the process on an
-/// impossible allocation. Under the limit, a corrupt length costs at most a lazily
-/// zeroed allocation that is freed when the read then fails.
-const DECODE_LIMIT: usize = 1 << 32;
+/// reading it, after checking the claim against this limit. The limit is a type
+/// parameter, so it cannot follow the input; instead every decode first claims all
+/// but the input's length of it (see [`Reader::decode`]), which leaves a budget of
+/// exactly the bytes still unread. A corrupt length then fails before any allocation.
+const DECODE_LIMIT: usize = usize::MAX;
 
 const CONFIG: Configuration<LittleEndian, Fixint, Limit<DECODE_LIMIT>> =
     bincode::config::legacy().with_limit::<DECODE_LIMIT>();
@@ -71,11 +74,22 @@ impl<'a> Reader<'a> {
     }
 
     /// Decodes the next value.
+    ///
+    /// Every length in the value is bounded by the bytes left in this reader: the
+    /// decoder's limit is pre-claimed down to `self.remaining()`, and bincode checks
+    /// each claim (every primitive, and a string's or byte buffer's length before it
+    /// allocates) against what is left of it.
     #[inline]
     pub(crate) fn decode<T: DeserializeOwned>(&mut self) -> Result<T, CodecError> {
-        let (value, used) = bincode::serde::decode_from_slice(self.bytes, CONFIG)
-            .map_err(|e| CodecError(e.to_string()))?;
-        self.bytes = &self.bytes[used..];
+        let mut source = SliceSource { bytes: self.bytes };
+        let mut decoder = DecoderImpl::new(&mut source, CONFIG, ());
+        decoder
+            .claim_bytes_read(DECODE_LIMIT - self.bytes.len())
+            .expect("claiming less than the limit cannot exceed it");
+        let value = bincode::serde::Compat::<T>::decode(&mut decoder)
+            .map_err(decode_error)?
+            .0;
+        self.bytes = source.bytes;
         Ok(value)
     }
 
@@ -85,6 +99,44 @@ impl<'a> Reader<'a> {
 
     pub(crate) fn remaining(&self) -> usize {
         self.bytes.len()
+    }
+}
+
+fn decode_error(error: DecodeError) -> CodecError {
+    match error {
+        DecodeError::LimitExceeded => {
+            CodecError("a length claims more bytes than are left in the input".into())
+        }
+        other => CodecError(other.to_string()),
+    }
+}
+
+/// bincode's view of the unread part of a [`Reader`]'s input.
+struct SliceSource<'a> {
+    bytes: &'a [u8],
+}
+
+impl ByteReader for SliceSource<'_> {
+    #[inline]
+    fn read(&mut self, out: &mut [u8]) -> Result<(), DecodeError> {
+        let Some((head, rest)) = self.bytes.split_at_checked(out.len()) else {
+            return Err(DecodeError::UnexpectedEnd {
+                additional: out.len() - self.bytes.len(),
+            });
+        };
+        out.copy_from_slice(head);
+        self.bytes = rest;
+        Ok(())
+    }
+
+    #[inline]
+    fn peek_read(&mut self, n: usize) -> Option<&[u8]> {
+        self.bytes.get(..n)
+    }
+
+    #[inline]
+    fn consume(&mut self, n: usize) {
+        self.bytes = self.bytes.get(n..).unwrap_or_default();
     }
 }
 
@@ -125,6 +177,95 @@ mod tests {
         encode_into(&(u64::MAX / 2), &mut buf).unwrap();
         assert!(decode::<Vec<u64>>(&buf).is_err());
         assert!(decode::<String>(&buf).is_err());
+    }
+
+    /// Forwards to the system allocator and remembers the largest request, so a test
+    /// can tell that a corrupt length did not turn into an allocation.
+    struct LargestRequest;
+
+    static LARGEST_REQUEST: std::sync::atomic::AtomicUsize =
+        std::sync::atomic::AtomicUsize::new(0);
+
+    // SAFETY: every method forwards to `System` with the caller's own arguments, so
+    // `System`'s guarantees carry over unchanged; the bookkeeping only reads sizes.
+    unsafe impl std::alloc::GlobalAlloc for LargestRequest {
+        unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+            LARGEST_REQUEST.fetch_max(layout.size(), std::sync::atomic::Ordering::Relaxed);
+            // SAFETY: requirements forwarded to the caller.
+            unsafe { std::alloc::System.alloc(layout) }
+        }
+        unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+            LARGEST_REQUEST.fetch_max(layout.size(), std::sync::atomic::Ordering::Relaxed);
+            // SAFETY: requirements forwarded to the caller.
+            unsafe { std::alloc::System.alloc_zeroed(layout) }
+        }
+        unsafe fn realloc(
+            &self,
+            ptr: *mut u8,
+            layout: std::alloc::Layout,
+            new_size: usize,
+        ) -> *mut u8 {
+            LARGEST_REQUEST.fetch_max(new_size, std::sync::atomic::Ordering::Relaxed);
+            // SAFETY: requirements forwarded to the caller.
+            unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+            // SAFETY: requirements forwarded to the caller.
+            unsafe { std::alloc::System.dealloc(ptr, layout) }
+        }
+    }
+
+    #[global_allocator]
+    static ALLOCATOR: LargestRequest = LargestRequest;
+
+    #[test]
+    fn a_corrupt_length_fails_before_allocating() {
+        // 16 bytes whose length prefix claims 3 GiB.
+        let mut buf = Vec::new();
+        encode_into(&(3u64 << 30), &mut buf).unwrap();
+        buf.extend_from_slice(b"abcdefgh");
+        assert_eq!(buf.len(), 16);
+        let err = decode::<String>(&buf).unwrap_err();
+        assert!(err.0.contains("more bytes than are left"), "{err}");
+        assert!(decode::<Vec<u8>>(&buf).is_err());
+        assert!(decode::<serde_bytes_like::Bytes>(&buf).is_err());
+        // Other tests allocate at most a few MiB; a claim honoured would ask for 3 GiB.
+        let largest = LARGEST_REQUEST.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(largest < 1 << 30, "an allocation of {largest} bytes was requested");
+    }
+
+    #[test]
+    fn lengths_up_to_the_bytes_left_still_decode() {
+        let mut buf = Vec::new();
+        encode_into("exact", &mut buf).unwrap();
+        encode_into(&vec![7u64; 3], &mut buf).unwrap();
+        let mut reader = Reader::new(&buf);
+        assert_eq!(reader.decode::<String>().unwrap(), "exact");
+        assert_eq!(reader.decode::<Vec<u64>>().unwrap(), [7, 7, 7]);
+        assert!(reader.is_empty());
+        // One byte short of the last value: the claim is one more than what is left.
+        assert!(decode::<String>(&buf[..8 + 4]).is_err());
+    }
+
+    /// A byte buffer decoded through `deserialize_byte_buf`, as `serde_bytes` does.
+    mod serde_bytes_like {
+        pub(super) struct Bytes(#[allow(dead_code)] pub(super) Vec<u8>);
+
+        impl<'de> serde::Deserialize<'de> for Bytes {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl serde::de::Visitor<'_> for V {
+                    type Value = Bytes;
+                    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                        f.write_str("bytes")
+                    }
+                    fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Bytes, E> {
+                        Ok(Bytes(v))
+                    }
+                }
+                d.deserialize_byte_buf(V)
+            }
+        }
     }
 
     #[test]
