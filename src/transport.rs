@@ -183,6 +183,84 @@ fn ipc_to_io(err: IpcError) -> io::Error {
     }
 }
 
+/// Whether an ipc-channel error is an interrupted system call (`EINTR`).
+///
+/// ipc-channel passes `EINTR` from `recvmsg`, `sendmsg` and `poll` up as
+/// `IpcError::Io` of kind `Interrupted`. A call that failed that way moved no data: a
+/// receive fails before it read the first fragment and a send before it queued its
+/// message, so the call may simply be made again. (A fragmented message interrupted
+/// between fragments is lost, but no frame is ever fragmented: see [`INLINE_LIMIT`].)
+fn is_interrupted(err: &IpcError) -> bool {
+    matches!(err, IpcError::Io(e) if e.kind() == io::ErrorKind::Interrupted)
+}
+
+/// Runs `call` again for as long as it fails with `EINTR`.
+fn retry_interrupted<R>(mut call: impl FnMut() -> Result<R, IpcError>) -> Result<R, IpcError> {
+    loop {
+        match call() {
+            Err(e) if is_interrupted(&e) => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Waits up to `timeout` for the memfd announced by a large-frame marker.
+fn recv_shared(
+    receiver: &IpcReceiver<IpcSharedMemory>,
+    timeout: Duration,
+) -> io::Result<IpcSharedMemory> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match receiver.try_recv_timeout(left) {
+            Ok(shared) => return Ok(shared),
+            Err(TryRecvError::IpcError(e)) if is_interrupted(&e) => continue,
+            Err(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "a large-frame marker arrived without its shared memory",
+                ));
+            }
+        }
+    }
+}
+
+/// Runs `f` with this thread's asynchronous signals held back, then restores its mask.
+///
+/// For the calls ipc-channel cannot repeat after `EINTR`: its one-shot `accept`
+/// consumes the server even when it fails, and its `connect` gives up (leaking the
+/// socket) rather than finish a connection the signal interrupted. Signals sent to
+/// the process meanwhile go to other threads or wait until `f` returns. Signals a
+/// fault raises (`SIGSEGV`, `SIGBUS`, `SIGFPE`, `SIGILL`) stay unblocked.
+fn with_signals_held<R>(f: impl FnOnce() -> R) -> R {
+    let mut held = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: `sigfillset` initialises the set behind the pointer it is given.
+    unsafe { libc::sigfillset(held.as_mut_ptr()) };
+    // SAFETY: `sigfillset` initialised the set just above (it cannot fail on a valid pointer).
+    let mut held = unsafe { held.assume_init() };
+    for fault in [libc::SIGSEGV, libc::SIGBUS, libc::SIGFPE, libc::SIGILL] {
+        // SAFETY: `held` is an initialised set and `fault` a valid signal number.
+        unsafe { libc::sigdelset(&mut held, fault) };
+    }
+    let mut previous = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: both pointers are valid for the call, which changes only this thread's mask.
+    let blocked = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &held, previous.as_mut_ptr()) };
+    if blocked != 0 {
+        return f();
+    }
+    // SAFETY: `pthread_sigmask` succeeded, so it stored the previous mask.
+    let previous = unsafe { previous.assume_init() };
+    struct Restore(libc::sigset_t);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: restores a mask `pthread_sigmask` returned for this same thread.
+            unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, std::ptr::null_mut()) };
+        }
+    }
+    let _restore = Restore(previous);
+    f()
+}
+
 /// Sends a frame: inline when small, through a memfd when large.
 fn send_frame(
     bytes: &IpcBytesSender,
@@ -190,16 +268,39 @@ fn send_frame(
     frame: &mut FrameBuf,
 ) -> io::Result<()> {
     if frame.body_len() <= INLINE_LIMIT {
-        return bytes.send(frame.prefixed());
+        let wire = frame.prefixed();
+        return retry_interrupted(|| bytes.send(wire).map_err(IpcError::Io)).map_err(ipc_to_io);
     }
     // ipc-channel asserts (panics) when it cannot create the memfd, for example when
     // the process is out of descriptors; turn that into an error for this frame.
     let body = frame.body_bytes();
     let shared = std::panic::catch_unwind(|| IpcSharedMemory::from_bytes(body))
         .map_err(|_| io::Error::other("could not create shared memory for a large frame"))?;
-    big.send(shared).map_err(ipc_to_io)?;
+    // `IpcSender::send` takes its message by value; sending a reference through the
+    // same channel (the bytes on the wire are the same) lets an interrupted send be
+    // made again with the same memfd.
+    let by_ref = big.clone().to_opaque().to::<SharedRef<'_>>();
+    retry_interrupted(|| by_ref.send(SharedRef(&shared))).map_err(ipc_to_io)?;
     // The empty frame says "the body is waiting on the shared-memory channel".
-    bytes.send(&[0])
+    retry_interrupted(|| bytes.send(&[0]).map_err(IpcError::Io)).map_err(ipc_to_io)
+}
+
+/// An `IpcSharedMemory` sent by reference: serialises exactly as the value does.
+struct SharedRef<'a>(&'a IpcSharedMemory);
+
+impl Serialize for SharedRef<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for SharedRef<'_> {
+    /// Never called: the receiving end reads `IpcSharedMemory` values.
+    fn deserialize<D: Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+        Err(de::Error::custom(
+            "a shared-memory reference is only ever sent",
+        ))
+    }
 }
 
 /// The handshake message, worker side. Field order must match [`HelloIn`]: the two
@@ -262,10 +363,12 @@ impl WorkerLink {
             pid: std::process::id(),
             fingerprint,
         };
-        let bootstrap = IpcSender::<HandshakeOut>::connect(server.to_owned())?;
-        bootstrap
-            .send(HandshakeOut::Hello(hello))
-            .map_err(ipc_to_io)?;
+        with_signals_held(|| {
+            let bootstrap = IpcSender::<HandshakeOut>::connect(server.to_owned())?;
+            bootstrap
+                .send(HandshakeOut::Hello(hello))
+                .map_err(ipc_to_io)
+        })?;
         Ok(Self {
             requests,
             big_requests,
@@ -281,7 +384,9 @@ impl WorkerLink {
             Err(TryRecvError::Empty) => None,
             Err(TryRecvError::IpcError(e)) => Some(Err(e)),
         });
-        let bytes = match polled.unwrap_or_else(|| self.requests.recv()) {
+        let polled = polled.filter(|result| !matches!(result, Err(e) if is_interrupted(e)));
+        let received = polled.unwrap_or_else(|| retry_interrupted(|| self.requests.recv()));
+        let bytes = match received {
             Ok(bytes) => strip_prefix(bytes)?,
             Err(IpcError::Disconnected) => return Ok(None),
             Err(e) => return Err(ipc_to_io(e)),
@@ -289,13 +394,7 @@ impl WorkerLink {
         if !bytes.is_empty() {
             return Ok(Some(Frame::Inline(bytes)));
         }
-        match self.big_requests.try_recv_timeout(Duration::from_secs(10)) {
-            Ok(shared) => Ok(Some(Frame::Shared(shared))),
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "a large-frame marker arrived without its shared memory",
-            )),
-        }
+        recv_shared(&self.big_requests, Duration::from_secs(10)).map(|s| Some(Frame::Shared(s)))
     }
 
     pub(crate) fn send(&self, frame: &mut FrameBuf) -> io::Result<()> {
@@ -325,13 +424,7 @@ impl ParentLink {
             return Ok(Frame::Inline(raw.0));
         }
         // The worker sent the memfd before the marker, so it is already queued.
-        match self.big_replies.try_recv_timeout(Duration::from_secs(10)) {
-            Ok(shared) => Ok(Frame::Shared(shared)),
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "a large-frame marker arrived without its shared memory",
-            )),
-        }
+        recv_shared(&self.big_replies, Duration::from_secs(10)).map(Frame::Shared)
     }
 }
 
@@ -357,9 +450,11 @@ impl Listener {
 
     /// Blocks until the worker says hello, or until [`Listener::abort`] is called with
     /// this listener's name (`Ok(None)`). ipc-channel's accept has no timeout, hence
-    /// the abort.
+    /// the abort. Signals are held back meanwhile: an `EINTR` inside ipc-channel's
+    /// accept would consume the server, so it could not be retried.
     pub(crate) fn accept(self) -> io::Result<Option<Accepted>> {
-        let (_bootstrap, message) = self.server.accept().map_err(ipc_to_io)?;
+        let server = self.server;
+        let (_bootstrap, message) = with_signals_held(|| server.accept()).map_err(ipc_to_io)?;
         match message {
             HandshakeIn::Hello(hello) => Ok(Some((
                 ParentLink {

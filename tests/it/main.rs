@@ -4,5 +4,6 @@ multiproc::enable_test_support!();
 
 mod faults;
 mod par_map;
+mod signals;
 mod soak;
 mod support;
