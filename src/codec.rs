@@ -187,8 +187,7 @@ mod tests {
     /// can tell that a corrupt length did not turn into an allocation.
     struct LargestRequest;
 
-    static LARGEST_REQUEST: std::sync::atomic::AtomicUsize =
-        std::sync::atomic::AtomicUsize::new(0);
+    static LARGEST_REQUEST: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
     // SAFETY: every method forwards to `System` with the caller's own arguments, so
     // `System`'s guarantees carry over unchanged; the bookkeeping only reads sizes.
@@ -235,7 +234,10 @@ mod tests {
         assert!(decode::<serde_bytes_like::Bytes>(&buf).is_err());
         // Other tests allocate at most a few MiB; a claim honoured would ask for 3 GiB.
         let largest = LARGEST_REQUEST.load(std::sync::atomic::Ordering::Relaxed);
-        assert!(largest < 1 << 30, "an allocation of {largest} bytes was requested");
+        assert!(
+            largest < 1 << 30,
+            "an allocation of {largest} bytes was requested"
+        );
     }
 
     #[test]
@@ -280,4 +282,3 @@ mod tests {
         assert!(decode::<u32>(&buf).is_err());
     }
 }
-
