@@ -2,11 +2,12 @@
 //!
 //! Every worker has one fixed set of four channels, opened by the worker itself at start
 //! (so the worker holds the only sender of its reply channel, and its death closes it):
-//! a byte channel each way for frames up to [`INLINE_LIMIT`], and a shared-memory channel
+//! a byte channel each way for frames up to [`inline_limit`], and a shared-memory channel
 //! each way for larger frames. A large frame travels as one memfd whose descriptor is sent
 //! first on the shared-memory channel, followed by an empty marker frame on the byte
-//! channel; this keeps every socket message far below ipc-channel's ~207 KiB fragment
-//! size, where a send becomes a rendezvous that hangs if the peer dies mid-transfer.
+//! channel; this keeps every socket message within ipc-channel's fragment size (about
+//! 207 KiB with Linux's default socket buffer, less where the buffer is smaller), above
+//! which a send becomes a rendezvous that hangs if the peer dies mid-transfer.
 //!
 //! Frames are prefixed with their length as a LEB128 varint, which is exactly how
 //! postcard (ipc-channel's own codec) lays out a byte string. That lets the parent add
@@ -15,8 +16,10 @@
 
 use std::io;
 use std::ops::Deref;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use ipc_channel::platform::OsIpcSender;
 use ipc_channel::{IpcError, TryRecvError};
 
 use ipc_channel::ipc::{
@@ -26,9 +29,53 @@ use ipc_channel::ipc::{
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
-/// Frames with a body larger than this travel through shared memory. ipc-channel
-/// sends up to 212,448 bytes as one packet with the default socket buffer.
-pub(crate) const INLINE_LIMIT: usize = 200 * 1024;
+/// The largest frame body that goes out as one socket message; larger frames travel
+/// through shared memory.
+///
+/// ipc-channel sends a message as one packet when it fits its first fragment, whose
+/// size follows the socket send buffer (`SO_SNDBUF` of a fresh socket, that is
+/// `net.core.wmem_default`, less room for 64 descriptors and a 16-byte header):
+/// 212,448 bytes with the default 212,992-byte buffer, less on hosts with a smaller
+/// one. This asks ipc-channel for that size (it measures once and caches it, as this
+/// does) and keeps room for the frame's length prefix.
+pub(crate) fn inline_limit() -> usize {
+    #[cfg(test)]
+    if let Some(forced) = FORCED_INLINE_LIMIT.get() {
+        return forced;
+    }
+    static LIMIT: OnceLock<usize> = OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        // ipc-channel panics when it cannot open the socket it measures (out of
+        // descriptors); a conservative size keeps frames single packets meanwhile.
+        std::panic::catch_unwind(OsIpcSender::get_max_fragment_size)
+            .map_or(FALLBACK_INLINE_LIMIT, |fragment| {
+                fragment.saturating_sub(PREFIX)
+            })
+    })
+}
+
+/// Used when the fragment size cannot be measured: far below any socket buffer Linux
+/// gives a new socket by default.
+const FALLBACK_INLINE_LIMIT: usize = 32 * 1024;
+
+#[cfg(test)]
+thread_local! {
+    /// A smaller [`inline_limit`] for the tests on this thread.
+    static FORCED_INLINE_LIMIT: std::cell::Cell<Option<usize>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// Makes [`inline_limit`] return `limit` on this thread until the guard is dropped.
+#[cfg(test)]
+pub(crate) fn force_inline_limit(limit: usize) -> impl Drop {
+    struct Restore(Option<usize>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FORCED_INLINE_LIMIT.set(self.0);
+        }
+    }
+    Restore(FORCED_INLINE_LIMIT.replace(Some(limit)))
+}
 
 /// How long a waiting receiver keeps polling (yielding the CPU between attempts)
 /// before it blocks. On virtual machines a blocked thread whose CPU went idle takes
@@ -189,7 +236,7 @@ fn ipc_to_io(err: IpcError) -> io::Error {
 /// `IpcError::Io` of kind `Interrupted`. A call that failed that way moved no data: a
 /// receive fails before it read the first fragment and a send before it queued its
 /// message, so the call may simply be made again. (A fragmented message interrupted
-/// between fragments is lost, but no frame is ever fragmented: see [`INLINE_LIMIT`].)
+/// between fragments is lost, but no frame is ever fragmented: see [`inline_limit`].)
 fn is_interrupted(err: &IpcError) -> bool {
     matches!(err, IpcError::Io(e) if e.kind() == io::ErrorKind::Interrupted)
 }
@@ -267,7 +314,7 @@ fn send_frame(
     big: &IpcSender<IpcSharedMemory>,
     frame: &mut FrameBuf,
 ) -> io::Result<()> {
-    if frame.body_len() <= INLINE_LIMIT {
+    if frame.body_len() <= inline_limit() {
         let wire = frame.prefixed();
         return retry_interrupted(|| bytes.send(wire).map_err(IpcError::Io)).map_err(ipc_to_io);
     }
@@ -510,14 +557,79 @@ mod tests {
             replies: bytes_tx.clone(),
             big_replies: big_tx.clone(),
         };
-        for len in [4, INLINE_LIMIT, INLINE_LIMIT + 1, 3 * INLINE_LIMIT] {
+        let limit = inline_limit();
+        for len in [4, limit, limit + 1, 3 * limit] {
             let mut frame = FrameBuf::with_capacity(64);
             frame.body().extend((0..len).map(|i| (i % 251) as u8));
             send_frame(&bytes_tx, &big_tx, &mut frame).unwrap();
             let got = link.recv().unwrap().expect("a frame");
             assert_eq!(got.len(), len);
             assert!(got.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
-            assert_eq!(matches!(got, Frame::Shared(_)), len > INLINE_LIMIT);
+            assert_eq!(matches!(got, Frame::Shared(_)), len > limit);
+        }
+    }
+
+    /// `SO_SNDBUF` of a fresh socket, measured here independently of ipc-channel.
+    fn fresh_socket_send_buffer() -> usize {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors `socketpair` writes.
+        let made =
+            unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, fds.as_mut_ptr()) };
+        assert_eq!(made, 0);
+        let mut size: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: `size` and `len` are valid for writes of the sizes `len` states.
+        let got = unsafe {
+            libc::getsockopt(
+                fds[0],
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&raw mut size).cast(),
+                &raw mut len,
+            )
+        };
+        for fd in fds {
+            // SAFETY: `fd` came from `socketpair` above and is closed once.
+            unsafe { libc::close(fd) };
+        }
+        assert_eq!(got, 0);
+        usize::try_from(size).unwrap()
+    }
+
+    #[test]
+    fn the_inline_limit_follows_the_socket_send_buffer() {
+        // ipc-channel's first fragment: the buffer less CMSG_SPACE(64 descriptors)
+        // and a 16-byte header, rounded down to 8; less our length prefix.
+        let fragment = (fresh_socket_send_buffer() - 528 - 16) & !7;
+        assert_eq!(inline_limit(), fragment - PREFIX);
+        // Every frame up to the limit is one packet, so one send can take it with no
+        // reader: a fragmented send would wait for the reader and never return.
+        let (bytes_tx, bytes_rx) = ipc::bytes_channel().unwrap();
+        let mut frame = FrameBuf::with_capacity(64);
+        frame.body().resize(PREFIX + inline_limit(), 7);
+        bytes_tx.send(frame.prefixed()).unwrap();
+        assert_eq!(bytes_rx.recv().unwrap().len(), frame.prefixed().len());
+    }
+
+    #[test]
+    fn frames_above_a_forced_limit_travel_through_shared_memory() {
+        let _forced = force_inline_limit(1000);
+        let (bytes_tx, bytes_rx) = ipc::bytes_channel().unwrap();
+        let (big_tx, big_rx) = ipc::channel().unwrap();
+        let link = WorkerLink {
+            requests: bytes_rx,
+            big_requests: big_rx,
+            replies: bytes_tx.clone(),
+            big_replies: big_tx.clone(),
+        };
+        for len in [1, 999, 1000, 1001, 5000, 300_000] {
+            let mut frame = FrameBuf::with_capacity(64);
+            frame.body().extend((0..len).map(|i| (i % 253) as u8));
+            link.send(&mut frame).unwrap();
+            let got = link.recv().unwrap().expect("a frame");
+            assert_eq!(matches!(got, Frame::Shared(_)), len > 1000, "{len} bytes");
+            assert_eq!(got.len(), len);
+            assert!(got.iter().enumerate().all(|(i, &b)| b == (i % 253) as u8));
         }
     }
 }
