@@ -3,6 +3,7 @@
 multiproc::enable_test_support!();
 
 mod faults;
+mod helpers;
 mod par_map;
 mod signals;
 mod soak;
