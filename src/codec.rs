@@ -9,6 +9,7 @@ use bincode::de::read::Reader as ByteReader;
 use bincode::de::{Decode, Decoder, DecoderImpl};
 use bincode::enc::write::Writer;
 use bincode::error::{DecodeError, EncodeError};
+use ipc_channel::ipc::{self, IpcReceiver, IpcSender, IpcSharedMemory, OpaqueIpcReceiver};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -40,8 +41,30 @@ impl Writer for VecWriter<'_> {
 }
 
 /// Appends the encoding of `value` to `out`; on error `out` is left as it was.
+///
+/// A value that holds an ipc-channel sender, receiver or shared memory region is
+/// refused (see [`encode_checked`]); a type with no drop glue cannot own one, so
+/// plain data (integers, floats, arrays and tuples of them) takes the direct path.
 #[inline]
 pub(crate) fn encode_into<T: Serialize + ?Sized>(
+    value: &T,
+    out: &mut Vec<u8>,
+) -> Result<(), CodecError> {
+    if !std::mem::needs_drop::<T>() {
+        return encode_plain_into(value, out);
+    }
+    let before = out.len();
+    let result = encode_checked(value, out);
+    if result.is_err() {
+        out.truncate(before);
+    }
+    result
+}
+
+/// Appends the encoding of `value` to `out` without the descriptor check of
+/// [`encode_into`]: for this crate's own message headers, which hold none.
+#[inline]
+pub(crate) fn encode_plain_into<T: Serialize + ?Sized>(
     value: &T,
     out: &mut Vec<u8>,
 ) -> Result<(), CodecError> {
@@ -50,6 +73,227 @@ pub(crate) fn encode_into<T: Serialize + ?Sized>(
         out.truncate(before);
         CodecError(e.to_string())
     })
+}
+
+/// Encodes `value` inside a send on a private channel, to refuse (and carry away)
+/// any descriptor its encoding moved out of band.
+///
+/// ipc-channel's `Serialize` for its senders, receivers and shared memory writes only
+/// an index into a thread-local list and pushes the descriptor onto that list, for its
+/// own `IpcSender::send` to take along. Under bincode nothing takes it: the index is
+/// meaningless to the decoder (ipc-channel's `Deserialize` then panics on it) and the
+/// descriptor rides on the next ipc-channel message this thread sends. ipc-channel
+/// offers no way to look at or clear those lists except `send`, so the value is
+/// encoded from within the `Serialize` of a message sent on a private channel:
+///
+/// - after the value, the message serialises a probe sender, whose index is the
+///   number of channels the value pushed;
+/// - the message lists every pushed channel's index, and the index of a first shared
+///   memory region; `send` then takes both lists, so nothing is left behind;
+/// - the receiving end takes every channel (closing them) and tries that region,
+///   which is there exactly when the value pushed one.
+///
+/// It costs a send and a receive on a socket (a few microseconds), so only values of
+/// types that can own a descriptor come here: see [`encode_into`].
+fn encode_checked<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    SWEEPER.with(|sweeper| {
+        if sweeper.borrow().is_none() {
+            let pair = ipc::channel().map_err(|e| {
+                CodecError(format!(
+                    "could not open a channel to check for descriptors: {e}"
+                ))
+            })?;
+            *sweeper.borrow_mut() = Some(pair);
+        }
+        let sweeper = sweeper.borrow();
+        let (tx, rx) = sweeper.as_ref().expect("opened just above");
+        let sweep = Sweep {
+            value,
+            out: std::cell::RefCell::new(out),
+            encoded: std::cell::RefCell::new(None),
+            probe: tx,
+        };
+        let sender = tx.clone().to_opaque().to::<SweepRef<'_, '_, T>>();
+        // ipc-channel asserts (panics) when one message carries more than 64
+        // descriptors; the lists it took are dropped as the panic unwinds.
+        let sent = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            retry_interrupted(|| sender.send(sweep_ref(&sweep)))
+        }));
+        let encoded = sweep.encoded.into_inner();
+        match sent {
+            Err(_) => return Err(smuggled()),
+            Ok(Err(e)) => {
+                return Err(CodecError(format!(
+                    "could not check the value for descriptors: {e}"
+                )));
+            }
+            Ok(Ok(())) => {}
+        }
+        let swept = retry_interrupted(|| rx.recv())
+            .map_err(|e| CodecError(format!("could not check the value for descriptors: {e}")))?;
+        match encoded {
+            Some(Ok(())) if swept.channels == 0 && !swept.shared_memory => Ok(()),
+            Some(Err(e)) => Err(CodecError(e)),
+            Some(Ok(())) => Err(smuggled()),
+            None => Err(CodecError("the value was not encoded".into())),
+        }
+    })
+}
+
+fn smuggled() -> CodecError {
+    CodecError(
+        "it holds an ipc-channel sender, receiver or shared memory region; channels and \
+         descriptors cannot travel inside items, results or context values yet"
+            .into(),
+    )
+}
+
+fn retry_interrupted<R>(
+    mut call: impl FnMut() -> Result<R, ipc_channel::IpcError>,
+) -> Result<R, ipc_channel::IpcError> {
+    loop {
+        match call() {
+            Err(ipc_channel::IpcError::Io(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            other => return other,
+        }
+    }
+}
+
+thread_local! {
+    /// This thread's private channel for [`encode_checked`], opened on first use.
+    static SWEEPER: std::cell::RefCell<Option<(IpcSender<Swept>, IpcReceiver<Swept>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The message [`encode_checked`] sends: encoding it encodes the value.
+struct Sweep<'a, T: ?Sized> {
+    value: &'a T,
+    out: std::cell::RefCell<&'a mut Vec<u8>>,
+    encoded: std::cell::RefCell<Option<Result<(), String>>>,
+    probe: &'a IpcSender<Swept>,
+}
+
+/// `IpcSender::send` takes its message by value; a reference lets the caller read
+/// what serialising it recorded, and lets an interrupted send be made again.
+struct SweepRef<'s, 'a, T: ?Sized>(&'s Sweep<'a, T>);
+
+fn sweep_ref<'s, 'a, T: ?Sized>(sweep: &'s Sweep<'a, T>) -> SweepRef<'s, 'a, T> {
+    SweepRef(sweep)
+}
+
+impl<T: Serialize + ?Sized> Serialize for Sweep<'_, T> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{Error as _, SerializeTuple};
+        if self.encoded.borrow().is_none() {
+            let mut out = self.out.borrow_mut();
+            let before = out.len();
+            let result =
+                bincode::serde::encode_into_writer(self.value, VecWriter(&mut out), CONFIG);
+            if result.is_err() {
+                out.truncate(before);
+            }
+            *self.encoded.borrow_mut() = Some(result.map_err(|e| e.to_string()));
+        }
+        let mut index = [0u8; 8];
+        bincode::serde::encode_into_slice(self.probe, &mut index, CONFIG)
+            .map_err(S::Error::custom)?;
+        let channels = u64::from_le_bytes(index) + 1;
+        let mut message = serializer.serialize_tuple(2)?;
+        message.serialize_element(&Indices(channels))?;
+        message.serialize_element(&0u64)?;
+        message.end()
+    }
+}
+
+impl<T: Serialize + ?Sized> Serialize for SweepRef<'_, '_, T> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
+impl<'de, T: ?Sized> serde::Deserialize<'de> for SweepRef<'_, '_, T> {
+    /// Never called: the receiving end reads [`Swept`].
+    fn deserialize<D: serde::Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+        Err(serde::de::Error::custom("a sweep is only ever sent"))
+    }
+}
+
+/// The indices `0..n`, as a sequence.
+struct Indices(u64);
+
+impl Serialize for Indices {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(0..self.0)
+    }
+}
+
+/// What a sweep carried away: the channels the value pushed (the probe excluded),
+/// and whether it pushed shared memory.
+struct Swept {
+    channels: u64,
+    shared_memory: bool,
+}
+
+impl Serialize for Swept {
+    /// Never called: the sending end writes [`Sweep`].
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom(
+            "a sweep result is only ever received",
+        ))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Swept {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Message;
+        impl<'de> serde::de::Visitor<'de> for Message {
+            type Value = Swept;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a sweep")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Swept, A::Error> {
+                let taken: TakenChannels = seq
+                    .next_element()?
+                    .ok_or_else(|| serde::de::Error::invalid_length(0, &self))?;
+                // Present exactly when the value pushed a region; dropping it unmaps it.
+                let shared_memory = matches!(seq.next_element::<IpcSharedMemory>(), Ok(Some(_)));
+                Ok(Swept {
+                    channels: taken.0.saturating_sub(1),
+                    shared_memory,
+                })
+            }
+        }
+        deserializer.deserialize_tuple(2, Message)
+    }
+}
+
+/// Takes every channel a sweep carried (dropping closes each), and counts them.
+struct TakenChannels(u64);
+
+impl<'de> serde::Deserialize<'de> for TakenChannels {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Channels;
+        impl<'de> serde::de::Visitor<'de> for Channels {
+            type Value = TakenChannels;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("channel indices")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<TakenChannels, A::Error> {
+                let mut taken = 0;
+                while seq.next_element::<OpaqueIpcReceiver>()?.is_some() {
+                    taken += 1;
+                }
+                Ok(TakenChannels(taken))
+            }
+        }
+        deserializer.deserialize_seq(Channels)
+    }
 }
 
 /// Decodes one value that must fill `bytes` exactly.
@@ -272,6 +516,82 @@ mod tests {
                 d.deserialize_byte_buf(V)
             }
         }
+    }
+
+    #[derive(Serialize)]
+    struct Carrier<H> {
+        id: u64,
+        handle: H,
+    }
+
+    /// Whether this thread's out-of-band lists are empty: a checked encode of a value
+    /// that pushes nothing would otherwise find what was left there.
+    fn nothing_left_behind() -> bool {
+        let mut buf = Vec::new();
+        encode_into(&String::from("clean"), &mut buf).is_ok()
+    }
+
+    #[test]
+    fn channels_and_shared_memory_in_a_value_are_refused() {
+        let (tx, rx) = ipc::channel::<u8>().unwrap();
+        let shared = IpcSharedMemory::from_bytes(b"shared");
+        let mut buf = vec![9];
+        let err = encode_into(
+            &Carrier {
+                id: 1,
+                handle: tx.clone(),
+            },
+            &mut buf,
+        )
+        .unwrap_err();
+        assert!(err.0.contains("cannot travel inside items"), "{err}");
+        assert_eq!(buf, [9], "the output is left as it was");
+        assert!(nothing_left_behind());
+        let err = encode_into(
+            &Carrier {
+                id: 2,
+                handle: shared.clone(),
+            },
+            &mut buf,
+        )
+        .unwrap_err();
+        assert!(err.0.contains("shared memory"), "{err}");
+        assert!(nothing_left_behind());
+        let many: Vec<_> = (0..3).map(|_| tx.clone()).collect();
+        assert!(encode_into(&Some(many), &mut buf).is_err());
+        assert!(nothing_left_behind());
+        // More descriptors than one message may carry.
+        let too_many: Vec<_> = (0..80).map(|_| tx.clone()).collect();
+        assert!(encode_into(&too_many, &mut buf).is_err());
+        assert!(nothing_left_behind());
+        // A receiver's descriptor moves out of it when serialised: refused as well.
+        assert!(encode_into(&Carrier { id: 3, handle: rx }, &mut buf).is_err());
+        assert!(nothing_left_behind());
+        assert_eq!(buf, [9]);
+        // The sender still works, and a later ipc-channel message carries nothing stray.
+        let (tx2, rx2) = ipc::channel::<u64>().unwrap();
+        tx2.send(5).unwrap();
+        assert_eq!(rx2.recv().unwrap(), 5);
+    }
+
+    #[test]
+    fn values_without_descriptors_still_encode_through_the_check() {
+        let mut buf = Vec::new();
+        let value = (String::from("heap"), vec![1u64, 2], Some(Box::new(3u8)));
+        encode_into(&value, &mut buf).unwrap();
+        encode_into(
+            &Carrier {
+                id: 4,
+                handle: None::<IpcSender<u8>>,
+            },
+            &mut buf,
+        )
+        .unwrap();
+        let mut reader = Reader::new(&buf);
+        let back: (String, Vec<u64>, Option<Box<u8>>) = reader.decode().unwrap();
+        assert_eq!(back, value);
+        assert_eq!(reader.decode::<(u64, Option<u64>)>().unwrap(), (4, None));
+        assert!(reader.is_empty());
     }
 
     #[test]

@@ -481,3 +481,44 @@ fn a_result_that_encodes_to_nothing_is_still_checked() {
         .unwrap();
     assert_eq!(unit, ());
 }
+
+#[derive(Serialize, Deserialize)]
+struct CarriesAChannel {
+    id: u64,
+    reply_to: Option<ipc_channel::ipc::IpcSender<u64>>,
+}
+
+#[test]
+fn a_channel_inside_an_item_is_refused_and_named() {
+    let pool = pool_with_chunks(2, 4);
+    let (tx, _rx) = ipc_channel::ipc::channel::<u64>().unwrap();
+    let err = pool
+        .map(
+            vec![CarriesAChannel {
+                id: 0,
+                reply_to: Some(tx.clone()),
+            }],
+            |c: CarriesAChannel| c.id,
+        )
+        .unwrap_err();
+    assert!(matches!(err, Error::EncodeItem { item: 0, .. }), "{err:?}");
+    let source = std::error::Error::source(&err).expect("the codec's reason");
+    assert!(
+        source
+            .to_string()
+            .contains("channels and descriptors cannot travel inside items"),
+        "{source}"
+    );
+    // A channel in a later item of a chunk is named as well.
+    let items = (0..10u64).map(|id| CarriesAChannel {
+        id,
+        reply_to: (id == 6).then(|| tx.clone()),
+    });
+    let err = pool.map(items, |c: CarriesAChannel| c.id).unwrap_err();
+    assert!(matches!(err, Error::EncodeItem { item: 6, .. }), "{err:?}");
+    // Items without one go through, and the pool is still usable.
+    let items = (0..10u64).map(|id| CarriesAChannel { id, reply_to: None });
+    let ids = pool.map(items, |c: CarriesAChannel| c.id).unwrap();
+    assert_eq!(ids, (0..10).collect::<Vec<_>>());
+    assert_eq!(pool.map(0..3u64, |x| x + 1).unwrap(), [1, 2, 3]);
+}
