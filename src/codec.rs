@@ -43,8 +43,10 @@ impl Writer for VecWriter<'_> {
 /// Appends the encoding of `value` to `out`; on error `out` is left as it was.
 ///
 /// A value that holds an ipc-channel sender, receiver or shared memory region is
-/// refused (see [`encode_checked`]); a type with no drop glue cannot own one, so
-/// plain data (integers, floats, arrays and tuples of them) takes the direct path.
+/// refused, and what its encoding moved out of band is carried away (see
+/// [`encode_checked`] and [`Window`]). A type with no drop glue cannot own a
+/// descriptor, so plain data (integers, floats, arrays and tuples of them) takes the
+/// direct path.
 #[inline]
 pub(crate) fn encode_into<T: Serialize + ?Sized>(
     value: &T,
@@ -54,11 +56,28 @@ pub(crate) fn encode_into<T: Serialize + ?Sized>(
         return encode_plain_into(value, out);
     }
     let before = out.len();
-    let result = encode_checked(value, out);
+    let result = WINDOW.with(|window| match window.try_borrow_mut() {
+        Ok(mut window) => window.encode(value, out),
+        // Only when a value's `Serialize` encodes another value on this thread.
+        Err(_) => encode_checked(value, out),
+    });
     if result.is_err() {
         out.truncate(before);
     }
     result
+}
+
+/// Carries away whatever the values encoded on this thread since the last call left
+/// in ipc-channel's out-of-band lists; an error says some held shared memory.
+///
+/// Called before anything on this thread may send an ipc-channel message (sealing a
+/// frame, sending one through shared memory) and before a value is decoded again.
+/// Cheap when nothing is pending.
+pub(crate) fn flush() -> Result<(), CodecError> {
+    WINDOW.with(|window| match window.try_borrow_mut() {
+        Ok(mut window) => window.close(),
+        Err(_) => Ok(()),
+    })
 }
 
 /// Appends the encoding of `value` to `out` without the descriptor check of
@@ -93,8 +112,8 @@ pub(crate) fn encode_plain_into<T: Serialize + ?Sized>(
 /// - the receiving end takes every channel (closing them) and tries that region,
 ///   which is there exactly when the value pushed one.
 ///
-/// It costs a send and a receive on a socket (a few microseconds), so only values of
-/// types that can own a descriptor come here: see [`encode_into`].
+/// It costs a send and a receive on a socket (about 2.5 us), so it runs only for the
+/// first value of a [`Window`]; the others get the cheap probe.
 fn encode_checked<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<(), CodecError> {
     SWEEPER.with(|sweeper| {
         if sweeper.borrow().is_none() {
@@ -138,6 +157,141 @@ fn encode_checked<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result
             None => Err(CodecError("the value was not encoded".into())),
         }
     })
+}
+
+/// Values checked one by one after the first, cheaply: see [`Window::encode`].
+const WINDOW_ITEMS: u64 = 48;
+
+thread_local! {
+    static WINDOW: std::cell::RefCell<Window> = const {
+        std::cell::RefCell::new(Window { open: false, channels: None, probes: 0 })
+    };
+}
+
+/// The cheap check for a run of values encoded on one thread.
+///
+/// [`encode_checked`] costs a round trip on a socket. Within a window, a value is
+/// instead encoded directly and followed by a probe: serialising a sender of ours
+/// pushes it onto ipc-channel's channel list and writes its index, which is the
+/// number of entries before it. Each probe expects to find only the window's earlier
+/// probes there; more means the value pushed channels, and the value is refused. The
+/// shared-memory list has no cheap probe, so it is checked when the window is
+/// drained: every [`WINDOW_ITEMS`] values, at [`flush`] (each sealed frame), and when
+/// a value is refused. A region found then was pushed by the current value or one of
+/// the window's earlier ones. Draining sends the lists on a channel whose receiver is
+/// gone, so the send fails and drops what it took. The first value after a flush
+/// gets the full check, so the first item of every chunk is checked exactly.
+struct Window {
+    /// Whether a window is open: not before the first value after a flush.
+    open: bool,
+    /// Opened with the first window on this thread and kept.
+    channels: Option<WindowChannels>,
+    /// Probes pushed since the last drain.
+    probes: u64,
+}
+
+struct WindowChannels {
+    /// A sender whose receiver was dropped: sends on it fail, dropping the lists.
+    dead_end: IpcSender<()>,
+    /// One byte of shared memory whose serialisation counts the regions before it.
+    region: IpcSharedMemory,
+}
+
+impl Window {
+    fn encode<T: Serialize + ?Sized>(
+        &mut self,
+        value: &T,
+        out: &mut Vec<u8>,
+    ) -> Result<(), CodecError> {
+        let channels = match &self.channels {
+            Some(channels) if self.open => channels,
+            _ => {
+                encode_checked(value, out)?;
+                if self.channels.is_none() {
+                    self.channels = Some(open_window()?);
+                }
+                self.open = true;
+                self.probes = 0;
+                return Ok(());
+            }
+        };
+        let encoded = bincode::serde::encode_into_writer(value, VecWriter(out), CONFIG)
+            .map_err(|e| CodecError(e.to_string()));
+        let before_probe = channel_index(&channels.dead_end);
+        if before_probe > self.probes {
+            let _ = self.drain();
+            return Err(smuggled());
+        }
+        // Fewer entries than probes: a `Serialize` sent an ipc-channel message from
+        // this thread and took the list with it. Count from what is there now.
+        self.probes = before_probe + 1;
+        if let Err(e) = encoded {
+            self.close()?;
+            return Err(e);
+        }
+        if self.probes >= WINDOW_ITEMS {
+            self.drain()?;
+        }
+        Ok(())
+    }
+
+    /// Drains the lists and lets the next value open a new window.
+    fn close(&mut self) -> Result<(), CodecError> {
+        let drained = self.drain();
+        self.open = false;
+        drained
+    }
+
+    /// Empties ipc-channel's lists on this thread; an error when they held shared memory.
+    fn drain(&mut self) -> Result<(), CodecError> {
+        let Some(channels) = self.channels.as_ref().filter(|_| self.open) else {
+            return Ok(());
+        };
+        let regions = region_index(&channels.region);
+        // More than 64 descriptors make ipc-channel assert (panic) before it sends;
+        // the lists it took are dropped as the panic unwinds, which is all we want.
+        let _ =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| channels.dead_end.send(())));
+        self.probes = 0;
+        if regions > 0 {
+            return Err(CodecError(
+                "it or a value encoded just before it holds an ipc-channel shared memory \
+                 region; channels and descriptors cannot travel inside items, results or \
+                 context values yet"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn open_window() -> Result<WindowChannels, CodecError> {
+    let (dead_end, receiver) = ipc::channel::<()>().map_err(|e| {
+        CodecError(format!(
+            "could not open a channel to check for descriptors: {e}"
+        ))
+    })?;
+    drop(receiver);
+    let region = std::panic::catch_unwind(|| IpcSharedMemory::from_byte(0, 1)).map_err(|_| {
+        CodecError("could not create shared memory to check for descriptors".into())
+    })?;
+    Ok(WindowChannels { dead_end, region })
+}
+
+/// Pushes `probe` onto ipc-channel's channel list; returns how many entries preceded it.
+fn channel_index<T>(probe: &IpcSender<T>) -> u64 {
+    let mut index = [0u8; 8];
+    bincode::serde::encode_into_slice(probe, &mut index, CONFIG)
+        .expect("a sender encodes as its 8-byte index");
+    u64::from_le_bytes(index)
+}
+
+/// Pushes `probe` onto ipc-channel's shared-memory list; returns how many preceded it.
+fn region_index(probe: &IpcSharedMemory) -> u64 {
+    let mut index = [0u8; 8];
+    bincode::serde::encode_into_slice(probe, &mut index, CONFIG)
+        .expect("shared memory encodes as its 8-byte index");
+    u64::from_le_bytes(index)
 }
 
 fn smuggled() -> CodecError {
@@ -297,7 +451,11 @@ impl<'de> serde::Deserialize<'de> for TakenChannels {
 }
 
 /// Decodes one value that must fill `bytes` exactly.
+///
+/// First [`flush`]es: a value is often decoded right after it was encoded, to check
+/// it round-trips, and that check must not read an index ipc-channel left pending.
 pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    flush()?;
     let mut reader = Reader::new(bytes);
     let value = reader.decode()?;
     if !reader.is_empty() {
@@ -524,11 +682,15 @@ mod tests {
         handle: H,
     }
 
-    /// Whether this thread's out-of-band lists are empty: a checked encode of a value
+    fn carrier<H>(id: u64, handle: H) -> Carrier<H> {
+        Carrier { id, handle }
+    }
+
+    /// Whether this thread's out-of-band lists are empty: the full check of a value
     /// that pushes nothing would otherwise find what was left there.
     fn nothing_left_behind() -> bool {
         let mut buf = Vec::new();
-        encode_into(&String::from("clean"), &mut buf).is_ok()
+        flush().is_ok() && encode_checked(&String::from("clean"), &mut buf).is_ok()
     }
 
     #[test]
@@ -536,38 +698,45 @@ mod tests {
         let (tx, rx) = ipc::channel::<u8>().unwrap();
         let shared = IpcSharedMemory::from_bytes(b"shared");
         let mut buf = vec![9];
-        let err = encode_into(
-            &Carrier {
-                id: 1,
-                handle: tx.clone(),
-            },
-            &mut buf,
-        )
-        .unwrap_err();
+        // First value after a flush: the full check.
+        flush().unwrap();
+        let err = encode_into(&carrier(1, tx.clone()), &mut buf).unwrap_err();
         assert!(err.0.contains("cannot travel inside items"), "{err}");
         assert_eq!(buf, [9], "the output is left as it was");
         assert!(nothing_left_behind());
-        let err = encode_into(
-            &Carrier {
-                id: 2,
-                handle: shared.clone(),
-            },
-            &mut buf,
-        )
-        .unwrap_err();
+        flush().unwrap();
+        let err = encode_into(&carrier(2, shared.clone()), &mut buf).unwrap_err();
         assert!(err.0.contains("shared memory"), "{err}");
         assert!(nothing_left_behind());
-        let many: Vec<_> = (0..3).map(|_| tx.clone()).collect();
-        assert!(encode_into(&Some(many), &mut buf).is_err());
+        // Inside a window: a channel is refused on the value that holds it...
+        for round in 0..3 {
+            flush().unwrap();
+            for i in 0..(round * 30) {
+                encode_into(&format!("plain {i}"), &mut buf).unwrap();
+            }
+            let many: Vec<_> = (0..3).map(|_| tx.clone()).collect();
+            let err = encode_into(&Some(many), &mut buf).unwrap_err();
+            assert!(err.0.contains("cannot travel inside items"), "{err}");
+            assert!(nothing_left_behind());
+        }
+        // ...and shared memory when the window is drained (here, by the flush).
+        encode_into(&String::from("opens a window"), &mut buf).unwrap();
+        let len = buf.len();
+        encode_into(&carrier(3, shared.clone()), &mut buf).unwrap();
+        buf.truncate(len);
+        let err = flush().unwrap_err();
+        assert!(err.0.contains("shared memory"), "{err}");
         assert!(nothing_left_behind());
-        // More descriptors than one message may carry.
-        let too_many: Vec<_> = (0..80).map(|_| tx.clone()).collect();
-        assert!(encode_into(&too_many, &mut buf).is_err());
+        // More descriptors than one message may carry, first or inside a window.
+        for _ in 0..2 {
+            let too_many: Vec<_> = (0..80).map(|_| tx.clone()).collect();
+            assert!(encode_into(&too_many, &mut buf).is_err());
+        }
         assert!(nothing_left_behind());
         // A receiver's descriptor moves out of it when serialised: refused as well.
-        assert!(encode_into(&Carrier { id: 3, handle: rx }, &mut buf).is_err());
+        flush().unwrap();
+        assert!(encode_into(&carrier(4, rx), &mut buf).is_err());
         assert!(nothing_left_behind());
-        assert_eq!(buf, [9]);
         // The sender still works, and a later ipc-channel message carries nothing stray.
         let (tx2, rx2) = ipc::channel::<u64>().unwrap();
         tx2.send(5).unwrap();

@@ -72,6 +72,8 @@ pub(crate) enum Failure {
 
 /// Appends `header` and the trailer to a frame whose payload is already written.
 pub(crate) fn seal<H: Serialize>(frame: &mut FrameBuf, header: &H) -> Result<(), CodecError> {
+    // Nothing a payload's values moved out of band may ride on the next message.
+    codec::flush()?;
     let body = frame.body();
     let start = body.len();
     // Headers are this crate's own types: they hold no descriptor to check for.
