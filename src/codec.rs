@@ -219,7 +219,7 @@ impl Window {
             .map_err(|e| CodecError(e.to_string()));
         let before_probe = channel_index(&channels.dead_end);
         if before_probe > self.probes {
-            let _ = self.drain();
+            let _ = self.close();
             return Err(smuggled());
         }
         // Fewer entries than probes: a `Serialize` sent an ipc-channel message from
@@ -230,7 +230,8 @@ impl Window {
             return Err(e);
         }
         if self.probes >= WINDOW_ITEMS {
-            self.drain()?;
+            // After a refusal the next value gets the full check again.
+            self.drain().inspect_err(|_| self.open = false)?;
         }
         Ok(())
     }
