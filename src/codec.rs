@@ -134,12 +134,16 @@ fn encode_checked<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result
         };
         let sender = tx.clone().to_opaque().to::<SweepRef<'_, '_, T>>();
         // ipc-channel asserts (panics) when one message carries more than 64
-        // descriptors; the lists it took are dropped as the panic unwinds.
+        // descriptors; the lists it took are dropped as the panic unwinds. (The
+        // thread's panic hook still reports that panic.)
         let sent = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             retry_interrupted(|| sender.send(sweep_ref(&sweep)))
         }));
         let encoded = sweep.encoded.into_inner();
         match sent {
+            // A panic in the value's own `Serialize` goes on to the caller, as it
+            // would without the check.
+            Err(panic) if encoded.is_none() => std::panic::resume_unwind(panic),
             Err(_) => return Err(smuggled()),
             Ok(Err(e)) => {
                 return Err(CodecError(format!(
@@ -742,6 +746,34 @@ mod tests {
         let (tx2, rx2) = ipc::channel::<u64>().unwrap();
         tx2.send(5).unwrap();
         assert_eq!(rx2.recv().unwrap(), 5);
+    }
+
+    /// Owns heap memory, so it takes the checked path, and panics when serialised.
+    struct PanicsWhenEncoded(#[allow(dead_code)] String);
+
+    impl Serialize for PanicsWhenEncoded {
+        fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+            panic!("cannot encode this")
+        }
+    }
+
+    #[test]
+    fn a_panic_while_encoding_reaches_the_caller() {
+        let value = PanicsWhenEncoded(String::new());
+        for opened_first in [false, true] {
+            // The full check (first value after a flush), then the in-window probe.
+            let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let mut buf = Vec::new();
+                flush().unwrap();
+                if opened_first {
+                    encode_into(&String::from("opens a window"), &mut buf).unwrap();
+                }
+                encode_into(&value, &mut buf)
+            }));
+            let panic = caught.expect_err("the panic reaches the caller");
+            assert_eq!(panic.downcast_ref::<&str>(), Some(&"cannot encode this"));
+            assert!(nothing_left_behind());
+        }
     }
 
     #[test]
