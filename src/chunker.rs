@@ -1,15 +1,33 @@
 //! The chunker: how many items go into the next chunk, adapting to the task's cost.
 
-use crate::transport::INLINE_LIMIT;
+use crate::transport::inline_limit;
 
 /// Work per chunk the adaptive sizer aims for.
 pub(crate) const TARGET_CHUNK_NANOS: f64 = 1_000_000.0;
+
 /// Encoded bytes per chunk the adaptive sizer stays under (one item may pass it):
-/// as large as fits one socket packet with its header, since larger frames mean
-/// fewer messages and wake-ups per item.
-pub(crate) const TARGET_CHUNK_BYTES: usize = 192 * 1024;
-// A chunk of the target size, its header and an item of slack go out as one packet.
-const _: () = assert!(TARGET_CHUNK_BYTES + 4096 <= INLINE_LIMIT);
+/// as large as fits one socket packet with its header and an item of slack, since
+/// larger frames mean fewer messages and wake-ups per item.
+///
+/// Follows [`inline_limit`], which follows the host's socket buffer size: about
+/// 199 KiB with Linux's default buffer. Cheap to call (a cached value and a subtraction).
+pub(crate) fn target_chunk_bytes() -> usize {
+    chunk_bytes_within(inline_limit())
+}
+
+/// Room kept in a packet beyond the target for the header and the item that crosses it.
+const CHUNK_SLACK: usize = 8 * 1024;
+
+fn chunk_bytes_within(inline: usize) -> usize {
+    // On a host with a tiny socket buffer, half the packet is still left as slack;
+    // the target stays at least 1 so that every chunk holds an item.
+    let target = inline.saturating_sub(CHUNK_SLACK.min(inline / 2)).max(1);
+    debug_assert!(
+        target < inline.max(2),
+        "a chunk of the target size leaves room for its header in one packet"
+    );
+    target
+}
 
 /// Upper bound on items per chunk.
 pub(crate) const MAX_CHUNK_ITEMS: usize = 1 << 24;
@@ -84,6 +102,27 @@ mod tests {
         assert_eq!(sizer.next(10_000_000, 2), 1_000_000);
         assert_eq!(sizer.next(1_000, 2), 250);
         assert_eq!(sizer.next(3, 2), 1);
+    }
+
+    #[test]
+    fn the_byte_cap_leaves_room_in_one_packet() {
+        // The default Linux buffer, a small one, a tiny one, and degenerate sizes.
+        for inline in [212_438, 212_438 - 8192, 65_536, 16_384, 4_000, 100, 2, 1, 0] {
+            let target = chunk_bytes_within(inline);
+            assert!(target >= 1, "every chunk can hold an item");
+            if inline >= 16_384 {
+                assert!(target + 4096 <= inline, "{inline}: header and slack fit");
+            }
+            if inline >= 2 {
+                assert!(
+                    target < inline,
+                    "{inline}: target {target} fills the packet"
+                );
+            }
+        }
+        assert_eq!(target_chunk_bytes(), chunk_bytes_within(inline_limit()));
+        let _forced = crate::transport::force_inline_limit(10_000);
+        assert_eq!(target_chunk_bytes(), 5_000);
     }
 
     #[test]

@@ -833,7 +833,8 @@ impl PoolBuilder {
     }
 
     /// Items per chunk. By default the size adapts so that a chunk holds about one
-    /// millisecond of work and at most about 192 KiB of encoded items; a fixed size
+    /// millisecond of work and fits one socket message (about 199 KiB of encoded
+    /// items with Linux's default socket buffer); a fixed size
     /// lifts that byte limit (a chunk over the socket's one-message size travels
     /// through shared memory).
     pub fn chunk_size(mut self, items: usize) -> Self {

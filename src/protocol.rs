@@ -94,9 +94,12 @@ pub(crate) enum Failure {
 
 /// Appends `header` and the trailer to a frame whose payload is already written.
 pub(crate) fn seal<H: Serialize>(frame: &mut FrameBuf, header: &H) -> Result<(), CodecError> {
+    // Nothing a payload's values moved out of band may ride on the next message.
+    codec::flush()?;
     let body = frame.body();
     let start = body.len();
-    codec::encode_into(header, body)?;
+    // Headers are this crate's own types: they hold no descriptor to check for.
+    codec::encode_plain_into(header, body)?;
     let len = u32::try_from(body.len() - start)
         .map_err(|_| CodecError("message header larger than 4 GiB".into()))?;
     body.extend_from_slice(&len.to_le_bytes());

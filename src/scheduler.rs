@@ -11,7 +11,7 @@ use std::process::ExitStatus;
 use std::time::Instant;
 
 use crate::backend::Event;
-use crate::chunker::TARGET_CHUNK_BYTES;
+use crate::chunker::target_chunk_bytes;
 use crate::codec::Reader;
 use crate::error::{Error, Result};
 use crate::job::{Complete, Job, JobId, Kind, Payload, Ready, Sink, Source};
@@ -366,7 +366,7 @@ impl Engine {
         let byte_cap = if job.sizer.fixed.is_some() {
             usize::MAX
         } else {
-            TARGET_CHUNK_BYTES
+            target_chunk_bytes()
         };
         let first = job.next_item;
         let filled = source.fill(first, size, byte_cap, frame.body());

@@ -86,10 +86,9 @@ impl Supervisor {
 
     /// A frame buffer to build a request in.
     pub(crate) fn take_frame(&mut self) -> FrameBuf {
-        let mut frame = self
-            .frames
-            .pop()
-            .unwrap_or_else(|| FrameBuf::with_capacity(crate::chunker::TARGET_CHUNK_BYTES + 1024));
+        let mut frame = self.frames.pop().unwrap_or_else(|| {
+            FrameBuf::with_capacity(crate::chunker::target_chunk_bytes() + 1024)
+        });
         frame.clear();
         frame
     }

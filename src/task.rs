@@ -330,7 +330,8 @@ impl<U: Serialize> Sink<U> for Collect {
         codec::encode_into(&value, out)
     }
     fn finish(self, _: &mut Vec<u8>) -> Result<(), CodecError> {
-        Ok(())
+        // A descriptor a result moved out of band must not ride on the reply.
+        codec::flush()
     }
 }
 
@@ -400,7 +401,8 @@ where
     }
     fn finish(self, out: &mut Vec<u8>) -> Result<(), CodecError> {
         let acc = self.acc.expect("a fold that panicked is never finished");
-        codec::encode_into(&acc, out)
+        codec::encode_into(&acc, out)?;
+        codec::flush()
     }
 }
 

@@ -2,11 +2,12 @@
 //!
 //! Every worker has one fixed set of four channels, opened by the worker itself at start
 //! (so the worker holds the only sender of its reply channel, and its death closes it):
-//! a byte channel each way for frames up to [`INLINE_LIMIT`], and a shared-memory channel
+//! a byte channel each way for frames up to [`inline_limit`], and a shared-memory channel
 //! each way for larger frames. A large frame travels as one memfd whose descriptor is sent
 //! first on the shared-memory channel, followed by an empty marker frame on the byte
-//! channel; this keeps every socket message far below ipc-channel's ~207 KiB fragment
-//! size, where a send becomes a rendezvous that hangs if the peer dies mid-transfer.
+//! channel; this keeps every socket message within ipc-channel's fragment size (about
+//! 207 KiB with Linux's default socket buffer, less where the buffer is smaller), above
+//! which a send becomes a rendezvous that hangs if the peer dies mid-transfer.
 //!
 //! Frames are prefixed with their length as a LEB128 varint, which is exactly how
 //! postcard (ipc-channel's own codec) lays out a byte string. That lets the parent add
@@ -15,8 +16,10 @@
 
 use std::io;
 use std::ops::Deref;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use ipc_channel::platform::OsIpcSender;
 use ipc_channel::{IpcError, TryRecvError};
 
 use ipc_channel::ipc::{
@@ -26,9 +29,53 @@ use ipc_channel::ipc::{
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
-/// Frames with a body larger than this travel through shared memory. ipc-channel
-/// sends up to 212,448 bytes as one packet with the default socket buffer.
-pub(crate) const INLINE_LIMIT: usize = 200 * 1024;
+/// The largest frame body that goes out as one socket message; larger frames travel
+/// through shared memory.
+///
+/// ipc-channel sends a message as one packet when it fits its first fragment, whose
+/// size follows the socket send buffer (`SO_SNDBUF` of a fresh socket, that is
+/// `net.core.wmem_default`, less room for 64 descriptors and a 16-byte header):
+/// 212,448 bytes with the default 212,992-byte buffer, less on hosts with a smaller
+/// one. This asks ipc-channel for that size (it measures once and caches it, as this
+/// does) and keeps room for the frame's length prefix.
+pub(crate) fn inline_limit() -> usize {
+    #[cfg(test)]
+    if let Some(forced) = FORCED_INLINE_LIMIT.get() {
+        return forced;
+    }
+    static LIMIT: OnceLock<usize> = OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        // ipc-channel panics when it cannot open the socket it measures (out of
+        // descriptors); a conservative size keeps frames single packets meanwhile.
+        std::panic::catch_unwind(OsIpcSender::get_max_fragment_size)
+            .map_or(FALLBACK_INLINE_LIMIT, |fragment| {
+                fragment.saturating_sub(PREFIX)
+            })
+    })
+}
+
+/// Used when the fragment size cannot be measured: far below any socket buffer Linux
+/// gives a new socket by default.
+const FALLBACK_INLINE_LIMIT: usize = 32 * 1024;
+
+#[cfg(test)]
+thread_local! {
+    /// A smaller [`inline_limit`] for the tests on this thread.
+    static FORCED_INLINE_LIMIT: std::cell::Cell<Option<usize>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// Makes [`inline_limit`] return `limit` on this thread until the guard is dropped.
+#[cfg(test)]
+pub(crate) fn force_inline_limit(limit: usize) -> impl Drop {
+    struct Restore(Option<usize>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FORCED_INLINE_LIMIT.set(self.0);
+        }
+    }
+    Restore(FORCED_INLINE_LIMIT.replace(Some(limit)))
+}
 
 /// How long a waiting receiver keeps polling (yielding the CPU between attempts)
 /// before it blocks. On virtual machines a blocked thread whose CPU went idle takes
@@ -183,23 +230,126 @@ fn ipc_to_io(err: IpcError) -> io::Error {
     }
 }
 
+/// Whether an ipc-channel error is an interrupted system call (`EINTR`).
+///
+/// ipc-channel passes `EINTR` from `recvmsg`, `sendmsg` and `poll` up as
+/// `IpcError::Io` of kind `Interrupted`. A call that failed that way moved no data: a
+/// receive fails before it read the first fragment and a send before it queued its
+/// message, so the call may simply be made again. (A fragmented message interrupted
+/// between fragments is lost, but no frame is ever fragmented: see [`inline_limit`].)
+fn is_interrupted(err: &IpcError) -> bool {
+    matches!(err, IpcError::Io(e) if e.kind() == io::ErrorKind::Interrupted)
+}
+
+/// Runs `call` again for as long as it fails with `EINTR`.
+fn retry_interrupted<R>(mut call: impl FnMut() -> Result<R, IpcError>) -> Result<R, IpcError> {
+    loop {
+        match call() {
+            Err(e) if is_interrupted(&e) => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Waits up to `timeout` for the memfd announced by a large-frame marker.
+fn recv_shared(
+    receiver: &IpcReceiver<IpcSharedMemory>,
+    timeout: Duration,
+) -> io::Result<IpcSharedMemory> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match receiver.try_recv_timeout(left) {
+            Ok(shared) => return Ok(shared),
+            Err(TryRecvError::IpcError(e)) if is_interrupted(&e) => continue,
+            Err(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "a large-frame marker arrived without its shared memory",
+                ));
+            }
+        }
+    }
+}
+
+/// Runs `f` with this thread's asynchronous signals held back, then restores its mask.
+///
+/// For the calls ipc-channel cannot repeat after `EINTR`: its one-shot `accept`
+/// consumes the server even when it fails, and its `connect` gives up (leaking the
+/// socket) rather than finish a connection the signal interrupted. Signals sent to
+/// the process meanwhile go to other threads or wait until `f` returns. Signals a
+/// fault raises (`SIGSEGV`, `SIGBUS`, `SIGFPE`, `SIGILL`) stay unblocked.
+fn with_signals_held<R>(f: impl FnOnce() -> R) -> R {
+    let mut held = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: `sigfillset` initialises the set behind the pointer it is given.
+    unsafe { libc::sigfillset(held.as_mut_ptr()) };
+    // SAFETY: `sigfillset` initialised the set just above (it cannot fail on a valid pointer).
+    let mut held = unsafe { held.assume_init() };
+    for fault in [libc::SIGSEGV, libc::SIGBUS, libc::SIGFPE, libc::SIGILL] {
+        // SAFETY: `held` is an initialised set and `fault` a valid signal number.
+        unsafe { libc::sigdelset(&mut held, fault) };
+    }
+    let mut previous = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: both pointers are valid for the call, which changes only this thread's mask.
+    let blocked = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &held, previous.as_mut_ptr()) };
+    if blocked != 0 {
+        return f();
+    }
+    // SAFETY: `pthread_sigmask` succeeded, so it stored the previous mask.
+    let previous = unsafe { previous.assume_init() };
+    struct Restore(libc::sigset_t);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: restores a mask `pthread_sigmask` returned for this same thread.
+            unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, std::ptr::null_mut()) };
+        }
+    }
+    let _restore = Restore(previous);
+    f()
+}
+
 /// Sends a frame: inline when small, through a memfd when large.
 fn send_frame(
     bytes: &IpcBytesSender,
     big: &IpcSender<IpcSharedMemory>,
     frame: &mut FrameBuf,
 ) -> io::Result<()> {
-    if frame.body_len() <= INLINE_LIMIT {
-        return bytes.send(frame.prefixed());
+    if frame.body_len() <= inline_limit() {
+        let wire = frame.prefixed();
+        return retry_interrupted(|| bytes.send(wire).map_err(IpcError::Io)).map_err(ipc_to_io);
     }
     // ipc-channel asserts (panics) when it cannot create the memfd, for example when
     // the process is out of descriptors; turn that into an error for this frame.
     let body = frame.body_bytes();
     let shared = std::panic::catch_unwind(|| IpcSharedMemory::from_bytes(body))
         .map_err(|_| io::Error::other("could not create shared memory for a large frame"))?;
-    big.send(shared).map_err(ipc_to_io)?;
+    // `IpcSender::send` takes its message by value; sending a reference through the
+    // same channel (the bytes on the wire are the same) lets an interrupted send be
+    // made again with the same memfd.
+    // ipc-channel's send takes whatever this thread's encoding left out of band.
+    let _ = crate::codec::flush();
+    let by_ref = big.clone().to_opaque().to::<SharedRef<'_>>();
+    retry_interrupted(|| by_ref.send(SharedRef(&shared))).map_err(ipc_to_io)?;
     // The empty frame says "the body is waiting on the shared-memory channel".
-    bytes.send(&[0])
+    retry_interrupted(|| bytes.send(&[0]).map_err(IpcError::Io)).map_err(ipc_to_io)
+}
+
+/// An `IpcSharedMemory` sent by reference: serialises exactly as the value does.
+struct SharedRef<'a>(&'a IpcSharedMemory);
+
+impl Serialize for SharedRef<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for SharedRef<'_> {
+    /// Never called: the receiving end reads `IpcSharedMemory` values.
+    fn deserialize<D: Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+        Err(de::Error::custom(
+            "a shared-memory reference is only ever sent",
+        ))
+    }
 }
 
 /// The handshake message, worker side. Field order must match [`HelloIn`]: the two
@@ -262,10 +412,12 @@ impl WorkerLink {
             pid: std::process::id(),
             fingerprint,
         };
-        let bootstrap = IpcSender::<HandshakeOut>::connect(server.to_owned())?;
-        bootstrap
-            .send(HandshakeOut::Hello(hello))
-            .map_err(ipc_to_io)?;
+        with_signals_held(|| {
+            let bootstrap = IpcSender::<HandshakeOut>::connect(server.to_owned())?;
+            bootstrap
+                .send(HandshakeOut::Hello(hello))
+                .map_err(ipc_to_io)
+        })?;
         Ok(Self {
             requests,
             big_requests,
@@ -281,7 +433,9 @@ impl WorkerLink {
             Err(TryRecvError::Empty) => None,
             Err(TryRecvError::IpcError(e)) => Some(Err(e)),
         });
-        let bytes = match polled.unwrap_or_else(|| self.requests.recv()) {
+        let polled = polled.filter(|result| !matches!(result, Err(e) if is_interrupted(e)));
+        let received = polled.unwrap_or_else(|| retry_interrupted(|| self.requests.recv()));
+        let bytes = match received {
             Ok(bytes) => strip_prefix(bytes)?,
             Err(IpcError::Disconnected) => return Ok(None),
             Err(e) => return Err(ipc_to_io(e)),
@@ -289,13 +443,7 @@ impl WorkerLink {
         if !bytes.is_empty() {
             return Ok(Some(Frame::Inline(bytes)));
         }
-        match self.big_requests.try_recv_timeout(Duration::from_secs(10)) {
-            Ok(shared) => Ok(Some(Frame::Shared(shared))),
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "a large-frame marker arrived without its shared memory",
-            )),
-        }
+        recv_shared(&self.big_requests, Duration::from_secs(10)).map(|s| Some(Frame::Shared(s)))
     }
 
     pub(crate) fn send(&self, frame: &mut FrameBuf) -> io::Result<()> {
@@ -325,13 +473,7 @@ impl ParentLink {
             return Ok(Frame::Inline(raw.0));
         }
         // The worker sent the memfd before the marker, so it is already queued.
-        match self.big_replies.try_recv_timeout(Duration::from_secs(10)) {
-            Ok(shared) => Ok(Frame::Shared(shared)),
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "a large-frame marker arrived without its shared memory",
-            )),
-        }
+        recv_shared(&self.big_replies, Duration::from_secs(10)).map(Frame::Shared)
     }
 }
 
@@ -357,9 +499,11 @@ impl Listener {
 
     /// Blocks until the worker says hello, or until [`Listener::abort`] is called with
     /// this listener's name (`Ok(None)`). ipc-channel's accept has no timeout, hence
-    /// the abort.
+    /// the abort. Signals are held back meanwhile: an `EINTR` inside ipc-channel's
+    /// accept would consume the server, so it could not be retried.
     pub(crate) fn accept(self) -> io::Result<Option<Accepted>> {
-        let (_bootstrap, message) = self.server.accept().map_err(ipc_to_io)?;
+        let server = self.server;
+        let (_bootstrap, message) = with_signals_held(|| server.accept()).map_err(ipc_to_io)?;
         match message {
             HandshakeIn::Hello(hello) => Ok(Some((
                 ParentLink {
@@ -377,6 +521,8 @@ impl Listener {
 
     /// Wakes a thread blocked in [`Listener::accept`] on the listener called `name`.
     pub(crate) fn abort(name: &str) -> io::Result<()> {
+        // ipc-channel's send takes whatever this thread's encoding left out of band.
+        let _ = crate::codec::flush();
         let sender = IpcSender::<HandshakeIn>::connect(name.to_owned())?;
         sender.send(HandshakeIn::Abort).map_err(ipc_to_io)
     }
@@ -415,14 +561,79 @@ mod tests {
             replies: bytes_tx.clone(),
             big_replies: big_tx.clone(),
         };
-        for len in [4, INLINE_LIMIT, INLINE_LIMIT + 1, 3 * INLINE_LIMIT] {
+        let limit = inline_limit();
+        for len in [4, limit, limit + 1, 3 * limit] {
             let mut frame = FrameBuf::with_capacity(64);
             frame.body().extend((0..len).map(|i| (i % 251) as u8));
             send_frame(&bytes_tx, &big_tx, &mut frame).unwrap();
             let got = link.recv().unwrap().expect("a frame");
             assert_eq!(got.len(), len);
             assert!(got.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
-            assert_eq!(matches!(got, Frame::Shared(_)), len > INLINE_LIMIT);
+            assert_eq!(matches!(got, Frame::Shared(_)), len > limit);
+        }
+    }
+
+    /// `SO_SNDBUF` of a fresh socket, measured here independently of ipc-channel.
+    fn fresh_socket_send_buffer() -> usize {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors `socketpair` writes.
+        let made =
+            unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, fds.as_mut_ptr()) };
+        assert_eq!(made, 0);
+        let mut size: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: `size` and `len` are valid for writes of the sizes `len` states.
+        let got = unsafe {
+            libc::getsockopt(
+                fds[0],
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&raw mut size).cast(),
+                &raw mut len,
+            )
+        };
+        for fd in fds {
+            // SAFETY: `fd` came from `socketpair` above and is closed once.
+            unsafe { libc::close(fd) };
+        }
+        assert_eq!(got, 0);
+        usize::try_from(size).unwrap()
+    }
+
+    #[test]
+    fn the_inline_limit_follows_the_socket_send_buffer() {
+        // ipc-channel's first fragment: the buffer less CMSG_SPACE(64 descriptors)
+        // and a 16-byte header, rounded down to 8; less our length prefix.
+        let fragment = (fresh_socket_send_buffer() - 528 - 16) & !7;
+        assert_eq!(inline_limit(), fragment - PREFIX);
+        // Every frame up to the limit is one packet, so one send can take it with no
+        // reader: a fragmented send would wait for the reader and never return.
+        let (bytes_tx, bytes_rx) = ipc::bytes_channel().unwrap();
+        let mut frame = FrameBuf::with_capacity(64);
+        frame.body().resize(PREFIX + inline_limit(), 7);
+        bytes_tx.send(frame.prefixed()).unwrap();
+        assert_eq!(bytes_rx.recv().unwrap().len(), frame.prefixed().len());
+    }
+
+    #[test]
+    fn frames_above_a_forced_limit_travel_through_shared_memory() {
+        let _forced = force_inline_limit(1000);
+        let (bytes_tx, bytes_rx) = ipc::bytes_channel().unwrap();
+        let (big_tx, big_rx) = ipc::channel().unwrap();
+        let link = WorkerLink {
+            requests: bytes_rx,
+            big_requests: big_rx,
+            replies: bytes_tx.clone(),
+            big_replies: big_tx.clone(),
+        };
+        for len in [1, 999, 1000, 1001, 5000, 300_000] {
+            let mut frame = FrameBuf::with_capacity(64);
+            frame.body().extend((0..len).map(|i| (i % 253) as u8));
+            link.send(&mut frame).unwrap();
+            let got = link.recv().unwrap().expect("a frame");
+            assert_eq!(matches!(got, Frame::Shared(_)), len > 1000, "{len} bytes");
+            assert_eq!(got.len(), len);
+            assert!(got.iter().enumerate().all(|(i, &b)| b == (i % 253) as u8));
         }
     }
 }

@@ -163,6 +163,9 @@ impl ProcessBackend {
                         let left = deadline.saturating_duration_since(Instant::now());
                         match self.replies.try_select_timeout(left) {
                             Ok(results) => Ok(results),
+                            // A signal interrupts the wait with `Empty` too: only
+                            // the clock says whether the deadline passed.
+                            Err(TrySelectError::Empty) if Instant::now() < deadline => continue,
                             Err(TrySelectError::Empty) => return Ok(Event::TimedOut),
                             Err(TrySelectError::IoError(e)) => Err(e),
                         }

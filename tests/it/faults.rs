@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 use multiproc::{Error, Pool};
 use serde::{Deserialize, Serialize};
 
+use crate::helpers::helper_command;
 use crate::support::{inline_pool, pool, pool_with_chunks, process_exists};
 
 fn panics_on_13(x: u64) -> u64 {
@@ -133,11 +134,7 @@ fn a_worker_killed_between_calls_is_replaced() {
     let pool = pool(2);
     let pids = pool.worker_pids().unwrap();
     assert_eq!(pids.len(), 2);
-    let status = std::process::Command::new("kill")
-        .args(["-9", &pids[0].to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    sigkill(pids[0]);
     // Wait until the kill has taken effect: the worker is a zombie until reaped.
     let deadline = Instant::now() + Duration::from_secs(10);
     while !is_zombie_or_gone(pids[0]) {
@@ -150,6 +147,13 @@ fn a_worker_killed_between_calls_is_replaced() {
     let again = pool.map(0..1_000u64, |x| x ^ 1).unwrap();
     assert_eq!(again, got);
     assert!(!pool.worker_pids().unwrap().contains(&pids[0]));
+}
+
+fn sigkill(pid: u32) {
+    let pid = libc::pid_t::try_from(pid).expect("a pid fits pid_t");
+    // SAFETY: sending a signal has no memory effects in this process.
+    let sent = unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert_eq!(sent, 0, "kill({pid}) failed");
 }
 
 fn is_zombie_or_gone(pid: u32) -> bool {
@@ -300,24 +304,15 @@ fn zero_workers_is_a_configuration_error() {
     assert!(matches!(err, Error::Config(_)));
 }
 
-const ORPHAN_HELPER: &str = "MULTIPROC_TEST_ORPHAN_HELPER";
-
 #[test]
 fn workers_exit_when_their_parent_is_killed() {
     use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
+    use std::process::Stdio;
 
-    // A helper process (this test binary, running `orphan_helper`) starts a pool,
+    // A helper process (this test binary in the `orphan` role) starts a pool,
     // reports its workers, and has both run a task that never returns, so they are
     // not reading their channels; we kill the helper with SIGKILL.
-    let mut helper = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "faults::orphan_helper",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-        ])
-        .env(ORPHAN_HELPER, "1")
+    let mut helper = helper_command("orphan")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -326,10 +321,10 @@ fn workers_exit_when_their_parent_is_killed() {
     // Hang guard: if the helper stalls, kill it so that its stdout closes and the
     // reads below fail instead of waiting forever.
     let (done, watchdog) = std::sync::mpsc::channel::<()>();
-    let helper_pid = helper.id().to_string();
+    let helper_pid = helper.id();
     let guard = std::thread::spawn(move || {
         if watchdog.recv_timeout(Duration::from_secs(60)).is_err() {
-            let _ = Command::new("kill").args(["-9", &helper_pid]).status();
+            sigkill(helper_pid);
         }
     });
     let mut lines = BufReader::new(helper.stdout.take().unwrap()).lines();
@@ -364,32 +359,6 @@ fn workers_exit_when_their_parent_is_killed() {
 }
 
 #[test]
-#[ignore = "helper process for workers_exit_when_their_parent_is_killed"]
-fn orphan_helper() {
-    if std::env::var_os(ORPHAN_HELPER).is_none() {
-        return;
-    }
-    // Workers inherit stdout, so their line reaches the test through our pipe.
-    let pool = Pool::builder().workers(2).chunk_size(1).build().unwrap();
-    let pids: Vec<String> = pool
-        .worker_pids()
-        .unwrap()
-        .iter()
-        .map(u32::to_string)
-        .collect();
-    println!("worker pids: {}", pids.join(" "));
-    let _ = pool.map(0..2u64, |x| -> u64 {
-        println!("stuck in a task");
-        loop {
-            std::thread::park();
-            if x > 2 {
-                return x;
-            }
-        }
-    });
-}
-
-#[test]
 fn calling_back_into_the_same_pool_is_an_error_not_a_deadlock() {
     let pool = pool(2);
     let pool_ref = &pool;
@@ -420,8 +389,6 @@ fn calling_back_into_the_same_pool_is_an_error_not_a_deadlock() {
     assert_eq!(nested, [1, 11, 21]);
 }
 
-const NESTED_HELPER: &str = "MULTIPROC_TEST_NESTED_HELPER";
-
 #[test]
 fn a_program_started_by_a_task_is_not_taken_for_a_worker() {
     // The task, in a worker process, runs this test binary again as an ordinary
@@ -429,14 +396,7 @@ fn a_program_started_by_a_task_is_not_taken_for_a_worker() {
     let pool = pool_with_chunks(1, 1);
     let outputs = pool
         .map([3u64], |n| {
-            let out = std::process::Command::new(std::env::current_exe().unwrap())
-                .args([
-                    "faults::nested_helper",
-                    "--exact",
-                    "--ignored",
-                    "--nocapture",
-                ])
-                .env(NESTED_HELPER, n.to_string())
+            let out = helper_command(&format!("nested:{n}"))
                 .stdin(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .output()
@@ -449,18 +409,6 @@ fn a_program_started_by_a_task_is_not_taken_for_a_worker() {
         "the nested program printed: {}",
         outputs[0]
     );
-}
-
-#[test]
-#[ignore = "helper process for a_program_started_by_a_task_is_not_taken_for_a_worker"]
-fn nested_helper() {
-    let Some(n) = std::env::var_os(NESTED_HELPER) else {
-        return;
-    };
-    let n: u64 = n.to_str().unwrap().parse().unwrap();
-    let pool = pool(2);
-    let sum: u64 = pool.map_reduce(0..n, |x| x, || 0, |a, b| a + b).unwrap();
-    println!("nested sum: {sum}");
 }
 
 #[derive(Debug, Serialize)]
@@ -532,4 +480,45 @@ fn a_result_that_encodes_to_nothing_is_still_checked() {
         .map_reduce(0..3u64, |_| (), || (), |(), ()| ())
         .unwrap();
     assert_eq!(unit, ());
+}
+
+#[derive(Serialize, Deserialize)]
+struct CarriesAChannel {
+    id: u64,
+    reply_to: Option<ipc_channel::ipc::IpcSender<u64>>,
+}
+
+#[test]
+fn a_channel_inside_an_item_is_refused_and_named() {
+    let pool = pool_with_chunks(2, 4);
+    let (tx, _rx) = ipc_channel::ipc::channel::<u64>().unwrap();
+    let err = pool
+        .map(
+            vec![CarriesAChannel {
+                id: 0,
+                reply_to: Some(tx.clone()),
+            }],
+            |c: CarriesAChannel| c.id,
+        )
+        .unwrap_err();
+    assert!(matches!(err, Error::EncodeItem { item: 0, .. }), "{err:?}");
+    let source = std::error::Error::source(&err).expect("the codec's reason");
+    assert!(
+        source
+            .to_string()
+            .contains("channels and descriptors cannot travel inside items"),
+        "{source}"
+    );
+    // A channel in a later item of a chunk is named as well.
+    let items = (0..10u64).map(|id| CarriesAChannel {
+        id,
+        reply_to: (id == 6).then(|| tx.clone()),
+    });
+    let err = pool.map(items, |c: CarriesAChannel| c.id).unwrap_err();
+    assert!(matches!(err, Error::EncodeItem { item: 6, .. }), "{err:?}");
+    // Items without one go through, and the pool is still usable.
+    let items = (0..10u64).map(|id| CarriesAChannel { id, reply_to: None });
+    let ids = pool.map(items, |c: CarriesAChannel| c.id).unwrap();
+    assert_eq!(ids, (0..10).collect::<Vec<_>>());
+    assert_eq!(pool.map(0..3u64, |x| x + 1).unwrap(), [1, 2, 3]);
 }

@@ -4,8 +4,10 @@ multiproc::enable_test_support!();
 
 mod faults;
 mod hardening;
+mod helpers;
 mod jobs;
 mod par_map;
 mod pipeline;
+mod signals;
 mod soak;
 mod support;

@@ -1,0 +1,101 @@
+//! Helper processes some tests need: this test binary run again in a helper role.
+//!
+//! The role is chosen by an environment variable and run by a constructor before the
+//! test harness starts, the way `enable_test_support!()` runs workers; the process
+//! exits when the role is done. A helper is therefore never a `#[test]`: it cannot
+//! be listed, filtered, counted as passed, or run by `cargo test -- --ignored`.
+
+use std::ffi::OsStr;
+use std::process::Command;
+
+use multiproc::Pool;
+
+use crate::support::pool;
+
+/// Environment variable naming the role: `orphan`, or `nested:<n>`.
+const HELPER_ROLE: &str = "MULTIPROC_TEST_HELPER_ROLE";
+
+/// This test binary, set to play `role` instead of running tests.
+pub(crate) fn helper_command(role: &str) -> Command {
+    let mut command = Command::new(std::env::current_exe().expect("the test binary's path"));
+    command.env(HELPER_ROLE, role);
+    command
+}
+
+// SAFETY: the loader calls each `.init_array` entry once, before `main`, as
+// `fn(argc, argv, envp)`; an `extern "C" fn()` that ignores its arguments is called
+// correctly that way on every Linux ABI. Outside a helper it reads one environment
+// variable and returns; in a helper it catches every panic, so none unwinds out of
+// this C-ABI function, and exits the process.
+#[used]
+#[unsafe(link_section = ".init_array")]
+static HELPER_HOOK: extern "C" fn() = {
+    extern "C" fn run_helper_role() {
+        let Some(role) = std::env::var_os(HELPER_ROLE) else {
+            return;
+        };
+        // A helper's own workers inherit the variable: let them serve first.
+        multiproc::init();
+        let code = match std::panic::catch_unwind(|| play(&role)) {
+            Ok(()) => 0,
+            Err(_) => 101,
+        };
+        std::process::exit(code);
+    }
+    run_helper_role
+};
+
+fn play(role: &OsStr) {
+    let role = role.to_str().expect("a helper role is text");
+    if role == "orphan" {
+        orphan();
+    } else if let Some(n) = role.strip_prefix("nested:") {
+        nested(n.parse().expect("nested:<n> takes a number"));
+    } else {
+        panic!("unknown helper role {role:?}");
+    }
+}
+
+/// For `workers_exit_when_their_parent_is_killed`: starts a pool, reports its
+/// workers, and has both run a task that never returns, so they are not reading
+/// their channels when the test kills this process.
+fn orphan() {
+    // Workers inherit stdout, so their line reaches the test through our pipe.
+    let pool = Pool::builder().workers(2).chunk_size(1).build().unwrap();
+    let pids: Vec<String> = pool
+        .worker_pids()
+        .unwrap()
+        .iter()
+        .map(u32::to_string)
+        .collect();
+    println!("worker pids: {}", pids.join(" "));
+    let _ = pool.map(0..2u64, |x| -> u64 {
+        println!("stuck in a task");
+        loop {
+            std::thread::park();
+            if x > 2 {
+                return x;
+            }
+        }
+    });
+}
+
+/// For `a_program_started_by_a_task_is_not_taken_for_a_worker`: an ordinary program,
+/// started from inside a worker, that uses multiproc itself.
+fn nested(n: u64) {
+    let pool = pool(2);
+    let sum: u64 = pool.map_reduce(0..n, |x| x, || 0, |a, b| a + b).unwrap();
+    println!("nested sum: {sum}");
+}
+
+#[test]
+fn helpers_are_not_listed_as_tests() {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--list", "--ignored"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(listed.contains("soak::"), "the listing works: {listed}");
+    assert!(!listed.contains("helper"), "a helper is listed: {listed}");
+}
