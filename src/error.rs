@@ -141,7 +141,7 @@ pub enum Error {
         /// What went wrong there.
         error: Box<Error>,
     },
-    /// [`par_map`](crate::par_map) or [`par_map_reduce`](crate::par_map_reduce) was
+    /// `multiproc::par_map` or `multiproc::par_map_reduce` was
     /// called from a task running in a worker process. The default pool would start
     /// one worker per CPU in every worker; as Python refuses children of its pool
     /// workers, this is refused. A task that really wants a pool of its own builds

@@ -24,6 +24,17 @@ use crate::transport::{Frame, FrameBuf};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) struct JobId(pub(crate) u64);
 
+/// A chunk sent to a worker and not yet answered.
+pub(crate) struct InFlight {
+    pub(crate) job: JobId,
+    pub(crate) chunk: u64,
+    pub(crate) items: Range<usize>,
+    /// The frame as sent, kept until the reply arrives.
+    pub(crate) frame: FrameBuf,
+    /// How many times it was sent before, to workers that were lost.
+    pub(crate) attempts: u32,
+}
+
 /// A chunk's reply payload, borrowed from the frame it arrived in.
 pub(crate) struct Payload {
     frame: Frame,
@@ -282,6 +293,8 @@ pub(crate) struct Job {
     pub(crate) in_flight: usize,
     pub(crate) exhausted: bool,
     pub(crate) ready: BTreeMap<u64, Ready>,
+    /// Chunks lost with their worker, to be sent again (frames kept).
+    pub(crate) retry: VecDeque<InFlight>,
     /// Payload bytes held in `ready`.
     pub(crate) ready_bytes: usize,
     /// Set once the job has ended: `Ok` or its first error.
@@ -310,6 +323,7 @@ impl Job {
             in_flight: 0,
             exhausted: false,
             ready: BTreeMap::new(),
+            retry: VecDeque::new(),
             ready_bytes: 0,
             outcome: None,
         }
@@ -322,6 +336,6 @@ impl Job {
 
     /// Whether every item was sent and every reply delivered.
     pub(crate) fn complete(&self) -> bool {
-        self.exhausted && self.in_flight == 0 && self.ready.is_empty()
+        self.exhausted && self.in_flight == 0 && self.ready.is_empty() && self.retry.is_empty()
     }
 }

@@ -86,7 +86,7 @@ pub use crate::error::{CodecError, Error, Result, TaskPanic};
 pub use crate::handle::{AsyncResult, Imap, ImapUnordered};
 pub use crate::par_map::{par_map, par_map_reduce};
 pub use crate::pipeline::{DEFAULT_STAGE_ITEMS, Pipeline, PipelineStats, Stage};
-pub use crate::pool::{Pool, PoolBuilder};
+pub use crate::pool::{Pool, PoolBuilder, PoolStats};
 pub use crate::worker::init;
 
 /// Makes a test binary able to serve as its own worker processes.

@@ -132,13 +132,18 @@ impl Pool {
         Ok(self.core.lock_engine()?.engine().workers.pids())
     }
 
-    /// Workers started since the pool was built, replacements included.
+    /// What the pool has done so far: workers started, chunks sent again.
     ///
     /// # Errors
     ///
     /// As [`Pool::worker_pids`].
-    pub fn workers_started(&self) -> Result<u64> {
-        Ok(self.core.lock_engine()?.engine().workers.started)
+    pub fn stats(&self) -> Result<PoolStats> {
+        let mut driving = self.core.lock_engine()?;
+        let engine = driving.engine();
+        Ok(PoolStats {
+            workers_started: engine.workers.started,
+            chunks_retried: engine.retried,
+        })
     }
 
     /// Applies `task` to every item and returns the results in input order.
@@ -751,6 +756,17 @@ impl std::fmt::Debug for Pool {
     }
 }
 
+/// Counters of a pool's life, from [`Pool::stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PoolStats {
+    /// Worker processes (or threads) started since the pool was built,
+    /// replacements included.
+    pub workers_started: u64,
+    /// Chunks sent again because the worker holding them was lost.
+    pub chunks_retried: u64,
+}
+
 /// Names the runner for a job, or says why a worker could not find it.
 fn task_ref<T, U, M, S>() -> Result<TaskRef>
 where
@@ -808,6 +824,7 @@ pub struct PoolBuilder {
     max_tasks: Option<usize>,
     initializer: Option<Initializer>,
     max_chunk_items: Option<usize>,
+    retries: u32,
 }
 
 impl Default for PoolBuilder {
@@ -821,6 +838,7 @@ impl Default for PoolBuilder {
             max_tasks: None,
             initializer: None,
             max_chunk_items: None,
+            retries: 1,
         }
     }
 }
@@ -907,6 +925,17 @@ impl PoolBuilder {
         self
     }
 
+    /// How many times a chunk whose worker died (killed by a signal, aborted, out of
+    /// memory) is sent again to a fresh worker before its job fails with
+    /// [`Error::WorkerExited`]; the default is 1. Results are delivered exactly once
+    /// and in order, as if nothing happened: the dead worker cannot answer, and a
+    /// fold counts each chunk once. A task that panics is not retried: its error is
+    /// its answer.
+    pub fn retries(mut self, retries: u32) -> Self {
+        self.retries = retries;
+        self
+    }
+
     /// Caps adaptive chunks at `items` items (pipeline stages bound their queues
     /// in items this way).
     pub(crate) fn max_chunk_items(mut self, items: usize) -> Self {
@@ -966,6 +995,7 @@ impl PoolBuilder {
         let supervisor = Supervisor::new(backend, self.max_tasks, init);
         let mut engine = Engine::new(supervisor, self.chunk_size, workers);
         engine.max_chunk_items = self.max_chunk_items.unwrap_or(usize::MAX);
+        engine.retries = self.retries;
         if engine.workers.initializing() {
             engine.drive(&Starting, None, &mut |e| !e.workers.initializing(), None)?;
         }

@@ -14,9 +14,9 @@ use crate::backend::Event;
 use crate::chunker::target_chunk_bytes;
 use crate::codec::Reader;
 use crate::error::{Error, Result};
-use crate::job::{Complete, Job, JobId, Kind, Payload, Ready, Sink, Source};
+use crate::job::{Complete, InFlight, Job, JobId, Kind, Payload, Ready, Sink, Source};
 use crate::protocol::{self, ChunkHeader, Failure, INIT_JOB, Reply, Request, TaskRef};
-use crate::supervisor::{CREDIT, InFlight, Supervisor};
+use crate::supervisor::{CREDIT, Supervisor};
 use crate::task::{OUTCOME_FAILED, OUTCOME_OK};
 use crate::transport::{FrameBuf, POLL_BEFORE_BLOCKING};
 
@@ -76,6 +76,10 @@ pub(crate) struct Engine {
     chunk_size: Option<usize>,
     /// Most items in one adaptive chunk.
     pub(crate) max_chunk_items: usize,
+    /// How many times a chunk lost with its worker is sent again.
+    pub(crate) retries: u32,
+    /// Chunks sent again after their worker was lost.
+    pub(crate) retried: u64,
     /// How many chunks a job may dispatch ahead of delivery.
     pub(crate) window: u64,
     /// The live `apply_async` stream of each task.
@@ -100,6 +104,8 @@ impl Engine {
             last_served: JobId(INIT_JOB),
             chunk_size,
             max_chunk_items: usize::MAX,
+            retries: 1,
+            retried: 0,
             window: (4 * CREDIT * count) as u64,
             streams: HashMap::new(),
             init_failures: Vec::new(),
@@ -299,7 +305,13 @@ impl Engine {
     /// The next job, after the last one served, that could send a chunk now.
     fn next_dispatchable(&self, local: Option<&Local<'_>>) -> Option<JobId> {
         let can = |job: &Job| -> bool {
-            if job.ended() || job.exhausted {
+            if job.ended() {
+                return false;
+            }
+            if !job.retry.is_empty() {
+                return true;
+            }
+            if job.exhausted {
                 return false;
             }
             let lent = local.is_some_and(|l| l.job == job.id && l.source.is_some());
@@ -335,6 +347,18 @@ impl Engine {
     /// Encodes the next chunk of job `id` and sends it to `worker`.
     fn send_chunk(&mut self, id: JobId, worker: usize, mut local: Option<&mut Local<'_>>) {
         if !self.send_context(id, worker) {
+            return;
+        }
+        let job = self
+            .jobs
+            .get_mut(&id)
+            .expect("dispatchable jobs are in the table");
+        if let Some(flight) = job.retry.pop_front() {
+            job.in_flight += 1;
+            let first = flight.items.start;
+            if let Err(source) = self.workers.send_chunk(worker, flight) {
+                self.send_failed(worker, id, first, source, local);
+            }
             return;
         }
         let mut frame = self.workers.take_frame();
@@ -413,6 +437,7 @@ impl Engine {
             chunk,
             items,
             frame,
+            attempts: 0,
         };
         if let Err(source) = self.workers.send_chunk(worker, flight) {
             self.send_failed(worker, id, first, source, local);
@@ -545,16 +570,13 @@ impl Engine {
                 };
                 let mut local = local;
                 for flight in chunks {
-                    let InFlight {
-                        job, items, frame, ..
-                    } = flight;
-                    self.workers.return_frame(frame);
-                    if job.0 == INIT_JOB {
+                    if flight.job.0 == INIT_JOB {
+                        self.workers.return_frame(flight.frame);
                         let reason = format!("the worker exited ({})", exit_description(status));
                         self.init_failures.push((worker, reason));
                         continue;
                     }
-                    self.chunk_lost(job, worker, items, status, local.as_deref_mut());
+                    self.chunk_lost(flight, worker, status, local.as_deref_mut());
                 }
             }
             Event::Broken {
@@ -634,21 +656,36 @@ impl Engine {
         }
     }
 
+    /// A chunk was lost with its worker: it is sent again to another worker while
+    /// it has retries left (its frame was kept, and no reply of the dead worker can
+    /// come, so it is still delivered exactly once); then its job fails.
     fn chunk_lost(
         &mut self,
-        id: JobId,
+        flight: InFlight,
         worker: usize,
-        items: Range<usize>,
         status: Option<ExitStatus>,
         local: Option<&mut Local<'_>>,
     ) {
+        let id = flight.job;
         let Some(job) = self.jobs.get_mut(&id) else {
+            self.workers.return_frame(flight.frame);
             return;
         };
         job.in_flight = job.in_flight.saturating_sub(1);
         if job.ended() {
+            self.workers.return_frame(flight.frame);
             return;
         }
+        if flight.attempts < self.retries {
+            self.retried += 1;
+            job.retry.push_back(InFlight {
+                attempts: flight.attempts + 1,
+                ..flight
+            });
+            return;
+        }
+        let InFlight { items, frame, .. } = flight;
+        self.workers.return_frame(frame);
         if let Kind::Apply(stream) = &mut job.kind {
             let chunk = items.clone();
             fail_items(stream, items, |_| Error::WorkerExited {

@@ -8,11 +8,10 @@
 //! by a fresh process at once, while it finishes what it holds.
 
 use std::collections::VecDeque;
-use std::ops::Range;
 
 use crate::backend::Backend;
 use crate::error::Result;
-use crate::job::JobId;
+use crate::job::{InFlight, JobId};
 use crate::protocol::{self, ChunkHeader, INIT_JOB, Request, TaskRef};
 use crate::transport::FrameBuf;
 
@@ -23,15 +22,6 @@ pub(crate) const CREDIT: usize = 2;
 
 /// Largest frame buffer kept for reuse.
 const KEEP_FRAME: usize = 4 << 20;
-
-/// A chunk sent to a worker and not yet answered.
-pub(crate) struct InFlight {
-    pub(crate) job: JobId,
-    pub(crate) chunk: u64,
-    pub(crate) items: Range<usize>,
-    /// The frame as sent, kept until the reply arrives.
-    pub(crate) frame: FrameBuf,
-}
 
 #[derive(Default)]
 struct SlotState {
@@ -180,6 +170,7 @@ impl Supervisor {
                 chunk: 0,
                 items: 0..1,
                 frame,
+                attempts: 0,
             }),
             // Its loss event follows; replacing it starts the initializer again.
             Err(_) => self.kill(worker),

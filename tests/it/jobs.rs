@@ -366,13 +366,13 @@ fn recycled_workers_give_exact_results_and_leak_nothing() {
         let results: Vec<u64> = handles.into_iter().map(|h| h.get().unwrap()).collect();
         assert_eq!(results, (0..1_000u64).map(square).collect::<Vec<_>>());
         assert!(
-            pool.workers_started().unwrap() >= 100,
+            pool.stats().unwrap().workers_started >= 100,
             "{} workers started",
-            pool.workers_started().unwrap()
+            pool.stats().unwrap().workers_started
         );
         let mapped = pool.map(0..1_000u64, |x| x + 1).unwrap();
         assert_eq!(mapped, (1..1_001).collect::<Vec<_>>());
-        assert!(pool.workers_started().unwrap() >= 200);
+        assert!(pool.stats().unwrap().workers_started >= 200);
     }
     // Other tests run beside this one and open descriptors and children of their
     // own; what this pool opened is gone: at most a handful of others' remain.

@@ -8,6 +8,7 @@ mod helpers;
 mod jobs;
 mod par_map;
 mod pipeline;
+mod retries;
 mod signals;
 mod soak;
 mod support;

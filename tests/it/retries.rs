@@ -1,0 +1,133 @@
+//! Chunks lost with their worker are sent again: nothing lost, nothing twice.
+
+use std::path::{Path, PathBuf};
+
+use multiproc::{Error, Pool};
+
+use crate::support::splitmix64;
+
+/// A fresh directory for one test's markers.
+fn marker_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("multiproc-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// Kills its own worker the first time it sees item 500 (a marker file remembers),
+/// then computes normally.
+fn dies_once_on_500(dir: &String, x: u64) -> u64 {
+    if x == 500 {
+        let marker = Path::new(dir).join("died");
+        if std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&marker)
+            .is_ok()
+        {
+            // SAFETY: raising a signal in our own process has no memory effects.
+            unsafe { libc::raise(libc::SIGKILL) };
+        }
+    }
+    splitmix64(x)
+}
+
+fn retrying_pool(retries: u32) -> Pool {
+    Pool::builder()
+        .workers(2)
+        .chunk_size(7)
+        .retries(retries)
+        .inherit_output(false)
+        .build()
+        .expect("a pool starts")
+}
+
+#[test]
+fn a_chunk_lost_once_is_retried_and_the_map_is_exact() {
+    let dir = marker_dir("retry-map");
+    let pool = retrying_pool(1);
+    let context = dir.to_string_lossy().into_owned();
+    let got = pool
+        .map_with(0..10_000u64, &context, dies_once_on_500)
+        .unwrap();
+    let expected: Vec<u64> = (0..10_000u64).map(splitmix64).collect();
+    assert_eq!(got, expected);
+    assert!(dir.join("died").exists(), "the fault happened");
+    let stats = pool.stats().unwrap();
+    assert!(stats.chunks_retried >= 1, "{stats:?}");
+    assert!(stats.workers_started >= 3, "{stats:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_fold_counts_a_retried_chunk_once() {
+    let dir = marker_dir("retry-fold");
+    let pool = retrying_pool(1);
+    let context = dir.to_string_lossy().into_owned();
+    let got = pool
+        .map_reduce_with(
+            0..10_000u64,
+            &context,
+            dies_once_on_500,
+            || 0,
+            u64::wrapping_add,
+        )
+        .unwrap();
+    let expected = (0..10_000u64).map(splitmix64).fold(0, u64::wrapping_add);
+    assert_eq!(got, expected);
+    assert!(dir.join("died").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn always_dies_on_500(x: u64) -> u64 {
+    if x == 500 {
+        // SAFETY: raising a signal in our own process has no memory effects.
+        unsafe { libc::raise(libc::SIGKILL) };
+    }
+    x
+}
+
+#[test]
+fn a_chunk_that_keeps_killing_fails_after_its_retries() {
+    let pool = retrying_pool(2);
+    let err = pool.map(0..1_000u64, always_dies_on_500).unwrap_err();
+    match err {
+        Error::WorkerExited { items, .. } => assert!(items.contains(&500), "{items:?}"),
+        other => panic!("expected a lost worker, got {other:?}"),
+    }
+    // The poison chunk twice, and whatever innocent chunk was queued behind it on
+    // the workers it killed.
+    assert!(pool.stats().unwrap().chunks_retried >= 2);
+    // The pool goes on.
+    assert_eq!(pool.map(0..10u64, |x| x + 1).unwrap().len(), 10);
+}
+
+#[test]
+fn without_retries_a_lost_chunk_fails_its_job() {
+    let pool = retrying_pool(0);
+    let err = pool.map(0..1_000u64, always_dies_on_500).unwrap_err();
+    assert!(matches!(err, Error::WorkerExited { .. }), "{err:?}");
+    assert_eq!(pool.stats().unwrap().chunks_retried, 0);
+}
+
+#[test]
+fn apply_async_handles_survive_a_lost_worker() {
+    let dir = marker_dir("retry-apply");
+    let pool = retrying_pool(1);
+    let context = dir.to_string_lossy().into_owned();
+    let handles: Vec<_> = (0..1_000u64)
+        .map(|x| {
+            pool.apply_async(dies_once_on_500_item, (context.clone(), x))
+                .unwrap()
+        })
+        .collect();
+    for (x, handle) in handles.into_iter().enumerate() {
+        assert_eq!(handle.get().unwrap(), splitmix64(x as u64));
+    }
+    assert!(dir.join("died").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn dies_once_on_500_item((dir, x): (String, u64)) -> u64 {
+    dies_once_on_500(&dir, x)
+}
