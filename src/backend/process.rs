@@ -20,6 +20,10 @@ use crate::transport::{FrameBuf, Listener, ParentLink, RawFrame, poll_before_blo
 /// How long a worker gets to exit after its channels close before it is killed.
 const EXIT_GRACE: Duration = Duration::from_secs(1);
 
+/// How often a blocked wait looks for workers that exited without their channel
+/// closing (a process they forked still holds it): such a loss is seen within this.
+const EXIT_CHECK: Duration = Duration::from_millis(50);
+
 struct Slot {
     child: Child,
     link: ParentLink,
@@ -157,20 +161,25 @@ impl ProcessBackend {
                 .flatten();
             let results = match polled {
                 Some(results) => results,
-                None => match deadline {
-                    None => self.replies.select(),
-                    Some(deadline) => {
-                        let left = deadline.saturating_duration_since(Instant::now());
-                        match self.replies.try_select_timeout(left) {
-                            Ok(results) => Ok(results),
-                            // A signal interrupts the wait with `Empty` too: only
-                            // the clock says whether the deadline passed.
-                            Err(TrySelectError::Empty) if Instant::now() < deadline => continue,
-                            Err(TrySelectError::Empty) => return Ok(Event::TimedOut),
-                            Err(TrySelectError::IoError(e)) => Err(e),
+                None => {
+                    // Wake up now and then to look for workers that exited while a
+                    // process they started keeps their channel open.
+                    let check = Instant::now() + EXIT_CHECK;
+                    let wake = deadline.map_or(check, |d| d.min(check));
+                    let left = wake.saturating_duration_since(Instant::now());
+                    match self.replies.try_select_timeout(left) {
+                        Ok(results) => Ok(results),
+                        // A signal interrupts the wait with `Empty` too: only the
+                        // clock says whether the deadline passed.
+                        Err(TrySelectError::Empty)
+                            if deadline.is_none_or(|d| Instant::now() < d) =>
+                        {
+                            continue;
                         }
+                        Err(TrySelectError::Empty) => return Ok(Event::TimedOut),
+                        Err(TrySelectError::IoError(e)) => Err(e),
                     }
-                },
+                }
             };
             let results = match results {
                 Ok(results) => results,

@@ -131,3 +131,43 @@ fn apply_async_handles_survive_a_lost_worker() {
 fn dies_once_on_500_item((dir, x): (String, u64)) -> u64 {
     dies_once_on_500(&dir, x)
 }
+
+/// Forks a grandchild that keeps the worker's descriptors open for a few seconds,
+/// then kills the worker.
+fn dies_leaving_a_grandchild(x: u64) -> u64 {
+    if x == 3 {
+        // SAFETY: the worker runs this task on its only thread; the child calls only
+        // async-signal-safe functions (`sleep`, `_exit`) before it ends.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: async-signal-safe calls in a forked child.
+            unsafe {
+                libc::sleep(3);
+                libc::_exit(0);
+            }
+        }
+        // SAFETY: raising a signal in our own process has no memory effects.
+        unsafe { libc::raise(libc::SIGKILL) };
+    }
+    x
+}
+
+#[test]
+fn a_worker_that_dies_while_a_grandchild_holds_its_channel_is_seen_promptly() {
+    // One worker: nothing else wakes the parent while it waits.
+    let pool = Pool::builder()
+        .workers(1)
+        .chunk_size(7)
+        .retries(0)
+        .inherit_output(false)
+        .build()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let err = pool.map(0..10u64, dies_leaving_a_grandchild).unwrap_err();
+    let seen = started.elapsed();
+    assert!(matches!(err, Error::WorkerExited { .. }), "{err:?}");
+    assert!(
+        seen < std::time::Duration::from_secs(1),
+        "seen after {seen:?}"
+    );
+}
