@@ -131,6 +131,28 @@ pub enum Error {
         "the pool is already running a call on this thread (called back from the input, serialization or reduce)"
     )]
     NestedCall,
+    /// An item ran past the pool's task timeout
+    /// ([`PoolBuilder::task_timeout`](crate::PoolBuilder::task_timeout)); its worker
+    /// was killed and replaced.
+    #[error("item {item} ran past its {timeout:?} deadline in worker {worker}, which was killed")]
+    TimedOut {
+        /// Index of the item in the input.
+        item: usize,
+        /// The worker that ran it.
+        worker: usize,
+        /// The deadline it passed.
+        timeout: std::time::Duration,
+    },
+    /// A call did not finish within the pool's call timeout
+    /// ([`PoolBuilder::call_timeout`](crate::PoolBuilder::call_timeout)); the
+    /// workers running its chunks were stopped.
+    #[error("the call did not finish within {timeout:?} ({done} items done)")]
+    CallTimedOut {
+        /// The time limit.
+        timeout: std::time::Duration,
+        /// Items whose results had been delivered.
+        done: usize,
+    },
     /// A stage of a [`Pipeline`](crate::Pipeline) failed (stages count from 1); the
     /// error inside names the item (its index in that stage's input) and the
     /// worker.
@@ -215,6 +237,13 @@ impl Error {
                 status,
             },
             Error::EncodeItem { source, .. } => Error::EncodeItem { item: 0, source },
+            Error::TimedOut {
+                worker, timeout, ..
+            } => Error::TimedOut {
+                item: 0,
+                worker,
+                timeout,
+            },
             Error::DecodeItem { worker, source, .. } => Error::DecodeItem {
                 item: 0,
                 worker,

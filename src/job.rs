@@ -289,6 +289,8 @@ pub(crate) struct Job {
     pub(crate) next_deliver: u64,
     /// Chunks delivered (all jobs).
     pub(crate) delivered: u64,
+    /// Items whose results were delivered.
+    pub(crate) items_delivered: usize,
     /// Chunks sent and not yet answered.
     pub(crate) in_flight: usize,
     pub(crate) exhausted: bool,
@@ -320,6 +322,7 @@ impl Job {
             next_chunk: 0,
             next_deliver: 0,
             delivered: 0,
+            items_delivered: 0,
             in_flight: 0,
             exhausted: false,
             ready: BTreeMap::new(),

@@ -3,7 +3,7 @@
 use std::any::TypeId;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -19,7 +19,7 @@ use crate::handle::{
 };
 use crate::job::{IterSource, Job, Kind, Sink, encode_item};
 use crate::protocol::TaskRef;
-use crate::scheduler::{Engine, Hooks, Local, Submission};
+use crate::scheduler::{Drive, Engine, Hooks, Local, Submission};
 use crate::spawn::SpawnOptions;
 use crate::supervisor::Supervisor;
 use crate::task::{self, Collect, Fold, Mapper, Outcomes, Plain, WithContext, WithState};
@@ -107,6 +107,8 @@ use crate::worker;
 pub struct Pool {
     core: Arc<Core>,
     workers: usize,
+    /// The longest a blocking call may take.
+    call_timeout: Option<Duration>,
     /// The type of the state the initializer builds, if any.
     state: Option<(TypeId, &'static str)>,
 }
@@ -319,7 +321,14 @@ impl Pool {
         U: Serialize + DeserializeOwned + Send + 'static,
         F: Fn(T) -> U + Copy + Send + Sync,
     {
-        self.apply_async(task, arg)?.get()
+        let handle = self.apply_async(task, arg)?;
+        match self.call_timeout {
+            None => handle.get(),
+            Some(timeout) => match handle.get_timeout(timeout) {
+                Err(Error::Timeout(_)) => Err(Error::CallTimedOut { timeout, done: 0 }),
+                other => other,
+            },
+        }
     }
 
     /// Submits `task` on one argument and returns a handle to its result at once.
@@ -673,12 +682,20 @@ impl Pool {
             sink: Some(sink),
         };
         let mut until = |engine: &Engine| engine.job(id).is_none_or(Job::ended);
+        let deadline = self
+            .call_timeout
+            .and_then(|timeout| Instant::now().checked_add(timeout));
         // User code runs inside (the input iterator, `Serialize`, the reduce): if it
         // panics, the job leaves the table before the panic goes on, so its late
         // replies are ignored and the pool stays usable.
         let driven = panic::catch_unwind(AssertUnwindSafe(|| {
-            driving.drive(Some(&mut local), &mut until, None)
+            driving.drive(Some(&mut local), &mut until, deadline)
         }));
+        if let (Ok(Ok(Drive::TimedOut)), Some(timeout)) = (&driven, self.call_timeout) {
+            let engine = driving.engine();
+            let done = engine.job(id).map_or(0, |job| job.items_delivered);
+            engine.abandon(id, Error::CallTimedOut { timeout, done });
+        }
         let outcome = driving.engine().remove(id);
         let driven = match driven {
             Ok(driven) => driven,
@@ -801,7 +818,7 @@ struct Initializer {
 /// Configures and starts a [`Pool`].
 ///
 /// ```standalone_crate
-/// use std::time::Duration;
+/// use std::time::{Duration, Instant};
 /// fn main() -> multiproc::Result<()> {
 ///     multiproc::init();
 ///     let pool = multiproc::Pool::builder()
@@ -825,6 +842,8 @@ pub struct PoolBuilder {
     initializer: Option<Initializer>,
     max_chunk_items: Option<usize>,
     retries: u32,
+    task_timeout: Option<Duration>,
+    call_timeout: Option<Duration>,
 }
 
 impl Default for PoolBuilder {
@@ -839,6 +858,8 @@ impl Default for PoolBuilder {
             initializer: None,
             max_chunk_items: None,
             retries: 1,
+            task_timeout: None,
+            call_timeout: None,
         }
     }
 }
@@ -936,6 +957,26 @@ impl PoolBuilder {
         self
     }
 
+    /// Kills a worker whose current item runs longer than `timeout`, replaces it,
+    /// and fails that item with [`Error::TimedOut`] (its job, or its handle for
+    /// `apply_async`); the worker's other chunks are sent again. Under a task
+    /// timeout every item is sent as its own chunk, so the deadline is the item's:
+    /// use it for tasks of milliseconds or more, not for tiny ones.
+    pub fn task_timeout(mut self, timeout: Duration) -> Self {
+        self.task_timeout = Some(timeout);
+        self
+    }
+
+    /// Fails a blocking call (`map`, `map_reduce` and their `_with` forms) that has
+    /// not finished within `timeout` with [`Error::CallTimedOut`], and stops the
+    /// workers running its chunks: an upper bound for a batch job. [`Pool::apply`]
+    /// returns the same error but leaves its task running; use
+    /// [`task_timeout`](Self::task_timeout) to have it killed.
+    pub fn call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = Some(timeout);
+        self
+    }
+
     /// Caps adaptive chunks at `items` items (pipeline stages bound their queues
     /// in items this way).
     pub(crate) fn max_chunk_items(mut self, items: usize) -> Self {
@@ -996,6 +1037,7 @@ impl PoolBuilder {
         let mut engine = Engine::new(supervisor, self.chunk_size, workers);
         engine.max_chunk_items = self.max_chunk_items.unwrap_or(usize::MAX);
         engine.retries = self.retries;
+        engine.task_timeout = self.task_timeout;
         if engine.workers.initializing() {
             engine.drive(&Starting, None, &mut |e| !e.workers.initializing(), None)?;
         }
@@ -1005,6 +1047,7 @@ impl PoolBuilder {
         Ok(Pool {
             core: Core::new(engine),
             workers,
+            call_timeout: self.call_timeout,
             state,
         })
     }

@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::process::ExitStatus;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::backend::Event;
 use crate::chunker::target_chunk_bytes;
@@ -78,6 +78,8 @@ pub(crate) struct Engine {
     pub(crate) max_chunk_items: usize,
     /// How many times a chunk lost with its worker is sent again.
     pub(crate) retries: u32,
+    /// How long one item may run before its worker is killed.
+    pub(crate) task_timeout: Option<Duration>,
     /// Chunks sent again after their worker was lost.
     pub(crate) retried: u64,
     /// How many chunks a job may dispatch ahead of delivery.
@@ -106,6 +108,7 @@ impl Engine {
             max_chunk_items: usize::MAX,
             retries: 1,
             retried: 0,
+            task_timeout: None,
             window: (4 * CREDIT * count) as u64,
             streams: HashMap::new(),
             init_failures: Vec::new(),
@@ -242,7 +245,14 @@ impl Engine {
                 return Ok(Drive::Idle);
             }
             let poll = self.reply_expected_soon();
-            let event = match self.workers.backend.next_event(poll, deadline) {
+            let expiry = self
+                .task_timeout
+                .and_then(|timeout| self.workers.next_expiry(timeout));
+            let wake = match (deadline, expiry) {
+                (Some(d), Some(e)) => Some(d.min(e)),
+                (d, e) => d.or(e),
+            };
+            let event = match self.workers.backend.next_event(poll, wake) {
                 Ok(event) => event,
                 Err(e) => {
                     self.fail_everything(&e);
@@ -251,15 +261,60 @@ impl Engine {
             };
             match event {
                 Event::TimedOut => {
+                    self.expire(local.as_deref_mut());
                     if until(self) {
                         return Ok(Drive::Satisfied);
                     }
-                    return Ok(Drive::TimedOut);
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Ok(Drive::TimedOut);
+                    }
                 }
                 Event::Woken => {}
                 event => self.handle(event, local.as_deref_mut()),
             }
         }
+    }
+
+    /// Kills the workers whose running item passed the task timeout; the item's job
+    /// (or handle) fails with [`Error::TimedOut`], and the worker's other chunks are
+    /// retried with its loss.
+    fn expire(&mut self, mut local: Option<&mut Local<'_>>) {
+        let Some(timeout) = self.task_timeout else {
+            return;
+        };
+        for (worker, flight) in self.workers.expire(timeout) {
+            let InFlight {
+                job: id,
+                items,
+                frame,
+                ..
+            } = flight;
+            self.workers.return_frame(frame);
+            let Some(job) = self.jobs.get_mut(&id) else {
+                continue;
+            };
+            job.in_flight = job.in_flight.saturating_sub(1);
+            if job.ended() {
+                continue;
+            }
+            let error = |item| Error::TimedOut {
+                item,
+                worker,
+                timeout,
+            };
+            if let Kind::Apply(stream) = &mut job.kind {
+                fail_items(stream, items, error);
+                self.completed = true;
+                continue;
+            }
+            self.fail_job(id, items.start, error(items.start), local.as_deref_mut());
+        }
+    }
+
+    /// Ends a job the caller gives up on (its call timed out), stopping the workers
+    /// that run nothing but its chunks.
+    pub(crate) fn abandon(&mut self, id: JobId, error: Error) {
+        self.fail_job(id, 0, error, None);
     }
 
     /// Whether the shortest chunk being run should finish within the polling
@@ -366,6 +421,7 @@ impl Engine {
             jobs,
             workers,
             max_chunk_items,
+            task_timeout,
             ..
         } = self;
         let job = jobs
@@ -382,11 +438,15 @@ impl Engine {
                 _ => unreachable!("only the job's own caller dispatches a lent source"),
             },
         };
-        let size = job
-            .sizer
-            .next(source.remaining_hint(), workers.slots().max(1))
-            .min(workers.budget(worker))
-            .min(*max_chunk_items);
+        // Under a task timeout each item is its own chunk, so the deadline is the
+        // item's.
+        let size = if task_timeout.is_some() {
+            1
+        } else {
+            job.sizer
+                .next(source.remaining_hint(), workers.slots().max(1))
+        };
+        let size = size.min(workers.budget(worker)).min(*max_chunk_items);
         let byte_cap = if job.sizer.fixed.is_some() {
             usize::MAX
         } else {
@@ -631,6 +691,7 @@ impl Engine {
                     self.deliver_ready(id, local.as_deref_mut());
                 } else {
                     job.delivered += 1;
+                    job.items_delivered += items.len();
                     let start = items.start;
                     if let Err(e) = deliver_to(job, local.as_deref_mut(), worker, items, payload) {
                         self.fail_job(id, start, e, local.as_deref_mut());
@@ -716,6 +777,7 @@ impl Engine {
             };
             job.next_deliver += 1;
             job.delivered += 1;
+            job.items_delivered += ready.items.len();
             job.ready_bytes -= ready.payload.len();
             let start = ready.items.start;
             if let Err(e) = deliver_to(

@@ -8,6 +8,7 @@
 //! by a fresh process at once, while it finishes what it holds.
 
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use crate::backend::Backend;
 use crate::error::Result;
@@ -35,6 +36,8 @@ struct SlotState {
     /// Takes no new work: given its last task (replaced already, stopped once it
     /// has answered), or stopped.
     retiring: bool,
+    /// Since when the first chunk of `in_flight` has been running.
+    front_since: Option<Instant>,
 }
 
 /// The pool's workers.
@@ -194,6 +197,9 @@ impl Supervisor {
         let sent = self.backend.send(worker, &mut flight.frame);
         let items = flight.items.len();
         let slot = &mut self.slots[worker];
+        if slot.in_flight.is_empty() {
+            slot.front_since = Some(Instant::now());
+        }
         slot.in_flight.push_back(flight);
         slot.tasks += items;
         if let Some(max) = self.max_tasks
@@ -284,7 +290,40 @@ impl Supervisor {
             .in_flight
             .iter()
             .position(|f| f.job == job && f.chunk == chunk)?;
-        slot.in_flight.remove(at)
+        let answered = slot.in_flight.remove(at);
+        if at == 0 {
+            // The worker takes the next chunk now.
+            slot.front_since = (!slot.in_flight.is_empty()).then(Instant::now);
+        }
+        answered
+    }
+
+    /// When the first running chunk of any worker passes `timeout`.
+    pub(crate) fn next_expiry(&self, timeout: Duration) -> Option<Instant> {
+        self.slots
+            .iter()
+            .filter(|s| s.in_flight.front().is_some_and(|f| f.job.0 != INIT_JOB))
+            .filter_map(|s| s.front_since)
+            .min()
+            .map(|since| since + timeout)
+    }
+
+    /// Takes the running chunk of every worker whose chunk has run past `timeout`
+    /// and stops that worker; its other chunks are reported with its loss.
+    pub(crate) fn expire(&mut self, timeout: Duration) -> Vec<(usize, InFlight)> {
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        for worker in 0..self.slots.len() {
+            let slot = &mut self.slots[worker];
+            let overdue = slot.front_since.is_some_and(|since| now >= since + timeout)
+                && slot.in_flight.front().is_some_and(|f| f.job.0 != INIT_JOB);
+            if overdue && let Some(flight) = slot.in_flight.pop_front() {
+                slot.front_since = None;
+                expired.push((worker, flight));
+                self.kill(worker);
+            }
+        }
+        expired
     }
 
     /// Whether an event from `generation` concerns the slot's current process.

@@ -2,6 +2,7 @@
 
 multiproc::enable_test_support!();
 
+mod deadlines;
 mod faults;
 mod hardening;
 mod helpers;
