@@ -844,6 +844,7 @@ pub struct PoolBuilder {
     retries: u32,
     task_timeout: Option<Duration>,
     call_timeout: Option<Duration>,
+    kill_before_send: Option<(usize, u64)>,
 }
 
 impl Default for PoolBuilder {
@@ -860,6 +861,7 @@ impl Default for PoolBuilder {
             retries: 1,
             task_timeout: None,
             call_timeout: None,
+            kill_before_send: None,
         }
     }
 }
@@ -977,6 +979,15 @@ impl PoolBuilder {
         self
     }
 
+    /// Fault injection for tests of this crate: kills the worker in slot `worker`
+    /// just before its `send`-th request (counted from 0: contexts, chunks and the
+    /// initializer all count) is sent, as if it had died while idle.
+    #[doc(hidden)]
+    pub fn kill_worker_before_send(mut self, worker: usize, send: u64) -> Self {
+        self.kill_before_send = Some((worker, send));
+        self
+    }
+
     /// Caps adaptive chunks at `items` items (pipeline stages bound their queues
     /// in items this way).
     pub(crate) fn max_chunk_items(mut self, items: usize) -> Self {
@@ -1031,6 +1042,7 @@ impl PoolBuilder {
                 program: None,
             },
             start_timeout: self.start_timeout,
+            kill_before_send: self.kill_before_send,
         };
         let backend = Backend::start(self.inline, workers, options)?;
         let supervisor = Supervisor::new(backend, self.max_tasks, init);

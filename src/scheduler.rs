@@ -339,7 +339,7 @@ impl Engine {
             };
             // Work is waiting: bring the pool back to strength first (lost workers,
             // and replacements for workers given their last task).
-            if !revived && !self.revive_failed {
+            if (!revived || self.workers.pick().is_none()) && !self.revive_failed {
                 revived = true;
                 if let Err(e) = self.workers.revive() {
                     self.revive_failed = true;

@@ -47,6 +47,10 @@ pub(crate) enum Event {
 pub(crate) struct StartOptions {
     pub(crate) spawn: SpawnOptions,
     pub(crate) start_timeout: Duration,
+    /// Test-only fault injection: kill the worker in slot `.0` just before the
+    /// request numbered `.1` (counted from 0 over all requests to that slot's
+    /// processes) is sent to it.
+    pub(crate) kill_before_send: Option<(usize, u64)>,
 }
 
 /// Interrupts a thread waiting in [`Backend::next_event`], from any thread.

@@ -45,6 +45,8 @@ pub(crate) struct ProcessBackend {
     /// The receiver-set id of the wake-up channel.
     wake_id: u64,
     wake: Arc<WakeChannel>,
+    /// Requests sent to each slot, for the test-only fault injection.
+    sends: Vec<u64>,
 }
 
 /// The sending side of the wake-up channel. A wake-up already queued and not yet
@@ -72,6 +74,7 @@ impl ProcessBackend {
                 sender: Mutex::new(wake_tx),
                 queued: AtomicBool::new(false),
             }),
+            sends: Vec::new(),
         };
         let all: Vec<usize> = (0..workers).collect();
         backend.start_slots(&all)?;
@@ -135,6 +138,23 @@ impl ProcessBackend {
     }
 
     pub(crate) fn send(&mut self, worker: usize, frame: &mut FrameBuf) -> io::Result<()> {
+        if let Some((victim, at)) = self.options.kill_before_send
+            && victim == worker
+        {
+            if self.sends.len() <= worker {
+                self.sends.resize(worker + 1, 0);
+            }
+            let n = self.sends[worker];
+            self.sends[worker] += 1;
+            if n == at
+                && let Some(Some(slot)) = self.slots.get_mut(worker)
+            {
+                // Dead before it can read this request, as if killed from outside:
+                // the send then finds its socket closed.
+                let _ = slot.child.kill();
+                let _ = slot.child.wait();
+            }
+        }
         match self.slots.get(worker) {
             Some(Some(slot)) if !slot.killed => retry_interrupted(|| slot.link.send(frame)),
             _ => Err(io::Error::from(io::ErrorKind::NotConnected)),
@@ -529,6 +549,7 @@ mod tests {
                 program: program.map(Into::into),
             },
             start_timeout: Duration::from_secs(10),
+            kill_before_send: None,
         }
     }
 

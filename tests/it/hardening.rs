@@ -170,3 +170,75 @@ fn a_context_is_decoded_once_per_worker_and_job() {
         assert_eq!(workers.len(), 2, "both workers took part");
     }
 }
+
+fn injected(worker: usize, send: u64) -> Pool {
+    Pool::builder()
+        .workers(1)
+        .chunk_size(1)
+        .retries(0)
+        .kill_worker_before_send(worker, send)
+        .inherit_output(false)
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn a_worker_that_died_idle_is_replaced_and_the_chunk_sent_again() {
+    // Call 1 sends requests 0..5; the worker dies idle before request 5, the
+    // first chunk of call 2.
+    let pool = injected(0, 5);
+    assert_eq!(pool.map(0..5u64, |x| x * 2).unwrap(), [0, 2, 4, 6, 8]);
+    let first = pool.worker_pids().unwrap();
+    assert_eq!(pool.map(0..5u64, |x| x + 1).unwrap(), [1, 2, 3, 4, 5]);
+    let stats = pool.stats().unwrap();
+    assert_eq!(stats.workers_started, 2, "{stats:?}");
+    assert_eq!(
+        stats.chunks_retried, 0,
+        "sent again, not retried: {stats:?}"
+    );
+    assert_ne!(pool.worker_pids().unwrap(), first);
+}
+
+#[test]
+fn a_context_is_sent_again_to_a_replaced_worker() {
+    // Request 5 is call 2's context value: the worker dies idle before it.
+    let pool = injected(0, 5);
+    assert_eq!(pool.map(0..5u64, |x| x).unwrap(), [0, 1, 2, 3, 4]);
+    let table: Vec<u64> = (100..110).collect();
+    let out = pool
+        .map_with(0..10u64, &table, |t: &Vec<u64>, i| t[i as usize])
+        .unwrap();
+    assert_eq!(out, table);
+    assert_eq!(pool.stats().unwrap().workers_started, 2);
+}
+
+static STARTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Item 0 waits until the others have run ahead (or two seconds pass) and reports
+/// how far they got; every other item returns 16 MiB.
+fn holds_the_front(x: u64) -> String {
+    use std::sync::atomic::Ordering;
+    STARTED.fetch_add(1, Ordering::SeqCst);
+    if x == 0 {
+        let until = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < until && STARTED.load(Ordering::SeqCst) < 12 {
+            std::thread::yield_now();
+        }
+        return STARTED.load(Ordering::SeqCst).to_string();
+    }
+    // A string encodes as one copy, even in a debug build.
+    "x".repeat(16 << 20)
+}
+
+#[test]
+fn the_reorder_buffer_is_bounded_in_bytes() {
+    // Inline workers share this process's counter. The window alone (16 chunks)
+    // would let 12 items start while item 0 holds the front; 64 MiB of results
+    // waiting for it stop dispatch after about four of 16 MiB.
+    let pool = crate::support::inline_pool(2, Some(1));
+    let out = pool.map(0..30u64, holds_the_front).unwrap();
+    let started: u64 = out[0].parse().unwrap();
+    assert!(started < 12, "{started} items started while item 0 ran");
+    assert!(out[1..].iter().all(|v| v.len() == 16 << 20));
+    assert_eq!(out.len(), 30);
+}
