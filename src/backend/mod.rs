@@ -65,7 +65,7 @@ impl Waker {
 
 /// The workers of one pool.
 pub(crate) enum Backend {
-    Process(process::ProcessBackend),
+    Process(Box<process::ProcessBackend>),
     Inline(inline::InlineBackend),
 }
 
@@ -75,7 +75,7 @@ impl Backend {
         Ok(if inline {
             Backend::Inline(inline::InlineBackend::start(workers)?)
         } else {
-            Backend::Process(process::ProcessBackend::start(workers, options)?)
+            Backend::Process(Box::new(process::ProcessBackend::start(workers, options)?))
         })
     }
 
