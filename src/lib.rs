@@ -89,6 +89,15 @@ pub use crate::pipeline::{DEFAULT_STAGE_ITEMS, Pipeline, PipelineStats, Stage};
 pub use crate::pool::{Pool, PoolBuilder, PoolStats};
 pub use crate::worker::init;
 
+/// Items public only for this crate's own tests.
+#[doc(hidden)]
+pub mod __private {
+    /// How many frames this process has sent and received through shared memory.
+    pub fn shared_memory_frames() -> (u64, u64) {
+        crate::transport::shared_memory_frames()
+    }
+}
+
 /// Makes a test binary able to serve as its own worker processes.
 ///
 /// Test binaries get their `main` from the test harness, so they cannot call

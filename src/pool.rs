@@ -845,6 +845,7 @@ pub struct PoolBuilder {
     task_timeout: Option<Duration>,
     call_timeout: Option<Duration>,
     kill_before_send: Option<(usize, u64)>,
+    corrupt_reply: Option<(usize, u64)>,
 }
 
 impl Default for PoolBuilder {
@@ -862,6 +863,7 @@ impl Default for PoolBuilder {
             task_timeout: None,
             call_timeout: None,
             kill_before_send: None,
+            corrupt_reply: None,
         }
     }
 }
@@ -988,6 +990,14 @@ impl PoolBuilder {
         self
     }
 
+    /// Fault injection for tests of this crate: replaces the `reply`-th reply
+    /// (counted from 0) of the worker in slot `worker` by bytes that are not a frame.
+    #[doc(hidden)]
+    pub fn corrupt_reply_from(mut self, worker: usize, reply: u64) -> Self {
+        self.corrupt_reply = Some((worker, reply));
+        self
+    }
+
     /// Caps adaptive chunks at `items` items (pipeline stages bound their queues
     /// in items this way).
     pub(crate) fn max_chunk_items(mut self, items: usize) -> Self {
@@ -1043,6 +1053,7 @@ impl PoolBuilder {
             },
             start_timeout: self.start_timeout,
             kill_before_send: self.kill_before_send,
+            corrupt_reply: self.corrupt_reply,
         };
         let backend = Backend::start(self.inline, workers, options)?;
         let supervisor = Supervisor::new(backend, self.max_tasks, init);

@@ -330,8 +330,27 @@ fn send_frame(
     let _ = crate::codec::flush();
     let by_ref = big.clone().to_opaque().to::<SharedRef<'_>>();
     retry_interrupted(|| by_ref.send(SharedRef(&shared))).map_err(ipc_to_io)?;
+    count_shared(false);
     // The empty frame says "the body is waiting on the shared-memory channel".
     retry_interrupted(|| bytes.send(&[0]).map_err(IpcError::Io)).map_err(ipc_to_io)
+}
+
+/// Frames this process sent and received through shared memory (too large for one
+/// packet): for tests that check which path a frame took.
+static SHARED_FRAMES: [std::sync::atomic::AtomicU64; 2] =
+    [const { std::sync::atomic::AtomicU64::new(0) }; 2];
+
+/// How many frames this process has sent and received through shared memory.
+pub(crate) fn shared_memory_frames() -> (u64, u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    (
+        SHARED_FRAMES[0].load(Relaxed),
+        SHARED_FRAMES[1].load(Relaxed),
+    )
+}
+
+fn count_shared(received: bool) {
+    SHARED_FRAMES[usize::from(received)].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// An `IpcSharedMemory` sent by reference: serialises exactly as the value does.
@@ -473,7 +492,9 @@ impl ParentLink {
             return Ok(Frame::Inline(raw.0));
         }
         // The worker sent the memfd before the marker, so it is already queued.
-        recv_shared(&self.big_replies, Duration::from_secs(10)).map(Frame::Shared)
+        let shared = recv_shared(&self.big_replies, Duration::from_secs(10))?;
+        count_shared(true);
+        Ok(Frame::Shared(shared))
     }
 }
 

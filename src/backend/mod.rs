@@ -51,6 +51,9 @@ pub(crate) struct StartOptions {
     /// request numbered `.1` (counted from 0 over all requests to that slot's
     /// processes) is sent to it.
     pub(crate) kill_before_send: Option<(usize, u64)>,
+    /// Test-only fault injection: replace the reply numbered `.1` (counted from 0)
+    /// from slot `.0` by bytes that are not a frame of the protocol.
+    pub(crate) corrupt_reply: Option<(usize, u64)>,
 }
 
 /// Interrupts a thread waiting in [`Backend::next_event`], from any thread.

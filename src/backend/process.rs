@@ -45,8 +45,10 @@ pub(crate) struct ProcessBackend {
     /// The receiver-set id of the wake-up channel.
     wake_id: u64,
     wake: Arc<WakeChannel>,
-    /// Requests sent to each slot, for the test-only fault injection.
+    /// Requests sent to and replies received from each slot, for the test-only
+    /// fault injection.
     sends: Vec<u64>,
+    replies_seen: Vec<u64>,
 }
 
 /// The sending side of the wake-up channel. A wake-up already queued and not yet
@@ -75,6 +77,7 @@ impl ProcessBackend {
                 queued: AtomicBool::new(false),
             }),
             sends: Vec::new(),
+            replies_seen: Vec::new(),
         };
         let all: Vec<usize> = (0..workers).collect();
         backend.start_slots(&all)?;
@@ -239,6 +242,20 @@ impl ProcessBackend {
                     let opened = match message.to::<RawFrame>() {
                         Ok(raw) => slot.link.open(raw).map_err(|e| e.to_string()),
                         Err(e) => Err(e.to_string()),
+                    };
+                    let opened = match (opened, self.options.corrupt_reply) {
+                        (Ok(frame), Some((victim, at))) if victim == worker => {
+                            if self.replies_seen.len() <= worker {
+                                self.replies_seen.resize(worker + 1, 0);
+                            }
+                            self.replies_seen[worker] += 1;
+                            if self.replies_seen[worker] - 1 == at {
+                                Ok(crate::transport::Frame::Inline(vec![0xff; 5]))
+                            } else {
+                                Ok(frame)
+                            }
+                        }
+                        (opened, _) => opened,
                     };
                     let event = match opened {
                         Ok(frame) => Event::Reply {
@@ -550,6 +567,7 @@ mod tests {
             },
             start_timeout: Duration::from_secs(10),
             kill_before_send: None,
+            corrupt_reply: None,
         }
     }
 

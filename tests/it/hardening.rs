@@ -242,3 +242,26 @@ fn the_reorder_buffer_is_bounded_in_bytes() {
     assert!(out[1..].iter().all(|v| v.len() == 16 << 20));
     assert_eq!(out.len(), 30);
 }
+
+#[test]
+fn a_reply_that_breaks_the_protocol_fails_its_job_and_the_worker_is_replaced() {
+    let pool = Pool::builder()
+        .workers(1)
+        .chunk_size(1)
+        .corrupt_reply_from(0, 2)
+        .inherit_output(false)
+        .build()
+        .unwrap();
+    let first = pool.worker_pids().unwrap();
+    let err = pool.map(0..20u64, |x| x).unwrap_err();
+    match &err {
+        Error::Protocol { worker, .. } => assert_eq!(*worker, 0),
+        other => panic!("expected a protocol error, got {other:?}"),
+    }
+    assert_eq!(pool.map(0..3u64, |x| x).unwrap(), [0, 1, 2]);
+    assert_ne!(
+        pool.worker_pids().unwrap(),
+        first,
+        "the worker was replaced"
+    );
+}

@@ -161,6 +161,7 @@ fn large_items_and_results_travel_through_shared_memory() {
         .map(|i| vec![i; 300_000 + usize::from(i)])
         .collect();
     let pool = pool(2);
+    let (sent, received) = multiproc::__private::shared_memory_frames();
     let got = pool
         .map(input.clone(), |v: Vec<u8>| {
             v.iter().map(|b| b.wrapping_add(1)).collect::<Vec<u8>>()
@@ -170,6 +171,14 @@ fn large_items_and_results_travel_through_shared_memory() {
         assert_eq!(v.len(), 300_000 + i);
         assert!(v.iter().all(|&b| b == i as u8 + 1));
     }
+    // Every chunk of items and of results took the shared-memory path (other tests
+    // running beside this one can only add to the counts).
+    let (sent_after, received_after) = multiproc::__private::shared_memory_frames();
+    assert!(sent_after - sent >= 3, "{sent} -> {sent_after}");
+    assert!(
+        received_after - received >= 3,
+        "{received} -> {received_after}"
+    );
     let sizes: usize = pool
         .map_reduce(input, |v: Vec<u8>| v.len(), || 0, |a, b| a + b)
         .unwrap();
