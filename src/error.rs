@@ -153,6 +153,15 @@ pub enum Error {
         /// Items whose results had been delivered.
         done: usize,
     },
+    /// Ctrl-C (SIGINT) arrived during a call of a pool built with
+    /// [`PoolBuilder::interrupt_on_ctrl_c`](crate::PoolBuilder::interrupt_on_ctrl_c):
+    /// the call stopped, running tasks had a short grace period, and the workers
+    /// still running its chunks were killed.
+    #[error("interrupted by Ctrl-C (SIGINT) after {done} items")]
+    Interrupted {
+        /// Items whose results had been delivered when the call stopped.
+        done: usize,
+    },
     /// A stage of a [`Pipeline`](crate::Pipeline) failed (stages count from 1); the
     /// error inside names the item (its index in that stage's input) and the
     /// worker.

@@ -294,6 +294,8 @@ pub(crate) struct Job {
     /// Chunks sent and not yet answered.
     pub(crate) in_flight: usize,
     pub(crate) exhausted: bool,
+    /// The caller is giving up: send nothing more, let what runs finish.
+    pub(crate) stopping: bool,
     pub(crate) ready: BTreeMap<u64, Ready>,
     /// Chunks lost with their worker, to be sent again (frames kept).
     pub(crate) retry: VecDeque<InFlight>,
@@ -325,6 +327,7 @@ impl Job {
             items_delivered: 0,
             in_flight: 0,
             exhausted: false,
+            stopping: false,
             ready: BTreeMap::new(),
             retry: VecDeque::new(),
             ready_bytes: 0,

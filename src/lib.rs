@@ -69,6 +69,7 @@ mod codec;
 mod driver;
 mod error;
 mod handle;
+mod interrupt;
 mod job;
 mod par_map;
 mod pipeline;

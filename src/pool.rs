@@ -17,6 +17,7 @@ use crate::handle::{
     ApplyCompletion, AsyncResult, CollectSink, Completion, FoldSink, Imap, ImapParts,
     ImapUnordered, MapAsyncSink, OnError, OnResult, imap_parts,
 };
+use crate::interrupt;
 use crate::job::{IterSource, Job, Kind, Sink, encode_item};
 use crate::protocol::TaskRef;
 use crate::scheduler::{Drive, Engine, Hooks, Local, Submission};
@@ -109,6 +110,8 @@ pub struct Pool {
     workers: usize,
     /// The longest a blocking call may take.
     call_timeout: Option<Duration>,
+    /// Blocking calls stop on Ctrl-C.
+    interrupt: bool,
     /// The type of the state the initializer builds, if any.
     state: Option<(TypeId, &'static str)>,
 }
@@ -681,7 +684,11 @@ impl Pool {
             source: Some(&mut source),
             sink: Some(sink),
         };
-        let mut until = |engine: &Engine| engine.job(id).is_none_or(Job::ended);
+        let ctrl_c = self.interrupt.then(interrupt::Guard::install).flatten();
+        let watch = ctrl_c.is_some();
+        let mut until = |engine: &Engine| {
+            engine.job(id).is_none_or(Job::ended) || (watch && interrupt::interrupted())
+        };
         let deadline = self
             .call_timeout
             .and_then(|timeout| Instant::now().checked_add(timeout));
@@ -691,6 +698,24 @@ impl Pool {
         let driven = panic::catch_unwind(AssertUnwindSafe(|| {
             driving.drive(Some(&mut local), &mut until, deadline)
         }));
+        if watch
+            && matches!(driven, Ok(Ok(_)))
+            && interrupt::interrupted()
+            && driving.engine().job(id).is_some_and(|job| !job.ended())
+        {
+            // Ctrl-C: send nothing more, let running tasks finish for a moment,
+            // then stop the workers still running this job's chunks.
+            let engine = driving.engine();
+            engine.stop_dispatch(id);
+            let mut drained =
+                |engine: &Engine| engine.job(id).is_none_or(|j| j.ended() || j.in_flight == 0);
+            let grace = Instant::now() + INTERRUPT_GRACE;
+            let _ = driving.drive(Some(&mut local), &mut drained, Some(grace));
+            let engine = driving.engine();
+            let done = engine.job(id).map_or(0, |job| job.items_delivered);
+            engine.abandon(id, Error::Interrupted { done });
+        }
+        drop(ctrl_c);
         if let (Ok(Ok(Drive::TimedOut)), Some(timeout)) = (&driven, self.call_timeout) {
             let engine = driving.engine();
             let done = engine.job(id).map_or(0, |job| job.items_delivered);
@@ -773,6 +798,9 @@ impl std::fmt::Debug for Pool {
     }
 }
 
+/// How long running tasks may finish after Ctrl-C before their workers are killed.
+const INTERRUPT_GRACE: Duration = Duration::from_millis(250);
+
 /// Counters of a pool's life, from [`Pool::stats`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -844,6 +872,7 @@ pub struct PoolBuilder {
     retries: u32,
     task_timeout: Option<Duration>,
     call_timeout: Option<Duration>,
+    interrupt: bool,
     kill_before_send: Option<(usize, u64)>,
     corrupt_reply: Option<(usize, u64)>,
 }
@@ -862,6 +891,7 @@ impl Default for PoolBuilder {
             retries: 1,
             task_timeout: None,
             call_timeout: None,
+            interrupt: false,
             kill_before_send: None,
             corrupt_reply: None,
         }
@@ -981,6 +1011,21 @@ impl PoolBuilder {
         self
     }
 
+    /// Makes Ctrl-C (SIGINT) stop a blocking call (`map`, `map_reduce` and their
+    /// `_with` forms) instead of the program: the call sends nothing more, gives
+    /// running tasks a grace period of a quarter second, kills the workers still
+    /// running its chunks and returns [`Error::Interrupted`] saying how many items
+    /// were done. The handler is installed only while such a call runs, and a
+    /// handler the program installed itself (signal-hook, ctrlc) is still called.
+    /// Off by default: then Ctrl-C does what the program made it do (by default it
+    /// ends the program, and the workers die with it). Workers always ignore
+    /// SIGINT and sit in a process group of their own, so a terminal's Ctrl-C
+    /// reaches only this process.
+    pub fn interrupt_on_ctrl_c(mut self, on: bool) -> Self {
+        self.interrupt = on;
+        self
+    }
+
     /// Fault injection for tests of this crate: kills the worker in slot `worker`
     /// just before its `send`-th request (counted from 0: contexts, chunks and the
     /// initializer all count) is sent, as if it had died while idle.
@@ -1071,6 +1116,7 @@ impl PoolBuilder {
             core: Core::new(engine),
             workers,
             call_timeout: self.call_timeout,
+            interrupt: self.interrupt,
             state,
         })
     }

@@ -311,6 +311,13 @@ impl Engine {
         }
     }
 
+    /// Sends nothing more for job `id`; what is in flight may still finish.
+    pub(crate) fn stop_dispatch(&mut self, id: JobId) {
+        if let Some(job) = self.jobs.get_mut(&id) {
+            job.stopping = true;
+        }
+    }
+
     /// Ends a job the caller gives up on (its call timed out), stopping the workers
     /// that run nothing but its chunks.
     pub(crate) fn abandon(&mut self, id: JobId, error: Error) {
@@ -360,7 +367,7 @@ impl Engine {
     /// The next job, after the last one served, that could send a chunk now.
     fn next_dispatchable(&self, local: Option<&Local<'_>>) -> Option<JobId> {
         let can = |job: &Job| -> bool {
-            if job.ended() {
+            if job.ended() || job.stopping {
                 return false;
             }
             if !job.retry.is_empty() {

@@ -99,6 +99,18 @@ pub(crate) fn prepare_child(parent: u32) -> io::Result<()> {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
     }
+    // A terminal's Ctrl-C goes to its foreground process group: in a group of its
+    // own, with SIGINT ignored, a worker leaves Ctrl-C to its parent, which decides
+    // (see `PoolBuilder::interrupt_on_ctrl_c`).
+    // SAFETY: `setpgid(0, 0)` moves this process into a new group of its own; it
+    // touches no memory of ours.
+    unsafe {
+        libc::setpgid(0, 0);
+    }
+    // SAFETY: setting the disposition of SIGINT to "ignore" installs no handler code.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+    }
     // The parent may have died before the flag was set: then nobody waits for us.
     if std::os::unix::process::parent_id() != parent {
         return Err(io::Error::other(

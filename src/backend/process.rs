@@ -49,6 +49,8 @@ pub(crate) struct ProcessBackend {
     /// fault injection.
     sends: Vec<u64>,
     replies_seen: Vec<u64>,
+    /// A Ctrl-C has been reported to the driver already.
+    interrupt_seen: bool,
 }
 
 /// The sending side of the wake-up channel. A wake-up already queued and not yet
@@ -78,6 +80,7 @@ impl ProcessBackend {
             }),
             sends: Vec::new(),
             replies_seen: Vec::new(),
+            interrupt_seen: false,
         };
         let all: Vec<usize> = (0..workers).collect();
         backend.start_slots(&all)?;
@@ -197,6 +200,15 @@ impl ProcessBackend {
                         Err(TrySelectError::Empty)
                             if deadline.is_none_or(|d| Instant::now() < d) =>
                         {
+                            // Ctrl-C during a call that handles it: let the driver
+                            // look, once.
+                            if crate::interrupt::interrupted() && !self.interrupt_seen {
+                                self.interrupt_seen = true;
+                                return Ok(Event::Woken);
+                            }
+                            if !crate::interrupt::interrupted() {
+                                self.interrupt_seen = false;
+                            }
                             continue;
                         }
                         Err(TrySelectError::Empty) => return Ok(Event::TimedOut),

@@ -49,6 +49,8 @@ fn play(role: &OsStr) {
     let role = role.to_str().expect("a helper role is text");
     if role == "orphan" {
         orphan();
+    } else if role == "interrupt" {
+        interrupted();
     } else if let Some(n) = role.strip_prefix("nested:") {
         nested(n.parse().expect("nested:<n> takes a number"));
     } else {
@@ -80,12 +82,104 @@ fn orphan() {
     });
 }
 
+/// For `ctrl_c_stops_a_call_and_its_workers`: a long call on a pool that handles
+/// Ctrl-C; reports its workers, says when the call runs, then how it ended.
+fn interrupted() {
+    use std::io::Write;
+    let pool = Pool::builder()
+        .workers(2)
+        .chunk_size(1)
+        .interrupt_on_ctrl_c(true)
+        .inherit_output(false)
+        .build()
+        .unwrap();
+    let pids: Vec<String> = pool
+        .worker_pids()
+        .unwrap()
+        .iter()
+        .map(u32::to_string)
+        .collect();
+    println!("worker pids: {}", pids.join(" "));
+    // The input says when the call is under way (the handler is installed by then).
+    let items = (0..100_000u64).inspect(|&x| {
+        if x == 20 {
+            println!("running");
+            std::io::stdout().flush().unwrap();
+        }
+    });
+    let outcome = pool.map(items, |x: u64| {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        x
+    });
+    match outcome {
+        Err(multiproc::Error::Interrupted { done }) => println!("interrupted after {done}"),
+        Err(other) => println!("failed: {other}"),
+        Ok(v) => println!("finished {} items", v.len()),
+    }
+    std::io::stdout().flush().unwrap();
+    // The pool is usable afterwards.
+    let again = pool.map(0..3u64, |x| x + 1).unwrap();
+    println!("then: {again:?}");
+}
+
 /// For `a_program_started_by_a_task_is_not_taken_for_a_worker`: an ordinary program,
 /// started from inside a worker, that uses multiproc itself.
 fn nested(n: u64) {
     let pool = pool(2);
     let sum: u64 = pool.map_reduce(0..n, |x| x, || 0, |a, b| a + b).unwrap();
     println!("nested sum: {sum}");
+}
+
+#[test]
+fn ctrl_c_stops_a_call_and_its_workers() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    let mut helper = helper_command("interrupt")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let helper_pid = helper.id();
+    // Hang guard: a stalled helper is killed, so the reads below end.
+    let (done, watchdog) = std::sync::mpsc::channel::<()>();
+    let guard = std::thread::spawn(move || {
+        if watchdog
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .is_err()
+        {
+            // SAFETY: sending a signal has no memory effects in this process.
+            unsafe { libc::kill(helper_pid as i32, libc::SIGKILL) };
+        }
+    });
+    let mut lines = BufReader::new(helper.stdout.take().unwrap())
+        .lines()
+        .map(|l| l.unwrap());
+    let pids: Vec<u32> = lines
+        .by_ref()
+        .find_map(|l| l.strip_prefix("worker pids:").map(str::to_owned))
+        .expect("the helper reports its workers")
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert!(lines.by_ref().any(|l| l == "running"), "the call started");
+    // SAFETY: sending a signal has no memory effects in this process.
+    unsafe { libc::kill(helper_pid as i32, libc::SIGINT) };
+    let ended = lines.next().expect("the helper says how the call ended");
+    assert!(ended.starts_with("interrupted after "), "{ended}");
+    let then = lines.next().expect("the pool answers after the interrupt");
+    assert_eq!(then, "then: [1, 2, 3]");
+    let status = helper.wait().unwrap();
+    let _ = done.send(());
+    guard.join().unwrap();
+    assert!(status.success(), "{status}");
+    for pid in pids {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "worker {pid} left"
+        );
+    }
 }
 
 #[test]
