@@ -153,6 +153,20 @@ pub enum Error {
         /// Items whose results had been delivered.
         done: usize,
     },
+    /// A worker died (aborted or killed) under the pool's memory limit
+    /// ([`PoolBuilder::memory_limit`](crate::PoolBuilder::memory_limit)): most likely
+    /// the task ran out of the memory allowed.
+    #[error("worker {worker} died, most likely out of its {limit}-byte memory limit, while running items {items:?} ({})", exit_description(.status))]
+    MemoryLimit {
+        /// The worker that died.
+        worker: usize,
+        /// The items of the chunk it was running.
+        items: Range<usize>,
+        /// The limit, in bytes.
+        limit: u64,
+        /// How the worker process ended.
+        status: Option<ExitStatus>,
+    },
     /// Ctrl-C (SIGINT) arrived during a call of a pool built with
     /// [`PoolBuilder::interrupt_on_ctrl_c`](crate::PoolBuilder::interrupt_on_ctrl_c):
     /// the call stopped, running tasks had a short grace period, and the workers

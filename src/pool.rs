@@ -873,6 +873,7 @@ pub struct PoolBuilder {
     task_timeout: Option<Duration>,
     call_timeout: Option<Duration>,
     interrupt: bool,
+    memory_limit: Option<u64>,
     kill_before_send: Option<(usize, u64)>,
     corrupt_reply: Option<(usize, u64)>,
 }
@@ -892,6 +893,7 @@ impl Default for PoolBuilder {
             task_timeout: None,
             call_timeout: None,
             interrupt: false,
+            memory_limit: None,
             kill_before_send: None,
             corrupt_reply: None,
         }
@@ -1011,6 +1013,16 @@ impl PoolBuilder {
         self
     }
 
+    /// Limits each worker's address space to `bytes` (`RLIMIT_AS`), so one input
+    /// that makes a task allocate without bound kills its worker, not the machine.
+    /// The chunk is retried like any lost chunk, then its job fails with
+    /// [`Error::MemoryLimit`]. The limit counts mapped memory, not only what is
+    /// used: leave room for the program itself (tens of MiB) and for large frames.
+    pub fn memory_limit(mut self, bytes: u64) -> Self {
+        self.memory_limit = Some(bytes);
+        self
+    }
+
     /// Makes Ctrl-C (SIGINT) stop a blocking call (`map`, `map_reduce` and their
     /// `_with` forms) instead of the program: the call sends nothing more, gives
     /// running tasks a grace period of a quarter second, kills the workers still
@@ -1093,6 +1105,7 @@ impl PoolBuilder {
         let options = StartOptions {
             spawn: SpawnOptions {
                 inherit_output: self.inherit_output,
+                memory_limit: self.memory_limit,
                 #[cfg(test)]
                 program: None,
             },
@@ -1106,6 +1119,7 @@ impl PoolBuilder {
         engine.max_chunk_items = self.max_chunk_items.unwrap_or(usize::MAX);
         engine.retries = self.retries;
         engine.task_timeout = self.task_timeout;
+        engine.memory_limit = self.memory_limit;
         if engine.workers.initializing() {
             engine.drive(&Starting, None, &mut |e| !e.workers.initializing(), None)?;
         }

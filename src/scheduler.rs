@@ -80,6 +80,8 @@ pub(crate) struct Engine {
     pub(crate) retries: u32,
     /// How long one item may run before its worker is killed.
     pub(crate) task_timeout: Option<Duration>,
+    /// The workers' memory limit, to name deaths that most likely come from it.
+    pub(crate) memory_limit: Option<u64>,
     /// Chunks sent again after their worker was lost.
     pub(crate) retried: u64,
     /// How many chunks a job may dispatch ahead of delivery.
@@ -109,6 +111,7 @@ impl Engine {
             retries: 1,
             retried: 0,
             task_timeout: None,
+            memory_limit: None,
             window: (4 * CREDIT * count) as u64,
             streams: HashMap::new(),
             init_failures: Vec::new(),
@@ -754,22 +757,28 @@ impl Engine {
         }
         let InFlight { items, frame, .. } = flight;
         self.workers.return_frame(frame);
+        let memory_limit = self.memory_limit;
+        let lost = |items: Range<usize>| match (memory_limit, died_of_memory(status)) {
+            (Some(limit), true) => Error::MemoryLimit {
+                worker,
+                items,
+                limit,
+                status,
+            },
+            _ => Error::WorkerExited {
+                worker,
+                items,
+                status,
+            },
+        };
         if let Kind::Apply(stream) = &mut job.kind {
             let chunk = items.clone();
-            fail_items(stream, items, |_| Error::WorkerExited {
-                worker,
-                items: chunk.clone(),
-                status,
-            });
+            fail_items(stream, items, |_| lost(chunk.clone()));
             self.completed = true;
             return;
         }
         let start = items.start;
-        let error = Error::WorkerExited {
-            worker,
-            items,
-            status,
-        };
+        let error = lost(items);
         self.fail_job(id, start, error, local);
     }
 
@@ -995,6 +1004,16 @@ fn fail_items(
     for item in items {
         stream.complete(item, Err(error(item)));
     }
+}
+
+/// Whether a worker's end looks like running out of memory: Rust aborts when an
+/// allocation fails (SIGABRT), and the kernel's OOM killer sends SIGKILL.
+fn died_of_memory(status: Option<ExitStatus>) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    matches!(
+        status.and_then(|s| s.signal()),
+        Some(libc::SIGABRT | libc::SIGKILL)
+    )
 }
 
 /// Whether a send failed only because the worker is gone.

@@ -22,6 +22,9 @@ pub(crate) const WORKER_ENV: &str = "MULTIPROC_WORKER";
 /// program started by a task is never mistaken for a worker.
 pub(crate) const WORKER_ARG: &str = "--multiproc-worker=";
 
+/// Environment variable carrying a worker's memory limit in bytes (`RLIMIT_AS`).
+pub(crate) const MEMORY_LIMIT_ENV: &str = "MULTIPROC_WORKER_MEMORY_LIMIT";
+
 /// Exit code of a worker that could not start serving (EX_SOFTWARE).
 pub(crate) const START_FAILED: i32 = 70;
 
@@ -30,6 +33,8 @@ pub(crate) const START_FAILED: i32 = 70;
 pub(crate) struct SpawnOptions {
     /// Whether the child writes to this process's stdout and stderr, or to /dev/null.
     pub(crate) inherit_output: bool,
+    /// The child's address-space limit in bytes, if any.
+    pub(crate) memory_limit: Option<u64>,
     /// Another program to start instead of this executable: only for testing how
     /// start-up failures are reported.
     #[cfg(test)]
@@ -58,6 +63,9 @@ pub(crate) fn launch(
         .stdin(Stdio::null());
     if !options.inherit_output {
         command.stdout(Stdio::null()).stderr(Stdio::null());
+    }
+    if let Some(limit) = options.memory_limit {
+        command.env(MEMORY_LIMIT_ENV, limit.to_string());
     }
     spawn_from_owner_thread(command)
 }
@@ -110,6 +118,24 @@ pub(crate) fn prepare_child(parent: u32) -> io::Result<()> {
     // SAFETY: setting the disposition of SIGINT to "ignore" installs no handler code.
     unsafe {
         libc::signal(libc::SIGINT, libc::SIG_IGN);
+    }
+    if let Some(limit) = std::env::var(MEMORY_LIMIT_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        let limit = libc::rlimit {
+            rlim_cur: limit,
+            rlim_max: limit,
+        };
+        // SAFETY: `limit` is a valid `rlimit` for the call to read.
+        if unsafe { libc::setrlimit(libc::RLIMIT_AS, &raw const limit) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // Programs this worker starts are not held to it.
+        // SAFETY: called while this process is single-threaded (first thing in a
+        // worker, before any thread is started), so no other thread reads the
+        // environment concurrently.
+        unsafe { std::env::remove_var(MEMORY_LIMIT_ENV) };
     }
     // The parent may have died before the flag was set: then nobody waits for us.
     if std::os::unix::process::parent_id() != parent {

@@ -575,6 +575,7 @@ mod tests {
         StartOptions {
             spawn: spawn::SpawnOptions {
                 inherit_output: false,
+                memory_limit: None,
                 program: program.map(Into::into),
             },
             start_timeout: Duration::from_secs(10),

@@ -171,3 +171,38 @@ fn a_worker_that_dies_while_a_grandchild_holds_its_channel_is_seen_promptly() {
         "seen after {seen:?}"
     );
 }
+
+fn hungry_on_3(x: u64) -> u64 {
+    if x == 3 {
+        // Grows until the allocator is refused.
+        let mut hoard: Vec<Vec<u8>> = Vec::new();
+        loop {
+            hoard.push(vec![1u8; 16 << 20]);
+            std::hint::black_box(&hoard);
+        }
+    }
+    x
+}
+
+#[test]
+fn a_task_that_allocates_without_bound_dies_alone_under_a_memory_limit() {
+    let limit = 512 << 20;
+    let pool = Pool::builder()
+        .workers(2)
+        .chunk_size(1)
+        .memory_limit(limit)
+        .inherit_output(false)
+        .build()
+        .unwrap();
+    let err = pool.map(0..10u64, hungry_on_3).unwrap_err();
+    match err {
+        Error::MemoryLimit {
+            items, limit: l, ..
+        } => {
+            assert_eq!(items, 3..4);
+            assert_eq!(l, limit);
+        }
+        other => panic!("expected a memory limit error, got {other:?}"),
+    }
+    assert_eq!(pool.map(0..4u64, |x| x).unwrap(), [0, 1, 2, 3]);
+}
