@@ -120,7 +120,7 @@ fn ten_million_items_through_a_pipeline_in_bounded_memory() {
 /// Kills its worker the first time it starts a chunk whose number ends in 37
 /// (marker files remember), so 1% of the chunks are lost once.
 fn dies_once_per_marked_chunk(dir: &String, x: u64) -> u64 {
-    if x % 1_000 == 0 && (x / 1_000) % 100 == 37 {
+    if x.is_multiple_of(1_000) && (x / 1_000) % 100 == 37 {
         let marker = std::path::Path::new(dir).join(format!("died-{x}"));
         if std::fs::OpenOptions::new()
             .write(true)
