@@ -146,7 +146,9 @@ fn a_million_items_with_lost_chunks_deliver_everything_once() {
     // per-thread probe channels) is not a leak: make it before counting.
     let warm = multiproc::Pool::builder().workers(2).build().unwrap();
     let context = String::new();
-    let _ = warm.map_with(0..10u64, &context, |_: &String, x: u64| x).unwrap();
+    let _ = warm
+        .map_with(0..10u64, &context, |_: &String, x: u64| x)
+        .unwrap();
     drop(warm);
     let fds_before = open_fds();
     let zombies_before = zombie_children();
@@ -180,4 +182,95 @@ fn a_million_items_with_lost_chunks_deliver_everything_once() {
     assert_eq!(open_fds(), fds_before, "descriptors");
     assert_eq!(zombie_children(), zombies_before, "zombies");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn sleeps_on_0(x: u64) -> u64 {
+    if x == 0 {
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    }
+    x
+}
+
+fn forks_then_dies(x: u64) -> u64 {
+    if x == 0 {
+        // SAFETY: the worker's only thread; the child calls only async-signal-safe
+        // functions before it ends.
+        if unsafe { libc::fork() } == 0 {
+            // SAFETY: async-signal-safe calls in a forked child.
+            unsafe {
+                libc::sleep(5);
+                libc::_exit(0);
+            }
+        }
+        // SAFETY: raising a signal in our own process has no memory effects.
+        unsafe { libc::raise(libc::SIGKILL) };
+    }
+    x
+}
+
+/// The figures of RELIABILITY.md: how long each fault takes to be reported.
+#[test]
+#[ignore = "measures detection times for RELIABILITY.md; run in release with --nocapture"]
+fn detection_times() {
+    use std::time::{Duration, Instant};
+    let _alone = ALONE.lock().unwrap_or_else(|p| p.into_inner());
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let mut kill = Vec::new();
+    let mut grandchild = Vec::new();
+    let mut timeout = Vec::new();
+    for _ in 0..7 {
+        // A worker killed from outside while the parent waits for its chunk.
+        let pool = multiproc::Pool::builder()
+            .workers(1)
+            .retries(0)
+            .inherit_output(false)
+            .build()
+            .unwrap();
+        let pid = pool.worker_pids().unwrap()[0];
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            let at = Instant::now();
+            // SAFETY: sending a signal has no memory effects in this process.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            at
+        });
+        let err = pool.map(0..1u64, sleeps_on_0).unwrap_err();
+        let seen = Instant::now();
+        assert!(matches!(err, multiproc::Error::WorkerExited { .. }));
+        kill.push(seen - killer.join().unwrap());
+
+        // A worker that dies while a forked child keeps its channel open.
+        let pool = multiproc::Pool::builder()
+            .workers(1)
+            .retries(0)
+            .inherit_output(false)
+            .build()
+            .unwrap();
+        let started = Instant::now();
+        let _ = pool.map(0..1u64, forks_then_dies).unwrap_err();
+        grandchild.push(started.elapsed());
+
+        // An item past a 100 ms task timeout.
+        let pool = multiproc::Pool::builder()
+            .workers(1)
+            .task_timeout(Duration::from_millis(100))
+            .inherit_output(false)
+            .build()
+            .unwrap();
+        let started = Instant::now();
+        let _ = pool.map(0..1u64, sleeps_on_0).unwrap_err();
+        timeout.push(started.elapsed());
+    }
+    eprintln!(
+        "SIGKILL of a busy worker -> error: median {:?}",
+        median(kill)
+    );
+    eprintln!(
+        "worker dies, grandchild holds its channel -> error: median {:?}",
+        median(grandchild)
+    );
+    eprintln!("100 ms task timeout -> error: median {:?}", median(timeout));
 }
