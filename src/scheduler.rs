@@ -634,6 +634,7 @@ impl Engine {
                 worker,
                 generation,
                 status,
+                last_item,
             } => {
                 let Some(chunks) = self.workers.lost(worker, generation) else {
                     return;
@@ -646,7 +647,7 @@ impl Engine {
                         self.init_failures.push((worker, reason));
                         continue;
                     }
-                    self.chunk_lost(flight, worker, status, local.as_deref_mut());
+                    self.chunk_lost(flight, worker, status, last_item, local.as_deref_mut());
                 }
             }
             Event::Broken {
@@ -735,6 +736,7 @@ impl Engine {
         flight: InFlight,
         worker: usize,
         status: Option<ExitStatus>,
+        last_item: Option<u64>,
         local: Option<&mut Local<'_>>,
     ) {
         let id = flight.job;
@@ -757,6 +759,12 @@ impl Engine {
         }
         let InFlight { items, frame, .. } = flight;
         self.workers.return_frame(frame);
+        // The item the worker was running when it died, if it was in this chunk:
+        // the error names it rather than the whole chunk.
+        let running = last_item
+            .and_then(|item| usize::try_from(item).ok())
+            .filter(|item| items.contains(item));
+        let culprit = running.map_or(items.clone(), |item| item..item + 1);
         let memory_limit = self.memory_limit;
         let lost = |items: Range<usize>| match (memory_limit, died_of_memory(status)) {
             (Some(limit), true) => Error::MemoryLimit {
@@ -772,13 +780,20 @@ impl Engine {
             },
         };
         if let Kind::Apply(stream) = &mut job.kind {
-            let chunk = items.clone();
-            fail_items(stream, items, |_| lost(chunk.clone()));
+            // Every handle of the chunk lost its answer; the one that was running
+            // is named alone.
+            fail_items(stream, items.clone(), |item| {
+                if culprit.contains(&item) {
+                    lost(culprit.clone())
+                } else {
+                    lost(items.clone())
+                }
+            });
             self.completed = true;
             return;
         }
-        let start = items.start;
-        let error = lost(items);
+        let start = culprit.start;
+        let error = lost(culprit);
         self.fail_job(id, start, error, local);
     }
 

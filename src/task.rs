@@ -431,8 +431,13 @@ where
     let mut env = guarded(first, || M::env(state, header.job))??;
     let mut reader = Reader::new(payload);
     let mut sink = guarded(first, S::start)?;
+    let progress = crate::transport::progress();
     for i in 0..u64::from(header.count) {
         let item = first.wrapping_add(i);
+        if let Some(progress) = progress {
+            // If this item kills the process, the parent reads which one it was.
+            progress.store(item.wrapping_add(1), std::sync::atomic::Ordering::Relaxed);
+        }
         let before = out.len();
         let outcome = run_item::<T, U, M, S>(item, &mut env, &mut reader, &mut sink, out);
         match outcome {

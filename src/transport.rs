@@ -335,6 +335,45 @@ fn send_frame(
     retry_interrupted(|| bytes.send(&[0]).map_err(IpcError::Io)).map_err(ipc_to_io)
 }
 
+/// Size of a worker's progress word: one `u64`, the index + 1 of the item it is
+/// running (0: none yet).
+const PROGRESS_BYTES: usize = 8;
+
+/// This worker's progress word, shared with its parent, which reads it when the
+/// worker dies to name the item that killed it.
+static PROGRESS: OnceLock<&'static std::sync::atomic::AtomicU64> = OnceLock::new();
+
+/// Keeps this worker's mapping of its progress word for the life of the process.
+fn publish_progress(mut progress: IpcSharedMemory) {
+    if PROGRESS.get().is_some() {
+        return;
+    }
+    // SAFETY: `progress` was just created by this process (`from_byte`) and the only
+    // other view of it is the parent's copy, which only reads it once this worker is
+    // dead; the mutable view is taken once, here, and the mapping is leaked so it
+    // lives as long as the process.
+    let bytes = unsafe { progress.deref_mut() };
+    if bytes.len() < PROGRESS_BYTES {
+        return;
+    }
+    let word = bytes.as_mut_ptr().cast::<u64>();
+    std::mem::forget(progress);
+    if !word.is_aligned() {
+        return;
+    }
+    // SAFETY: `word` points to 8 bytes of a page-aligned shared mapping (checked
+    // aligned just above) that is never unmapped (leaked above) and that this
+    // process accesses only through this atomic from now on.
+    let atomic = unsafe { std::sync::atomic::AtomicU64::from_ptr(word) };
+    let _ = PROGRESS.set(atomic);
+}
+
+/// The progress word of this worker process, if it has one (threads of the inline
+/// backend do not): the runner stores `item + 1` before each item.
+pub(crate) fn progress() -> Option<&'static std::sync::atomic::AtomicU64> {
+    PROGRESS.get().copied()
+}
+
 /// Frames this process sent and received through shared memory (too large for one
 /// packet): for tests that check which path a frame took.
 static SHARED_FRAMES: [std::sync::atomic::AtomicU64; 2] =
@@ -381,6 +420,7 @@ struct HelloOut {
     big_replies: IpcReceiver<IpcSharedMemory>,
     pid: u32,
     fingerprint: u64,
+    progress: IpcSharedMemory,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -399,6 +439,7 @@ struct HelloIn {
     big_replies: IpcReceiver<IpcSharedMemory>,
     pid: u32,
     fingerprint: u64,
+    progress: IpcSharedMemory,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -423,6 +464,7 @@ impl WorkerLink {
         let (big_requests_tx, big_requests) = ipc::channel()?;
         let (replies, replies_rx) = ipc::bytes_channel()?;
         let (big_replies, big_replies_rx) = ipc::channel()?;
+        let progress = IpcSharedMemory::from_byte(0, PROGRESS_BYTES);
         let hello = HelloOut {
             requests: requests_tx,
             big_requests: big_requests_tx,
@@ -430,6 +472,7 @@ impl WorkerLink {
             big_replies: big_replies_rx,
             pid: std::process::id(),
             fingerprint,
+            progress: progress.clone(),
         };
         with_signals_held(|| {
             let bootstrap = IpcSender::<HandshakeOut>::connect(server.to_owned())?;
@@ -437,6 +480,7 @@ impl WorkerLink {
                 .send(HandshakeOut::Hello(hello))
                 .map_err(ipc_to_io)
         })?;
+        publish_progress(progress);
         Ok(Self {
             requests,
             big_requests,
@@ -478,9 +522,18 @@ pub(crate) struct ParentLink {
     big_replies: IpcReceiver<IpcSharedMemory>,
     pub(crate) pid: u32,
     pub(crate) fingerprint: u64,
+    /// The worker's progress word (see [`started`]).
+    progress: IpcSharedMemory,
 }
 
 impl ParentLink {
+    /// The item the worker last started, read after it died (so nothing writes it
+    /// any more); `None` when it never started one.
+    pub(crate) fn last_started(&self) -> Option<u64> {
+        let bytes: [u8; 8] = self.progress.get(..PROGRESS_BYTES)?.try_into().ok()?;
+        u64::from_ne_bytes(bytes).checked_sub(1)
+    }
+
     pub(crate) fn send(&self, frame: &mut FrameBuf) -> io::Result<()> {
         send_frame(&self.requests, &self.big_requests, frame)
     }
@@ -533,6 +586,7 @@ impl Listener {
                     big_replies: hello.big_replies,
                     pid: hello.pid,
                     fingerprint: hello.fingerprint,
+                    progress: hello.progress,
                 },
                 hello.replies,
             ))),

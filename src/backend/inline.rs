@@ -113,6 +113,7 @@ impl InlineBackend {
                 worker,
                 generation: w.generation,
                 status: Some(ExitStatus::from_raw(THREAD_LOST)),
+                last_item: None,
             });
         }
     }
@@ -170,6 +171,7 @@ impl InlineBackend {
                         worker,
                         generation,
                         status: Some(ExitStatus::from_raw(THREAD_LOST)),
+                        last_item: None,
                     }
                 }
             });

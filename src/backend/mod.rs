@@ -29,6 +29,8 @@ pub(crate) enum Event {
         worker: usize,
         generation: u64,
         status: Option<ExitStatus>,
+        /// The item it last started (from its progress word), when known.
+        last_item: Option<u64>,
     },
     /// The worker sent something that is not a frame; it can no longer be trusted.
     Broken {

@@ -299,6 +299,7 @@ impl ProcessBackend {
                     worker,
                     generation,
                     status,
+                    last_item: slot.link.last_started(),
                 });
             }
         }
@@ -329,6 +330,7 @@ impl ProcessBackend {
                     worker,
                     generation: slot.generation,
                     status,
+                    last_item: slot.link.last_started(),
                 });
             }
         }

@@ -206,3 +206,49 @@ fn a_task_that_allocates_without_bound_dies_alone_under_a_memory_limit() {
     }
     assert_eq!(pool.map(0..4u64, |x| x).unwrap(), [0, 1, 2, 3]);
 }
+
+fn segfaults_on_4321(x: u64) -> u64 {
+    if x == 4_321 {
+        let null = std::hint::black_box(std::ptr::null_mut::<u64>());
+        // SAFETY: none: this writes through a null pointer on purpose, to crash the
+        // worker the way a bug in a C library would.
+        unsafe { null.write_volatile(x) };
+    }
+    x
+}
+
+#[test]
+fn a_segfault_names_the_item_inside_a_large_chunk() {
+    let pool = Pool::builder()
+        .workers(2)
+        .chunk_size(1_000)
+        .inherit_output(false)
+        .build()
+        .unwrap();
+    let err = pool.map(0..10_000u64, segfaults_on_4321).unwrap_err();
+    match err {
+        Error::WorkerExited { items, status, .. } => {
+            assert_eq!(items, 4_321..4_322);
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(status.and_then(|s| s.signal()), Some(libc::SIGSEGV));
+        }
+        other => panic!("expected a lost worker, got {other:?}"),
+    }
+}
+
+fn aborts_on_500(x: u64) -> u64 {
+    if x == 500 {
+        std::process::abort();
+    }
+    x
+}
+
+#[test]
+fn an_abort_on_item_500_of_10_000_is_named() {
+    let pool = retrying_pool(1);
+    let err = pool.map(0..10_000u64, aborts_on_500).unwrap_err();
+    match err {
+        Error::WorkerExited { items, .. } => assert_eq!(items, 500..501),
+        other => panic!("expected a lost worker, got {other:?}"),
+    }
+}
