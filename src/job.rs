@@ -209,6 +209,22 @@ impl ApplyStream {
         }
     }
 
+    /// The index of the first submission not yet sent.
+    pub(crate) fn first_queued(&self) -> usize {
+        self.next_index - self.queue.len()
+    }
+
+    /// Fails the handles of the submissions not yet sent.
+    pub(crate) fn fail_queued(&mut self, error: impl Fn() -> Error) {
+        let first_queued = self.first_queued();
+        self.queue.clear();
+        for index in first_queued..self.next_index {
+            if let Some(handle) = self.waiting.remove(&index) {
+                handle.complete(Err(error()));
+            }
+        }
+    }
+
     /// Fails every handle still waiting (the pool is terminated or dropped).
     pub(crate) fn fail_all(&mut self, error: impl Fn() -> Error) {
         self.queue.clear();

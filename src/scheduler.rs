@@ -354,6 +354,20 @@ impl Engine {
                 if let Err(e) = self.workers.revive() {
                     self.revive_failed = true;
                     if self.workers.pick().is_none() {
+                        // No worker can take the job's input: fail it, and every
+                        // queued `apply_async` handle, rather than leave them waiting.
+                        if let Some(Job {
+                            kind: Kind::Apply(stream),
+                            ..
+                        }) = self.jobs.get_mut(&id)
+                        {
+                            let reason = e.to_string();
+                            stream.fail_queued(|| Error::Transport {
+                                worker: None,
+                                source: std::io::Error::other(reason.clone()),
+                            });
+                            self.completed = true;
+                        }
                         self.fail_job(id, 0, e, local.as_deref_mut());
                         continue;
                     }
@@ -437,6 +451,12 @@ impl Engine {
         let job = jobs
             .get_mut(&id)
             .expect("dispatchable jobs are in the table");
+        // An apply stream numbers its submissions itself (some may have been failed
+        // unsent); every other source is numbered by what the job has taken.
+        let first = match &job.kind {
+            Kind::Apply(stream) => stream.first_queued(),
+            _ => job.next_item,
+        };
         let source: &mut dyn Source = match &mut job.kind {
             Kind::Apply(stream) => stream,
             Kind::Owned { source, .. } => source.as_mut(),
@@ -462,7 +482,6 @@ impl Engine {
         } else {
             target_chunk_bytes()
         };
-        let first = job.next_item;
         let filled = source.fill(first, size, byte_cap, frame.body());
         let filled = match filled {
             Ok(filled) => filled,
