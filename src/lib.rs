@@ -64,6 +64,7 @@ compile_error!(
 );
 
 mod backend;
+mod builder;
 mod chunker;
 mod codec;
 mod driver;
@@ -71,6 +72,7 @@ mod error;
 mod handle;
 mod interrupt;
 mod job;
+mod outcome;
 mod par_map;
 mod pipeline;
 mod pool;
@@ -83,11 +85,12 @@ mod task;
 mod transport;
 mod worker;
 
+pub use crate::builder::PoolBuilder;
 pub use crate::error::{CodecError, Error, Result, TaskPanic};
 pub use crate::handle::{AsyncResult, Imap, ImapUnordered};
 pub use crate::par_map::{par_map, par_map_reduce};
 pub use crate::pipeline::{DEFAULT_STAGE_ITEMS, Pipeline, PipelineStats, Stage};
-pub use crate::pool::{Pool, PoolBuilder, PoolStats};
+pub use crate::pool::{Pool, PoolStats};
 pub use crate::worker::init;
 
 /// Items public only for this crate's own tests.

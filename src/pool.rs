@@ -8,8 +8,6 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::backend::{Backend, StartOptions};
-use crate::chunker;
 use crate::codec;
 use crate::driver::Core;
 use crate::error::{Error, Result};
@@ -20,11 +18,8 @@ use crate::handle::{
 use crate::interrupt;
 use crate::job::{IterSource, Job, Kind, Sink, encode_item};
 use crate::protocol::TaskRef;
-use crate::scheduler::{Drive, Engine, Hooks, Local, Submission};
-use crate::spawn::SpawnOptions;
-use crate::supervisor::Supervisor;
+use crate::scheduler::{Drive, Engine, Local, Submission};
 use crate::task::{self, Collect, Fold, Mapper, Outcomes, Plain, WithContext, WithState};
-use crate::worker;
 
 /// A set of worker processes that run tasks, kept alive across calls: Python's
 /// `multiprocessing.Pool`, typed.
@@ -43,7 +38,7 @@ use crate::worker;
 /// worker process); the build fails with an explanation otherwise. Such functions are
 /// `Copy + Send + Sync`, which the bounds also ask for. State travels as a context
 /// value ([`Pool::map_with`]), inside the items, or in per-worker state built by an
-/// initializer ([`PoolBuilder::initializer`], [`Pool::map_with_state`]). A task that
+/// initializer ([`PoolBuilder::initializer`](crate::PoolBuilder::initializer), [`Pool::map_with_state`]). A task that
 /// takes several arguments takes a tuple (Python's `starmap`):
 ///
 /// ```standalone_crate
@@ -106,22 +101,17 @@ use crate::worker;
 /// # }
 /// ```
 pub struct Pool {
-    core: Arc<Core>,
-    workers: usize,
+    pub(crate) core: Arc<Core>,
+    pub(crate) workers: usize,
     /// The longest a blocking call may take.
-    call_timeout: Option<Duration>,
+    pub(crate) call_timeout: Option<Duration>,
     /// Blocking calls stop on Ctrl-C.
-    interrupt: bool,
+    pub(crate) interrupt: bool,
     /// The type of the state the initializer builds, if any.
-    state: Option<(TypeId, &'static str)>,
+    pub(crate) state: Option<(TypeId, &'static str)>,
 }
 
 impl Pool {
-    /// Starts configuring a pool.
-    pub fn builder() -> PoolBuilder {
-        PoolBuilder::default()
-    }
-
     /// How many workers the pool runs.
     pub fn workers(&self) -> usize {
         self.workers
@@ -212,7 +202,7 @@ impl Pool {
     }
 
     /// Like [`Pool::map`], for a task that uses the per-worker state built by the
-    /// pool's initializer ([`PoolBuilder::initializer`]): `Fn(&mut S, T) -> U`.
+    /// pool's initializer ([`PoolBuilder::initializer`](crate::PoolBuilder::initializer)): `Fn(&mut S, T) -> U`.
     ///
     /// # Errors
     ///
@@ -833,320 +823,6 @@ fn encode_context<C: Serialize + DeserializeOwned>(context: &C) -> Result<Vec<u8
         source,
     })?;
     Ok(bytes)
-}
-
-/// An initializer given to the builder: its runner and encoded argument, or why it
-/// cannot be used.
-#[derive(Debug, Clone)]
-struct Initializer {
-    prepared: std::result::Result<(TaskRef, Vec<u8>), String>,
-    state: (TypeId, &'static str),
-}
-
-/// Configures and starts a [`Pool`].
-///
-/// ```standalone_crate
-/// use std::time::{Duration, Instant};
-/// fn main() -> multiproc::Result<()> {
-///     multiproc::init();
-///     let pool = multiproc::Pool::builder()
-///         .workers(2)
-///         .chunk_size(64)
-///         .start_timeout(Duration::from_secs(5))
-///         .max_tasks_per_worker(1_000)
-///         .build()?;
-///     assert_eq!(pool.workers(), 2);
-///     Ok(())
-/// }
-/// ```
-#[derive(Debug, Clone)]
-pub struct PoolBuilder {
-    workers: Option<usize>,
-    chunk_size: Option<usize>,
-    inline: bool,
-    inherit_output: bool,
-    start_timeout: Duration,
-    max_tasks: Option<usize>,
-    initializer: Option<Initializer>,
-    max_chunk_items: Option<usize>,
-    retries: u32,
-    task_timeout: Option<Duration>,
-    call_timeout: Option<Duration>,
-    interrupt: bool,
-    memory_limit: Option<u64>,
-    kill_before_send: Option<(usize, u64)>,
-    corrupt_reply: Option<(usize, u64)>,
-}
-
-impl Default for PoolBuilder {
-    fn default() -> Self {
-        Self {
-            workers: None,
-            chunk_size: None,
-            inline: false,
-            inherit_output: true,
-            start_timeout: Duration::from_secs(30),
-            max_tasks: None,
-            initializer: None,
-            max_chunk_items: None,
-            retries: 1,
-            task_timeout: None,
-            call_timeout: None,
-            interrupt: false,
-            memory_limit: None,
-            kill_before_send: None,
-            corrupt_reply: None,
-        }
-    }
-}
-
-impl PoolBuilder {
-    /// Number of workers; the default is the number of CPUs (`num_cpus::get()`).
-    pub fn workers(mut self, workers: usize) -> Self {
-        self.workers = Some(workers);
-        self
-    }
-
-    /// Items per chunk. By default the size adapts so that a chunk holds about one
-    /// millisecond of work and fits one socket message (about 199 KiB of encoded
-    /// items with Linux's default socket buffer); a fixed size
-    /// lifts that byte limit (a chunk over the socket's one-message size travels
-    /// through shared memory).
-    pub fn chunk_size(mut self, items: usize) -> Self {
-        self.chunk_size = Some(items);
-        self
-    }
-
-    /// Runs the workers as threads in this process instead of child processes: the
-    /// same protocol and encoding, without the isolation. For tests and debugging.
-    /// A thread cannot be killed: a stuck task keeps its thread, which the pool
-    /// abandons (it does not wait for it when dropped).
-    pub fn inline(mut self, inline: bool) -> Self {
-        self.inline = inline;
-        self
-    }
-
-    /// Whether worker processes write to this process's stdout and stderr (the
-    /// default, as in Python's `multiprocessing`), or to `/dev/null`.
-    pub fn inherit_output(mut self, inherit: bool) -> Self {
-        self.inherit_output = inherit;
-        self
-    }
-
-    /// How long a starting worker may take to connect before the start fails; the
-    /// default is 30 seconds. A worker that exits before connecting fails the start
-    /// at once.
-    pub fn start_timeout(mut self, timeout: Duration) -> Self {
-        self.start_timeout = timeout;
-        self
-    }
-
-    /// Replaces a worker after it has been given `n` items (Python's
-    /// `maxtasksperchild`), to contain leaks in the tasks or the libraries they use.
-    /// The replacement is started as soon as the old worker has its last item, while
-    /// that worker finishes, so the pool keeps its strength. Chunks never take a
-    /// worker past `n` items.
-    pub fn max_tasks_per_worker(mut self, n: usize) -> Self {
-        self.max_tasks = Some(n);
-        self
-    }
-
-    /// Runs `init(arg)` once in each worker when it starts (replacements included)
-    /// and keeps what it returns as that worker's state, which tasks given to
-    /// [`Pool::map_with_state`] get as `&mut S` (Python's `initializer` and
-    /// `initargs`, typed). `init` is a `fn` or a closure that captures nothing; `arg`
-    /// is encoded once, here.
-    ///
-    /// A panic in `init` fails [`build`](Self::build) with [`Error::Initializer`]; in
-    /// a replacement worker, it fails the tasks that need the state with
-    /// [`Error::WorkerState`].
-    pub fn initializer<A, S, F>(mut self, init: F, arg: A) -> Self
-    where
-        A: Serialize + DeserializeOwned,
-        S: 'static,
-        F: Fn(A) -> S + Copy + Send + Sync,
-    {
-        task::assert_zero_sized::<F>();
-        let _ = init;
-        let mut bytes = Vec::new();
-        let prepared = match TaskRef::init::<A, S, F>() {
-            None => Err("the initializer is not in the program's executable".to_owned()),
-            Some(task) => encode_item(&arg, 0, &mut bytes)
-                .map(|()| (task, bytes))
-                .map_err(|e| format!("its argument does not encode: {e}")),
-        };
-        self.initializer = Some(Initializer {
-            prepared,
-            state: (TypeId::of::<S>(), std::any::type_name::<S>()),
-        });
-        self
-    }
-
-    /// How many times a chunk whose worker died (killed by a signal, aborted, out of
-    /// memory) is sent again to a fresh worker before its job fails with
-    /// [`Error::WorkerExited`]; the default is 1. Results are delivered exactly once
-    /// and in order, as if nothing happened: the dead worker cannot answer, and a
-    /// fold counts each chunk once. A task that panics is not retried: its error is
-    /// its answer.
-    pub fn retries(mut self, retries: u32) -> Self {
-        self.retries = retries;
-        self
-    }
-
-    /// Kills a worker whose current item runs longer than `timeout`, replaces it,
-    /// and fails that item with [`Error::TimedOut`] (its job, or its handle for
-    /// `apply_async`); the worker's other chunks are sent again. Under a task
-    /// timeout every item is sent as its own chunk, so the deadline is the item's:
-    /// use it for tasks of milliseconds or more, not for tiny ones.
-    pub fn task_timeout(mut self, timeout: Duration) -> Self {
-        self.task_timeout = Some(timeout);
-        self
-    }
-
-    /// Fails a blocking call (`map`, `map_reduce` and their `_with` forms) that has
-    /// not finished within `timeout` with [`Error::CallTimedOut`], and stops the
-    /// workers running its chunks: an upper bound for a batch job. [`Pool::apply`]
-    /// returns the same error but leaves its task running; use
-    /// [`task_timeout`](Self::task_timeout) to have it killed.
-    pub fn call_timeout(mut self, timeout: Duration) -> Self {
-        self.call_timeout = Some(timeout);
-        self
-    }
-
-    /// Limits each worker's address space to `bytes` (`RLIMIT_AS`), so one input
-    /// that makes a task allocate without bound kills its worker, not the machine.
-    /// The chunk is retried like any lost chunk, then its job fails with
-    /// [`Error::MemoryLimit`]. The limit counts mapped memory, not only what is
-    /// used: leave room for the program itself (tens of MiB) and for large frames.
-    pub fn memory_limit(mut self, bytes: u64) -> Self {
-        self.memory_limit = Some(bytes);
-        self
-    }
-
-    /// Makes Ctrl-C (SIGINT) stop a blocking call (`map`, `map_reduce` and their
-    /// `_with` forms) instead of the program: the call sends nothing more, gives
-    /// running tasks a grace period of a quarter second, kills the workers still
-    /// running its chunks and returns [`Error::Interrupted`] saying how many items
-    /// were done. The handler is installed only while such a call runs, and a
-    /// handler the program installed itself (signal-hook, ctrlc) is still called.
-    /// Off by default: then Ctrl-C does what the program made it do (by default it
-    /// ends the program, and the workers die with it). Workers always ignore
-    /// SIGINT and sit in a process group of their own, so a terminal's Ctrl-C
-    /// reaches only this process.
-    pub fn interrupt_on_ctrl_c(mut self, on: bool) -> Self {
-        self.interrupt = on;
-        self
-    }
-
-    /// Fault injection for tests of this crate: kills the worker in slot `worker`
-    /// just before its `send`-th request (counted from 0: contexts, chunks and the
-    /// initializer all count) is sent, as if it had died while idle.
-    #[doc(hidden)]
-    pub fn kill_worker_before_send(mut self, worker: usize, send: u64) -> Self {
-        self.kill_before_send = Some((worker, send));
-        self
-    }
-
-    /// Fault injection for tests of this crate: replaces the `reply`-th reply
-    /// (counted from 0) of the worker in slot `worker` by bytes that are not a frame.
-    #[doc(hidden)]
-    pub fn corrupt_reply_from(mut self, worker: usize, reply: u64) -> Self {
-        self.corrupt_reply = Some((worker, reply));
-        self
-    }
-
-    /// Caps adaptive chunks at `items` items (pipeline stages bound their queues
-    /// in items this way).
-    pub(crate) fn max_chunk_items(mut self, items: usize) -> Self {
-        self.max_chunk_items = Some(items.max(1));
-        self
-    }
-
-    /// Starts the workers and waits until each has connected (and run the
-    /// initializer, if any).
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Config`] for zero workers or a zero chunk size, [`Error::InitMissing`]
-    /// when called in a worker process whose `main` did not call [`init`](crate::init)
-    /// first, [`Error::Spawn`] or [`Error::Handshake`] when a worker cannot be started,
-    /// [`Error::Initializer`] when the initializer fails.
-    pub fn build(self) -> Result<Pool> {
-        let workers = self.workers.unwrap_or_else(num_cpus::get);
-        if workers == 0 {
-            return Err(Error::Config("a pool needs at least one worker"));
-        }
-        if self.chunk_size == Some(0) {
-            return Err(Error::Config("chunk size must be at least one item"));
-        }
-        if self
-            .chunk_size
-            .is_some_and(|n| n > chunker::MAX_CHUNK_ITEMS)
-        {
-            return Err(Error::Config("chunk size must be at most 2^24 items"));
-        }
-        if self.max_tasks == Some(0) {
-            return Err(Error::Config("max_tasks_per_worker must be at least 1"));
-        }
-        if !self.inline && worker::init_missing() {
-            return Err(Error::InitMissing);
-        }
-        let (init, state) = match self.initializer {
-            None => (None, None),
-            Some(Initializer {
-                prepared: Ok(prepared),
-                state,
-            }) => (Some(prepared), Some(state)),
-            Some(Initializer {
-                prepared: Err(reason),
-                ..
-            }) => return Err(Error::Initializer { worker: 0, reason }),
-        };
-        let options = StartOptions {
-            spawn: SpawnOptions {
-                inherit_output: self.inherit_output,
-                memory_limit: self.memory_limit,
-                #[cfg(test)]
-                program: None,
-            },
-            start_timeout: self.start_timeout,
-            kill_before_send: self.kill_before_send,
-            corrupt_reply: self.corrupt_reply,
-        };
-        let backend = Backend::start(self.inline, workers, options)?;
-        let supervisor = Supervisor::new(backend, self.max_tasks, init);
-        let mut engine = Engine::new(supervisor, self.chunk_size, workers);
-        engine.max_chunk_items = self.max_chunk_items.unwrap_or(usize::MAX);
-        engine.retries = self.retries;
-        engine.task_timeout = self.task_timeout;
-        engine.memory_limit = self.memory_limit;
-        if engine.workers.initializing() {
-            engine.drive(&Starting, None, &mut |e| !e.workers.initializing(), None)?;
-        }
-        if let Some((worker, reason)) = engine.init_failures.pop() {
-            return Err(Error::Initializer { worker, reason });
-        }
-        Ok(Pool {
-            core: Core::new(engine),
-            workers,
-            call_timeout: self.call_timeout,
-            interrupt: self.interrupt,
-            state,
-        })
-    }
-}
-
-/// The hooks of an engine not yet shared: nothing can be submitted to it yet.
-struct Starting;
-
-impl Hooks for Starting {
-    fn take_inbox(&self) -> Vec<Submission> {
-        Vec::new()
-    }
-    fn terminating(&self) -> bool {
-        false
-    }
-    fn notify(&self) {}
 }
 
 #[cfg(test)]

@@ -12,12 +12,14 @@ use std::time::{Duration, Instant};
 
 use crate::backend::Event;
 use crate::chunker::target_chunk_bytes;
-use crate::codec::Reader;
 use crate::error::{Error, Result};
 use crate::job::{Complete, InFlight, Job, JobId, Kind, Payload, Ready, Sink, Source};
-use crate::protocol::{self, ChunkHeader, Failure, INIT_JOB, Reply, Request, TaskRef};
+use crate::outcome::{
+    complete_outcomes, describe, describe_init, died_of_memory, exit_description, fail_items,
+    is_hang_up,
+};
+use crate::protocol::{self, ChunkHeader, INIT_JOB, Reply, Request, TaskRef};
 use crate::supervisor::{CREDIT, Supervisor};
-use crate::task::{OUTCOME_FAILED, OUTCOME_OK};
 use crate::transport::{FrameBuf, POLL_BEFORE_BLOCKING};
 
 /// Payload bytes an ordered job may hold in its reorder buffer before it stops
@@ -985,145 +987,5 @@ fn deliver_to(
             _ => unreachable!("a lent job is driven by its caller until it ends"),
         },
         Kind::Apply(_) => unreachable!("apply streams complete items one by one"),
-    }
-}
-
-/// Completes each handle of an `apply_async` chunk from its outcome.
-fn complete_outcomes(
-    stream: &mut crate::job::ApplyStream,
-    worker: usize,
-    items: Range<usize>,
-    payload: &[u8],
-) -> std::result::Result<(), String> {
-    let mut rest = payload;
-    for item in items.clone() {
-        let Some((&tag, after)) = rest.split_first() else {
-            return Err(format!("the outcomes of items {items:?} end early"));
-        };
-        match tag {
-            OUTCOME_OK => {
-                let (len, after) = after
-                    .split_first_chunk::<8>()
-                    .ok_or_else(|| format!("item {item}: result length missing"))?;
-                let len = usize::try_from(u64::from_le_bytes(*len))
-                    .ok()
-                    .filter(|&len| len <= after.len())
-                    .ok_or_else(|| format!("item {item}: result length exceeds the frame"))?;
-                stream.complete(item, Ok((worker, &after[..len])));
-                rest = &after[len..];
-            }
-            OUTCOME_FAILED => {
-                let mut reader = Reader::new(after);
-                let failure: Failure = reader
-                    .decode()
-                    .map_err(|e| format!("item {item}: bad failure report: {e}"))?;
-                rest = &after[after.len() - reader.remaining()..];
-                let (_, error) = describe(failure, worker, item..item + 1);
-                stream.complete(item, Err(error));
-            }
-            other => return Err(format!("item {item}: unknown outcome tag {other}")),
-        }
-    }
-    if !rest.is_empty() {
-        return Err(format!("extra bytes after the outcomes of items {items:?}"));
-    }
-    Ok(())
-}
-
-fn fail_items(
-    stream: &mut crate::job::ApplyStream,
-    items: Range<usize>,
-    error: impl Fn(usize) -> Error,
-) {
-    for item in items {
-        stream.complete(item, Err(error(item)));
-    }
-}
-
-/// Whether a worker's end looks like running out of memory: Rust aborts when an
-/// allocation fails (SIGABRT), and the kernel's OOM killer sends SIGKILL.
-fn died_of_memory(status: Option<ExitStatus>) -> bool {
-    use std::os::unix::process::ExitStatusExt;
-    matches!(
-        status.and_then(|s| s.signal()),
-        Some(libc::SIGABRT | libc::SIGKILL)
-    )
-}
-
-/// Whether a send failed only because the worker is gone.
-fn is_hang_up(error: &std::io::Error) -> bool {
-    use std::io::ErrorKind::{BrokenPipe, ConnectionReset, NotConnected};
-    matches!(error.kind(), BrokenPipe | ConnectionReset | NotConnected)
-}
-
-fn exit_description(status: Option<ExitStatus>) -> String {
-    status.map_or_else(|| "exit status unknown".to_owned(), |s| s.to_string())
-}
-
-fn describe_init(failure: Failure) -> String {
-    match failure {
-        Failure::Panicked { panic, .. } => format!("it panicked: {panic}"),
-        Failure::DecodeItem { error, .. } => format!("its argument did not decode: {error}"),
-        other => format!("{other:?}"),
-    }
-}
-
-/// Turns a worker's failure report into an error and the item it concerns.
-pub(crate) fn describe(failure: Failure, worker: usize, items: Range<usize>) -> (usize, Error) {
-    let at = |item: u64| usize::try_from(item).unwrap_or(usize::MAX);
-    match failure {
-        Failure::Panicked { item, panic } => {
-            let item = at(item);
-            (
-                item,
-                Error::TaskPanicked {
-                    item,
-                    worker,
-                    panic,
-                },
-            )
-        }
-        Failure::DecodeItem { item, error } => {
-            let item = at(item);
-            (
-                item,
-                Error::DecodeItem {
-                    item,
-                    worker: Some(worker),
-                    source: error,
-                },
-            )
-        }
-        Failure::EncodeResult {
-            item: Some(item),
-            error,
-        } => {
-            let item = at(item);
-            (
-                item,
-                Error::Result {
-                    items: item..item.saturating_add(1),
-                    worker,
-                    source: error,
-                },
-            )
-        }
-        Failure::EncodeResult { item: None, error } => (
-            items.start,
-            Error::Result {
-                items,
-                worker,
-                source: error,
-            },
-        ),
-        Failure::DecodeContext { error } => (
-            items.start,
-            Error::Context {
-                worker: Some(worker),
-                source: error,
-            },
-        ),
-        Failure::NoState { reason } => (items.start, Error::WorkerState { worker, reason }),
-        Failure::Malformed { reason } => (items.start, Error::Protocol { worker, reason }),
     }
 }
