@@ -274,3 +274,41 @@ fn detection_times() {
     );
     eprintln!("100 ms task timeout -> error: median {:?}", median(timeout));
 }
+
+/// Entries in the temp dir that a pool could leave: ipc-channel's rendezvous
+/// directories and memfd-backed files have names starting with `.tmp`.
+fn temp_entries() -> usize {
+    std::fs::read_dir(std::env::temp_dir())
+        .expect("the temp dir")
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp"))
+        .count()
+}
+
+#[test]
+#[ignore = "restarts workers ten thousand times; run in release"]
+fn ten_thousand_worker_restarts_leak_nothing() {
+    let _alone = ALONE.lock().unwrap_or_else(|p| p.into_inner());
+    let warm = pool(2);
+    warm.map(0..4u64, |x| x).unwrap();
+    drop(warm);
+    let fds = open_fds();
+    let temps = temp_entries();
+    {
+        // One task per worker: every item starts a fresh process.
+        let pool = multiproc::Pool::builder()
+            .workers(2)
+            .max_tasks_per_worker(1)
+            .inherit_output(false)
+            .build()
+            .unwrap();
+        let got = pool.map(0..10_000u64, splitmix64).unwrap();
+        assert_eq!(got, (0..10_000u64).map(splitmix64).collect::<Vec<_>>());
+        let started = pool.stats().unwrap().workers_started;
+        assert!(started >= 10_000, "{started} workers started");
+        eprintln!("workers started: {started}");
+    }
+    assert_eq!(open_fds(), fds, "descriptors leaked");
+    assert_eq!(zombie_children(), 0, "unreaped workers");
+    assert_eq!(temp_entries(), temps, "temporary files left");
+}
