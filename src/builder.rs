@@ -19,6 +19,9 @@ use crate::supervisor::Supervisor;
 use crate::task;
 use crate::worker;
 
+/// The default of [`PoolBuilder::share_contexts_above`]: 1 MiB.
+const DEFAULT_SHARE_CONTEXTS_ABOVE: usize = 1 << 20;
+
 impl Pool {
     /// Starts configuring a pool.
     pub fn builder() -> PoolBuilder {
@@ -65,6 +68,7 @@ pub struct PoolBuilder {
     call_timeout: Option<Duration>,
     interrupt: bool,
     memory_limit: Option<u64>,
+    share_contexts_above: usize,
     kill_before_send: Option<(usize, u64)>,
     corrupt_reply: Option<(usize, u64)>,
 }
@@ -85,6 +89,7 @@ impl Default for PoolBuilder {
             call_timeout: None,
             interrupt: false,
             memory_limit: None,
+            share_contexts_above: DEFAULT_SHARE_CONTEXTS_ABOVE,
             kill_before_send: None,
             corrupt_reply: None,
         }
@@ -92,6 +97,18 @@ impl Default for PoolBuilder {
 }
 
 impl PoolBuilder {
+    /// Context values (of [`Pool::map_with`] and [`Pool::map_reduce_with`]) whose
+    /// encoding is larger than `bytes` are shared through a sealed memory map instead
+    /// of being sent to each worker; the default is 1 MiB, as joblib's `max_nbytes`.
+    ///
+    /// The task still gets `&C`: a worker decodes the value from the map it attached
+    /// instead of from a message, so one copy of the bytes serves every worker
+    /// however many there are. `usize::MAX` turns this off.
+    pub fn share_contexts_above(mut self, bytes: usize) -> Self {
+        self.share_contexts_above = bytes;
+        self
+    }
+
     /// Number of workers; the default is the number of CPUs (`num_cpus::get()`).
     pub fn workers(mut self, workers: usize) -> Self {
         self.workers = Some(workers);
@@ -323,6 +340,7 @@ impl PoolBuilder {
             call_timeout: self.call_timeout,
             interrupt: self.interrupt,
             state,
+            share_contexts_above: self.share_contexts_above,
         })
     }
 }

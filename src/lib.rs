@@ -78,6 +78,7 @@ mod pipeline;
 mod pool;
 mod protocol;
 mod scheduler;
+mod shared;
 mod spawn;
 mod state;
 mod supervisor;
@@ -91,6 +92,7 @@ pub use crate::handle::{AsyncResult, Imap, ImapUnordered};
 pub use crate::par_map::{par_map, par_map_reduce};
 pub use crate::pipeline::{DEFAULT_STAGE_ITEMS, Pipeline, PipelineStats, Stage};
 pub use crate::pool::{Pool, PoolStats};
+pub use crate::shared::{Shared, SharedSlice};
 pub use crate::worker::init;
 
 /// Items public only for this crate's own tests.
@@ -99,6 +101,18 @@ pub mod __private {
     /// How many frames this process has sent and received through shared memory.
     pub fn shared_memory_frames() -> (u64, u64) {
         crate::transport::shared_memory_frames()
+    }
+
+    /// In this process: shared regions attached from other processes, `Shared`
+    /// values decoded, and attached regions kept after their last use.
+    pub fn shared_input_counts() -> (u64, u64, usize) {
+        crate::shared::stats::counts()
+    }
+
+    /// The seals (`F_GET_SEALS`) and the descriptor of a shared slice's memfd.
+    pub fn shared_slice_seals<T: bytemuck::Pod>(slice: &crate::SharedSlice<T>) -> (i32, i32) {
+        let region = slice.region();
+        (region.seals().unwrap_or(-1), region.raw_fd())
     }
 }
 

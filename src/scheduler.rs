@@ -18,7 +18,7 @@ use crate::outcome::{
     complete_outcomes, describe, describe_init, died_of_memory, exit_description, fail_items,
     is_hang_up,
 };
-use crate::protocol::{self, ChunkHeader, INIT_JOB, Reply, Request, TaskRef};
+use crate::protocol::{self, ChunkHeader, ContextPayload, INIT_JOB, Reply, Request, TaskRef};
 use crate::supervisor::{CREDIT, Supervisor};
 use crate::transport::{FrameBuf, POLL_BEFORE_BLOCKING};
 
@@ -129,19 +129,18 @@ impl Engine {
         task: TaskRef,
         kind: Kind,
         ordered: bool,
-        context: Option<&[u8]>,
+        context: Option<ContextPayload<'_>>,
     ) -> Result<Job> {
         let id = JobId(self.next_job);
         self.next_job += 1;
         let mut job = Job::new(id, task, kind, ordered, self.chunk_size);
-        if let Some(bytes) = context {
+        if let Some(ContextPayload { bytes, shared }) = context {
             let mut frame = FrameBuf::with_capacity(bytes.len() + 64);
             frame.body().extend_from_slice(bytes);
-            protocol::seal(&mut frame, &Request::Context { job: id.0 }).map_err(|source| {
-                Error::Context {
-                    worker: None,
-                    source,
-                }
+            let request = Request::Context { job: id.0, shared };
+            protocol::seal(&mut frame, &request).map_err(|source| Error::Context {
+                worker: None,
+                source,
             })?;
             job.context = Some(frame);
         }

@@ -139,7 +139,7 @@ pub(crate) fn serve(link: &impl Link) -> io::Result<()> {
         let (request, payload) = protocol::open::<Request>(&frame)
             .map_err(|reason| io::Error::new(io::ErrorKind::InvalidData, reason))?;
         match request {
-            Request::Context { job } => state.set_context(job, payload.to_vec()),
+            Request::Context { job, shared } => state.set_context(job, payload, shared),
             Request::Forget { job } => state.forget(job),
             Request::Chunk(header) => {
                 out.clear();
