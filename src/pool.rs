@@ -668,6 +668,9 @@ impl Pool {
         I: Iterator<Item = T>,
         T: Serialize + DeserializeOwned,
     {
+        // Items that own the last handle of a shared input are dropped once encoded;
+        // their inputs stay alive until the job has ended.
+        let _pins = region::PinScope::enter();
         let mut driving = self.core.lock_open_engine()?;
         let job = driving.engine().new_job(task, Kind::Lent, true, context)?;
         let id = driving.engine().add(job);

@@ -243,7 +243,7 @@ impl<T> fmt::Debug for SharedSlice<T> {
 
 impl<T: bytemuck::Pod> Serialize for SharedSlice<T> {
     fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        self.region.handle().serialize(serializer)
+        self.region.handle_pinned().serialize(serializer)
     }
 }
 
@@ -345,7 +345,7 @@ impl<T: fmt::Debug> fmt::Debug for Shared<T> {
 
 impl<T> Serialize for Shared<T> {
     fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        self.region.handle().serialize(serializer)
+        self.region.handle_pinned().serialize(serializer)
     }
 }
 
@@ -475,5 +475,50 @@ pub(crate) mod stats {
             super::decodes(),
             super::region::kept(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip<A: Serialize, B: DeserializeOwned>(value: &A) -> std::result::Result<B, String> {
+        let mut bytes = Vec::new();
+        codec::encode_into(value, &mut bytes).map_err(|e| e.to_string())?;
+        codec::decode::<B>(&bytes).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_handle_is_small_and_decodes_to_the_same_region() {
+        let data = SharedSlice::from_iter(0..1_000_000u64).unwrap();
+        let mut bytes = Vec::new();
+        codec::encode_into(&data, &mut bytes).unwrap();
+        assert!(bytes.len() < 64, "{} bytes", bytes.len());
+        let back: SharedSlice<u64> = round_trip(&data).unwrap();
+        assert_eq!(back.as_ptr(), data.as_ptr(), "the same map, not a copy");
+    }
+
+    #[test]
+    fn a_handle_of_another_type_is_refused() {
+        let data = SharedSlice::from_vec(vec![1u32, 2]).unwrap();
+        let err = round_trip::<_, SharedSlice<u64>>(&data).unwrap_err();
+        assert!(err.contains("not made for type"), "{err}");
+        let value = Shared::new(7u64).unwrap();
+        let err = round_trip::<_, Shared<i64>>(&value).unwrap_err();
+        assert!(err.contains("not made for type"), "{err}");
+        let same: Shared<u64> = round_trip(&value).unwrap();
+        assert_eq!(*same, 7);
+    }
+
+    #[test]
+    fn a_dropped_input_cannot_be_attached() {
+        let data = SharedSlice::from_vec(vec![1u8]).unwrap();
+        let mut bytes = Vec::new();
+        codec::encode_into(&data, &mut bytes).unwrap();
+        drop(data);
+        let err = codec::decode::<SharedSlice<u8>>(&bytes)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no longer holds"), "{err}");
     }
 }

@@ -221,6 +221,19 @@ impl Region {
         let _ = self.value.set(value);
     }
 
+    /// The handle another process attaches this region with; inside a
+    /// [`PinScope`] the region is kept alive until the scope ends.
+    pub(crate) fn handle_pinned(self: &Arc<Self>) -> RegionHandle {
+        PINS.with(|pins| {
+            if let Ok(mut pins) = pins.try_borrow_mut()
+                && let Some(pins) = pins.as_mut()
+            {
+                pins.entry(self.key).or_insert_with(|| Arc::clone(self));
+            }
+        });
+        self.handle()
+    }
+
     /// The handle another process attaches this region with.
     pub(crate) fn handle(&self) -> RegionHandle {
         RegionHandle {
@@ -348,6 +361,42 @@ impl RegionHandle {
             source: Some((self.pid, self.fd)),
             direct: self.direct,
         })
+    }
+}
+
+thread_local! {
+    /// Regions whose handles were encoded on this thread inside a [`PinScope`].
+    static PINS: std::cell::RefCell<Option<HashMap<Key, Arc<Region>>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// While alive, every region whose handle is encoded on this thread is kept alive
+/// too, so an item that owned the last handle can be dropped once encoded: the
+/// receiver still finds the descriptor. A blocking call holds one until its job has
+/// ended, when every chunk has been answered.
+pub(crate) struct PinScope {
+    outer: Option<HashMap<Key, Arc<Region>>>,
+}
+
+impl PinScope {
+    pub(crate) fn enter() -> Self {
+        let outer = PINS.with(|pins| pins.borrow_mut().replace(HashMap::new()));
+        PinScope { outer }
+    }
+}
+
+impl Drop for PinScope {
+    fn drop(&mut self) {
+        let outer = self.outer.take();
+        let pinned = PINS.with(|pins| std::mem::replace(&mut *pins.borrow_mut(), outer));
+        // An inner scope's pins stay until the outer call ends too.
+        if let Some(pinned) = pinned {
+            PINS.with(|pins| {
+                if let Some(outer) = pins.borrow_mut().as_mut() {
+                    outer.extend(pinned);
+                }
+            });
+        }
     }
 }
 

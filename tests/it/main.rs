@@ -10,6 +10,7 @@ mod jobs;
 mod par_map;
 mod pipeline;
 mod retries;
+mod shared;
 mod signals;
 mod soak;
 mod support;
