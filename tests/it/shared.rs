@@ -321,7 +321,7 @@ fn slices_are_sealed_and_workers_cannot_write_them() {
 
 #[test]
 fn large_contexts_are_shared_automatically() {
-    let table: Vec<u64> = (0..(300_000u64)).map(splitmix64).collect(); // 2.4 MB
+    let table: Vec<u64> = (0..300_000u64).map(splitmix64).collect(); // 2.4 MB
     let expected = table.iter().fold(0u64, |a, &b| a.wrapping_add(b));
     let task = |t: &Vec<u64>, i: usize| {
         let (attaches, _, _) = multiproc::__private::shared_input_counts();
