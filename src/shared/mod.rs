@@ -282,8 +282,9 @@ impl<'de, T: bytemuck::Pod> Deserialize<'de> for SharedSlice<T> {
 ///     let table: HashMap<String, u32> = [("a".to_string(), 1), ("b".to_string(), 2)].into();
 ///     let table = Shared::new(table)?;
 ///     let pool = multiproc::Pool::builder().workers(2).build()?;
-///     let found = pool.map_with(vec!["a", "b", "c"], &table,
-///         |t: &Shared<HashMap<String, u32>>, k: &str| t.get(k).copied())?;
+///     let keys: Vec<String> = vec!["a".into(), "b".into(), "c".into()];
+///     let found = pool.map_with(keys, &table,
+///         |t: &Shared<HashMap<String, u32>>, k: String| t.get(&k).copied())?;
 ///     assert_eq!(found, [Some(1), Some(2), None]);
 ///     Ok(())
 /// }
