@@ -107,6 +107,8 @@ fn serve_process(value: &str) -> io::Result<()> {
     })?;
     crate::spawn::prepare_child(parent)?;
     let link = WorkerLink::connect(server, task::binary_fingerprint())?;
+    // A worker process keeps the shared inputs it attaches for later calls.
+    crate::shared::region::keep_attached_inputs();
     serve(&link)
 }
 

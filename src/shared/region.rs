@@ -266,9 +266,10 @@ impl RegionHandle {
 
     /// The region this handle names: the one this process already holds, or the
     /// memfd of the process that sent it, opened through `/proc`, checked and mapped
-    /// read-only. `keep` keeps an attached region in this process's bounded table
-    /// after its last use, so a later call attaches nothing.
+    /// read-only. With `keep`, in a worker process, an attached region stays in this
+    /// process's bounded table after its last use, so a later call attaches nothing.
     pub(crate) fn attach(&self, keep: bool) -> Result<Arc<Region>, Fault> {
+        let keep = keep && KEEP.load(Ordering::Relaxed);
         let key = Key {
             dev: self.dev,
             ino: self.ino,
@@ -428,6 +429,15 @@ impl Table {
 fn table() -> &'static Mutex<Table> {
     static TABLE: OnceLock<Mutex<Table>> = OnceLock::new();
     TABLE.get_or_init(Mutex::default)
+}
+
+/// Whether this process keeps attached regions after their last use: a worker
+/// process does (its pool's later calls use them again); other processes do not.
+static KEEP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes this process keep the regions it attaches (see [`RegionHandle::attach`]).
+pub(crate) fn keep_attached_inputs() {
+    KEEP.store(true, Ordering::Relaxed);
 }
 
 /// How many regions this process attached from other processes.

@@ -501,3 +501,39 @@ pub(crate) fn helper_shared() {
         }
     });
 }
+
+#[test]
+fn a_worker_releases_an_input_the_parent_dropped() {
+    let pool = Pool::builder()
+        .workers(2)
+        .chunk_size(1)
+        .inherit_output(false)
+        .build()
+        .unwrap();
+    let kept = |d: &SharedSlice<u64>, _: u32| {
+        let (_, _, kept) = multiproc::__private::shared_input_counts();
+        (d.len(), kept, std::process::id())
+    };
+    let first = SharedSlice::from_iter(0..1000u64).unwrap();
+    let first_ino = inode(&first);
+    let got = pool.map_with(0..8u32, &first, kept).unwrap();
+    assert!(
+        got.iter().all(|&(len, kept, _)| len == 1000 && kept == 1),
+        "{got:?}"
+    );
+    drop(first);
+    // A worker looks again when it attaches another input (or a job ends): the
+    // dropped one is released, so each keeps only the new one.
+    let second = SharedSlice::from_iter(0..10u64).unwrap();
+    let got = pool.map_with(0..8u32, &second, kept).unwrap();
+    assert!(
+        got.iter().all(|&(len, kept, _)| len == 10 && kept == 1),
+        "{got:?}"
+    );
+    for &(_, _, pid) in &got {
+        assert!(
+            !process_holds(&pid.to_string(), first_ino),
+            "worker {pid} still maps a dropped input"
+        );
+    }
+}
