@@ -148,9 +148,15 @@ impl Region {
         let file = memfd(0)?;
         let mut buffer = Vec::with_capacity(1 << 20);
         let mut offset = 0u64;
+        let mut checked = 0u64;
         loop {
             buffer.clear();
             let more = next(&mut buffer);
+            if offset >= checked {
+                // Every 64 MiB: room for the next 64 MiB.
+                check_room(64 << 20)?;
+                checked = offset + (64 << 20);
+            }
             file.write_all_at(&buffer, offset)
                 .map_err(|e| space_fault(offset as usize + buffer.len(), e))?;
             offset += buffer.len() as u64;
@@ -458,8 +464,39 @@ pub(crate) fn sweep() {
     table().lock().unwrap_or_else(|e| e.into_inner()).sweep();
 }
 
-/// A new memfd, close-on-exec and sealable; `len` is for the error message.
+/// Refuses to fill `len` more bytes of shared memory when the machine does not have
+/// them: a memfd is RAM, and filling one past what is free wakes the OOM killer
+/// rather than returning `ENOSPC`.
+fn check_room(len: usize) -> Result<(), Fault> {
+    if len < 1 << 20 {
+        return Ok(());
+    }
+    // Without /proc/meminfo there is nothing to compare with; the fill reports.
+    let Some(available) = mem_available() else {
+        return Ok(());
+    };
+    if len as u64 > available {
+        return Err(Fault::plain(format!(
+            "not enough memory for {len} bytes of shared memory: {available} bytes are \
+             available (MemAvailable in /proc/meminfo); a memfd lives in RAM, not in \
+             /dev/shm or on a disk"
+        )));
+    }
+    Ok(())
+}
+
+/// `MemAvailable` from `/proc/meminfo`, in bytes.
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?;
+    let kib: u64 = line.trim().trim_end_matches("kB").trim().parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// A new memfd, close-on-exec and sealable, for `len` bytes (checked against the
+/// memory available).
 fn memfd(len: usize) -> Result<File, Fault> {
+    check_room(len)?;
     // SAFETY: the name is a NUL-terminated string literal and the flags are valid;
     // memfd_create reads the name and returns a new descriptor or -1.
     let fd = unsafe {

@@ -537,3 +537,16 @@ fn a_worker_releases_an_input_the_parent_dropped() {
         );
     }
 }
+
+#[test]
+fn an_input_larger_than_memory_is_refused_with_the_reason() {
+    // 2^50 u64 (8 PiB): refused before anything is written.
+    let err = SharedSlice::from_iter(0..(1u64 << 50)).unwrap_err();
+    let message = err.to_string();
+    assert!(matches!(err, Error::Share { .. }), "{err:?}");
+    assert!(message.contains("not enough memory"), "{message}");
+    assert!(
+        message.contains("MemAvailable in /proc/meminfo"),
+        "{message}"
+    );
+}
