@@ -148,12 +148,12 @@ impl Region {
         let file = memfd(0)?;
         let mut buffer = Vec::with_capacity(1 << 20);
         let mut offset = 0u64;
-        let mut checked = 0u64;
+        // Past each 64 MiB written: room for the next 64 MiB.
+        let mut checked = 64u64 << 20;
         loop {
             buffer.clear();
             let more = next(&mut buffer);
             if offset >= checked {
-                // Every 64 MiB: room for the next 64 MiB.
                 check_room(64 << 20)?;
                 checked = offset + (64 << 20);
             }
