@@ -56,6 +56,12 @@
 //!   pool would start one worker per CPU in every worker.
 //! - With the inline backend ([`PoolBuilder::inline`]) a stuck task cannot be
 //!   killed; its thread is abandoned.
+//! - A [`SharedSlice`] or [`Shared`] crosses as a handle naming the sender's
+//!   descriptor, so the sender must hold it until the receiver has decoded it.
+//!   Blocking calls keep alive what their items and context send until they return;
+//!   with `imap`, `map_async` and `apply_async`, keep the input yourself until the
+//!   results are in. A context whose encoding exceeds
+//!   [`PoolBuilder::share_contexts_above`] (1 MiB) is shared the same way, unasked.
 
 #[cfg(not(target_os = "linux"))]
 compile_error!(
