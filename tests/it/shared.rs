@@ -142,15 +142,17 @@ fn from_vec_from_iter_and_from_file_agree() {
     for slice in [&from_vec, &from_iter, &unknown, &from_file, &mapped] {
         assert_eq!(&slice[..], &values[..]);
     }
-    let pool = pool(2);
-    let items = vec![from_vec, from_iter, unknown, from_file, mapped];
-    let sums = pool
-        .map(items, |s: SharedSlice<u64>| {
-            s.iter().fold(0u64, |a, &b| a.wrapping_add(b))
-        })
-        .unwrap();
     let expected = values.iter().fold(0u64, |a, &b| a.wrapping_add(b));
-    assert_eq!(sums, [expected; 5]);
+    let items = vec![from_vec, from_iter, unknown, from_file, mapped];
+    for pool in [inline_pool(2, Some(1)), pool(2)] {
+        let sums = pool
+            .map(items.clone(), |s: SharedSlice<u64>| {
+                s.iter().fold(0u64, |a, &b| a.wrapping_add(b))
+            })
+            .unwrap();
+        assert_eq!(sums, [expected; 5]);
+    }
+    let pool = pool(2);
     let empty = SharedSlice::<u32>::from_vec(Vec::new()).unwrap();
     assert!(empty.is_empty());
     let lens = pool
@@ -549,4 +551,40 @@ fn an_input_larger_than_memory_is_refused_with_the_reason() {
         message.contains("MemAvailable in /proc/meminfo"),
         "{message}"
     );
+}
+
+/// A struct shared as one value: `Shared` takes any serde type.
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Model {
+    name: String,
+    weights: Vec<f64>,
+    labels: HashMap<u32, String>,
+}
+
+#[test]
+fn a_shared_struct_reaches_every_worker_intact() {
+    let model = Model {
+        name: "m".into(),
+        weights: (0..50_000).map(|i| i as f64 * 0.5).collect(),
+        labels: (0..100).map(|i| (i, format!("label {i}"))).collect(),
+    };
+    let expected: f64 = model.weights.iter().sum();
+    let model = Shared::new(model).unwrap();
+    assert!(model.encoded_len() > 400_000);
+    for pool in [inline_pool(2, Some(1)), pool(2)] {
+        let got = pool
+            .map_with(0..6u32, &model, |m: &Shared<Model>, i| {
+                (
+                    m.weights.iter().sum::<f64>(),
+                    m.labels[&i].clone(),
+                    m.name.clone(),
+                )
+            })
+            .unwrap();
+        for (i, (sum, label, name)) in got.into_iter().enumerate() {
+            assert_eq!(sum, expected);
+            assert_eq!(label, format!("label {i}"));
+            assert_eq!(name, "m");
+        }
+    }
 }
