@@ -237,6 +237,17 @@ impl Region {
                 pins.entry(self.key).or_insert_with(|| Arc::clone(self));
             }
         });
+        // A worker that made a region and sends it (in a result) keeps it like an
+        // attached one, so the parent can still open it after the task dropped it.
+        if self.source.is_none() && KEEP.load(Ordering::Relaxed) {
+            let mut table = table().lock().unwrap_or_else(|e| e.into_inner());
+            if !table.kept.iter().any(|r| Arc::ptr_eq(r, self)) {
+                table.kept.push_back(Arc::clone(self));
+                while table.kept.len() > KEEP_ATTACHED {
+                    table.kept.pop_front();
+                }
+            }
+        }
         self.handle()
     }
 

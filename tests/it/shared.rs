@@ -275,6 +275,14 @@ fn handles_travel_inside_items_and_results() {
         .map(vec![a], |s: SharedSlice<u32>| (s.clone(), s.len()))
         .unwrap();
     assert_eq!(&back[0].0[..], &[1, 2, 3]);
+    // A slice a task makes can be returned too: the worker keeps it for the parent.
+    let made = pool
+        .map(0..4u32, |x| SharedSlice::from_vec(vec![x; 1000]).unwrap())
+        .unwrap();
+    for (x, slice) in made.iter().enumerate() {
+        assert_eq!(slice.len(), 1000);
+        assert!(slice.iter().all(|&v| v == x as u32));
+    }
 }
 
 #[test]
