@@ -113,7 +113,7 @@ fn parse_mapping(line: &str) -> Option<Mapping<'_>> {
     })
 }
 
-fn check_of(offset: u64, fingerprint: u64) -> u64 {
+pub(crate) fn check_of(offset: u64, fingerprint: u64) -> u64 {
     let hash = fnv1a_continue(fnv1a(b"multiproc task"), &offset.to_le_bytes());
     fnv1a_continue(hash, &fingerprint.to_le_bytes())
 }
