@@ -103,7 +103,7 @@ pub mod __private {
 
     /// Fuzzing entry: what the parent does with one reply frame from a worker.
     ///
-    /// Opens the frame as a [`Reply`](crate::protocol::Reply). A `Done` payload is
+    /// Opens the frame as a `Reply`. A `Done` payload is
     /// read every way the parent reads one (results of a `u64` or `String` chunk, a
     /// reduce partial, the per-item outcomes of an `apply_async` chunk); a failure
     /// becomes an [`Error`](crate::Error) and is displayed. The chunk's items are
