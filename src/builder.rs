@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use crate::backend::{Backend, StartOptions};
 use crate::chunker;
 use crate::driver::Core;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorPolicy, Result};
 use crate::job::encode_item;
 use crate::pool::Pool;
 use crate::protocol::TaskRef;
@@ -63,6 +63,7 @@ pub struct PoolBuilder {
     retries: u32,
     task_timeout: Option<Duration>,
     call_timeout: Option<Duration>,
+    error_policy: ErrorPolicy,
     interrupt: bool,
     memory_limit: Option<u64>,
     kill_before_send: Option<(usize, u64)>,
@@ -83,6 +84,7 @@ impl Default for PoolBuilder {
             retries: 1,
             task_timeout: None,
             call_timeout: None,
+            error_policy: ErrorPolicy::FailFast,
             interrupt: false,
             memory_limit: None,
             kill_before_send: None,
@@ -204,6 +206,18 @@ impl PoolBuilder {
         self
     }
 
+    /// What a failed item does to the call it belongs to (default
+    /// [`ErrorPolicy::FailFast`]). Applies to `map`, `map_reduce` (and their
+    /// `_with` forms) and `map_async`; under [`ErrorPolicy::Collect`] or
+    /// [`ErrorPolicy::Skip`] they run every item and then fail with
+    /// [`Error::ItemsFailed`] listing each failed item. [`Pool::map_collect`] and
+    /// [`Pool::map_skip`] choose their policy themselves; `imap` and
+    /// `imap_unordered` always fail fast, and each `apply_async` handle fails alone.
+    pub fn error_policy(mut self, policy: ErrorPolicy) -> Self {
+        self.error_policy = policy;
+        self
+    }
+
     /// Limits each worker's address space to `bytes` (`RLIMIT_AS`), so one input
     /// that makes a task allocate without bound kills its worker, not the machine.
     /// The chunk is retried like any lost chunk, then its job fails with
@@ -321,6 +335,7 @@ impl PoolBuilder {
             core: Core::new(engine),
             workers,
             call_timeout: self.call_timeout,
+            error_policy: self.error_policy,
             interrupt: self.interrupt,
             state,
         })

@@ -232,7 +232,9 @@ fn outcomes<U: DeserializeOwned + 'static>(items: Range<usize>, payload: &[u8]) 
     for _ in 0..items.end {
         stream.push(Vec::new(), Box::new(Discard::<U>(PhantomData)));
     }
-    if let Err(reason) = crate::outcome::complete_outcomes(&mut stream, 0, items, payload) {
+    if let Err(reason) =
+        crate::outcome::complete_outcomes(&mut stream, 0, &items.collect::<Vec<_>>(), payload)
+    {
         stream.fail_all(|| crate::Error::Protocol {
             worker: 0,
             reason: reason.clone(),
@@ -296,6 +298,7 @@ fn chunk(job: u64, task: TaskRef, count: u32, payload: &[u8]) -> Vec<u8> {
         first_item: 0,
         count,
         task,
+        skip: Vec::new(),
     };
     frame(payload, &Request::Chunk(header))
 }

@@ -244,9 +244,43 @@ pub(crate) fn decode_results<U: DeserializeOwned>(
     Ok(())
 }
 
+/// Decodes the results of a chunk some of whose items failed: each item gets its
+/// result or its error, in item order.
+fn decode_partial<U: DeserializeOwned>(
+    worker: usize,
+    items: Range<usize>,
+    payload: &[u8],
+    failed: Vec<(usize, Error)>,
+    mut push: impl FnMut(usize, Result<U>),
+) -> Result<()> {
+    let mut reader = Reader::new(payload);
+    let mut failed = failed.into_iter().peekable();
+    for item in items.clone() {
+        if let Some((_, error)) = failed.next_if(|(at, _)| *at == item) {
+            push(item, Err(error));
+            continue;
+        }
+        let value = reader.decode().map_err(|source| Error::Result {
+            items: item..item + 1,
+            worker,
+            source,
+        })?;
+        push(item, Ok(value));
+    }
+    if !reader.is_empty() {
+        return Err(Error::Protocol {
+            worker,
+            reason: format!("extra bytes after the results of items {items:?}"),
+        });
+    }
+    Ok(())
+}
+
 /// The sink of a blocking `map`: results in input order into the caller's vector.
+/// Under an error policy that goes on, failed items are kept aside.
 pub(crate) struct CollectSink<U> {
     pub(crate) results: Vec<U>,
+    pub(crate) failed: Vec<(usize, Error)>,
 }
 
 impl<U: DeserializeOwned> Sink for CollectSink<U> {
@@ -255,13 +289,66 @@ impl<U: DeserializeOwned> Sink for CollectSink<U> {
         decode_results(worker, items, &payload, |_, value| results.push(value))
     }
 
+    fn deliver_partial(
+        &mut self,
+        worker: usize,
+        items: Range<usize>,
+        payload: Payload,
+        failed: Vec<(usize, Error)>,
+    ) -> Result<()> {
+        let Self {
+            results,
+            failed: kept,
+        } = self;
+        decode_partial(
+            worker,
+            items,
+            &payload,
+            failed,
+            |item, outcome| match outcome {
+                Ok(value) => results.push(value),
+                Err(error) => kept.push((item, error)),
+            },
+        )
+    }
+
+    fn finish(&mut self, _: Result<()>) {}
+}
+
+/// The sink of `map_collect`: every item's own outcome, in input order.
+pub(crate) struct OutcomeSink<U> {
+    pub(crate) outcomes: Vec<Result<U>>,
+}
+
+impl<U: DeserializeOwned> Sink for OutcomeSink<U> {
+    fn deliver(&mut self, worker: usize, items: Range<usize>, payload: Payload) -> Result<()> {
+        let outcomes = &mut self.outcomes;
+        decode_results(worker, items, &payload, |_, value| outcomes.push(Ok(value)))
+    }
+
+    fn deliver_partial(
+        &mut self,
+        worker: usize,
+        items: Range<usize>,
+        payload: Payload,
+        failed: Vec<(usize, Error)>,
+    ) -> Result<()> {
+        let outcomes = &mut self.outcomes;
+        decode_partial(worker, items, &payload, failed, |_, outcome| {
+            outcomes.push(outcome)
+        })
+    }
+
     fn finish(&mut self, _: Result<()>) {}
 }
 
 /// The sink of a blocking `map_reduce`: folds each chunk's partial in chunk order.
+/// Under an error policy that goes on, failed items are kept aside (a chunk's
+/// partial then folds the items that did not fail).
 pub(crate) struct FoldSink<U, R> {
     pub(crate) acc: Option<U>,
     pub(crate) reduce: R,
+    pub(crate) failed: Vec<(usize, Error)>,
 }
 
 impl<U: DeserializeOwned, R: Fn(U, U) -> U> Sink for FoldSink<U, R> {
@@ -276,6 +363,21 @@ impl<U: DeserializeOwned, R: Fn(U, U) -> U> Sink for FoldSink<U, R> {
         Ok(())
     }
 
+    fn deliver_partial(
+        &mut self,
+        worker: usize,
+        items: Range<usize>,
+        payload: Payload,
+        mut failed: Vec<(usize, Error)>,
+    ) -> Result<()> {
+        self.failed.append(&mut failed);
+        // A chunk settled in the parent, every item failed, has no partial.
+        if payload.is_empty() {
+            return Ok(());
+        }
+        self.deliver(worker, items, payload)
+    }
+
     fn finish(&mut self, _: Result<()>) {}
 }
 
@@ -283,6 +385,7 @@ impl<U: DeserializeOwned, R: Fn(U, U) -> U> Sink for FoldSink<U, R> {
 /// handle.
 pub(crate) struct MapAsyncSink<U> {
     pub(crate) results: Vec<U>,
+    pub(crate) failed: Vec<(usize, Error)>,
     pub(crate) completion: Option<Completion<Vec<U>>>,
 }
 
@@ -292,11 +395,49 @@ impl<U: DeserializeOwned + Send + 'static> Sink for MapAsyncSink<U> {
         decode_results(worker, items, &payload, |_, value| results.push(value))
     }
 
+    fn deliver_partial(
+        &mut self,
+        worker: usize,
+        items: Range<usize>,
+        payload: Payload,
+        failed: Vec<(usize, Error)>,
+    ) -> Result<()> {
+        let Self {
+            results,
+            failed: kept,
+            ..
+        } = self;
+        decode_partial(
+            worker,
+            items,
+            &payload,
+            failed,
+            |item, outcome| match outcome {
+                Ok(value) => results.push(value),
+                Err(error) => kept.push((item, error)),
+            },
+        )
+    }
+
     fn finish(&mut self, outcome: Result<()>) {
         if let Some(completion) = self.completion.take() {
             let results = std::mem::take(&mut self.results);
-            completion.finish(outcome.map(|()| results));
+            let failed = std::mem::take(&mut self.failed);
+            completion.finish(
+                outcome
+                    .and_then(|()| items_failed(failed))
+                    .map(|()| results),
+            );
         }
+    }
+}
+
+/// `Ok` when no item failed, else [`Error::ItemsFailed`] listing them.
+pub(crate) fn items_failed(failed: Vec<(usize, Error)>) -> Result<()> {
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::ItemsFailed { failed })
     }
 }
 

@@ -87,11 +87,11 @@ mod transport;
 mod worker;
 
 pub use crate::builder::PoolBuilder;
-pub use crate::error::{CodecError, Error, Result, TaskPanic};
+pub use crate::error::{CodecError, Error, ErrorPolicy, Result, TaskPanic};
 pub use crate::handle::{AsyncResult, Imap, ImapUnordered};
 pub use crate::par_map::{par_map, par_map_reduce};
 pub use crate::pipeline::{DEFAULT_STAGE_ITEMS, Pipeline, PipelineStats, Stage};
-pub use crate::pool::{Pool, PoolStats};
+pub use crate::pool::{Pool, PoolStats, Skipped};
 pub use crate::worker::init;
 
 /// Items public only for this crate's own tests.

@@ -34,6 +34,10 @@ pub(crate) struct ChunkHeader {
     pub(crate) first_item: u64,
     pub(crate) count: u32,
     pub(crate) task: TaskRef,
+    /// Offsets (from `first_item`, ascending) of items to decode and pass over
+    /// without running: items already reported failed, when a chunk is sent again
+    /// so that its other items complete. Their results are absent from the reply.
+    pub(crate) skip: Vec<u32>,
 }
 
 /// A monomorphised runner, named by its offset from an anchor function in the
@@ -92,6 +96,18 @@ pub(crate) enum Failure {
     },
 }
 
+impl Failure {
+    /// Whether the failure concerns one item alone, the worker having read past it
+    /// (so the chunk's other items can run): a panic, or a result that does not
+    /// encode. Other failures leave the chunk unreadable or concern the whole job.
+    pub(crate) fn is_per_item(&self) -> bool {
+        matches!(
+            self,
+            Failure::Panicked { .. } | Failure::EncodeResult { item: Some(_), .. }
+        )
+    }
+}
+
 /// Appends `header` and the trailer to a frame whose payload is already written.
 pub(crate) fn seal<H: Serialize>(frame: &mut FrameBuf, header: &H) -> Result<(), CodecError> {
     // Nothing a payload's values moved out of band may ride on the next message.
@@ -104,6 +120,21 @@ pub(crate) fn seal<H: Serialize>(frame: &mut FrameBuf, header: &H) -> Result<(),
         .map_err(|_| CodecError("message header larger than 4 GiB".into()))?;
     body.extend_from_slice(&len.to_le_bytes());
     Ok(())
+}
+
+/// Replaces the header of a sealed frame (a chunk sent again with a new skip list).
+pub(crate) fn reseal<H: Serialize>(frame: &mut FrameBuf, header: &H) -> Result<(), CodecError> {
+    let body = frame.body_bytes();
+    let payload_len = body
+        .len()
+        .checked_sub(4)
+        .and_then(|split| {
+            let len = u32::from_le_bytes(body[split..].try_into().ok()?) as usize;
+            split.checked_sub(len)
+        })
+        .ok_or_else(|| CodecError("a sealed frame's trailer does not fit the frame".into()))?;
+    frame.truncate_body(payload_len);
+    seal(frame, header)
 }
 
 /// Splits a frame body into its header and payload.
@@ -208,15 +239,22 @@ mod properties {
         prop_oneof![
             any::<u64>().prop_map(|job| Request::Context { job }),
             any::<u64>().prop_map(|job| Request::Forget { job }),
-            (any::<[u64; 3]>(), any::<u32>(), task_ref()).prop_map(
-                |([job, chunk, first_item], count, task)| Request::Chunk(ChunkHeader {
-                    job,
-                    chunk,
-                    first_item,
-                    count,
-                    task,
-                })
-            ),
+            (
+                any::<[u64; 3]>(),
+                any::<u32>(),
+                task_ref(),
+                proptest::collection::vec(any::<u32>(), 0..4)
+            )
+                .prop_map(|([job, chunk, first_item], count, task, skip)| {
+                    Request::Chunk(ChunkHeader {
+                        job,
+                        chunk,
+                        first_item,
+                        count,
+                        task,
+                        skip,
+                    })
+                }),
         ]
     }
 

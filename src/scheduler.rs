@@ -288,31 +288,36 @@ impl Engine {
             return;
         };
         for (worker, flight) in self.workers.expire(timeout) {
-            let InFlight {
-                job: id,
-                items,
-                frame,
-                ..
-            } = flight;
-            self.workers.return_frame(frame);
+            let id = flight.job;
             let Some(job) = self.jobs.get_mut(&id) else {
+                self.workers.return_frame(flight.frame);
                 continue;
             };
             job.in_flight = job.in_flight.saturating_sub(1);
-            if job.ended() {
+            // Under a task timeout each chunk holds one item (see `send_chunk`).
+            let item = flight.live_items().next();
+            let (Some(item), false) = (item, job.ended()) else {
+                self.workers.return_frame(flight.frame);
                 continue;
-            }
+            };
             let error = |item| Error::TimedOut {
                 item,
                 worker,
                 timeout,
             };
             if let Kind::Apply(stream) = &mut job.kind {
-                fail_items(stream, items, error);
+                fail_items(stream, [item], error);
                 self.completed = true;
+                self.resend_without(id, worker, flight, item, local.as_deref_mut());
                 continue;
             }
-            self.fail_job(id, items.start, error(items.start), local.as_deref_mut());
+            if job.policy.goes_on() {
+                job.failures.insert(item, error(item));
+                self.resend_without(id, worker, flight, item, local.as_deref_mut());
+                continue;
+            }
+            self.workers.return_frame(flight.frame);
+            self.fail_job(id, item, error(item), local.as_deref_mut());
         }
     }
 
@@ -509,6 +514,7 @@ impl Engine {
             first_item: first as u64,
             count: u32::try_from(filled.count).expect("chunks hold at most MAX_CHUNK_ITEMS items"),
             task: job.task,
+            skip: Vec::new(),
         });
         if let Err(source) = protocol::seal(&mut frame, &header) {
             self.workers.return_frame(frame);
@@ -523,13 +529,7 @@ impl Engine {
         job.next_chunk += 1;
         job.in_flight += 1;
         let items = first..first + filled.count;
-        let flight = InFlight {
-            job: id,
-            chunk,
-            items,
-            frame,
-            attempts: 0,
-        };
+        let flight = InFlight::new(id, chunk, items, frame);
         if let Err(source) = self.workers.send_chunk(worker, flight) {
             self.send_failed(worker, id, first, source, local);
         }
@@ -633,19 +633,17 @@ impl Engine {
                     }
                     return;
                 };
-                let items = flight.items.clone();
-                self.workers.return_frame(flight.frame);
                 self.workers.retire_if_done(worker);
                 if job.0 == INIT_JOB {
+                    self.workers.return_frame(flight.frame);
                     if let Reply::Failed { failure, .. } = reply {
                         self.init_failures.push((worker, describe_init(failure)));
                     }
                     return;
                 }
                 self.chunk_answered(
-                    job,
+                    flight,
                     worker,
-                    items,
                     reply,
                     Payload::new(frame, payload_len),
                     local,
@@ -661,14 +659,21 @@ impl Engine {
                     return;
                 };
                 let mut local = local;
-                for flight in chunks {
+                for (at, flight) in chunks.into_iter().enumerate() {
                     if flight.job.0 == INIT_JOB {
                         self.workers.return_frame(flight.frame);
                         let reason = format!("the worker exited ({})", exit_description(status));
                         self.init_failures.push((worker, reason));
                         continue;
                     }
-                    self.chunk_lost(flight, worker, status, last_item, local.as_deref_mut());
+                    // Only the first chunk a worker held had started.
+                    let lost = Loss {
+                        worker,
+                        status,
+                        last_item,
+                        started: at == 0,
+                    };
+                    self.chunk_lost(flight, lost, local.as_deref_mut());
                 }
             }
             Event::Broken {
@@ -682,65 +687,134 @@ impl Engine {
 
     fn chunk_answered(
         &mut self,
-        id: JobId,
+        flight: InFlight,
         worker: usize,
-        items: Range<usize>,
         reply: Reply,
         payload: Payload,
-        mut local: Option<&mut Local<'_>>,
+        local: Option<&mut Local<'_>>,
     ) {
+        let id = flight.job;
         let Some(job) = self.jobs.get_mut(&id) else {
+            self.workers.return_frame(flight.frame);
             return; // the job was cancelled: its late replies are ignored
         };
         job.in_flight = job.in_flight.saturating_sub(1);
         if job.ended() {
+            self.workers.return_frame(flight.frame);
             return;
         }
         match reply {
             Reply::Done { nanos, chunk, .. } => {
+                let items = flight.items.clone();
                 job.sizer.observe(nanos, items.len());
                 if let Kind::Apply(stream) = &mut job.kind {
-                    if let Err(reason) = complete_outcomes(stream, worker, items.clone(), &payload)
-                    {
-                        fail_items(stream, items, |_| Error::Protocol {
+                    let live: Vec<usize> = flight.live_items().collect();
+                    if let Err(reason) = complete_outcomes(stream, worker, &live, &payload) {
+                        fail_items(stream, live, |_| Error::Protocol {
                             worker,
                             reason: reason.clone(),
                         });
                     }
+                    self.workers.return_frame(flight.frame);
                     self.completed = true;
                     return;
                 }
-                if job.ordered {
-                    job.ready_bytes += payload.len();
-                    job.ready.insert(
-                        chunk,
-                        Ready {
-                            worker,
-                            items,
-                            payload,
-                        },
-                    );
-                    self.deliver_ready(id, local.as_deref_mut());
-                } else {
-                    job.delivered += 1;
-                    job.items_delivered += items.len();
-                    let start = items.start;
-                    if let Err(e) = deliver_to(job, local.as_deref_mut(), worker, items, payload) {
-                        self.fail_job(id, start, e, local.as_deref_mut());
-                        return;
-                    }
-                }
+                self.workers.return_frame(flight.frame);
+                self.route(id, chunk, worker, items, payload, local);
             }
             Reply::Failed { failure, .. } => {
                 if let Kind::Apply(stream) = &mut job.kind {
-                    fail_items(stream, items.clone(), |item| {
+                    fail_items(stream, flight.live_items(), |item| {
                         describe(failure.clone(), worker, item..item + 1).1
                     });
+                    self.workers.return_frame(flight.frame);
                     self.completed = true;
                     return;
                 }
-                let (item, error) = describe(failure, worker, items);
-                self.fail_job(id, item, error, local.as_deref_mut());
+                let per_item = failure.is_per_item();
+                let (item, error) = describe(failure, worker, flight.items.clone());
+                if job.policy.goes_on() && per_item && flight.runs(item) {
+                    // The item failed alone: record it and run the chunk's other
+                    // items again, passing over those that failed.
+                    job.failures.insert(item, error);
+                    self.resend_without(id, worker, flight, item, local);
+                    return;
+                }
+                self.workers.return_frame(flight.frame);
+                self.fail_job(id, item, error, local);
+            }
+        }
+    }
+
+    /// Sends chunk `flight` of job `id` again with `item` passed over (its failure
+    /// is recorded already).
+    fn resend_without(
+        &mut self,
+        id: JobId,
+        worker: usize,
+        mut flight: InFlight,
+        item: usize,
+        local: Option<&mut Local<'_>>,
+    ) {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            self.workers.return_frame(flight.frame);
+            return;
+        };
+        match flight.skip_item(item, job.task) {
+            Ok(()) if flight.live_items().next().is_none() => {
+                // Nothing left to run: the chunk is settled here.
+                let (chunk, items) = (flight.chunk, flight.items.clone());
+                self.workers.return_frame(flight.frame);
+                if !matches!(job.kind, Kind::Apply(_)) {
+                    self.route(id, chunk, worker, items, Payload::empty(), local);
+                }
+            }
+            Ok(()) => {
+                self.retried += 1;
+                job.retry.push_front(flight);
+            }
+            Err(source) => {
+                self.workers.return_frame(flight.frame);
+                let error = Error::EncodeItem { item, source };
+                self.fail_job(id, item, error, local);
+            }
+        }
+    }
+
+    /// Routes a chunk's results to its job's sink, in chunk order when the job is
+    /// ordered, with the failures recorded for its items; ends the job once it is
+    /// complete.
+    fn route(
+        &mut self,
+        id: JobId,
+        chunk: u64,
+        worker: usize,
+        items: Range<usize>,
+        payload: Payload,
+        mut local: Option<&mut Local<'_>>,
+    ) {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        let failed = take_failures(job, &items);
+        if job.ordered {
+            job.ready_bytes += payload.len();
+            job.ready.insert(
+                chunk,
+                Ready {
+                    worker,
+                    items,
+                    payload,
+                    failed,
+                },
+            );
+            self.deliver_ready(id, local.as_deref_mut());
+        } else {
+            job.delivered += 1;
+            job.items_delivered += items.len();
+            let start = items.start;
+            if let Err(e) = deliver_to(job, local.as_deref_mut(), worker, items, payload, failed) {
+                self.fail_job(id, start, e, local.as_deref_mut());
                 return;
             }
         }
@@ -749,17 +823,15 @@ impl Engine {
         }
     }
 
-    /// A chunk was lost with its worker: it is sent again to another worker while
-    /// it has retries left (its frame was kept, and no reply of the dead worker can
-    /// come, so it is still delivered exactly once); then its job fails.
-    fn chunk_lost(
-        &mut self,
-        flight: InFlight,
-        worker: usize,
-        status: Option<ExitStatus>,
-        last_item: Option<u64>,
-        local: Option<&mut Local<'_>>,
-    ) {
+    /// A chunk was lost with its worker. The item the worker was running, when the
+    /// progress word names one, is charged with the death: the chunk is sent again
+    /// while that item has died at most `retries` times (its frame was kept, and no
+    /// reply of the dead worker can come, so it is still delivered exactly once).
+    /// An item that dies more often is a poison item: it fails its job, or under a
+    /// policy that goes on (and for `apply_async`) only itself, and the chunk is
+    /// sent again without it. A death that names no item is charged to the chunk
+    /// that had started; chunks queued behind it are sent again as they are.
+    fn chunk_lost(&mut self, mut flight: InFlight, loss: Loss, local: Option<&mut Local<'_>>) {
         let id = flight.job;
         let Some(job) = self.jobs.get_mut(&id) else {
             self.workers.return_frame(flight.frame);
@@ -770,52 +842,65 @@ impl Engine {
             self.workers.return_frame(flight.frame);
             return;
         }
-        if flight.attempts < self.retries {
-            self.retried += 1;
-            job.retry.push_back(InFlight {
-                attempts: flight.attempts + 1,
-                ..flight
-            });
-            return;
-        }
-        let InFlight { items, frame, .. } = flight;
-        self.workers.return_frame(frame);
-        // The item the worker was running when it died, if it was in this chunk:
-        // the error names it rather than the whole chunk.
-        let running = last_item
+        let running = loss
+            .last_item
             .and_then(|item| usize::try_from(item).ok())
-            .filter(|item| items.contains(item));
-        let culprit = running.map_or(items.clone(), |item| item..item + 1);
-        let memory_limit = self.memory_limit;
-        let lost = |items: Range<usize>| match (memory_limit, died_of_memory(status)) {
-            (Some(limit), true) => Error::MemoryLimit {
-                worker,
-                items,
-                limit,
-                status,
-            },
-            _ => Error::WorkerExited {
-                worker,
-                items,
-                status,
-            },
-        };
-        if let Kind::Apply(stream) = &mut job.kind {
-            // Every handle of the chunk lost its answer; the one that was running
-            // is named alone.
-            fail_items(stream, items.clone(), |item| {
-                if culprit.contains(&item) {
-                    lost(culprit.clone())
-                } else {
-                    lost(items.clone())
+            .filter(|&item| flight.runs(item));
+        let goes_on = job.policy.goes_on() || matches!(job.kind, Kind::Apply(_));
+        let error = |items: Range<usize>| loss.error(items, self.memory_limit);
+        match running {
+            Some(item) => {
+                if flight.died_running(item) <= self.retries {
+                    self.retried += 1;
+                    job.retry.push_back(flight);
+                    return;
                 }
-            });
-            self.completed = true;
-            return;
+                if !goes_on {
+                    self.workers.return_frame(flight.frame);
+                    self.fail_job(id, item, error(item..item + 1), local);
+                    return;
+                }
+                if let Kind::Apply(stream) = &mut job.kind {
+                    fail_items(stream, [item], |_| error(item..item + 1));
+                    self.completed = true;
+                } else {
+                    job.failures.insert(item, error(item..item + 1));
+                }
+                self.resend_without(id, loss.worker, flight, item, local);
+            }
+            None if !loss.started => {
+                // Queued behind the chunk that ran: it never started.
+                job.retry.push_back(flight);
+            }
+            None if flight.attempts < self.retries => {
+                self.retried += 1;
+                flight.attempts += 1;
+                job.retry.push_back(flight);
+            }
+            None => {
+                let items = flight.items.clone();
+                if let Kind::Apply(stream) = &mut job.kind {
+                    // Every handle of the chunk lost its answer.
+                    fail_items(stream, flight.live_items(), |_| error(items.clone()));
+                    self.workers.return_frame(flight.frame);
+                    self.completed = true;
+                    return;
+                }
+                if !goes_on {
+                    self.workers.return_frame(flight.frame);
+                    let start = items.start;
+                    self.fail_job(id, start, error(items), local);
+                    return;
+                }
+                // No item was named: each one still to run fails with the chunk.
+                for item in flight.live_items() {
+                    job.failures.insert(item, error(items.clone()));
+                }
+                let chunk = flight.chunk;
+                self.workers.return_frame(flight.frame);
+                self.route(id, chunk, loss.worker, items, Payload::empty(), local);
+            }
         }
-        let start = culprit.start;
-        let error = lost(culprit);
-        self.fail_job(id, start, error, local);
     }
 
     /// Delivers the ordered job's ready chunks that are next in line.
@@ -838,6 +923,7 @@ impl Engine {
                 ready.worker,
                 ready.items,
                 ready.payload,
+                ready.failed,
             ) {
                 self.fail_job(id, start, e, local);
                 return;
@@ -968,6 +1054,17 @@ impl Engine {
     }
 }
 
+/// The failures recorded for a chunk's items, ascending.
+fn take_failures(job: &mut Job, items: &Range<usize>) -> Vec<(usize, Error)> {
+    if job.failures.is_empty() {
+        return Vec::new();
+    }
+    let mut after = job.failures.split_off(&items.start);
+    let mut rest = after.split_off(&items.end);
+    job.failures.append(&mut rest);
+    after.into_iter().collect()
+}
+
 /// Hands one chunk's payload to the job's sink: the caller's, or the job's own.
 fn deliver_to(
     job: &mut Job,
@@ -975,17 +1072,52 @@ fn deliver_to(
     worker: usize,
     items: Range<usize>,
     payload: Payload,
+    failed: Vec<(usize, Error)>,
 ) -> Result<()> {
-    match &mut job.kind {
-        Kind::Owned { sink, .. } | Kind::OwnedSink(sink) => sink.deliver(worker, items, payload),
+    let sink: &mut dyn Sink = match &mut job.kind {
+        Kind::Owned { sink, .. } | Kind::OwnedSink(sink) => sink.as_mut(),
         Kind::Lent => match local {
             Some(Local {
                 job: lent,
                 sink: Some(sink),
                 ..
-            }) if *lent == job.id => sink.deliver(worker, items, payload),
+            }) if *lent == job.id => &mut **sink,
             _ => unreachable!("a lent job is driven by its caller until it ends"),
         },
         Kind::Apply(_) => unreachable!("apply streams complete items one by one"),
+    };
+    if failed.is_empty() {
+        sink.deliver(worker, items, payload)
+    } else {
+        sink.deliver_partial(worker, items, payload, failed)
+    }
+}
+
+/// How a worker was lost, for the chunks it held.
+struct Loss {
+    worker: usize,
+    status: Option<ExitStatus>,
+    /// The item its progress word named, if any.
+    last_item: Option<u64>,
+    /// Whether this chunk is the one the worker had started.
+    started: bool,
+}
+
+impl Loss {
+    /// The error of `items`, lost with the worker.
+    fn error(&self, items: Range<usize>, memory_limit: Option<u64>) -> Error {
+        match (memory_limit, died_of_memory(self.status)) {
+            (Some(limit), true) => Error::MemoryLimit {
+                worker: self.worker,
+                items,
+                limit,
+                status: self.status,
+            },
+            _ => Error::WorkerExited {
+                worker: self.worker,
+                items,
+                status: self.status,
+            },
+        }
     }
 }
