@@ -207,12 +207,15 @@ impl PoolBuilder {
     }
 
     /// What a failed item does to the call it belongs to (default
-    /// [`ErrorPolicy::FailFast`]). Applies to `map`, `map_reduce` (and their
-    /// `_with` forms) and `map_async`; under [`ErrorPolicy::Collect`] or
-    /// [`ErrorPolicy::Skip`] they run every item and then fail with
-    /// [`Error::ItemsFailed`] listing each failed item. [`Pool::map_collect`] and
-    /// [`Pool::map_skip`] choose their policy themselves; `imap` and
-    /// `imap_unordered` always fail fast, and each `apply_async` handle fails alone.
+    /// [`ErrorPolicy::FailFast`]: the first failure ends the call).
+    ///
+    /// Under [`ErrorPolicy::Collect`] or [`ErrorPolicy::Skip`] every item runs:
+    /// `map`, `map_reduce` (and their `_with` forms) and `map_async` then fail with
+    /// [`Error::ItemsFailed`] listing each failed item; `imap` and `imap_unordered`
+    /// yield a failed item's `Err` in its place and go on (`Collect`) or leave it out
+    /// and keep it in their `failures()` (`Skip`). [`Pool::map_collect`] and
+    /// [`Pool::map_skip`] choose their policy themselves, and each `apply_async`
+    /// handle always fails alone.
     pub fn error_policy(mut self, policy: ErrorPolicy) -> Self {
         self.error_policy = policy;
         self

@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 
 use crate::codec::{self, Reader};
 use crate::driver::Core;
-use crate::error::{Error, Result, TaskPanic};
+use crate::error::{Error, ErrorPolicy, Result, TaskPanic};
 use crate::job::{Complete, IterSource, JobId, Payload, Sink};
 use crate::scheduler::Local;
 
@@ -455,10 +455,14 @@ impl<U> Drop for MapAsyncSink<U> {
     }
 }
 
+/// One chunk for an `imap` consumer: its worker, items, payload, and failed items
+/// (error policies that go on).
+type ImapChunk = (usize, Range<usize>, Payload, Vec<(usize, Error)>);
+
 /// What the engine hands an `imap` consumer: chunk payloads in delivery order.
 #[derive(Default)]
 struct ImapState {
-    queue: VecDeque<(usize, Range<usize>, Payload)>,
+    queue: VecDeque<ImapChunk>,
     /// Chunks the consumer has taken.
     taken: u64,
     /// The job has ended: `Ok` when every chunk has been queued.
@@ -472,7 +476,22 @@ pub(crate) struct ImapSink {
 
 impl Sink for ImapSink {
     fn deliver(&mut self, worker: usize, items: Range<usize>, payload: Payload) -> Result<()> {
-        lock(&self.state).queue.push_back((worker, items, payload));
+        lock(&self.state)
+            .queue
+            .push_back((worker, items, payload, Vec::new()));
+        Ok(())
+    }
+
+    fn deliver_partial(
+        &mut self,
+        worker: usize,
+        items: Range<usize>,
+        payload: Payload,
+        failed: Vec<(usize, Error)>,
+    ) -> Result<()> {
+        lock(&self.state)
+            .queue
+            .push_back((worker, items, payload, failed));
         Ok(())
     }
 
@@ -498,6 +517,9 @@ struct ImapCore<I, U> {
     source: IterSource<I>,
     state: Arc<Mutex<ImapState>>,
     decoded: VecDeque<Result<(usize, U)>>,
+    /// Under [`ErrorPolicy::Skip`] failed items are kept here instead of yielded.
+    skip_failures: bool,
+    failures: Vec<(usize, Error)>,
     /// No more results will come.
     finished: bool,
     /// The job has left the engine's table.
@@ -517,6 +539,7 @@ pub(crate) fn imap_parts<I, U>(
     core: &Arc<Core>,
     job: JobId,
     items: I,
+    policy: ErrorPolicy,
 ) -> (ImapParts<I, U>, ImapSink) {
     let state = Arc::new(Mutex::new(ImapState::default()));
     let sink = ImapCore::<I, U>::sink_for(&state);
@@ -526,6 +549,8 @@ pub(crate) fn imap_parts<I, U>(
         source: IterSource::new(items),
         state,
         decoded: VecDeque::new(),
+        skip_failures: policy == ErrorPolicy::Skip,
+        failures: Vec::new(),
         finished: false,
         job_gone: false,
     });
@@ -550,13 +575,27 @@ where
                 return None;
             }
             let mut state = lock(&self.state);
-            if let Some((worker, items, payload)) = state.queue.pop_front() {
+            if let Some((worker, items, payload, failed)) = state.queue.pop_front() {
                 state.taken += 1;
                 drop(state);
-                let decoded = &mut self.decoded;
-                let outcome = decode_results(worker, items, &payload, |item, value| {
-                    decoded.push_back(Ok((item, value)));
-                });
+                let Self {
+                    decoded,
+                    failures,
+                    skip_failures,
+                    ..
+                } = self;
+                let outcome =
+                    decode_partial(
+                        worker,
+                        items,
+                        &payload,
+                        failed,
+                        |item, outcome| match outcome {
+                            Ok(value) => decoded.push_back(Ok((item, value))),
+                            Err(error) if *skip_failures => failures.push((item, error)),
+                            Err(error) => decoded.push_back(Err(error)),
+                        },
+                    );
                 if let Err(e) = outcome {
                     self.decoded.push_back(Err(e));
                     self.stop();
@@ -639,6 +678,13 @@ impl<I, U> Imap<'_, I, U> {
             _pool: PhantomData,
         }
     }
+
+    /// Under [`ErrorPolicy::Skip`], the items left out so far: `(index, error)`,
+    /// in the order they were met. Empty under other policies, which yield
+    /// failures in place.
+    pub fn failures(&self) -> &[(usize, Error)] {
+        &self.inner.failures
+    }
 }
 
 impl<T, I, U> Iterator for Imap<'_, I, U>
@@ -669,6 +715,12 @@ impl<I, U> ImapUnordered<'_, I, U> {
             inner: parts.0,
             _pool: PhantomData,
         }
+    }
+
+    /// Under [`ErrorPolicy::Skip`], the items left out so far, as
+    /// [`Imap::failures`].
+    pub fn failures(&self) -> &[(usize, Error)] {
+        &self.inner.failures
     }
 }
 

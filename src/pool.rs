@@ -674,7 +674,8 @@ impl Pool {
         let mut driving = self.core.lock_open_engine()?;
         let engine = driving.engine();
         let mut job = engine.new_job(task, Kind::Lent, ordered, None)?;
-        let (parts, sink) = imap_parts(&self.core, job.id, items.into_iter());
+        job.policy = self.error_policy;
+        let (parts, sink) = imap_parts(&self.core, job.id, items.into_iter(), self.error_policy);
         job.kind = Kind::OwnedSink(Box::new(sink));
         engine.add(job);
         Ok(parts)

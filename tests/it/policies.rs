@@ -214,3 +214,27 @@ fn map_async_under_skip_reports_every_failure() {
         "{err}"
     );
 }
+
+#[test]
+fn imap_under_collect_yields_each_failure_in_place_and_goes_on() {
+    let pool = pool(10, 1, ErrorPolicy::Collect);
+    let outcomes: Vec<_> = pool.imap(0..100u64, panics_on_13_and_57).unwrap().collect();
+    assert_eq!(outcomes.len(), 100);
+    assert_all_but(&outcomes, &[13, 57]);
+}
+
+#[test]
+fn imap_unordered_under_skip_leaves_failures_out_and_reports_them() {
+    let pool = pool(10, 1, ErrorPolicy::Skip);
+    let mut iter = pool.imap_unordered(0..100u64, panics_on_13_and_57).unwrap();
+    let mut got: Vec<(usize, u64)> = iter.by_ref().map(Result::unwrap).collect();
+    got.sort_unstable();
+    let expected: Vec<(usize, u64)> = (0..100u64)
+        .filter(|x| *x != 13 && *x != 57)
+        .map(|x| (x as usize, splitmix64(x)))
+        .collect();
+    assert_eq!(got, expected);
+    let mut failed: Vec<usize> = iter.failures().iter().map(|(i, _)| *i).collect();
+    failed.sort_unstable();
+    assert_eq!(failed, [13, 57]);
+}
