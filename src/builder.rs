@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use crate::backend::{Backend, StartOptions};
 use crate::chunker;
 use crate::driver::Core;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorPolicy, Result};
 use crate::job::encode_item;
 use crate::pool::Pool;
 use crate::protocol::TaskRef;
@@ -66,6 +66,7 @@ pub struct PoolBuilder {
     retries: u32,
     task_timeout: Option<Duration>,
     call_timeout: Option<Duration>,
+    error_policy: ErrorPolicy,
     interrupt: bool,
     memory_limit: Option<u64>,
     share_contexts_above: usize,
@@ -87,6 +88,7 @@ impl Default for PoolBuilder {
             retries: 1,
             task_timeout: None,
             call_timeout: None,
+            error_policy: ErrorPolicy::FailFast,
             interrupt: false,
             memory_limit: None,
             share_contexts_above: DEFAULT_SHARE_CONTEXTS_ABOVE,
@@ -221,6 +223,21 @@ impl PoolBuilder {
         self
     }
 
+    /// What a failed item does to the call it belongs to (default
+    /// [`ErrorPolicy::FailFast`]: the first failure ends the call).
+    ///
+    /// Under [`ErrorPolicy::Collect`] or [`ErrorPolicy::Skip`] every item runs:
+    /// `map`, `map_reduce` (and their `_with` forms) and `map_async` then fail with
+    /// [`Error::ItemsFailed`] listing each failed item; `imap` and `imap_unordered`
+    /// yield a failed item's `Err` in its place and go on (`Collect`) or leave it out
+    /// and keep it in their `failures()` (`Skip`). [`Pool::map_collect`] and
+    /// [`Pool::map_skip`] choose their policy themselves, and each `apply_async`
+    /// handle always fails alone.
+    pub fn error_policy(mut self, policy: ErrorPolicy) -> Self {
+        self.error_policy = policy;
+        self
+    }
+
     /// Limits each worker's address space to `bytes` (`RLIMIT_AS`), so one input
     /// that makes a task allocate without bound kills its worker, not the machine.
     /// The chunk is retried like any lost chunk, then its job fails with
@@ -338,6 +355,7 @@ impl PoolBuilder {
             core: Core::new(engine),
             workers,
             call_timeout: self.call_timeout,
+            error_policy: self.error_policy,
             interrupt: self.interrupt,
             state,
             share_contexts_above: self.share_contexts_above,

@@ -6,6 +6,38 @@ use std::process::ExitStatus;
 
 use serde::{Deserialize, Serialize};
 
+/// What a failed item does to its call (set with
+/// [`PoolBuilder::error_policy`](crate::PoolBuilder::error_policy), or per call with
+/// [`Pool::map_collect`](crate::Pool::map_collect) and
+/// [`Pool::map_skip`](crate::Pool::map_skip)).
+///
+/// A failed item is one whose task panicked, whose result did not encode, that ran
+/// past `task_timeout`, or that killed its worker on every attempt (`retries(n)`
+/// more than once: a *poison* item). Under `Collect` and `Skip` the chunk holding it
+/// is sent again with the failed item passed over, so every other item runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum ErrorPolicy {
+    /// Stop feeding at the first failure, stop the workers running the call's
+    /// other chunks, and return that failure. The default.
+    #[default]
+    FailFast,
+    /// Run every item. `map_collect` returns each item's own `Result`; calls whose
+    /// result has no place for a failed item (`map`, `map_reduce`) run every item
+    /// and then return [`Error::ItemsFailed`] listing every failure.
+    Collect,
+    /// Run every item. `map_skip` returns the good results with a report of the
+    /// failed items; `map` and `map_reduce` behave as under `Collect`.
+    Skip,
+}
+
+impl ErrorPolicy {
+    /// Whether a failed item leaves the other items of its call running.
+    pub(crate) fn goes_on(self) -> bool {
+        !matches!(self, ErrorPolicy::FailFast)
+    }
+}
+
 /// Everything that can make a multiproc call fail.
 ///
 /// Each variant names where the failure happened: the index of the item in the input
@@ -255,6 +287,20 @@ pub enum Error {
     /// panicked; the task's own result is lost with it.
     #[error("the callback panicked: {0}")]
     CallbackPanicked(TaskPanic),
+    /// Under [`ErrorPolicy::Collect`] or [`ErrorPolicy::Skip`], a call whose result
+    /// has no place for a failed item (`map`, `map_reduce`) ran every item, and some
+    /// failed: each with its index and its own error, ascending.
+    #[error("{} of the call's items failed; the first: {}", .failed.len(), first_failure(.failed))]
+    ItemsFailed {
+        /// The failed items: (index, error), ascending by index.
+        failed: Vec<(usize, Error)>,
+    },
+}
+
+fn first_failure(failed: &[(usize, Error)]) -> String {
+    failed
+        .first()
+        .map_or_else(String::new, |(_, error)| error.to_string())
 }
 
 impl Error {

@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 
 use crate::codec::{self, Reader};
 use crate::driver::Core;
-use crate::error::{Error, Result, TaskPanic};
+use crate::error::{Error, ErrorPolicy, Result, TaskPanic};
 use crate::job::{Complete, IterSource, JobId, Payload, Sink};
 use crate::scheduler::Local;
 
@@ -244,9 +244,43 @@ pub(crate) fn decode_results<U: DeserializeOwned>(
     Ok(())
 }
 
+/// Decodes the results of a chunk some of whose items failed: each item gets its
+/// result or its error, in item order.
+fn decode_partial<U: DeserializeOwned>(
+    worker: usize,
+    items: Range<usize>,
+    payload: &[u8],
+    failed: Vec<(usize, Error)>,
+    mut push: impl FnMut(usize, Result<U>),
+) -> Result<()> {
+    let mut reader = Reader::new(payload);
+    let mut failed = failed.into_iter().peekable();
+    for item in items.clone() {
+        if let Some((_, error)) = failed.next_if(|(at, _)| *at == item) {
+            push(item, Err(error));
+            continue;
+        }
+        let value = reader.decode().map_err(|source| Error::Result {
+            items: item..item + 1,
+            worker,
+            source,
+        })?;
+        push(item, Ok(value));
+    }
+    if !reader.is_empty() {
+        return Err(Error::Protocol {
+            worker,
+            reason: format!("extra bytes after the results of items {items:?}"),
+        });
+    }
+    Ok(())
+}
+
 /// The sink of a blocking `map`: results in input order into the caller's vector.
+/// Under an error policy that goes on, failed items are kept aside.
 pub(crate) struct CollectSink<U> {
     pub(crate) results: Vec<U>,
+    pub(crate) failed: Vec<(usize, Error)>,
 }
 
 impl<U: DeserializeOwned> Sink for CollectSink<U> {
@@ -255,13 +289,66 @@ impl<U: DeserializeOwned> Sink for CollectSink<U> {
         decode_results(worker, items, &payload, |_, value| results.push(value))
     }
 
+    fn deliver_partial(
+        &mut self,
+        worker: usize,
+        items: Range<usize>,
+        payload: Payload,
+        failed: Vec<(usize, Error)>,
+    ) -> Result<()> {
+        let Self {
+            results,
+            failed: kept,
+        } = self;
+        decode_partial(
+            worker,
+            items,
+            &payload,
+            failed,
+            |item, outcome| match outcome {
+                Ok(value) => results.push(value),
+                Err(error) => kept.push((item, error)),
+            },
+        )
+    }
+
+    fn finish(&mut self, _: Result<()>) {}
+}
+
+/// The sink of `map_collect`: every item's own outcome, in input order.
+pub(crate) struct OutcomeSink<U> {
+    pub(crate) outcomes: Vec<Result<U>>,
+}
+
+impl<U: DeserializeOwned> Sink for OutcomeSink<U> {
+    fn deliver(&mut self, worker: usize, items: Range<usize>, payload: Payload) -> Result<()> {
+        let outcomes = &mut self.outcomes;
+        decode_results(worker, items, &payload, |_, value| outcomes.push(Ok(value)))
+    }
+
+    fn deliver_partial(
+        &mut self,
+        worker: usize,
+        items: Range<usize>,
+        payload: Payload,
+        failed: Vec<(usize, Error)>,
+    ) -> Result<()> {
+        let outcomes = &mut self.outcomes;
+        decode_partial(worker, items, &payload, failed, |_, outcome| {
+            outcomes.push(outcome)
+        })
+    }
+
     fn finish(&mut self, _: Result<()>) {}
 }
 
 /// The sink of a blocking `map_reduce`: folds each chunk's partial in chunk order.
+/// Under an error policy that goes on, failed items are kept aside (a chunk's
+/// partial then folds the items that did not fail).
 pub(crate) struct FoldSink<U, R> {
     pub(crate) acc: Option<U>,
     pub(crate) reduce: R,
+    pub(crate) failed: Vec<(usize, Error)>,
 }
 
 impl<U: DeserializeOwned, R: Fn(U, U) -> U> Sink for FoldSink<U, R> {
@@ -276,6 +363,21 @@ impl<U: DeserializeOwned, R: Fn(U, U) -> U> Sink for FoldSink<U, R> {
         Ok(())
     }
 
+    fn deliver_partial(
+        &mut self,
+        worker: usize,
+        items: Range<usize>,
+        payload: Payload,
+        mut failed: Vec<(usize, Error)>,
+    ) -> Result<()> {
+        self.failed.append(&mut failed);
+        // A chunk settled in the parent, every item failed, has no partial.
+        if payload.is_empty() {
+            return Ok(());
+        }
+        self.deliver(worker, items, payload)
+    }
+
     fn finish(&mut self, _: Result<()>) {}
 }
 
@@ -283,6 +385,7 @@ impl<U: DeserializeOwned, R: Fn(U, U) -> U> Sink for FoldSink<U, R> {
 /// handle.
 pub(crate) struct MapAsyncSink<U> {
     pub(crate) results: Vec<U>,
+    pub(crate) failed: Vec<(usize, Error)>,
     pub(crate) completion: Option<Completion<Vec<U>>>,
 }
 
@@ -292,11 +395,49 @@ impl<U: DeserializeOwned + Send + 'static> Sink for MapAsyncSink<U> {
         decode_results(worker, items, &payload, |_, value| results.push(value))
     }
 
+    fn deliver_partial(
+        &mut self,
+        worker: usize,
+        items: Range<usize>,
+        payload: Payload,
+        failed: Vec<(usize, Error)>,
+    ) -> Result<()> {
+        let Self {
+            results,
+            failed: kept,
+            ..
+        } = self;
+        decode_partial(
+            worker,
+            items,
+            &payload,
+            failed,
+            |item, outcome| match outcome {
+                Ok(value) => results.push(value),
+                Err(error) => kept.push((item, error)),
+            },
+        )
+    }
+
     fn finish(&mut self, outcome: Result<()>) {
         if let Some(completion) = self.completion.take() {
             let results = std::mem::take(&mut self.results);
-            completion.finish(outcome.map(|()| results));
+            let failed = std::mem::take(&mut self.failed);
+            completion.finish(
+                outcome
+                    .and_then(|()| items_failed(failed))
+                    .map(|()| results),
+            );
         }
+    }
+}
+
+/// `Ok` when no item failed, else [`Error::ItemsFailed`] listing them.
+pub(crate) fn items_failed(failed: Vec<(usize, Error)>) -> Result<()> {
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::ItemsFailed { failed })
     }
 }
 
@@ -314,10 +455,14 @@ impl<U> Drop for MapAsyncSink<U> {
     }
 }
 
+/// One chunk for an `imap` consumer: its worker, items, payload, and failed items
+/// (error policies that go on).
+type ImapChunk = (usize, Range<usize>, Payload, Vec<(usize, Error)>);
+
 /// What the engine hands an `imap` consumer: chunk payloads in delivery order.
 #[derive(Default)]
 struct ImapState {
-    queue: VecDeque<(usize, Range<usize>, Payload)>,
+    queue: VecDeque<ImapChunk>,
     /// Chunks the consumer has taken.
     taken: u64,
     /// The job has ended: `Ok` when every chunk has been queued.
@@ -331,7 +476,22 @@ pub(crate) struct ImapSink {
 
 impl Sink for ImapSink {
     fn deliver(&mut self, worker: usize, items: Range<usize>, payload: Payload) -> Result<()> {
-        lock(&self.state).queue.push_back((worker, items, payload));
+        lock(&self.state)
+            .queue
+            .push_back((worker, items, payload, Vec::new()));
+        Ok(())
+    }
+
+    fn deliver_partial(
+        &mut self,
+        worker: usize,
+        items: Range<usize>,
+        payload: Payload,
+        failed: Vec<(usize, Error)>,
+    ) -> Result<()> {
+        lock(&self.state)
+            .queue
+            .push_back((worker, items, payload, failed));
         Ok(())
     }
 
@@ -357,6 +517,9 @@ struct ImapCore<I, U> {
     source: IterSource<I>,
     state: Arc<Mutex<ImapState>>,
     decoded: VecDeque<Result<(usize, U)>>,
+    /// Under [`ErrorPolicy::Skip`] failed items are kept here instead of yielded.
+    skip_failures: bool,
+    failures: Vec<(usize, Error)>,
     /// No more results will come.
     finished: bool,
     /// The job has left the engine's table.
@@ -376,6 +539,7 @@ pub(crate) fn imap_parts<I, U>(
     core: &Arc<Core>,
     job: JobId,
     items: I,
+    policy: ErrorPolicy,
 ) -> (ImapParts<I, U>, ImapSink) {
     let state = Arc::new(Mutex::new(ImapState::default()));
     let sink = ImapCore::<I, U>::sink_for(&state);
@@ -385,6 +549,8 @@ pub(crate) fn imap_parts<I, U>(
         source: IterSource::new(items),
         state,
         decoded: VecDeque::new(),
+        skip_failures: policy == ErrorPolicy::Skip,
+        failures: Vec::new(),
         finished: false,
         job_gone: false,
     });
@@ -409,13 +575,27 @@ where
                 return None;
             }
             let mut state = lock(&self.state);
-            if let Some((worker, items, payload)) = state.queue.pop_front() {
+            if let Some((worker, items, payload, failed)) = state.queue.pop_front() {
                 state.taken += 1;
                 drop(state);
-                let decoded = &mut self.decoded;
-                let outcome = decode_results(worker, items, &payload, |item, value| {
-                    decoded.push_back(Ok((item, value)));
-                });
+                let Self {
+                    decoded,
+                    failures,
+                    skip_failures,
+                    ..
+                } = self;
+                let outcome =
+                    decode_partial(
+                        worker,
+                        items,
+                        &payload,
+                        failed,
+                        |item, outcome| match outcome {
+                            Ok(value) => decoded.push_back(Ok((item, value))),
+                            Err(error) if *skip_failures => failures.push((item, error)),
+                            Err(error) => decoded.push_back(Err(error)),
+                        },
+                    );
                 if let Err(e) = outcome {
                     self.decoded.push_back(Err(e));
                     self.stop();
@@ -498,6 +678,13 @@ impl<I, U> Imap<'_, I, U> {
             _pool: PhantomData,
         }
     }
+
+    /// Under [`ErrorPolicy::Skip`], the items left out so far: `(index, error)`,
+    /// in the order they were met. Empty under other policies, which yield
+    /// failures in place.
+    pub fn failures(&self) -> &[(usize, Error)] {
+        &self.inner.failures
+    }
 }
 
 impl<T, I, U> Iterator for Imap<'_, I, U>
@@ -528,6 +715,12 @@ impl<I, U> ImapUnordered<'_, I, U> {
             inner: parts.0,
             _pool: PhantomData,
         }
+    }
+
+    /// Under [`ErrorPolicy::Skip`], the items left out so far, as
+    /// [`Imap::failures`].
+    pub fn failures(&self) -> &[(usize, Error)] {
+        &self.inner.failures
     }
 }
 

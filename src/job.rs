@@ -16,8 +16,8 @@ use serde::de::DeserializeOwned;
 
 use crate::chunker::Sizer;
 use crate::codec;
-use crate::error::{Error, Result};
-use crate::protocol::TaskRef;
+use crate::error::{CodecError, Error, ErrorPolicy, Result};
+use crate::protocol::{self, ChunkHeader, Request, TaskRef};
 use crate::transport::{Frame, FrameBuf};
 
 /// A job's number in its pool; jobs are served in the order of their ids.
@@ -31,8 +31,87 @@ pub(crate) struct InFlight {
     pub(crate) items: Range<usize>,
     /// The frame as sent, kept until the reply arrives.
     pub(crate) frame: FrameBuf,
-    /// How many times it was sent before, to workers that were lost.
+    /// How many times it was sent before, to workers lost while it ran and
+    /// without naming an item.
     pub(crate) attempts: u32,
+    /// Offsets of items reported failed, passed over when the chunk is sent again
+    /// (see [`ChunkHeader::skip`]).
+    pub(crate) skip: Vec<u32>,
+    /// Deaths of a worker while it ran an item of this chunk: (offset, count).
+    pub(crate) deaths: Vec<(u32, u32)>,
+}
+
+impl InFlight {
+    pub(crate) fn new(job: JobId, chunk: u64, items: Range<usize>, frame: FrameBuf) -> Self {
+        Self {
+            job,
+            chunk,
+            items,
+            frame,
+            attempts: 0,
+            skip: Vec::new(),
+            deaths: Vec::new(),
+        }
+    }
+
+    fn offset(&self, item: usize) -> Option<u32> {
+        if !self.items.contains(&item) {
+            return None;
+        }
+        u32::try_from(item - self.items.start).ok()
+    }
+
+    /// Whether `item` is in the chunk and still to run (not passed over).
+    pub(crate) fn runs(&self, item: usize) -> bool {
+        self.offset(item)
+            .is_some_and(|offset| self.skip.binary_search(&offset).is_err())
+    }
+
+    /// The items still to run, ascending.
+    pub(crate) fn live_items(&self) -> impl Iterator<Item = usize> + '_ {
+        self.items.clone().filter(|&item| self.runs(item))
+    }
+
+    /// Counts a worker's death while it ran `item`; returns the item's deaths so far.
+    pub(crate) fn died_running(&mut self, item: usize) -> u32 {
+        let Some(offset) = self.offset(item) else {
+            return 0;
+        };
+        match self.deaths.iter_mut().find(|(o, _)| *o == offset) {
+            Some((_, count)) => {
+                *count += 1;
+                *count
+            }
+            None => {
+                self.deaths.push((offset, 1));
+                1
+            }
+        }
+    }
+
+    /// Passes over `item` from now on: its frame's header is rewritten so that the
+    /// worker reads past it without running it.
+    pub(crate) fn skip_item(
+        &mut self,
+        item: usize,
+        task: TaskRef,
+    ) -> std::result::Result<(), CodecError> {
+        let Some(offset) = self.offset(item) else {
+            return Ok(());
+        };
+        if let Err(at) = self.skip.binary_search(&offset) {
+            self.skip.insert(at, offset);
+        }
+        let header = Request::Chunk(ChunkHeader {
+            job: self.job.0,
+            chunk: self.chunk,
+            first_item: self.items.start as u64,
+            count: u32::try_from(self.items.len()).expect("chunks hold at most u32::MAX items"),
+            task,
+            skip: self.skip.clone(),
+        });
+        protocol::reseal(&mut self.frame, &header)
+    }
 }
 
 /// A chunk's reply payload, borrowed from the frame it arrived in.
@@ -44,6 +123,14 @@ pub(crate) struct Payload {
 impl Payload {
     pub(crate) fn new(frame: Frame, len: usize) -> Self {
         Self { frame, len }
+    }
+
+    /// No bytes: a chunk none of whose items produced a result.
+    pub(crate) fn empty() -> Self {
+        Self {
+            frame: Frame::Inline(Vec::new()),
+            len: 0,
+        }
     }
 }
 
@@ -156,6 +243,25 @@ pub(crate) fn encode_item<T: Serialize + DeserializeOwned>(
 pub(crate) trait Sink {
     /// One chunk's reply payload; in chunk order when the job is ordered.
     fn deliver(&mut self, worker: usize, items: Range<usize>, payload: Payload) -> Result<()>;
+
+    /// A chunk some of whose items failed, under an [`ErrorPolicy`] that goes on
+    /// after a failure: the payload holds the results of the other items in order
+    /// (for a fold, the partial of those items, or nothing when none ran), and
+    /// `failed` the failed items with their errors, ascending. A sink that cannot
+    /// hold failures fails with the first.
+    fn deliver_partial(
+        &mut self,
+        worker: usize,
+        items: Range<usize>,
+        payload: Payload,
+        failed: Vec<(usize, Error)>,
+    ) -> Result<()> {
+        let _ = (worker, items, payload);
+        match failed.into_iter().next() {
+            Some((_, error)) => Err(error),
+            None => Ok(()),
+        }
+    }
 
     /// The job is over: `Ok` once every chunk was delivered, or why it failed.
     /// Called once, for sinks the job owns.
@@ -285,6 +391,8 @@ pub(crate) struct Ready {
     pub(crate) worker: usize,
     pub(crate) items: Range<usize>,
     pub(crate) payload: Payload,
+    /// Items of the chunk that failed (error policies that go on), ascending.
+    pub(crate) failed: Vec<(usize, Error)>,
 }
 
 /// One job in the table.
@@ -295,6 +403,11 @@ pub(crate) struct Job {
     /// chunk of this job.
     pub(crate) context: Option<FrameBuf>,
     pub(crate) kind: Kind,
+    /// What a failed item does to the job.
+    pub(crate) policy: ErrorPolicy,
+    /// Items that failed under a policy that goes on, until their chunk is
+    /// delivered.
+    pub(crate) failures: BTreeMap<usize, Error>,
     /// Deliver in chunk order (else as replies arrive).
     pub(crate) ordered: bool,
     pub(crate) sizer: Sizer,
@@ -334,6 +447,8 @@ impl Job {
             task,
             context: None,
             kind,
+            policy: ErrorPolicy::FailFast,
+            failures: BTreeMap::new(),
             ordered,
             sizer: Sizer::new(fixed),
             next_item: 0,
@@ -359,5 +474,45 @@ impl Job {
     /// Whether every item was sent and every reply delivered.
     pub(crate) fn complete(&self) -> bool {
         self.exhausted && self.in_flight == 0 && self.ready.is_empty() && self.retry.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_skipped_item_is_rewritten_into_the_frame_header() {
+        let task = TaskRef {
+            offset: 1,
+            fingerprint: 2,
+            check: 3,
+        };
+        let mut frame = FrameBuf::with_capacity(64);
+        frame.body().extend_from_slice(b"items");
+        let header = Request::Chunk(ChunkHeader {
+            job: 4,
+            chunk: 5,
+            first_item: 10,
+            count: 4,
+            task,
+            skip: Vec::new(),
+        });
+        protocol::seal(&mut frame, &header).unwrap();
+        let mut flight = InFlight::new(JobId(4), 5, 10..14, frame);
+        flight.skip_item(13, task).unwrap();
+        flight.skip_item(11, task).unwrap();
+        flight.skip_item(11, task).unwrap();
+        flight.skip_item(99, task).unwrap();
+        assert_eq!(flight.live_items().collect::<Vec<_>>(), [10, 12]);
+        let (request, payload) = protocol::open::<Request>(flight.frame.body_bytes()).unwrap();
+        assert_eq!(payload, b"items");
+        match request {
+            Request::Chunk(header) => assert_eq!(header.skip, [1, 3]),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(flight.died_running(12), 1);
+        assert_eq!(flight.died_running(12), 2);
+        assert_eq!(flight.died_running(99), 0);
     }
 }

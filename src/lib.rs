@@ -75,6 +75,7 @@ mod chunker;
 mod codec;
 mod driver;
 mod error;
+mod fuzzing;
 mod handle;
 mod interrupt;
 mod job;
@@ -93,11 +94,11 @@ mod transport;
 mod worker;
 
 pub use crate::builder::PoolBuilder;
-pub use crate::error::{CodecError, Error, Result, TaskPanic};
+pub use crate::error::{CodecError, Error, ErrorPolicy, Result, TaskPanic};
 pub use crate::handle::{AsyncResult, Imap, ImapUnordered};
 pub use crate::par_map::{par_map, par_map_reduce};
 pub use crate::pipeline::{DEFAULT_STAGE_ITEMS, Pipeline, PipelineStats, Stage};
-pub use crate::pool::{Pool, PoolStats};
+pub use crate::pool::{Pool, PoolStats, Skipped};
 pub use crate::shared::{Shared, SharedSlice};
 pub use crate::worker::init;
 
@@ -119,6 +120,37 @@ pub mod __private {
     pub fn shared_slice_seals<T: bytemuck::Pod>(slice: &crate::SharedSlice<T>) -> (i32, i32) {
         let region = slice.region();
         (region.seals().unwrap_or(-1), region.raw_fd())
+    }
+
+    /// Fuzzing entry: what the parent does with one reply frame from a worker.
+    ///
+    /// Opens the frame as a `Reply`. A `Done` payload is
+    /// read every way the parent reads one (results of a `u64` or `String` chunk, a
+    /// reduce partial, the per-item outcomes of an `apply_async` chunk); a failure
+    /// becomes an [`Error`](crate::Error) and is displayed. The chunk's items are
+    /// `job % 4 .. job % 4 + chunk % 17`: the parent knows them from the chunk it
+    /// sent, so here the frame's own fields stand in for that knowledge.
+    pub fn fuzz_parent_reply(bytes: &[u8]) {
+        crate::fuzzing::parent_reply(bytes);
+    }
+
+    /// Fuzzing entry: a worker's receive loop fed `bytes` as request frames, each
+    /// one a `u16` little-endian length and that many bytes (fewer at the end).
+    ///
+    /// A chunk whose task fingerprint names one of this module's tasks is pointed
+    /// at that task's runner in this process; a chunk naming any other task is
+    /// passed on only when its task reference fails its check (so the worker
+    /// refuses it). An intact reference to other code is a forgery, which the
+    /// design leaves to the channel's ownership (see the crate docs), so such a
+    /// frame is dropped. Panics when the worker sends a reply that does not open.
+    pub fn fuzz_worker_request(bytes: &[u8]) {
+        crate::fuzzing::worker_requests(bytes);
+    }
+
+    /// Valid inputs for [`fuzz_worker_request`] (first) and [`fuzz_parent_reply`]
+    /// (second), to seed the fuzzers' corpora.
+    pub fn fuzz_seeds() -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        crate::fuzzing::seeds()
     }
 }
 

@@ -10,15 +10,16 @@ use crate::job::ApplyStream;
 use crate::protocol::Failure;
 use crate::task::{OUTCOME_FAILED, OUTCOME_OK};
 
-/// Completes each handle of an `apply_async` chunk from its outcome.
+/// Completes each handle of an `apply_async` chunk from its outcome; `items` are
+/// the chunk's items that ran (those passed over have no outcome), ascending.
 pub(crate) fn complete_outcomes(
     stream: &mut ApplyStream,
     worker: usize,
-    items: Range<usize>,
+    items: &[usize],
     payload: &[u8],
 ) -> std::result::Result<(), String> {
     let mut rest = payload;
-    for item in items.clone() {
+    for &item in items {
         let Some((&tag, after)) = rest.split_first() else {
             return Err(format!("the outcomes of items {items:?} end early"));
         };
@@ -55,7 +56,7 @@ pub(crate) fn complete_outcomes(
 /// Fails every handle of `items` with its own error.
 pub(crate) fn fail_items(
     stream: &mut ApplyStream,
-    items: Range<usize>,
+    items: impl IntoIterator<Item = usize>,
     error: impl Fn(usize) -> Error,
 ) {
     for item in items {

@@ -10,10 +10,10 @@ use serde::de::DeserializeOwned;
 
 use crate::codec;
 use crate::driver::Core;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorPolicy, Result};
 use crate::handle::{
     ApplyCompletion, AsyncResult, CollectSink, Completion, FoldSink, Imap, ImapParts,
-    ImapUnordered, MapAsyncSink, OnError, OnResult, imap_parts,
+    ImapUnordered, MapAsyncSink, OnError, OnResult, OutcomeSink, imap_parts, items_failed,
 };
 use crate::interrupt;
 use crate::job::{IterSource, Job, Kind, Sink, encode_item};
@@ -106,6 +106,8 @@ pub struct Pool {
     pub(crate) workers: usize,
     /// The longest a blocking call may take.
     pub(crate) call_timeout: Option<Duration>,
+    /// What a failed item does to its call.
+    pub(crate) error_policy: ErrorPolicy,
     /// Blocking calls stop on Ctrl-C.
     pub(crate) interrupt: bool,
     /// The type of the state the initializer builds, if any.
@@ -166,6 +168,80 @@ impl Pool {
         task::assert_zero_sized::<F>();
         let _ = task;
         self.collect(items, task_ref::<T, U, Plain<F>, Collect>()?, None)
+    }
+
+    /// Applies `task` to every item and returns each item's own outcome, in input
+    /// order: [`ErrorPolicy::Collect`] for this call.
+    ///
+    /// A failed item (a panic, a result that does not encode, an item past
+    /// `task_timeout`, a *poison* item that killed its worker more than `retries`
+    /// times) is an `Err` in its place; every other item runs, the chunk holding a
+    /// failed item being sent again with that item passed over.
+    ///
+    /// # Errors
+    ///
+    /// The outer `Err` is for the call as a whole: an item that does not encode,
+    /// [`Error::PoolClosed`], [`Error::CallTimedOut`], [`Error::Interrupted`], or a
+    /// failure that concerns every item (an undecodable context, a broken worker).
+    ///
+    /// # Examples
+    ///
+    /// ```standalone_crate
+    /// fn main() -> multiproc::Result<()> {
+    ///     multiproc::init();
+    ///     let pool = multiproc::Pool::builder().workers(2).build()?;
+    ///     let outcomes = pool.map_collect(0..5u64, |x| {
+    ///         assert!(x != 3, "three is not allowed");
+    ///         x * 10
+    ///     })?;
+    ///     assert_eq!(outcomes[2].as_ref().ok(), Some(&20));
+    ///     assert!(matches!(outcomes[3], Err(multiproc::Error::TaskPanicked { item: 3, .. })));
+    ///     Ok(())
+    /// }
+    /// ```
+    pub fn map_collect<I, T, U, F>(&self, items: I, task: F) -> Result<Vec<Result<U>>>
+    where
+        I: IntoIterator<Item = T>,
+        T: Serialize + DeserializeOwned,
+        U: Serialize + DeserializeOwned,
+        F: Fn(T) -> U + Copy + Send + Sync,
+    {
+        task::assert_zero_sized::<F>();
+        let _ = task;
+        let task = task_ref::<T, U, Plain<F>, Collect>()?;
+        let items = items.into_iter();
+        let mut sink = OutcomeSink {
+            outcomes: Vec::with_capacity(items.size_hint().0.min(1 << 20)),
+        };
+        self.run_lent(items, task, None, ErrorPolicy::Collect, &mut sink)?;
+        Ok(sink.outcomes)
+    }
+
+    /// Applies `task` to every item and returns the good results with a report of
+    /// the failed items: [`ErrorPolicy::Skip`] for this call. Runs as
+    /// [`Pool::map_collect`] does.
+    ///
+    /// # Errors
+    ///
+    /// As [`Pool::map_collect`]: only failures of the call as a whole.
+    pub fn map_skip<I, T, U, F>(&self, items: I, task: F) -> Result<Skipped<U>>
+    where
+        I: IntoIterator<Item = T>,
+        T: Serialize + DeserializeOwned,
+        U: Serialize + DeserializeOwned,
+        F: Fn(T) -> U + Copy + Send + Sync,
+    {
+        let mut skipped = Skipped {
+            results: Vec::new(),
+            failed: Vec::new(),
+        };
+        for (index, outcome) in self.map_collect(items, task)?.into_iter().enumerate() {
+            match outcome {
+                Ok(value) => skipped.results.push((index, value)),
+                Err(error) => skipped.failed.push((index, error)),
+            }
+        }
+        Ok(skipped)
     }
 
     /// Like [`Pool::map`], with a context value that reaches the task by reference.
@@ -510,14 +586,16 @@ impl Pool {
             source: Box::new(IterSource::new(items.into_iter())),
             sink: Box::new(MapAsyncSink {
                 results: Vec::new(),
+                failed: Vec::new(),
                 completion: Some(completion),
             }),
         };
-        let job = self
+        let mut job = self
             .core
             .lock_open_engine()?
             .engine()
             .new_job(task, kind, true, None)?;
+        job.policy = self.error_policy;
         self.core.submit(Submission::Job(Box::new(job)), 1)?;
         Ok(handle)
     }
@@ -599,7 +677,8 @@ impl Pool {
         let mut driving = self.core.lock_open_engine()?;
         let engine = driving.engine();
         let mut job = engine.new_job(task, Kind::Lent, ordered, None)?;
-        let (parts, sink) = imap_parts(&self.core, job.id, items.into_iter());
+        job.policy = self.error_policy;
+        let (parts, sink) = imap_parts(&self.core, job.id, items.into_iter(), self.error_policy);
         job.kind = Kind::OwnedSink(Box::new(sink));
         engine.add(job);
         Ok(parts)
@@ -662,6 +741,7 @@ impl Pool {
         items: I,
         task: TaskRef,
         context: Option<ContextPayload<'_>>,
+        policy: ErrorPolicy,
         sink: &mut dyn Sink,
     ) -> Result<()>
     where
@@ -672,7 +752,8 @@ impl Pool {
         // their inputs stay alive until the job has ended.
         let _pins = region::PinScope::enter();
         let mut driving = self.core.lock_open_engine()?;
-        let job = driving.engine().new_job(task, Kind::Lent, true, context)?;
+        let mut job = driving.engine().new_job(task, Kind::Lent, true, context)?;
+        job.policy = policy;
         let id = driving.engine().add(job);
         let mut source = IterSource::new(items);
         let mut local = Local {
@@ -744,8 +825,10 @@ impl Pool {
         // The hint is only a hint: a wrong one must not reserve absurd amounts.
         let mut sink = CollectSink {
             results: Vec::with_capacity(items.size_hint().0.min(1 << 20)),
+            failed: Vec::new(),
         };
-        self.run_lent(items, task, context, &mut sink)?;
+        self.run_lent(items, task, context, self.error_policy, &mut sink)?;
+        items_failed(sink.failed)?;
         Ok(sink.results)
     }
 
@@ -767,8 +850,16 @@ impl Pool {
         let mut sink = FoldSink {
             acc: Some(identity()),
             reduce,
+            failed: Vec::new(),
         };
-        self.run_lent(items.into_iter(), task, context, &mut sink)?;
+        self.run_lent(
+            items.into_iter(),
+            task,
+            context,
+            self.error_policy,
+            &mut sink,
+        )?;
+        items_failed(sink.failed)?;
         Ok(sink.acc.expect("acc is refilled after every fold"))
     }
 }
@@ -801,6 +892,24 @@ impl std::fmt::Debug for Pool {
 
 /// How long running tasks may finish after Ctrl-C before their workers are killed.
 const INTERRUPT_GRACE: Duration = Duration::from_millis(250);
+
+/// What [`Pool::map_skip`] returns: the results of the items that succeeded and
+/// the errors of those that failed, each with the item's index, ascending.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Skipped<U> {
+    /// `(index, result)` of every item that succeeded.
+    pub results: Vec<(usize, U)>,
+    /// `(index, error)` of every item that failed.
+    pub failed: Vec<(usize, Error)>,
+}
+
+impl<U> Skipped<U> {
+    /// The results alone, in input order (the failed items left out).
+    pub fn values(self) -> Vec<U> {
+        self.results.into_iter().map(|(_, value)| value).collect()
+    }
+}
 
 /// Counters of a pool's life, from [`Pool::stats`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

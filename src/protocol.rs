@@ -35,6 +35,10 @@ pub(crate) struct ChunkHeader {
     pub(crate) first_item: u64,
     pub(crate) count: u32,
     pub(crate) task: TaskRef,
+    /// Offsets (from `first_item`, ascending) of items to decode and pass over
+    /// without running: items already reported failed, when a chunk is sent again
+    /// so that its other items complete. Their results are absent from the reply.
+    pub(crate) skip: Vec<u32>,
 }
 
 /// A monomorphised runner, named by its offset from an anchor function in the
@@ -101,6 +105,18 @@ pub(crate) enum Failure {
     },
 }
 
+impl Failure {
+    /// Whether the failure concerns one item alone, the worker having read past it
+    /// (so the chunk's other items can run): a panic, or a result that does not
+    /// encode. Other failures leave the chunk unreadable or concern the whole job.
+    pub(crate) fn is_per_item(&self) -> bool {
+        matches!(
+            self,
+            Failure::Panicked { .. } | Failure::EncodeResult { item: Some(_), .. }
+        )
+    }
+}
+
 /// Appends `header` and the trailer to a frame whose payload is already written.
 pub(crate) fn seal<H: Serialize>(frame: &mut FrameBuf, header: &H) -> Result<(), CodecError> {
     // Nothing a payload's values moved out of band may ride on the next message.
@@ -113,6 +129,21 @@ pub(crate) fn seal<H: Serialize>(frame: &mut FrameBuf, header: &H) -> Result<(),
         .map_err(|_| CodecError("message header larger than 4 GiB".into()))?;
     body.extend_from_slice(&len.to_le_bytes());
     Ok(())
+}
+
+/// Replaces the header of a sealed frame (a chunk sent again with a new skip list).
+pub(crate) fn reseal<H: Serialize>(frame: &mut FrameBuf, header: &H) -> Result<(), CodecError> {
+    let body = frame.body_bytes();
+    let payload_len = body
+        .len()
+        .checked_sub(4)
+        .and_then(|split| {
+            let len = u32::from_le_bytes(body[split..].try_into().ok()?) as usize;
+            split.checked_sub(len)
+        })
+        .ok_or_else(|| CodecError("a sealed frame's trailer does not fit the frame".into()))?;
+    frame.truncate_body(payload_len);
+    seal(frame, header)
 }
 
 /// Splits a frame body into its header and payload.
@@ -191,6 +222,143 @@ mod tests {
                 let mut bad = good.clone();
                 bad[i] ^= flip;
                 let _ = open::<Reply>(&bad);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn task_ref() -> impl Strategy<Value = TaskRef> {
+        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(offset, fingerprint, check)| {
+            TaskRef {
+                offset,
+                fingerprint,
+                check,
+            }
+        })
+    }
+
+    fn request() -> impl Strategy<Value = Request> {
+        prop_oneof![
+            (any::<u64>(), any::<bool>())
+                .prop_map(|(job, shared)| Request::Context { job, shared }),
+            any::<u64>().prop_map(|job| Request::Forget { job }),
+            (
+                any::<[u64; 3]>(),
+                any::<u32>(),
+                task_ref(),
+                proptest::collection::vec(any::<u32>(), 0..4)
+            )
+                .prop_map(|([job, chunk, first_item], count, task, skip)| {
+                    Request::Chunk(ChunkHeader {
+                        job,
+                        chunk,
+                        first_item,
+                        count,
+                        task,
+                        skip,
+                    })
+                }),
+        ]
+    }
+
+    fn codec_error() -> impl Strategy<Value = CodecError> {
+        any::<String>().prop_map(CodecError)
+    }
+
+    fn failure() -> impl Strategy<Value = Failure> {
+        prop_oneof![
+            (any::<u64>(), any::<String>(), any::<Option<String>>()).prop_map(
+                |(item, message, location)| Failure::Panicked {
+                    item,
+                    panic: TaskPanic { message, location },
+                }
+            ),
+            (any::<u64>(), codec_error())
+                .prop_map(|(item, error)| Failure::DecodeItem { item, error }),
+            (any::<Option<u64>>(), codec_error())
+                .prop_map(|(item, error)| Failure::EncodeResult { item, error }),
+            codec_error().prop_map(|error| Failure::DecodeContext { error }),
+            any::<String>().prop_map(|reason| Failure::NoState { reason }),
+            any::<String>().prop_map(|reason| Failure::Malformed { reason }),
+        ]
+    }
+
+    fn reply() -> impl Strategy<Value = Reply> {
+        prop_oneof![
+            any::<[u64; 3]>().prop_map(|[job, chunk, nanos]| Reply::Done { job, chunk, nanos }),
+            (any::<u64>(), any::<u64>(), failure()).prop_map(|(job, chunk, failure)| {
+                Reply::Failed {
+                    job,
+                    chunk,
+                    failure,
+                }
+            }),
+        ]
+    }
+
+    /// The frame body (without the transport's reserved prefix) of `header` after `payload`.
+    fn sealed<H: Serialize>(header: &H, payload: &[u8]) -> Vec<u8> {
+        let mut frame = FrameBuf::with_capacity(payload.len() + 64);
+        frame.body().extend_from_slice(payload);
+        seal(&mut frame, header).unwrap();
+        frame.body_bytes().to_vec()
+    }
+
+    /// Opens `frame` as `H`; when that succeeds, the header must encode back to
+    /// exactly the bytes it was read from (the codec is canonical).
+    fn open_checked<H: Serialize + DeserializeOwned>(frame: &[u8]) {
+        if let Ok((header, payload)) = open::<H>(frame) {
+            let again = sealed(&header, payload);
+            assert_eq!(
+                again, frame,
+                "a header that opens re-encodes to its own bytes"
+            );
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn requests_round_trip(request in request(), payload in vec(any::<u8>(), 0..64)) {
+            let frame = sealed(&request, &payload);
+            let (back, rest) = open::<Request>(&frame).unwrap();
+            prop_assert_eq!(format!("{back:?}"), format!("{request:?}"));
+            prop_assert_eq!(rest, &payload[..]);
+        }
+
+        #[test]
+        fn replies_round_trip(reply in reply(), payload in vec(any::<u8>(), 0..64)) {
+            let frame = sealed(&reply, &payload);
+            let (back, rest) = open::<Reply>(&frame).unwrap();
+            prop_assert_eq!(format!("{back:?}"), format!("{reply:?}"));
+            prop_assert_eq!(rest, &payload[..]);
+        }
+
+        #[test]
+        fn damaged_frames_are_refused_or_reread(
+            reply in reply(),
+            request in request(),
+            payload in vec(any::<u8>(), 0..32),
+            cut in any::<prop::sample::Index>(),
+            flips in vec((any::<prop::sample::Index>(), 1..=255u8), 1..4),
+        ) {
+            for good in [sealed(&reply, &payload), sealed(&request, &payload)] {
+                let short = &good[..cut.index(good.len() + 1)];
+                open_checked::<Reply>(short);
+                open_checked::<Request>(short);
+                let mut bad = good.clone();
+                let len = bad.len();
+                for (at, mask) in &flips {
+                    bad[at.index(len)] ^= mask;
+                }
+                open_checked::<Reply>(&bad);
+                open_checked::<Request>(&bad);
             }
         }
     }

@@ -3,21 +3,22 @@
 //! One [`Engine`] per pool, owned by whichever thread drives it (see `driver.rs`).
 //! Free worker credit goes to live jobs in turn, in submission order, so no job
 //! starves another; each reply is routed by job and chunk; a failure ends its own
-//! job and no other.
+//! job and no other (`scheduler/failures.rs`: lost workers, deadlines, retries,
+//! poison items).
+
+mod failures;
+
+use failures::Loss;
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
-use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use crate::backend::Event;
 use crate::chunker::target_chunk_bytes;
 use crate::error::{Error, Result};
 use crate::job::{Complete, InFlight, Job, JobId, Kind, Payload, Ready, Sink, Source};
-use crate::outcome::{
-    complete_outcomes, describe, describe_init, died_of_memory, exit_description, fail_items,
-    is_hang_up,
-};
+use crate::outcome::{complete_outcomes, describe, describe_init, exit_description, fail_items};
 use crate::protocol::{self, ChunkHeader, ContextPayload, INIT_JOB, Reply, Request, TaskRef};
 use crate::supervisor::{CREDIT, Supervisor};
 use crate::transport::{FrameBuf, POLL_BEFORE_BLOCKING};
@@ -279,42 +280,6 @@ impl Engine {
         }
     }
 
-    /// Kills the workers whose running item passed the task timeout; the item's job
-    /// (or handle) fails with [`Error::TimedOut`], and the worker's other chunks are
-    /// retried with its loss.
-    fn expire(&mut self, mut local: Option<&mut Local<'_>>) {
-        let Some(timeout) = self.task_timeout else {
-            return;
-        };
-        for (worker, flight) in self.workers.expire(timeout) {
-            let InFlight {
-                job: id,
-                items,
-                frame,
-                ..
-            } = flight;
-            self.workers.return_frame(frame);
-            let Some(job) = self.jobs.get_mut(&id) else {
-                continue;
-            };
-            job.in_flight = job.in_flight.saturating_sub(1);
-            if job.ended() {
-                continue;
-            }
-            let error = |item| Error::TimedOut {
-                item,
-                worker,
-                timeout,
-            };
-            if let Kind::Apply(stream) = &mut job.kind {
-                fail_items(stream, items, error);
-                self.completed = true;
-                continue;
-            }
-            self.fail_job(id, items.start, error(items.start), local.as_deref_mut());
-        }
-    }
-
     /// Sends nothing more for job `id`; what is in flight may still finish.
     pub(crate) fn stop_dispatch(&mut self, id: JobId) {
         if let Some(job) = self.jobs.get_mut(&id) {
@@ -508,6 +473,7 @@ impl Engine {
             first_item: first as u64,
             count: u32::try_from(filled.count).expect("chunks hold at most MAX_CHUNK_ITEMS items"),
             task: job.task,
+            skip: Vec::new(),
         });
         if let Err(source) = protocol::seal(&mut frame, &header) {
             self.workers.return_frame(frame);
@@ -522,13 +488,7 @@ impl Engine {
         job.next_chunk += 1;
         job.in_flight += 1;
         let items = first..first + filled.count;
-        let flight = InFlight {
-            job: id,
-            chunk,
-            items,
-            frame,
-            attempts: 0,
-        };
+        let flight = InFlight::new(id, chunk, items, frame);
         if let Err(source) = self.workers.send_chunk(worker, flight) {
             self.send_failed(worker, id, first, source, local);
         }
@@ -559,55 +519,6 @@ impl Engine {
         }
     }
 
-    /// A send of a chunk of job `id` to `worker` failed. A worker that died while
-    /// it held nothing else is replaced and the chunk sent again; otherwise the
-    /// worker is given up (its loss reports what it held) and an error other than
-    /// a hang-up fails the job.
-    fn send_failed(
-        &mut self,
-        worker: usize,
-        id: JobId,
-        item: usize,
-        source: std::io::Error,
-        local: Option<&mut Local<'_>>,
-    ) {
-        if is_hang_up(&source) && self.workers.held(worker) == 1 {
-            let flight = self.workers.unrecord_last(worker).expect("just recorded");
-            let resent = self.workers.replace(worker).and_then(|()| {
-                if self.send_context(id, worker) {
-                    self.workers.send_chunk(worker, flight).map_err(|source| {
-                        self.workers.kill(worker);
-                        Error::Transport {
-                            worker: Some(worker),
-                            source,
-                        }
-                    })
-                } else {
-                    // Recorded nowhere: no process holds it; say so.
-                    Err(Error::Transport {
-                        worker: Some(worker),
-                        source: std::io::Error::from(std::io::ErrorKind::BrokenPipe),
-                    })
-                }
-            });
-            if let Err(e) = resent {
-                if let Some(job) = self.jobs.get_mut(&id) {
-                    job.in_flight = job.in_flight.saturating_sub(1);
-                }
-                self.fail_job(id, item, e, local);
-            }
-            return;
-        }
-        if !is_hang_up(&source) {
-            let error = Error::Transport {
-                worker: Some(worker),
-                source,
-            };
-            self.fail_job(id, item, error, local);
-        }
-        self.workers.kill(worker);
-    }
-
     fn handle(&mut self, event: Event, local: Option<&mut Local<'_>>) {
         match event {
             Event::Reply {
@@ -632,19 +543,17 @@ impl Engine {
                     }
                     return;
                 };
-                let items = flight.items.clone();
-                self.workers.return_frame(flight.frame);
                 self.workers.retire_if_done(worker);
                 if job.0 == INIT_JOB {
+                    self.workers.return_frame(flight.frame);
                     if let Reply::Failed { failure, .. } = reply {
                         self.init_failures.push((worker, describe_init(failure)));
                     }
                     return;
                 }
                 self.chunk_answered(
-                    job,
+                    flight,
                     worker,
-                    items,
                     reply,
                     Payload::new(frame, payload_len),
                     local,
@@ -660,14 +569,21 @@ impl Engine {
                     return;
                 };
                 let mut local = local;
-                for flight in chunks {
+                for (at, flight) in chunks.into_iter().enumerate() {
                     if flight.job.0 == INIT_JOB {
                         self.workers.return_frame(flight.frame);
                         let reason = format!("the worker exited ({})", exit_description(status));
                         self.init_failures.push((worker, reason));
                         continue;
                     }
-                    self.chunk_lost(flight, worker, status, last_item, local.as_deref_mut());
+                    // Only the first chunk a worker held had started.
+                    let lost = Loss {
+                        worker,
+                        status,
+                        last_item,
+                        started: at == 0,
+                    };
+                    self.chunk_lost(flight, lost, local.as_deref_mut());
                 }
             }
             Event::Broken {
@@ -681,140 +597,105 @@ impl Engine {
 
     fn chunk_answered(
         &mut self,
-        id: JobId,
+        flight: InFlight,
         worker: usize,
-        items: Range<usize>,
         reply: Reply,
         payload: Payload,
-        mut local: Option<&mut Local<'_>>,
+        local: Option<&mut Local<'_>>,
     ) {
+        let id = flight.job;
         let Some(job) = self.jobs.get_mut(&id) else {
+            self.workers.return_frame(flight.frame);
             return; // the job was cancelled: its late replies are ignored
         };
         job.in_flight = job.in_flight.saturating_sub(1);
         if job.ended() {
+            self.workers.return_frame(flight.frame);
             return;
         }
         match reply {
             Reply::Done { nanos, chunk, .. } => {
+                let items = flight.items.clone();
                 job.sizer.observe(nanos, items.len());
                 if let Kind::Apply(stream) = &mut job.kind {
-                    if let Err(reason) = complete_outcomes(stream, worker, items.clone(), &payload)
-                    {
-                        fail_items(stream, items, |_| Error::Protocol {
+                    let live: Vec<usize> = flight.live_items().collect();
+                    if let Err(reason) = complete_outcomes(stream, worker, &live, &payload) {
+                        fail_items(stream, live, |_| Error::Protocol {
                             worker,
                             reason: reason.clone(),
                         });
                     }
+                    self.workers.return_frame(flight.frame);
                     self.completed = true;
                     return;
                 }
-                if job.ordered {
-                    job.ready_bytes += payload.len();
-                    job.ready.insert(
-                        chunk,
-                        Ready {
-                            worker,
-                            items,
-                            payload,
-                        },
-                    );
-                    self.deliver_ready(id, local.as_deref_mut());
-                } else {
-                    job.delivered += 1;
-                    job.items_delivered += items.len();
-                    let start = items.start;
-                    if let Err(e) = deliver_to(job, local.as_deref_mut(), worker, items, payload) {
-                        self.fail_job(id, start, e, local.as_deref_mut());
-                        return;
-                    }
-                }
+                self.workers.return_frame(flight.frame);
+                self.route(id, chunk, worker, items, payload, local);
             }
             Reply::Failed { failure, .. } => {
                 if let Kind::Apply(stream) = &mut job.kind {
-                    fail_items(stream, items.clone(), |item| {
+                    fail_items(stream, flight.live_items(), |item| {
                         describe(failure.clone(), worker, item..item + 1).1
                     });
+                    self.workers.return_frame(flight.frame);
                     self.completed = true;
                     return;
                 }
-                let (item, error) = describe(failure, worker, items);
-                self.fail_job(id, item, error, local.as_deref_mut());
+                let per_item = failure.is_per_item();
+                let (item, error) = describe(failure, worker, flight.items.clone());
+                if job.policy.goes_on() && per_item && flight.runs(item) {
+                    // The item failed alone: record it and run the chunk's other
+                    // items again, passing over those that failed.
+                    job.failures.insert(item, error);
+                    self.resend_without(id, worker, flight, item, local);
+                    return;
+                }
+                self.workers.return_frame(flight.frame);
+                self.fail_job(id, item, error, local);
+            }
+        }
+    }
+
+    /// Routes a chunk's results to its job's sink, in chunk order when the job is
+    /// ordered, with the failures recorded for its items; ends the job once it is
+    /// complete.
+    fn route(
+        &mut self,
+        id: JobId,
+        chunk: u64,
+        worker: usize,
+        items: Range<usize>,
+        payload: Payload,
+        mut local: Option<&mut Local<'_>>,
+    ) {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        let failed = take_failures(job, &items);
+        if job.ordered {
+            job.ready_bytes += payload.len();
+            job.ready.insert(
+                chunk,
+                Ready {
+                    worker,
+                    items,
+                    payload,
+                    failed,
+                },
+            );
+            self.deliver_ready(id, local.as_deref_mut());
+        } else {
+            job.delivered += 1;
+            job.items_delivered += items.len();
+            let start = items.start;
+            if let Err(e) = deliver_to(job, local.as_deref_mut(), worker, items, payload, failed) {
+                self.fail_job(id, start, e, local.as_deref_mut());
                 return;
             }
         }
         if self.jobs.get(&id).is_some_and(Job::complete) {
             self.finish(id, Ok(()), local);
         }
-    }
-
-    /// A chunk was lost with its worker: it is sent again to another worker while
-    /// it has retries left (its frame was kept, and no reply of the dead worker can
-    /// come, so it is still delivered exactly once); then its job fails.
-    fn chunk_lost(
-        &mut self,
-        flight: InFlight,
-        worker: usize,
-        status: Option<ExitStatus>,
-        last_item: Option<u64>,
-        local: Option<&mut Local<'_>>,
-    ) {
-        let id = flight.job;
-        let Some(job) = self.jobs.get_mut(&id) else {
-            self.workers.return_frame(flight.frame);
-            return;
-        };
-        job.in_flight = job.in_flight.saturating_sub(1);
-        if job.ended() {
-            self.workers.return_frame(flight.frame);
-            return;
-        }
-        if flight.attempts < self.retries {
-            self.retried += 1;
-            job.retry.push_back(InFlight {
-                attempts: flight.attempts + 1,
-                ..flight
-            });
-            return;
-        }
-        let InFlight { items, frame, .. } = flight;
-        self.workers.return_frame(frame);
-        // The item the worker was running when it died, if it was in this chunk:
-        // the error names it rather than the whole chunk.
-        let running = last_item
-            .and_then(|item| usize::try_from(item).ok())
-            .filter(|item| items.contains(item));
-        let culprit = running.map_or(items.clone(), |item| item..item + 1);
-        let memory_limit = self.memory_limit;
-        let lost = |items: Range<usize>| match (memory_limit, died_of_memory(status)) {
-            (Some(limit), true) => Error::MemoryLimit {
-                worker,
-                items,
-                limit,
-                status,
-            },
-            _ => Error::WorkerExited {
-                worker,
-                items,
-                status,
-            },
-        };
-        if let Kind::Apply(stream) = &mut job.kind {
-            // Every handle of the chunk lost its answer; the one that was running
-            // is named alone.
-            fail_items(stream, items.clone(), |item| {
-                if culprit.contains(&item) {
-                    lost(culprit.clone())
-                } else {
-                    lost(items.clone())
-                }
-            });
-            self.completed = true;
-            return;
-        }
-        let start = culprit.start;
-        let error = lost(culprit);
-        self.fail_job(id, start, error, local);
     }
 
     /// Delivers the ordered job's ready chunks that are next in line.
@@ -837,33 +718,10 @@ impl Engine {
                 ready.worker,
                 ready.items,
                 ready.payload,
+                ready.failed,
             ) {
                 self.fail_job(id, start, e, local);
                 return;
-            }
-        }
-    }
-
-    /// Ends a job with an error: it stops dispatching, its chunks still in flight
-    /// are ignored, and workers that hold nothing but such chunks are stopped (and
-    /// replaced when work needs them) so that a stuck task cannot hold the pool.
-    fn fail_job(&mut self, id: JobId, _item: usize, error: Error, local: Option<&mut Local<'_>>) {
-        if self.jobs.get(&id).is_none_or(Job::ended) {
-            return;
-        }
-        self.finish(id, Err(error), local);
-        if !self.workers.backend.can_kill() {
-            return;
-        }
-        for worker in 0..self.workers.slots() {
-            let abandoned = {
-                let mut held = self.workers.jobs_held(worker).peekable();
-                held.peek().is_some()
-                    && held
-                        .all(|job| job.0 != INIT_JOB && self.jobs.get(&job).is_none_or(Job::ended))
-            };
-            if abandoned {
-                self.workers.kill(worker);
             }
         }
     }
@@ -910,61 +768,17 @@ impl Engine {
         }
         self.completed = true;
     }
+}
 
-    /// A worker sent something it should not have: the job of the chunk it was
-    /// running fails with a protocol error and the worker is stopped (its loss
-    /// reports the other chunks it held).
-    fn protocol_error(
-        &mut self,
-        worker: usize,
-        generation: u64,
-        reason: String,
-        local: Option<&mut Local<'_>>,
-    ) {
-        if !self.workers.is_current(worker, generation) {
-            return;
-        }
-        let front = self.workers.front(worker).map(|f| (f.job, f.items.start));
-        if let Some((job, item)) = front {
-            self.fail_job(job, item, Error::Protocol { worker, reason }, local);
-        }
-        self.workers.kill(worker);
+/// The failures recorded for a chunk's items, ascending.
+fn take_failures(job: &mut Job, items: &Range<usize>) -> Vec<(usize, Error)> {
+    if job.failures.is_empty() {
+        return Vec::new();
     }
-
-    /// `terminate()`: every job fails with [`Error::Terminated`] and every worker
-    /// is stopped now.
-    pub(crate) fn terminate(&mut self) {
-        self.terminated = true;
-        let ids: Vec<JobId> = self.jobs.keys().copied().collect();
-        for id in ids {
-            let job = self.jobs.get_mut(&id).expect("listed above");
-            if let Kind::Apply(stream) = &mut job.kind {
-                stream.fail_all(|| Error::Terminated);
-                self.completed = true;
-                continue;
-            }
-            self.finish(id, Err(Error::Terminated), None);
-        }
-        self.workers.kill_all();
-    }
-
-    /// The wait for replies failed: no job can go on.
-    fn fail_everything(&mut self, error: &Error) {
-        let ids: Vec<JobId> = self.jobs.keys().copied().collect();
-        for id in ids {
-            let copy = || Error::Transport {
-                worker: None,
-                source: std::io::Error::other(error.to_string()),
-            };
-            let job = self.jobs.get_mut(&id).expect("listed above");
-            if let Kind::Apply(stream) = &mut job.kind {
-                stream.fail_all(copy);
-                continue;
-            }
-            self.finish(id, Err(copy()), None);
-        }
-        self.completed = true;
-    }
+    let mut after = job.failures.split_off(&items.start);
+    let mut rest = after.split_off(&items.end);
+    job.failures.append(&mut rest);
+    after.into_iter().collect()
 }
 
 /// Hands one chunk's payload to the job's sink: the caller's, or the job's own.
@@ -974,17 +788,23 @@ fn deliver_to(
     worker: usize,
     items: Range<usize>,
     payload: Payload,
+    failed: Vec<(usize, Error)>,
 ) -> Result<()> {
-    match &mut job.kind {
-        Kind::Owned { sink, .. } | Kind::OwnedSink(sink) => sink.deliver(worker, items, payload),
+    let sink: &mut dyn Sink = match &mut job.kind {
+        Kind::Owned { sink, .. } | Kind::OwnedSink(sink) => sink.as_mut(),
         Kind::Lent => match local {
             Some(Local {
                 job: lent,
                 sink: Some(sink),
                 ..
-            }) if *lent == job.id => sink.deliver(worker, items, payload),
+            }) if *lent == job.id => &mut **sink,
             _ => unreachable!("a lent job is driven by its caller until it ends"),
         },
         Kind::Apply(_) => unreachable!("apply streams complete items one by one"),
+    };
+    if failed.is_empty() {
+        sink.deliver(worker, items, payload)
+    } else {
+        sink.deliver_partial(worker, items, payload, failed)
     }
 }

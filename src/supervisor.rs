@@ -160,6 +160,7 @@ impl Supervisor {
             first_item: 0,
             count: 1,
             task,
+            skip: Vec::new(),
         });
         if protocol::seal(&mut frame, &header).is_err() {
             // The argument was encoded and checked when the pool was built; a header
@@ -168,13 +169,12 @@ impl Supervisor {
             return;
         }
         match self.backend.send(worker, &mut frame) {
-            Ok(()) => self.slots[worker].in_flight.push_back(InFlight {
-                job: JobId(INIT_JOB),
-                chunk: 0,
-                items: 0..1,
+            Ok(()) => self.slots[worker].in_flight.push_back(InFlight::new(
+                JobId(INIT_JOB),
+                0,
+                0..1,
                 frame,
-                attempts: 0,
-            }),
+            )),
             // Its loss event follows; replacing it starts the initializer again.
             Err(_) => self.kill(worker),
         }

@@ -113,7 +113,7 @@ fn parse_mapping(line: &str) -> Option<Mapping<'_>> {
     })
 }
 
-fn check_of(offset: u64, fingerprint: u64) -> u64 {
+pub(crate) fn check_of(offset: u64, fingerprint: u64) -> u64 {
     let hash = fnv1a_continue(fnv1a(b"multiproc task"), &offset.to_le_bytes());
     fnv1a_continue(hash, &fingerprint.to_le_bytes())
 }
@@ -432,11 +432,18 @@ where
     let mut reader = Reader::new(payload);
     let mut sink = guarded(first, S::start)?;
     let progress = crate::transport::progress();
+    let mut skip = header.skip.iter().copied().peekable();
     for i in 0..u64::from(header.count) {
         let item = first.wrapping_add(i);
         if let Some(progress) = progress {
             // If this item kills the process, the parent reads which one it was.
             progress.store(item.wrapping_add(1), std::sync::atomic::Ordering::Relaxed);
+        }
+        if skip.next_if(|&offset| u64::from(offset) == i).is_some() {
+            // Reported failed already: read past it, run nothing, write nothing.
+            guarded(item, || reader.decode::<T>().map(drop))?
+                .map_err(|error| Failure::DecodeItem { item, error })?;
+            continue;
         }
         let before = out.len();
         let outcome = run_item::<T, U, M, S>(item, &mut env, &mut reader, &mut sink, out);
@@ -707,6 +714,7 @@ mod tests {
             first_item: 100,
             count: items.len() as u32,
             task,
+            skip: Vec::new(),
         };
         (header, payload)
     }
@@ -723,6 +731,27 @@ mod tests {
     fn a_task_ref_runs_its_task_in_this_process() {
         assert_eq!(run(plain_ref(double), &[1, 2, 3]).unwrap(), [2, 4, 6]);
         assert_eq!(run(plain_ref(|x| x + 1), &[1, 2, 3]).unwrap(), [2, 3, 4]);
+    }
+
+    #[test]
+    fn items_on_the_skip_list_are_read_past_and_not_run() {
+        install_panic_hook();
+        let task = plain_ref(|x| {
+            if x == 13 {
+                panic!("unlucky {x}")
+            } else {
+                x * 2
+            }
+        });
+        let (mut header, payload) = chunk(task, &[11, 12, 13, 14]);
+        header.skip = vec![2];
+        let mut out = Vec::new();
+        task.run(&mut WorkerState::default(), &header, &payload, &mut out)
+            .unwrap();
+        let mut reader = Reader::new(&out);
+        let results: Vec<u64> = (0..3).map(|_| reader.decode().unwrap()).collect();
+        assert_eq!(results, [22, 24, 28]);
+        assert!(reader.is_empty());
     }
 
     #[test]

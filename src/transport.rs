@@ -131,6 +131,11 @@ impl FrameBuf {
         self.buf.len() - PREFIX
     }
 
+    /// Keeps the first `len` bytes of the body.
+    pub(crate) fn truncate_body(&mut self, len: usize) {
+        self.buf.truncate(PREFIX + len);
+    }
+
     /// The body without the reserved prefix.
     pub(crate) fn body_bytes(&self) -> &[u8] {
         &self.buf[PREFIX..]

@@ -214,6 +214,7 @@ mod tests {
             first_item: 0,
             count: items.len() as u32,
             task,
+            skip: Vec::new(),
         };
         protocol::seal(&mut frame, &Request::Chunk(header)).unwrap();
         frame.body_bytes().to_vec()

@@ -9,6 +9,7 @@ mod helpers;
 mod jobs;
 mod par_map;
 mod pipeline;
+mod policies;
 mod retries;
 mod shared;
 mod signals;
