@@ -14,6 +14,7 @@ use crate::job::encode_item;
 use crate::pool::Pool;
 use crate::protocol::TaskRef;
 use crate::scheduler::{Engine, Hooks, Submission};
+use crate::shared::region::{self, Pins};
 use crate::spawn::SpawnOptions;
 use crate::supervisor::Supervisor;
 use crate::task;
@@ -35,6 +36,8 @@ impl Pool {
 struct Initializer {
     prepared: std::result::Result<(TaskRef, Vec<u8>), String>,
     state: (TypeId, &'static str),
+    /// Shared inputs the argument names: every worker the pool starts decodes it.
+    pins: Pins,
 }
 
 /// Configures and starts a [`Pool`].
@@ -179,15 +182,16 @@ impl PoolBuilder {
         task::assert_zero_sized::<F>();
         let _ = init;
         let mut bytes = Vec::new();
-        let prepared = match TaskRef::init::<A, S, F>() {
+        let (prepared, pins) = region::pin_while(|| match TaskRef::init::<A, S, F>() {
             None => Err("the initializer is not in the program's executable".to_owned()),
             Some(task) => encode_item(&arg, 0, &mut bytes)
                 .map(|()| (task, bytes))
                 .map_err(|e| format!("its argument does not encode: {e}")),
-        };
+        });
         self.initializer = Some(Initializer {
             prepared,
             state: (TypeId::of::<S>(), std::any::type_name::<S>()),
+            pins,
         });
         self
     }
@@ -316,12 +320,13 @@ impl PoolBuilder {
         if !self.inline && worker::init_missing() {
             return Err(Error::InitMissing);
         }
-        let (init, state) = match self.initializer {
-            None => (None, None),
+        let (init, state, init_pins) = match self.initializer {
+            None => (None, None, Pins::default()),
             Some(Initializer {
                 prepared: Ok(prepared),
                 state,
-            }) => (Some(prepared), Some(state)),
+                pins,
+            }) => (Some(prepared), Some(state), pins),
             Some(Initializer {
                 prepared: Err(reason),
                 ..
@@ -359,6 +364,7 @@ impl PoolBuilder {
             interrupt: self.interrupt,
             state,
             share_contexts_above: self.share_contexts_above,
+            _init_pins: init_pins,
         })
     }
 }

@@ -230,7 +230,11 @@ impl<U: DeserializeOwned> Complete for Discard<U> {
 fn outcomes<U: DeserializeOwned + 'static>(items: Range<usize>, payload: &[u8]) {
     let mut stream = ApplyStream::default();
     for _ in 0..items.end {
-        stream.push(Vec::new(), Box::new(Discard::<U>(PhantomData)));
+        stream.push(
+            Vec::new(),
+            Default::default(),
+            Box::new(Discard::<U>(PhantomData)),
+        );
     }
     if let Err(reason) =
         crate::outcome::complete_outcomes(&mut stream, 0, &items.collect::<Vec<_>>(), payload)

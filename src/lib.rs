@@ -57,10 +57,11 @@
 //! - With the inline backend ([`PoolBuilder::inline`]) a stuck task cannot be
 //!   killed; its thread is abandoned.
 //! - A [`SharedSlice`] or [`Shared`] crosses as a handle naming the sender's
-//!   descriptor, so the sender must hold it until the receiver has decoded it.
-//!   Blocking calls keep alive what their items and context send until they return;
-//!   with `imap`, `map_async` and `apply_async`, keep the input yourself until the
-//!   results are in. A context whose encoding exceeds
+//!   descriptor, so the sender must hold it until the receiver has decoded it. The
+//!   pool does that for everything it sends: a chunk keeps the inputs its items name
+//!   until its reply arrives. A handle encoded and carried some other way (written to
+//!   a file, sent through a channel of your own) is valid only while its sender holds
+//!   the input. A context whose encoding exceeds
 //!   [`PoolBuilder::share_contexts_above`] (1 MiB) is shared the same way, unasked.
 
 #[cfg(not(target_os = "linux"))]

@@ -19,7 +19,7 @@ use crate::interrupt;
 use crate::job::{IterSource, Job, Kind, Sink, encode_item};
 use crate::protocol::{ContextPayload, TaskRef};
 use crate::scheduler::{Drive, Engine, Local, Submission};
-use crate::shared::region::{self, Region};
+use crate::shared::region::{self, Pins, Region};
 use crate::task::{self, Collect, Fold, Mapper, Outcomes, Plain, WithContext, WithState};
 
 /// A set of worker processes that run tasks, kept alive across calls: Python's
@@ -114,6 +114,9 @@ pub struct Pool {
     pub(crate) state: Option<(TypeId, &'static str)>,
     /// Context values whose encoding is larger go through shared memory.
     pub(crate) share_contexts_above: usize,
+    /// Shared inputs named by the initializer's argument, which every worker the
+    /// pool starts (replacements too) decodes.
+    pub(crate) _init_pins: Pins,
 }
 
 impl Pool {
@@ -507,11 +510,13 @@ impl Pool {
     {
         let task = task_ref::<T, U, Plain<F>, Outcomes>()?;
         let mut bytes = Vec::new();
-        encode_item(&arg, 0, &mut bytes)?;
+        let (encoded, pins) = region::pin_while(|| encode_item(&arg, 0, &mut bytes));
+        encoded?;
         let (handle, completion) = Completion::new(&self.core, callbacks);
         let submission = Submission::Apply {
             task,
             arg: bytes,
+            pins,
             handle: Box::new(ApplyCompletion(completion)),
         };
         self.core.submit(submission, 1)?;
@@ -748,9 +753,6 @@ impl Pool {
         I: Iterator<Item = T>,
         T: Serialize + DeserializeOwned,
     {
-        // Items that own the last handle of a shared input are dropped once encoded;
-        // their inputs stay alive until the job has ended.
-        let _pins = region::PinScope::enter();
         let mut driving = self.core.lock_open_engine()?;
         let mut job = driving.engine().new_job(task, Kind::Lent, true, context)?;
         job.policy = policy;

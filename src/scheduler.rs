@@ -20,6 +20,7 @@ use crate::error::{Error, Result};
 use crate::job::{Complete, InFlight, Job, JobId, Kind, Payload, Ready, Sink, Source};
 use crate::outcome::{complete_outcomes, describe, describe_init, exit_description, fail_items};
 use crate::protocol::{self, ChunkHeader, ContextPayload, INIT_JOB, Reply, Request, TaskRef};
+use crate::shared::region;
 use crate::supervisor::{CREDIT, Supervisor};
 use crate::transport::{FrameBuf, POLL_BEFORE_BLOCKING};
 
@@ -34,6 +35,8 @@ pub(crate) enum Submission {
     Apply {
         task: TaskRef,
         arg: Vec<u8>,
+        /// Shared inputs the argument names, kept until its chunk is answered.
+        pins: region::Pins,
         handle: Box<dyn Complete>,
     },
     /// A job with its own source and sink (`map_async`).
@@ -191,7 +194,12 @@ impl Engine {
                         self.add(*job);
                     }
                 }
-                Submission::Apply { task, arg, handle } => {
+                Submission::Apply {
+                    task,
+                    arg,
+                    pins,
+                    handle,
+                } => {
                     if self.terminated {
                         handle.complete(Err(Error::Terminated));
                         self.completed = true;
@@ -213,7 +221,7 @@ impl Engine {
                         ..
                     }) = self.jobs.get_mut(&id)
                     {
-                        stream.push(arg, handle);
+                        stream.push(arg, pins, handle);
                     }
                 }
             }
@@ -448,7 +456,8 @@ impl Engine {
         } else {
             target_chunk_bytes()
         };
-        let filled = source.fill(first, size, byte_cap, frame.body());
+        // Shared inputs the items name stay alive with the chunk, whoever owned them.
+        let (filled, pins) = region::pin_while(|| source.fill(first, size, byte_cap, frame.body()));
         let filled = match filled {
             Ok(filled) => filled,
             Err(e) => {
@@ -488,7 +497,8 @@ impl Engine {
         job.next_chunk += 1;
         job.in_flight += 1;
         let items = first..first + filled.count;
-        let flight = InFlight::new(id, chunk, items, frame);
+        let mut flight = InFlight::new(id, chunk, items, frame);
+        flight.pins = pins;
         if let Err(source) = self.workers.send_chunk(worker, flight) {
             self.send_failed(worker, id, first, source, local);
         }

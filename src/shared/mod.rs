@@ -37,9 +37,9 @@ use region::{Fault, Region, RegionHandle};
 /// The memory is a memfd sealed against shrink, grow and write and mapped read-only:
 /// no process can change it while it is mapped. The process that encodes a handle
 /// must still hold the slice when the receiver decodes it (the receiver opens the
-/// sender's descriptor), which holds for contexts and items of a call that is
-/// running; a handle whose sender has dropped the slice fails to decode with an error
-/// saying so.
+/// sender's descriptor): a pool keeps what its chunks name alive until they are
+/// answered, so an item may own the only handle; a handle carried some other way
+/// whose sender has dropped the slice fails to decode with an error saying so.
 ///
 /// # Examples
 ///

@@ -227,8 +227,8 @@ impl Region {
         let _ = self.value.set(value);
     }
 
-    /// The handle another process attaches this region with; inside a
-    /// [`PinScope`] the region is kept alive until the scope ends.
+    /// The handle another process attaches this region with; inside
+    /// [`pin_while`] the region is also returned with the pins.
     pub(crate) fn handle_pinned(self: &Arc<Self>) -> RegionHandle {
         PINS.with(|pins| {
             if let Ok(mut pins) = pins.try_borrow_mut()
@@ -388,34 +388,54 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// While alive, every region whose handle is encoded on this thread is kept alive
-/// too, so an item that owned the last handle can be dropped once encoded: the
-/// receiver still finds the descriptor. A blocking call holds one until its job has
-/// ended, when every chunk has been answered.
-pub(crate) struct PinScope {
-    outer: Option<HashMap<Key, Arc<Region>>>,
-}
+/// Regions kept alive because a message that names them is on its way: the
+/// receiver opens the sender's descriptor, so an item that owned the last handle
+/// must not take the region with it when it is dropped after encoding.
+#[derive(Default, Clone)]
+pub(crate) struct Pins(Vec<Arc<Region>>);
 
-impl PinScope {
-    pub(crate) fn enter() -> Self {
-        let outer = PINS.with(|pins| pins.borrow_mut().replace(HashMap::new()));
-        PinScope { outer }
+impl std::fmt::Debug for Pins {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Pins({})", self.0.len())
     }
 }
 
-impl Drop for PinScope {
-    fn drop(&mut self) {
-        let outer = self.outer.take();
-        let pinned = PINS.with(|pins| std::mem::replace(&mut *pins.borrow_mut(), outer));
-        // An inner scope's pins stay until the outer call ends too.
-        if let Some(pinned) = pinned {
-            PINS.with(|pins| {
-                if let Some(outer) = pins.borrow_mut().as_mut() {
-                    outer.extend(pinned);
-                }
-            });
+/// Adds `pins` to those of the [`pin_while`] running on this thread, if any: for
+/// values encoded earlier (an `apply_async` argument) that go into a chunk now.
+pub(crate) fn adopt(pins: Pins) {
+    PINS.with(|current| {
+        if let Ok(mut current) = current.try_borrow_mut()
+            && let Some(current) = current.as_mut()
+        {
+            for region in pins.0 {
+                current.entry(region.key).or_insert(region);
+            }
+        }
+    });
+}
+
+/// Runs `encode` and returns, with its result, every region whose handle it encoded
+/// on this thread (a chunk keeps them until its reply arrives).
+pub(crate) fn pin_while<R>(encode: impl FnOnce() -> R) -> (R, Pins) {
+    /// Puts the outer scope back even if `encode` panics.
+    struct Scope(Option<HashMap<Key, Arc<Region>>>);
+    impl Drop for Scope {
+        fn drop(&mut self) {
+            let outer = self.0.take();
+            PINS.with(|pins| *pins.borrow_mut() = outer);
         }
     }
+    let outer = PINS.with(|pins| pins.borrow_mut().replace(HashMap::new()));
+    let scope = Scope(outer);
+    let result = encode();
+    let pinned = PINS.with(|pins| pins.borrow_mut().take());
+    drop(scope);
+    let pins = Pins(
+        pinned
+            .map(|p| p.into_values().collect())
+            .unwrap_or_default(),
+    );
+    (result, pins)
 }
 
 /// Regions this process holds (weakly) and the attached ones it keeps (strongly).

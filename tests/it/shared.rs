@@ -596,3 +596,45 @@ fn a_shared_struct_reaches_every_worker_intact() {
         }
     }
 }
+
+fn own_input(i: u64) -> SharedSlice<u64> {
+    SharedSlice::from_vec(vec![i; 100]).unwrap()
+}
+
+fn total(s: SharedSlice<u64>) -> u64 {
+    s.iter().sum()
+}
+
+#[test]
+fn an_item_may_own_the_only_handle_of_its_input() {
+    // Each item owns the only handle: the chunk keeps the input alive until its
+    // reply arrives, whichever call sent it.
+    let expected: Vec<u64> = (0..8).map(|i| i * 100).collect();
+    let pool = pool(2);
+    assert_eq!(pool.map((0..8).map(own_input), total).unwrap(), expected);
+    let lazy: Vec<u64> = pool
+        .imap((0..8).map(own_input), total)
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(lazy, expected);
+    let pending = pool.map_async((0..8).map(own_input), total).unwrap();
+    assert_eq!(pending.get().unwrap(), expected);
+    let handles: Vec<_> = (0..8)
+        .map(|i| pool.apply_async(total, own_input(i)).unwrap())
+        .collect();
+    let applied: Vec<u64> = handles.into_iter().map(|h| h.get().unwrap()).collect();
+    assert_eq!(applied, expected);
+    // The initializer's argument too: every worker, replacements included, decodes it.
+    let pool = Pool::builder()
+        .workers(2)
+        .max_tasks_per_worker(2)
+        .inherit_output(false)
+        .initializer(total, own_input(3))
+        .build()
+        .unwrap();
+    let got = pool
+        .map_with_state(0..6u64, |state: &mut u64, x| *state + x)
+        .unwrap();
+    assert_eq!(got, [300, 301, 302, 303, 304, 305]);
+}
