@@ -2,9 +2,12 @@
 //! per-process table of regions this process holds or has attached.
 //!
 //! This is the only file of `shared` with `unsafe`: mapping a file is unsafe because
-//! the bytes behind a map may change or vanish. Every map made here is of a memfd
-//! sealed against shrink, grow and write (checked with `F_GET_SEALS` before mapping
-//! one that another process made), so neither can happen.
+//! the bytes behind a map may change or vanish. Every read-only map made here is of a
+//! memfd sealed against shrink, grow and write (checked with `F_GET_SEALS` before
+//! mapping one that another process made), so neither can happen; the one exception
+//! is a user's file mapped by the `unsafe fn` `SharedSlice::map_file`, whose caller
+//! promises the same. The only writable map is of a memfd nobody else has yet, and
+//! it is gone before the seals go on.
 //!
 //! A region crosses processes as a [`RegionHandle`]: the pid of the process that
 //! encoded it, its descriptor number there, the file's device and inode, its length
