@@ -14,10 +14,14 @@ use crate::job::encode_item;
 use crate::pool::Pool;
 use crate::protocol::TaskRef;
 use crate::scheduler::{Engine, Hooks, Submission};
+use crate::shared::region::{self, Pins};
 use crate::spawn::SpawnOptions;
 use crate::supervisor::Supervisor;
 use crate::task;
 use crate::worker;
+
+/// The default of [`PoolBuilder::share_contexts_above`]: 1 MiB.
+const DEFAULT_SHARE_CONTEXTS_ABOVE: usize = 1 << 20;
 
 impl Pool {
     /// Starts configuring a pool.
@@ -32,6 +36,8 @@ impl Pool {
 struct Initializer {
     prepared: std::result::Result<(TaskRef, Vec<u8>), String>,
     state: (TypeId, &'static str),
+    /// Shared inputs the argument names: every worker the pool starts decodes it.
+    pins: Pins,
 }
 
 /// Configures and starts a [`Pool`].
@@ -66,6 +72,7 @@ pub struct PoolBuilder {
     error_policy: ErrorPolicy,
     interrupt: bool,
     memory_limit: Option<u64>,
+    share_contexts_above: usize,
     kill_before_send: Option<(usize, u64)>,
     corrupt_reply: Option<(usize, u64)>,
 }
@@ -87,6 +94,7 @@ impl Default for PoolBuilder {
             error_policy: ErrorPolicy::FailFast,
             interrupt: false,
             memory_limit: None,
+            share_contexts_above: DEFAULT_SHARE_CONTEXTS_ABOVE,
             kill_before_send: None,
             corrupt_reply: None,
         }
@@ -94,6 +102,18 @@ impl Default for PoolBuilder {
 }
 
 impl PoolBuilder {
+    /// Context values (of [`Pool::map_with`] and [`Pool::map_reduce_with`]) whose
+    /// encoding is larger than `bytes` are shared through a sealed memory map instead
+    /// of being sent to each worker; the default is 1 MiB, as joblib's `max_nbytes`.
+    ///
+    /// The task still gets `&C`: a worker decodes the value from the map it attached
+    /// instead of from a message, so one copy of the bytes serves every worker
+    /// however many there are. `usize::MAX` turns this off.
+    pub fn share_contexts_above(mut self, bytes: usize) -> Self {
+        self.share_contexts_above = bytes;
+        self
+    }
+
     /// Number of workers; the default is the number of CPUs (`num_cpus::get()`).
     pub fn workers(mut self, workers: usize) -> Self {
         self.workers = Some(workers);
@@ -162,15 +182,16 @@ impl PoolBuilder {
         task::assert_zero_sized::<F>();
         let _ = init;
         let mut bytes = Vec::new();
-        let prepared = match TaskRef::init::<A, S, F>() {
+        let (prepared, pins) = region::pin_while(|| match TaskRef::init::<A, S, F>() {
             None => Err("the initializer is not in the program's executable".to_owned()),
             Some(task) => encode_item(&arg, 0, &mut bytes)
                 .map(|()| (task, bytes))
                 .map_err(|e| format!("its argument does not encode: {e}")),
-        };
+        });
         self.initializer = Some(Initializer {
             prepared,
             state: (TypeId::of::<S>(), std::any::type_name::<S>()),
+            pins,
         });
         self
     }
@@ -299,12 +320,13 @@ impl PoolBuilder {
         if !self.inline && worker::init_missing() {
             return Err(Error::InitMissing);
         }
-        let (init, state) = match self.initializer {
-            None => (None, None),
+        let (init, state, init_pins) = match self.initializer {
+            None => (None, None, Pins::default()),
             Some(Initializer {
                 prepared: Ok(prepared),
                 state,
-            }) => (Some(prepared), Some(state)),
+                pins,
+            }) => (Some(prepared), Some(state), pins),
             Some(Initializer {
                 prepared: Err(reason),
                 ..
@@ -341,6 +363,8 @@ impl PoolBuilder {
             error_policy: self.error_policy,
             interrupt: self.interrupt,
             state,
+            share_contexts_above: self.share_contexts_above,
+            _init_pins: init_pins,
         })
     }
 }

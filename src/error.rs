@@ -231,6 +231,19 @@ pub enum Error {
     /// dynamic library or plugin), so a worker process cannot find it by address.
     #[error("the task is not in the program's executable, so workers cannot find it")]
     TaskNotInExecutable,
+    /// A shared input ([`SharedSlice`](crate::SharedSlice), [`Shared`](crate::Shared),
+    /// or a large context shared automatically) could not be made: the file cannot be
+    /// read or has the wrong length, or memory is short.
+    #[error("could not share {what}: {reason}")]
+    Share {
+        /// What was being shared: a file's path, or how many values of which type.
+        what: String,
+        /// Why, in words.
+        reason: String,
+        /// The operating system's error, if there was one.
+        #[source]
+        source: Option<std::io::Error>,
+    },
     /// The pool was configured with a value it cannot use.
     #[error("invalid pool configuration: {0}")]
     Config(&'static str),

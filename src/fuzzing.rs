@@ -230,7 +230,11 @@ impl<U: DeserializeOwned> Complete for Discard<U> {
 fn outcomes<U: DeserializeOwned + 'static>(items: Range<usize>, payload: &[u8]) {
     let mut stream = ApplyStream::default();
     for _ in 0..items.end {
-        stream.push(Vec::new(), Box::new(Discard::<U>(PhantomData)));
+        stream.push(
+            Vec::new(),
+            Default::default(),
+            Box::new(Discard::<U>(PhantomData)),
+        );
     }
     if let Err(reason) =
         crate::outcome::complete_outcomes(&mut stream, 0, &items.collect::<Vec<_>>(), payload)
@@ -323,13 +327,25 @@ pub(crate) fn seeds() -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
         vec![chunk(2, t.chars, 3, &encoded(&words))],
         vec![chunk(2, t.shout, 3, &encoded(&words))],
         vec![
-            frame(&encoded(&[7u64]), &Request::Context { job: 3 }),
+            frame(
+                &encoded(&[7u64]),
+                &Request::Context {
+                    job: 3,
+                    shared: false,
+                },
+            ),
             chunk(3, t.scaled, 2, &encoded(&[1u64, 2])),
             frame(&[], &Request::Forget { job: 3 }),
             chunk(3, t.scaled, 1, &encoded(&[1u64])),
         ],
         vec![
-            frame(&encoded(&["hi ".to_string()]), &Request::Context { job: 3 }),
+            frame(
+                &encoded(&["hi ".to_string()]),
+                &Request::Context {
+                    job: 3,
+                    shared: false,
+                },
+            ),
             chunk(3, t.greet, 3, &encoded(&words)),
         ],
         vec![

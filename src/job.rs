@@ -18,6 +18,7 @@ use crate::chunker::Sizer;
 use crate::codec;
 use crate::error::{CodecError, Error, ErrorPolicy, Result};
 use crate::protocol::{self, ChunkHeader, Request, TaskRef};
+use crate::shared::region::{self, Pins};
 use crate::transport::{Frame, FrameBuf};
 
 /// A job's number in its pool; jobs are served in the order of their ids.
@@ -39,6 +40,9 @@ pub(crate) struct InFlight {
     pub(crate) skip: Vec<u32>,
     /// Deaths of a worker while it ran an item of this chunk: (offset, count).
     pub(crate) deaths: Vec<(u32, u32)>,
+    /// Shared inputs its items name, alive until the reply arrives (a worker opens
+    /// them through this process's descriptors when it decodes the items).
+    pub(crate) pins: Pins,
 }
 
 impl InFlight {
@@ -51,6 +55,7 @@ impl InFlight {
             attempts: 0,
             skip: Vec::new(),
             deaths: Vec::new(),
+            pins: Pins::default(),
         }
     }
 
@@ -284,17 +289,18 @@ pub(crate) trait Complete: Send {
 /// handles waiting for their results, by item index.
 #[derive(Default)]
 pub(crate) struct ApplyStream {
-    queue: VecDeque<Vec<u8>>,
+    /// Encoded arguments, with the shared inputs they name.
+    queue: VecDeque<(Vec<u8>, Pins)>,
     waiting: HashMap<usize, Box<dyn Complete>>,
     next_index: usize,
 }
 
 impl ApplyStream {
     /// Queues one submission.
-    pub(crate) fn push(&mut self, arg: Vec<u8>, handle: Box<dyn Complete>) {
+    pub(crate) fn push(&mut self, arg: Vec<u8>, pins: Pins, handle: Box<dyn Complete>) {
         self.waiting.insert(self.next_index, handle);
         self.next_index += 1;
-        self.queue.push_back(arg);
+        self.queue.push_back((arg, pins));
     }
 
     /// Queued submissions not yet sent.
@@ -351,10 +357,12 @@ impl Source for ApplyStream {
         let start_len = body.len();
         let mut count = 0;
         while count < max_items && body.len() - start_len < byte_cap {
-            let Some(arg) = self.queue.pop_front() else {
+            let Some((arg, pins)) = self.queue.pop_front() else {
                 break;
             };
             body.extend_from_slice(&arg);
+            // The chunk keeps them from now on (see `region::pin_while`).
+            region::adopt(pins);
             count += 1;
         }
         // A stream never runs dry for good: more submissions may come.

@@ -56,6 +56,13 @@
 //!   pool would start one worker per CPU in every worker.
 //! - With the inline backend ([`PoolBuilder::inline`]) a stuck task cannot be
 //!   killed; its thread is abandoned.
+//! - A [`SharedSlice`] or [`Shared`] crosses as a handle naming the sender's
+//!   descriptor, so the sender must hold it until the receiver has decoded it. The
+//!   pool does that for everything it sends: a chunk keeps the inputs its items name
+//!   until its reply arrives. A handle encoded and carried some other way (written to
+//!   a file, sent through a channel of your own) is valid only while its sender holds
+//!   the input. A context whose encoding exceeds
+//!   [`PoolBuilder::share_contexts_above`] (1 MiB) is shared the same way, unasked.
 
 #[cfg(not(target_os = "linux"))]
 compile_error!(
@@ -79,6 +86,7 @@ mod pipeline;
 mod pool;
 mod protocol;
 mod scheduler;
+mod shared;
 mod spawn;
 mod state;
 mod supervisor;
@@ -92,6 +100,7 @@ pub use crate::handle::{AsyncResult, Imap, ImapUnordered};
 pub use crate::par_map::{par_map, par_map_reduce};
 pub use crate::pipeline::{DEFAULT_STAGE_ITEMS, Pipeline, PipelineStats, Stage};
 pub use crate::pool::{Pool, PoolStats, Skipped};
+pub use crate::shared::{Shared, SharedSlice};
 pub use crate::worker::init;
 
 /// Items public only for this crate's own tests.
@@ -100,6 +109,18 @@ pub mod __private {
     /// How many frames this process has sent and received through shared memory.
     pub fn shared_memory_frames() -> (u64, u64) {
         crate::transport::shared_memory_frames()
+    }
+
+    /// In this process: shared regions attached from other processes, `Shared`
+    /// values decoded, and attached regions kept after their last use.
+    pub fn shared_input_counts() -> (u64, u64, usize) {
+        crate::shared::stats::counts()
+    }
+
+    /// The seals (`F_GET_SEALS`) and the descriptor of a shared slice's memfd.
+    pub fn shared_slice_seals<T: bytemuck::Pod>(slice: &crate::SharedSlice<T>) -> (i32, i32) {
+        let region = slice.region();
+        (region.seals().unwrap_or(-1), region.raw_fd())
     }
 
     /// Fuzzing entry: what the parent does with one reply frame from a worker.

@@ -17,8 +17,9 @@ use crate::handle::{
 };
 use crate::interrupt;
 use crate::job::{IterSource, Job, Kind, Sink, encode_item};
-use crate::protocol::TaskRef;
+use crate::protocol::{ContextPayload, TaskRef};
 use crate::scheduler::{Drive, Engine, Local, Submission};
+use crate::shared::region::{self, Pins, Region};
 use crate::task::{self, Collect, Fold, Mapper, Outcomes, Plain, WithContext, WithState};
 
 /// A set of worker processes that run tasks, kept alive across calls: Python's
@@ -111,6 +112,11 @@ pub struct Pool {
     pub(crate) interrupt: bool,
     /// The type of the state the initializer builds, if any.
     pub(crate) state: Option<(TypeId, &'static str)>,
+    /// Context values whose encoding is larger go through shared memory.
+    pub(crate) share_contexts_above: usize,
+    /// Shared inputs named by the initializer's argument, which every worker the
+    /// pool starts (replacements too) decodes.
+    pub(crate) _init_pins: Pins,
 }
 
 impl Pool {
@@ -272,9 +278,9 @@ impl Pool {
     {
         task::assert_zero_sized::<F>();
         let _ = task;
-        let context = encode_context(context)?;
+        let context = self.encode_context(context)?;
         let task = task_ref::<T, U, WithContext<F, C>, Collect>()?;
-        self.collect(items, task, Some(&context))
+        self.collect(items, task, Some(context.payload()))
     }
 
     /// Like [`Pool::map`], for a task that uses the per-worker state built by the
@@ -374,9 +380,9 @@ impl Pool {
         task::assert_zero_sized::<Id>();
         task::assert_zero_sized::<R>();
         let _ = task;
-        let context = encode_context(context)?;
+        let context = self.encode_context(context)?;
         let task = task_ref::<T, U, WithContext<F, C>, Fold<U, Id, R>>()?;
-        self.fold(items, task, Some(&context), identity, reduce)
+        self.fold(items, task, Some(context.payload()), identity, reduce)
     }
 
     /// Runs `task` on one argument in a worker and waits for its result.
@@ -504,11 +510,13 @@ impl Pool {
     {
         let task = task_ref::<T, U, Plain<F>, Outcomes>()?;
         let mut bytes = Vec::new();
-        encode_item(&arg, 0, &mut bytes)?;
+        let (encoded, pins) = region::pin_while(|| encode_item(&arg, 0, &mut bytes));
+        encoded?;
         let (handle, completion) = Completion::new(&self.core, callbacks);
         let submission = Submission::Apply {
             task,
             arg: bytes,
+            pins,
             handle: Box::new(ApplyCompletion(completion)),
         };
         self.core.submit(submission, 1)?;
@@ -737,7 +745,7 @@ impl Pool {
         &self,
         items: I,
         task: TaskRef,
-        context: Option<&[u8]>,
+        context: Option<ContextPayload<'_>>,
         policy: ErrorPolicy,
         sink: &mut dyn Sink,
     ) -> Result<()>
@@ -804,7 +812,12 @@ impl Pool {
         outcome.unwrap_or(Err(Error::Terminated))
     }
 
-    fn collect<I, T, U>(&self, items: I, task: TaskRef, context: Option<&[u8]>) -> Result<Vec<U>>
+    fn collect<I, T, U>(
+        &self,
+        items: I,
+        task: TaskRef,
+        context: Option<ContextPayload<'_>>,
+    ) -> Result<Vec<U>>
     where
         I: IntoIterator<Item = T>,
         T: Serialize + DeserializeOwned,
@@ -825,7 +838,7 @@ impl Pool {
         &self,
         items: I,
         task: TaskRef,
-        context: Option<&[u8]>,
+        context: Option<ContextPayload<'_>>,
         identity: Id,
         reduce: R,
     ) -> Result<U>
@@ -920,6 +933,54 @@ where
     S: task::Sink<U>,
 {
     TaskRef::of::<T, U, M, S>().ok_or(Error::TaskNotInExecutable)
+}
+
+/// A call's context value as it goes to the workers: its encoding, or the handle
+/// of a shared region holding the encoding (kept alive until the call returns).
+struct CallContext {
+    bytes: Vec<u8>,
+    region: Option<Arc<Region>>,
+}
+
+impl CallContext {
+    fn payload(&self) -> ContextPayload<'_> {
+        ContextPayload {
+            bytes: &self.bytes,
+            shared: self.region.is_some(),
+        }
+    }
+}
+
+impl Pool {
+    /// Encodes a call's context value; one larger than the pool's
+    /// `share_contexts_above` goes into a sealed shared region that every worker
+    /// maps, and only its handle is sent.
+    fn encode_context<C: Serialize + DeserializeOwned>(&self, context: &C) -> Result<CallContext> {
+        let bytes = encode_context(context)?;
+        if bytes.len() <= self.share_contexts_above {
+            return Ok(CallContext {
+                bytes,
+                region: None,
+            });
+        }
+        let region =
+            Region::from_bytes(region::CONTEXT_KIND, &bytes).map_err(|fault| Error::Share {
+                what: format!("the {}-byte context value", bytes.len()),
+                reason: fault.reason,
+                source: fault.source,
+            })?;
+        let mut handle = Vec::new();
+        codec::encode_plain_into(&region.handle(), &mut handle).map_err(|source| {
+            Error::Context {
+                worker: None,
+                source,
+            }
+        })?;
+        Ok(CallContext {
+            bytes: handle,
+            region: Some(region),
+        })
+    }
 }
 
 /// Encodes a call's context value, checking that it decodes again.

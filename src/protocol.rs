@@ -17,9 +17,10 @@ pub(crate) const INIT_JOB: u64 = 0;
 /// Parent to worker.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum Request {
-    /// The payload is the encoded context value of job `job`; chunks of that job
-    /// may use it until a `Forget` for the job.
-    Context { job: u64 },
+    /// The payload is the encoded context value of job `job`, or with `shared` the
+    /// encoded handle of a shared region holding it; chunks of that job may use it
+    /// until a `Forget` for the job.
+    Context { job: u64, shared: bool },
     /// The payload is `count` encoded items.
     Chunk(ChunkHeader),
     /// Job `job` has ended: drop its context value.
@@ -50,6 +51,14 @@ pub(crate) struct TaskRef {
     /// A hash of the two fields above: a damaged reference is refused before the
     /// offset is used (1 in 2^64 odds of missing it), not discovered after a jump.
     pub(crate) check: u64,
+}
+
+/// A job's context value as the parent sends it: its encoding, or (`shared`) the
+/// encoded handle of a shared region that holds the encoding.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ContextPayload<'a> {
+    pub(crate) bytes: &'a [u8],
+    pub(crate) shared: bool,
 }
 
 /// Worker to parent.
@@ -237,7 +246,8 @@ mod properties {
 
     fn request() -> impl Strategy<Value = Request> {
         prop_oneof![
-            any::<u64>().prop_map(|job| Request::Context { job }),
+            (any::<u64>(), any::<bool>())
+                .prop_map(|(job, shared)| Request::Context { job, shared }),
             any::<u64>().prop_map(|job| Request::Forget { job }),
             (
                 any::<[u64; 3]>(),

@@ -19,7 +19,8 @@ use crate::chunker::target_chunk_bytes;
 use crate::error::{Error, Result};
 use crate::job::{Complete, InFlight, Job, JobId, Kind, Payload, Ready, Sink, Source};
 use crate::outcome::{complete_outcomes, describe, describe_init, exit_description, fail_items};
-use crate::protocol::{self, ChunkHeader, INIT_JOB, Reply, Request, TaskRef};
+use crate::protocol::{self, ChunkHeader, ContextPayload, INIT_JOB, Reply, Request, TaskRef};
+use crate::shared::region;
 use crate::supervisor::{CREDIT, Supervisor};
 use crate::transport::{FrameBuf, POLL_BEFORE_BLOCKING};
 
@@ -34,6 +35,8 @@ pub(crate) enum Submission {
     Apply {
         task: TaskRef,
         arg: Vec<u8>,
+        /// Shared inputs the argument names, kept until its chunk is answered.
+        pins: region::Pins,
         handle: Box<dyn Complete>,
     },
     /// A job with its own source and sink (`map_async`).
@@ -130,19 +133,18 @@ impl Engine {
         task: TaskRef,
         kind: Kind,
         ordered: bool,
-        context: Option<&[u8]>,
+        context: Option<ContextPayload<'_>>,
     ) -> Result<Job> {
         let id = JobId(self.next_job);
         self.next_job += 1;
         let mut job = Job::new(id, task, kind, ordered, self.chunk_size);
-        if let Some(bytes) = context {
+        if let Some(ContextPayload { bytes, shared }) = context {
             let mut frame = FrameBuf::with_capacity(bytes.len() + 64);
             frame.body().extend_from_slice(bytes);
-            protocol::seal(&mut frame, &Request::Context { job: id.0 }).map_err(|source| {
-                Error::Context {
-                    worker: None,
-                    source,
-                }
+            let request = Request::Context { job: id.0, shared };
+            protocol::seal(&mut frame, &request).map_err(|source| Error::Context {
+                worker: None,
+                source,
             })?;
             job.context = Some(frame);
         }
@@ -192,7 +194,12 @@ impl Engine {
                         self.add(*job);
                     }
                 }
-                Submission::Apply { task, arg, handle } => {
+                Submission::Apply {
+                    task,
+                    arg,
+                    pins,
+                    handle,
+                } => {
                     if self.terminated {
                         handle.complete(Err(Error::Terminated));
                         self.completed = true;
@@ -214,7 +221,7 @@ impl Engine {
                         ..
                     }) = self.jobs.get_mut(&id)
                     {
-                        stream.push(arg, handle);
+                        stream.push(arg, pins, handle);
                     }
                 }
             }
@@ -449,7 +456,8 @@ impl Engine {
         } else {
             target_chunk_bytes()
         };
-        let filled = source.fill(first, size, byte_cap, frame.body());
+        // Shared inputs the items name stay alive with the chunk, whoever owned them.
+        let (filled, pins) = region::pin_while(|| source.fill(first, size, byte_cap, frame.body()));
         let filled = match filled {
             Ok(filled) => filled,
             Err(e) => {
@@ -489,7 +497,8 @@ impl Engine {
         job.next_chunk += 1;
         job.in_flight += 1;
         let items = first..first + filled.count;
-        let flight = InFlight::new(id, chunk, items, frame);
+        let mut flight = InFlight::new(id, chunk, items, frame);
+        flight.pins = pins;
         if let Err(source) = self.workers.send_chunk(worker, flight) {
             self.send_failed(worker, id, first, source, local);
         }

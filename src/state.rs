@@ -3,11 +3,14 @@
 
 use std::any::Any;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 
 use crate::codec;
+use crate::error::CodecError;
 use crate::protocol::Failure;
+use crate::shared::region::{Region, RegionHandle};
 
 /// A worker's memory across chunks.
 #[derive(Default)]
@@ -18,13 +21,40 @@ pub(crate) struct WorkerState {
 }
 
 struct Context {
-    bytes: Vec<u8>,
+    bytes: Result<Bytes, CodecError>,
     decoded: Option<Box<dyn Any>>,
 }
 
+/// Where a context value's encoding is: in the request, or in a shared region (a
+/// context larger than the pool's `share_contexts_above`).
+enum Bytes {
+    Owned(Vec<u8>),
+    Mapped(Arc<Region>),
+}
+
+impl Bytes {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Bytes::Owned(bytes) => bytes,
+            Bytes::Mapped(region) => region.bytes(),
+        }
+    }
+}
+
 impl WorkerState {
-    /// Keeps the encoded context value of `job` until [`WorkerState::forget`].
-    pub(crate) fn set_context(&mut self, job: u64, bytes: Vec<u8>) {
+    /// Keeps the encoded context value of `job` until [`WorkerState::forget`]:
+    /// `payload` is the encoding, or with `shared` the handle of a region holding it
+    /// (attached now; an error is reported by the first chunk that needs the value).
+    pub(crate) fn set_context(&mut self, job: u64, payload: &[u8], shared: bool) {
+        let bytes = if shared {
+            codec::decode::<RegionHandle>(payload).and_then(|handle| {
+                handle.attach(false).map(Bytes::Mapped).map_err(|fault| {
+                    CodecError(format!("could not attach the shared context: {fault}"))
+                })
+            })
+        } else {
+            Ok(Bytes::Owned(payload.to_vec()))
+        };
         let previous = self.contexts.insert(
             job,
             Context {
@@ -39,6 +69,8 @@ impl WorkerState {
     pub(crate) fn forget(&mut self, job: u64) {
         let previous = self.contexts.remove(&job);
         drop_user_value(previous);
+        // Shared inputs the parent has dropped since are released with the job.
+        crate::shared::region::sweep();
     }
 
     /// How many jobs' context values this worker holds.
@@ -58,8 +90,16 @@ impl WorkerState {
             });
         };
         if !context.decoded.as_ref().is_some_and(|d| d.is::<C>()) {
+            let bytes = match &context.bytes {
+                Ok(bytes) => bytes.as_slice(),
+                Err(error) => {
+                    return Err(Failure::DecodeContext {
+                        error: error.clone(),
+                    });
+                }
+            };
             let value: C =
-                codec::decode(&context.bytes).map_err(|error| Failure::DecodeContext { error })?;
+                codec::decode(bytes).map_err(|error| Failure::DecodeContext { error })?;
             context.decoded = Some(Box::new(value));
         }
         Ok(context
@@ -118,11 +158,11 @@ mod tests {
         let mut state = WorkerState::default();
         let mut bytes = Vec::new();
         codec::encode_into(&7u64, &mut bytes).unwrap();
-        state.set_context(1, bytes.clone());
+        state.set_context(1, &bytes, false);
         codec::encode_into(&1u8, &mut bytes).unwrap();
         let mut other = Vec::new();
         codec::encode_into(&9u64, &mut other).unwrap();
-        state.set_context(2, other);
+        state.set_context(2, &other, false);
         assert_eq!(*state.context::<u64>(1).unwrap(), 7);
         assert_eq!(*state.context::<u64>(2).unwrap(), 9);
         state.forget(1);

@@ -107,6 +107,8 @@ fn serve_process(value: &str) -> io::Result<()> {
     })?;
     crate::spawn::prepare_child(parent)?;
     let link = WorkerLink::connect(server, task::binary_fingerprint())?;
+    // A worker process keeps the shared inputs it attaches for later calls.
+    crate::shared::region::keep_attached_inputs();
     serve(&link)
 }
 
@@ -139,7 +141,7 @@ pub(crate) fn serve(link: &impl Link) -> io::Result<()> {
         let (request, payload) = protocol::open::<Request>(&frame)
             .map_err(|reason| io::Error::new(io::ErrorKind::InvalidData, reason))?;
         match request {
-            Request::Context { job } => state.set_context(job, payload.to_vec()),
+            Request::Context { job, shared } => state.set_context(job, payload, shared),
             Request::Forget { job } => state.forget(job),
             Request::Chunk(header) => {
                 out.clear();

@@ -49,6 +49,8 @@ fn play(role: &OsStr) {
     let role = role.to_str().expect("a helper role is text");
     if role == "orphan" {
         orphan();
+    } else if role == "shared" {
+        crate::shared::helper_shared();
     } else if role == "interrupt" {
         interrupted();
     } else if let Some(n) = role.strip_prefix("nested:") {

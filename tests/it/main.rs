@@ -11,6 +11,7 @@ mod par_map;
 mod pipeline;
 mod policies;
 mod retries;
+mod shared;
 mod signals;
 mod soak;
 mod support;
