@@ -259,10 +259,16 @@ fn read_piece(piece: &Piece, text: &mut Vec<u8>) -> io::Result<u64> {
 /// What a tree (or a part of it) holds.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub(crate) struct Tally {
+    /// Regular files read (a large file counts once, by its first piece).
     pub(crate) files: u64,
+    /// Bytes read.
     pub(crate) bytes: u64,
+    /// Words counted.
     pub(crate) words: u64,
+    /// Files and directories that could not be read, one entry per path. A file
+    /// that fails only part-way is counted in `files` and listed here too.
     pub(crate) unreadable: Vec<Unreadable>,
+    /// Each word's count.
     pub(crate) counts: Counts,
 }
 
@@ -338,8 +344,15 @@ pub(crate) fn count_tree(root: &Path, shape: Shape) -> multiproc::Result<Tally> 
         .stage(shape.count_workers, count_batch)
         .reduce(Tally::default, Tally::merge)?;
     tally.unreadable.append(&mut errors.borrow_mut());
-    tally.unreadable.sort();
+    name_each_once(&mut tally.unreadable);
     Ok(tally)
+}
+
+/// Sorts the unreadable files by path and keeps one entry per file: each piece of
+/// a large file that cannot be read fails on its own.
+fn name_each_once(unreadable: &mut Vec<Unreadable>) {
+    unreadable.sort();
+    unreadable.dedup_by(|a, b| a.path == b.path);
 }
 
 /// The same count in this process, one batch after another: the reference the
@@ -350,7 +363,7 @@ pub(crate) fn count_tree_sequential(root: &Path, batch_bytes: u64) -> Tally {
         .map(|batch| count_batch(read_batch(batch)))
         .fold(Tally::default(), Tally::merge);
     tally.unreadable.append(&mut errors.borrow_mut());
-    tally.unreadable.sort();
+    name_each_once(&mut tally.unreadable);
     tally
 }
 

@@ -14,3 +14,4 @@ mod retries;
 mod signals;
 mod soak;
 mod support;
+mod wordcount;
