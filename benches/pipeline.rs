@@ -14,7 +14,7 @@ use rustc_hash::FxHashMap;
 #[path = "../examples/wordcount/count.rs"]
 mod count;
 
-use count::{Shape, Tally, corpus::sm};
+use count::{BatchCounts, Shape, Tally, corpus::sm};
 
 // ---- W4: the workload definitions' pipeline ----
 
@@ -52,31 +52,15 @@ fn w4_batch(b: u64) -> String {
     String::from_utf8(out).expect("W4 text is ASCII")
 }
 
-type W4Counts = FxHashMap<String, u64>;
-
 /// The consumer: counts a batch's words, split on ASCII whitespace.
-fn w4_count(batch: String) -> W4Counts {
-    let mut counts = W4Counts::default();
+fn w4_count(batch: String) -> Tally {
+    let mut words = 0;
+    let mut counts: FxHashMap<&str, u64> = FxHashMap::default();
     for word in batch.split_ascii_whitespace() {
-        match counts.get_mut(word) {
-            Some(n) => *n += 1,
-            None => {
-                counts.insert(word.to_owned(), 1);
-            }
-        }
+        words += 1;
+        *counts.entry(word).or_insert(0) += 1;
     }
-    counts
-}
-
-/// Merges two batches' counts (the smaller into the larger).
-fn w4_merge(mut a: W4Counts, mut b: W4Counts) -> W4Counts {
-    if a.len() < b.len() {
-        std::mem::swap(&mut a, &mut b);
-    }
-    for (word, n) in b {
-        *a.entry(word).or_insert(0) += n;
-    }
-    a
+    Tally::of_batch(words, BatchCounts::from_counts(counts))
 }
 
 fn fnv1a64(bytes: &[u8]) -> u64 {
@@ -92,56 +76,59 @@ fn count_checksum<'a>(counts: impl Iterator<Item = (&'a String, &'a u64)>) -> u6
     })
 }
 
-fn w4_check(name: &str, counts: &W4Counts) {
+fn w4_check(name: &str, tally: Tally) {
+    let tally = tally.finish();
+    let counts = &tally.counts;
+    assert_eq!(tally.words, 6_247_767, "{name}: W4 words");
     assert_eq!(counts.values().sum::<u64>(), 6_247_767, "{name}: W4 words");
     assert_eq!(counts.len(), 999, "{name}: W4 distinct words");
     let checksum = count_checksum(counts.iter());
     assert_eq!(checksum, 0xdae1_5e0b_38d0_c4b4, "{name}: W4 checksum");
 }
 
-fn w4_sequential() -> W4Counts {
+fn w4_sequential() -> Tally {
     (0..W4_BATCHES)
         .map(|b| w4_count(w4_batch(b)))
-        .fold(W4Counts::default(), w4_merge)
+        .fold(Tally::default(), Tally::merge)
 }
 
 /// A producer thread feeds a bounded crossbeam channel; rayon threads count.
-fn w4_rayon_channels() -> W4Counts {
+fn w4_rayon_channels() -> Tally {
     let (tx, rx) = crossbeam_channel::bounded(16);
     let producer = std::thread::spawn(move || {
         for b in 0..W4_BATCHES {
             tx.send(w4_batch(b)).expect("consumers alive");
         }
     });
-    let counts = rx
+    let tally = rx
         .into_iter()
         .par_bridge()
         .map(w4_count)
-        .reduce(W4Counts::default, w4_merge);
+        .reduce(Tally::default, Tally::merge);
     producer.join().expect("producer");
-    counts
+    tally
 }
 
 /// The producer is a stage of one worker; two workers count.
-fn w4_multiproc() -> W4Counts {
+fn w4_multiproc() -> Tally {
     multiproc::Pipeline::new(0..W4_BATCHES)
         .unordered()
         .stage(1, w4_batch)
         .stage(2, w4_count)
-        .reduce(W4Counts::default, w4_merge)
+        .reduce(Tally::default, Tally::merge)
         .expect("W4 runs")
 }
 
 /// The producer runs in the parent, as the pipeline's source.
-fn w4_multiproc_source_in_parent() -> W4Counts {
+fn w4_multiproc_source_in_parent() -> Tally {
     multiproc::Pipeline::new((0..W4_BATCHES).map(w4_batch))
         .stage(2, w4_count)
-        .reduce(W4Counts::default, w4_merge)
+        .reduce(Tally::default, Tally::merge)
         .expect("W4 runs")
 }
 
 fn w4_pipeline(c: &mut Criterion) {
-    type Run = fn() -> W4Counts;
+    type Run = fn() -> Tally;
     let runs: [(&str, Run); 4] = [
         ("sequential", w4_sequential),
         ("rayon_crossbeam", w4_rayon_channels),
@@ -149,7 +136,7 @@ fn w4_pipeline(c: &mut Criterion) {
         ("multiproc_source_in_parent", w4_multiproc_source_in_parent),
     ];
     for (name, run) in runs {
-        w4_check(name, &run());
+        w4_check(name, run());
     }
     let mut group = c.benchmark_group("w4_pipeline");
     group.throughput(Throughput::Elements(W4_BATCHES * W4_LINES_PER_BATCH));
@@ -182,7 +169,7 @@ fn w6_rayon_channels(root: &Path, batch_bytes: u64) -> Tally {
         .map(|batch| count::count_batch(count::read_batch(batch)))
         .reduce(Tally::default, Tally::merge);
     lister.join().expect("lister");
-    tally
+    tally.finish()
 }
 
 fn w6_wordcount(c: &mut Criterion) {

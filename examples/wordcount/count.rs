@@ -47,24 +47,67 @@ pub(crate) fn is_word_byte(b: u8) -> bool {
 /// Word -> number of occurrences.
 pub(crate) type Counts = FxHashMap<String, u64>;
 
-/// Counts the words of `text` into `counts` and returns how many there were.
-/// Lower-cases `text` in place on the way.
-pub(crate) fn count_words(text: &mut [u8], counts: &mut Counts) -> u64 {
+/// Lower-cases `text` in place and counts its words. Returns how many there were
+/// and each one's count.
+pub(crate) fn count_words(text: &mut [u8]) -> (u64, BatchCounts) {
     for b in text.iter_mut() {
         *b = WORD_BYTE[*b as usize];
     }
     let mut words = 0;
+    // Keys borrow the text: a new word costs no allocation.
+    let mut counts: FxHashMap<&[u8], u64> = FxHashMap::default();
     for word in text.split(|&b| b == 0).filter(|w| !w.is_empty()) {
         words += 1;
-        let word = std::str::from_utf8(word).expect("word bytes are ASCII");
-        match counts.get_mut(word) {
-            Some(n) => *n += 1,
-            None => {
-                counts.insert(word.to_owned(), 1);
+        *counts.entry(word).or_insert(0) += 1;
+    }
+    (words, BatchCounts::from_counts(counts))
+}
+
+/// One batch's counts in a form that is cheap to send: the words back to back, each
+/// followed by a newline, and their counts in the same order.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(crate) struct BatchCounts {
+    #[serde(with = "serde_bytes")]
+    words: Vec<u8>,
+    counts: Vec<u64>,
+}
+
+impl BatchCounts {
+    /// From counts whose words hold no newline.
+    pub(crate) fn from_counts<W: AsRef<[u8]>>(counts: impl IntoIterator<Item = (W, u64)>) -> Self {
+        let mut batch = BatchCounts::default();
+        for (word, n) in counts {
+            batch.words.extend_from_slice(word.as_ref());
+            batch.words.push(b'\n');
+            batch.counts.push(n);
+        }
+        batch
+    }
+
+    /// Adds these counts to `counts`: only a word not seen before is allocated.
+    ///
+    /// # Panics
+    ///
+    /// If the words are not UTF-8 (they are ASCII when made by this module).
+    pub(crate) fn add_to(&self, counts: &mut Counts) {
+        let words = std::str::from_utf8(&self.words).expect("words are ASCII");
+        for (word, &n) in words.split_terminator('\n').zip(&self.counts) {
+            match counts.get_mut(word) {
+                Some(total) => *total += n,
+                None => {
+                    counts.insert(word.to_owned(), n);
+                }
             }
         }
     }
-    words
+
+    /// These counts as a map.
+    pub(crate) fn into_counts(self) -> Counts {
+        let mut counts = Counts::default();
+        counts.reserve(self.counts.len());
+        self.add_to(&mut counts);
+        counts
+    }
 }
 
 /// The `n` most frequent words, most frequent first; ties by the word's bytes,
@@ -268,18 +311,37 @@ pub(crate) struct Tally {
     /// Files and directories that could not be read, one entry per path. A file
     /// that fails only part-way is counted in `files` and listed here too.
     pub(crate) unreadable: Vec<Unreadable>,
-    /// Each word's count.
+    /// Each word's count (after [`Tally::merge`]).
     pub(crate) counts: Counts,
+    /// A single batch's counts, not yet in `counts`: what the counting stage sends.
+    batch: BatchCounts,
 }
 
 impl Tally {
-    /// Adds two tallies (merging the smaller map into the larger).
+    /// The tally of one batch of `words` words.
+    pub(crate) fn of_batch(words: u64, batch: BatchCounts) -> Tally {
+        Tally {
+            words,
+            batch,
+            ..Tally::default()
+        }
+    }
+
+    /// The tally with every count in [`Tally::counts`].
+    pub(crate) fn finish(self) -> Tally {
+        self.merge(Tally::default())
+    }
+
+    /// Adds two tallies: the larger map takes the other's counts.
     pub(crate) fn merge(mut self, mut other: Tally) -> Tally {
         if self.counts.len() < other.counts.len() {
             std::mem::swap(&mut self.counts, &mut other.counts);
         }
         for (word, n) in other.counts {
             *self.counts.entry(word).or_insert(0) += n;
+        }
+        for batch in [std::mem::take(&mut self.batch), other.batch] {
+            batch.add_to(&mut self.counts);
         }
         self.files += other.files;
         self.bytes += other.bytes;
@@ -291,14 +353,12 @@ impl Tally {
 
 /// Stage 2: counts the words of a batch.
 pub(crate) fn count_batch(mut loaded: Loaded) -> Tally {
-    let mut counts = Counts::default();
-    let words = count_words(&mut loaded.text, &mut counts);
+    let (words, batch) = count_words(&mut loaded.text);
     Tally {
         files: loaded.files,
         bytes: loaded.bytes,
-        words,
         unreadable: loaded.unreadable,
-        counts,
+        ..Tally::of_batch(words, batch)
     }
 }
 
@@ -342,7 +402,8 @@ pub(crate) fn count_tree(root: &Path, shape: Shape) -> multiproc::Result<Tally> 
         .unordered()
         .stage(shape.read_workers, read_batch)
         .stage(shape.count_workers, count_batch)
-        .reduce(Tally::default, Tally::merge)?;
+        .reduce(Tally::default, Tally::merge)?
+        .finish();
     tally.unreadable.append(&mut errors.borrow_mut());
     name_each_once(&mut tally.unreadable);
     Ok(tally)
@@ -361,7 +422,8 @@ pub(crate) fn count_tree_sequential(root: &Path, batch_bytes: u64) -> Tally {
     let errors = Rc::new(RefCell::new(Vec::new()));
     let mut tally = Listing::new(root, batch_bytes, Rc::clone(&errors))
         .map(|batch| count_batch(read_batch(batch)))
-        .fold(Tally::default(), Tally::merge);
+        .fold(Tally::default(), Tally::merge)
+        .finish();
     tally.unreadable.append(&mut errors.borrow_mut());
     name_each_once(&mut tally.unreadable);
     tally

@@ -170,7 +170,7 @@ fn a_file_that_cannot_be_read_is_counted_and_named_not_fatal() {
     assert_eq!((loaded.files, loaded.bytes), (1, 11));
     assert_eq!(loaded.unreadable.len(), 1);
     assert!(loaded.unreadable[0].path.ends_with("gone.txt"));
-    let tally = count::count_batch(loaded);
+    let tally = count::count_batch(loaded).finish();
     assert_eq!(tally.words, 3);
     assert_eq!(tally.counts["two"], 2);
 }
@@ -221,8 +221,8 @@ fn the_default_corpus_text_is_fixed_by_its_seed() {
     let a = count::corpus::file_text(3);
     assert_eq!(a, count::corpus::file_text(3));
     assert_ne!(a, count::corpus::file_text(4));
-    let mut counts = Counts::default();
-    let words = count::count_words(&mut a.clone(), &mut counts);
+    let (words, counts) = count::count_words(&mut a.clone());
+    let counts = counts.into_counts();
     assert!(words > 1_000, "{words} words");
     // Zipf: "the" is the most frequent word, then "of".
     let top = count::top(&counts, 2);
