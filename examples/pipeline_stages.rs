@@ -91,7 +91,10 @@ fn main() -> multiproc::Result<()> {
         let started = Instant::now();
         let (total, peak) = run(parsers, scorers)?;
         let seconds = started.elapsed().as_secs_f64();
-        assert_eq!(total, expected, "the pipeline computes the sequential answer");
+        assert_eq!(
+            total, expected,
+            "the pipeline computes the sequential answer"
+        );
         println!(
             "parse x{parsers}, score x{scorers}: {what:<34} {seconds:6.3} s, {:4.2}x sequential, \
              at most {peak} records in flight",

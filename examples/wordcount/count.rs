@@ -21,7 +21,7 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 /// Bytes of text per batch: the unit of work of the counting stage.
-pub(crate) const BATCH_BYTES: u64 = 4 << 20;
+pub(crate) const BATCH_BYTES: u64 = 8 << 20;
 
 /// Each byte's lower-cased self if it belongs to a word, 0 if it separates words.
 const WORD_BYTE: [u8; 256] = {
@@ -56,6 +56,8 @@ pub(crate) fn count_words(text: &mut [u8]) -> (u64, BatchCounts) {
     let mut words = 0;
     // Keys borrow the text: a new word costs no allocation.
     let mut counts: FxHashMap<&[u8], u64> = FxHashMap::default();
+    // Room for the distinct words of a batch of this size: growing costs rehashes.
+    counts.reserve((text.len() / 64).min(1 << 16));
     for word in text.split(|&b| b == 0).filter(|w| !w.is_empty()) {
         words += 1;
         *counts.entry(word).or_insert(0) += 1;

@@ -44,6 +44,9 @@ struct Args {
     /// Worker processes of the reading stage.
     #[arg(long, default_value_t = 1)]
     read_workers: usize,
+    /// KiB of text per batch, the counting stage's unit of work.
+    #[arg(long, default_value_t = count::BATCH_BYTES >> 10)]
+    batch_kib: u64,
     /// Count a second time in this process, one batch after another, and check that
     /// both counts agree (exit status 1 if not).
     #[arg(long)]
@@ -73,6 +76,7 @@ fn run(args: &Args) -> Result<ExitCode, String> {
     }
     let mut shape = Shape {
         read_workers: args.read_workers.max(1),
+        batch_bytes: args.batch_kib.max(1) << 10,
         ..Shape::default()
     };
     if let Some(workers) = args.workers {
