@@ -302,7 +302,11 @@ fn read_piece(piece: &Piece, text: &mut Vec<u8>) -> io::Result<u64> {
 }
 
 /// What a tree (or a part of it) holds.
-#[derive(Debug, Default, Serialize, Deserialize)]
+///
+/// Between processes every count travels in the compact form of [`BatchCounts`], so
+/// the receiver allocates only the words it has not seen (see [`Wire`]).
+#[derive(Debug, Default, Deserialize)]
+#[serde(from = "Wire")]
 pub(crate) struct Tally {
     /// Regular files read (a large file counts once, by its first piece).
     pub(crate) files: u64,
@@ -350,6 +354,75 @@ impl Tally {
         self.words += other.words;
         self.unreadable.append(&mut other.unreadable);
         self
+    }
+}
+
+/// A tally as it crosses between processes: its counts all compact.
+#[derive(Deserialize)]
+struct Wire {
+    files: u64,
+    bytes: u64,
+    words: u64,
+    unreadable: Vec<Unreadable>,
+    batch: BatchCounts,
+}
+
+/// [`Wire`], borrowed for sending.
+#[derive(Serialize)]
+struct WireRef<'a> {
+    files: u64,
+    bytes: u64,
+    words: u64,
+    unreadable: &'a [Unreadable],
+    batch: BatchCountsRef<'a>,
+}
+
+/// [`BatchCounts`], borrowed for sending.
+#[derive(Serialize)]
+struct BatchCountsRef<'a> {
+    #[serde(with = "serde_bytes")]
+    words: &'a [u8],
+    counts: &'a [u64],
+}
+
+impl From<Wire> for Tally {
+    fn from(wire: Wire) -> Tally {
+        Tally {
+            files: wire.files,
+            bytes: wire.bytes,
+            words: wire.words,
+            unreadable: wire.unreadable,
+            counts: Counts::default(),
+            batch: wire.batch,
+        }
+    }
+}
+
+impl Serialize for Tally {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let combined;
+        let batch = if self.counts.is_empty() {
+            &self.batch
+        } else {
+            let words = std::str::from_utf8(&self.batch.words).expect("words are ASCII");
+            let batch_counts = words
+                .split_terminator('\n')
+                .zip(self.batch.counts.iter().copied());
+            let map_counts = self.counts.iter().map(|(w, &n)| (w.as_str(), n));
+            combined = BatchCounts::from_counts(map_counts.chain(batch_counts));
+            &combined
+        };
+        WireRef {
+            files: self.files,
+            bytes: self.bytes,
+            words: self.words,
+            unreadable: &self.unreadable,
+            batch: BatchCountsRef {
+                words: &batch.words,
+                counts: &batch.counts,
+            },
+        }
+        .serialize(serializer)
     }
 }
 
