@@ -103,6 +103,22 @@ impl BatchCounts {
         }
     }
 
+    /// Words counted here (a word may come more than once after [`BatchCounts::append`]).
+    pub(crate) fn len(&self) -> usize {
+        self.counts.len()
+    }
+
+    /// Whether there are no counts.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.counts.is_empty()
+    }
+
+    /// Puts `other`'s counts after these.
+    pub(crate) fn append(&mut self, mut other: BatchCounts) {
+        self.words.append(&mut other.words);
+        self.counts.append(&mut other.counts);
+    }
+
     /// These counts as a map.
     pub(crate) fn into_counts(self) -> Counts {
         let mut counts = Counts::default();
@@ -338,8 +354,19 @@ impl Tally {
         self.merge(Tally::default())
     }
 
-    /// Adds two tallies: the larger map takes the other's counts.
+    /// Adds two tallies: the larger map takes the other's counts. Two tallies of
+    /// a few batches only put their compact counts together: building a map for
+    /// them in a worker would be undone when the map is sent.
     pub(crate) fn merge(mut self, mut other: Tally) -> Tally {
+        self.files += other.files;
+        self.bytes += other.bytes;
+        self.words += other.words;
+        self.unreadable.append(&mut other.unreadable);
+        let few = self.batch.len() + other.batch.len() <= CONCATENATED_COUNTS;
+        if self.counts.is_empty() && other.counts.is_empty() && few && !other.batch.is_empty() {
+            self.batch.append(other.batch);
+            return self;
+        }
         if self.counts.len() < other.counts.len() {
             std::mem::swap(&mut self.counts, &mut other.counts);
         }
@@ -349,13 +376,12 @@ impl Tally {
         for batch in [std::mem::take(&mut self.batch), other.batch] {
             batch.add_to(&mut self.counts);
         }
-        self.files += other.files;
-        self.bytes += other.bytes;
-        self.words += other.words;
-        self.unreadable.append(&mut other.unreadable);
         self
     }
 }
+
+/// Most compact counts [`Tally::merge`] puts together before it builds a map.
+const CONCATENATED_COUNTS: usize = 1 << 18;
 
 /// A tally as it crosses between processes: its counts all compact.
 #[derive(Deserialize)]
