@@ -200,7 +200,8 @@ fn marker(bytes: u64) -> String {
     format!("multiproc wordcount corpus v{VERSION}: {FILES} files, {bytes} bytes\n")
 }
 
-/// Whether `dir` holds a whole corpus: its marker, and files of the sizes it records.
+/// Whether `dir` holds a whole corpus: its marker, the files of the sizes it records,
+/// and no other file.
 fn is_whole(dir: &Path) -> bool {
     let Ok(marker_text) = fs::read_to_string(dir.join("complete")) else {
         return false;
@@ -209,10 +210,17 @@ fn is_whole(dir: &Path) -> bool {
     if marker_text != marker(expected) {
         return false;
     }
-    (0..FILES).all(|i| {
+    let sizes_match = (0..FILES).all(|i| {
         fs::symlink_metadata(dir.join("text").join(file_path(i)))
             .is_ok_and(|m| m.is_file() && m.len() == file_size(i))
-    })
+    });
+    // And nothing else: an extra file would change the counts.
+    sizes_match
+        && walkdir::WalkDir::new(dir.join("text"))
+            .into_iter()
+            .filter(|e| e.as_ref().map_or(true, |e| !e.file_type().is_dir()))
+            .count()
+            == FILES as usize
 }
 
 /// The corpus's text directory under `dir`, written first if it is not there whole.
@@ -222,10 +230,10 @@ fn is_whole(dir: &Path) -> bool {
 ///
 /// When the corpus can neither be found whole nor written.
 pub(crate) fn ensure(dir: &Path) -> io::Result<(PathBuf, bool)> {
+    remove_abandoned(dir);
     if is_whole(dir) {
         return Ok((dir.join("text"), false));
     }
-    remove_abandoned(dir);
     let stamp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
