@@ -333,9 +333,10 @@ pub(crate) struct Tally {
     /// Files and directories that could not be read, one entry per path. A file
     /// that fails only part-way is counted in `files` and listed here too.
     pub(crate) unreadable: Vec<Unreadable>,
-    /// Each word's count (after [`Tally::merge`]).
+    /// Each word's count: all of them after [`Tally::finish`].
     pub(crate) counts: Counts,
-    /// A single batch's counts, not yet in `counts`: what the counting stage sends.
+    /// Counts not yet in `counts`, in compact form: a batch's, as the counting stage
+    /// sends them, or a few batches' put together by [`Tally::merge`].
     batch: BatchCounts,
 }
 

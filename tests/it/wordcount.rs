@@ -228,3 +228,41 @@ fn the_default_corpus_text_is_fixed_by_its_seed() {
     let top = count::top(&counts, 2);
     assert_eq!((top[0].0.as_str(), top[1].0.as_str()), ("the", "of"));
 }
+
+#[test]
+fn tallies_merged_in_any_grouping_count_every_word_once() {
+    // Enough batches that merging passes from putting compact counts together to
+    // building a map.
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut expected = BTreeMap::new();
+    let batches: Vec<Tally> = (0..300)
+        .map(|_| {
+            let mut text = Vec::new();
+            for _ in 0..2_000 {
+                let word = format!("w{}", rng.random_range(0..5_000u32));
+                *expected.entry(word.clone()).or_insert(0u64) += 1;
+                text.extend_from_slice(word.as_bytes());
+                text.push(b' ');
+            }
+            let (words, counts) = count::count_words(&mut text);
+            Tally::of_batch(words, counts)
+        })
+        .collect();
+    let total: u64 = expected.values().sum();
+
+    let mut pairs: Vec<Tally> = batches;
+    while pairs.len() > 1 {
+        let mut next = Vec::new();
+        let mut it = pairs.into_iter();
+        while let Some(a) = it.next() {
+            next.push(match it.next() {
+                Some(b) => a.merge(b),
+                None => a,
+            });
+        }
+        pairs = next;
+    }
+    let tally = pairs.pop().unwrap().finish();
+    assert_eq!(tally.words, total);
+    assert_eq!(sorted(&tally.counts), expected);
+}
