@@ -15,3 +15,4 @@ mod shared;
 mod signals;
 mod soak;
 mod support;
+mod wordcount;

@@ -1,0 +1,192 @@
+//! The project's main job: counts the words of every regular file under a directory
+//! in a pipeline of worker processes, and prints the most frequent ones.
+//!
+//! ```sh
+//! cargo run --release --example wordcount               # on the built-in corpus (~200 MB)
+//! cargo run --release --example wordcount -- ~/src      # on a tree of your own
+//! cargo run --release --example wordcount -- --json DIR # one JSON object
+//! ```
+//!
+//! The parent lists the files (symlinks are not followed) and cuts them into batches
+//! of a few MiB; one stage of workers reads each batch, the next stage counts its
+//! words, merging the counts of each chunk of batches in the worker; the parent
+//! merges the rest. A word is a maximal run of `[a-z0-9_]` after lower-casing ASCII
+//! `A-Z`; any other byte separates words. Files that cannot be read are counted and
+//! named on stderr, never fatal. Exit status: 0 when counted, 1 when the directory
+//! cannot be counted (or `--check` finds a difference), 2 for bad arguments.
+
+mod count;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Parser;
+
+use crate::count::{Shape, Tally};
+
+/// Counts words in every regular file under a directory, in worker processes.
+#[derive(Parser)]
+#[command(name = "wordcount")]
+struct Args {
+    /// The directory to count (default: a generated corpus of about 200 MB, written
+    /// under the temp dir on first use and reused).
+    dir: Option<PathBuf>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    /// How many words to list.
+    #[arg(long, default_value_t = 20)]
+    top: usize,
+    /// Worker processes of the counting stage (default: one per CPU).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Worker processes of the reading stage.
+    #[arg(long, default_value_t = 1)]
+    read_workers: usize,
+    /// KiB of text per batch, the counting stage's unit of work.
+    #[arg(long, default_value_t = count::BATCH_BYTES >> 10)]
+    batch_kib: u64,
+    /// Count a second time in this process, one batch after another, and check that
+    /// both counts agree (exit status 1 if not).
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> ExitCode {
+    multiproc::init(); // first line of main: in a worker process it serves tasks and never returns
+    let args = Args::parse();
+    match run(&args) {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("wordcount: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<ExitCode, String> {
+    let dir = match &args.dir {
+        Some(dir) => dir.clone(),
+        None => default_corpus(args.json)?,
+    };
+    let meta = std::fs::metadata(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if !meta.is_dir() {
+        return Err(format!("{}: not a directory", dir.display()));
+    }
+    let mut shape = Shape {
+        read_workers: args.read_workers.max(1),
+        batch_bytes: args.batch_kib.max(1) << 10,
+        ..Shape::default()
+    };
+    if let Some(workers) = args.workers {
+        shape.count_workers = workers.max(1);
+    }
+
+    let started = Instant::now();
+    let tally = count::count_tree(&dir, shape).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let seconds = started.elapsed().as_secs_f64();
+
+    for u in &tally.unreadable {
+        eprintln!("wordcount: could not read {}: {}", u.path, u.error);
+    }
+    if args.json {
+        print_json(&tally, args.top, seconds);
+    } else {
+        print_text(&dir, &tally, args.top, seconds, shape);
+    }
+
+    if args.check {
+        let started = Instant::now();
+        let reference = count::count_tree_sequential(&dir, shape.batch_bytes);
+        let sequential = started.elapsed().as_secs_f64();
+        if let Some(difference) = first_difference(&tally, &reference) {
+            eprintln!("wordcount: the sequential count differs: {difference}");
+            return Ok(ExitCode::FAILURE);
+        }
+        if !args.json {
+            println!(
+                "check: the sequential count agrees ({sequential:.2} s, {:.1} MB/s; {:.2}x)",
+                reference.bytes as f64 / sequential / 1e6,
+                sequential / seconds
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The built-in corpus, written first if needed.
+fn default_corpus(quiet: bool) -> Result<PathBuf, String> {
+    let dir = count::default_corpus_dir();
+    let started = Instant::now();
+    let (text, written) = count::corpus::ensure(&dir)
+        .map_err(|e| format!("default corpus {}: {e}", dir.display()))?;
+    if written && !quiet {
+        eprintln!(
+            "wordcount: wrote the default corpus to {} in {:.1} s",
+            text.display(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(text)
+}
+
+fn print_text(dir: &std::path::Path, tally: &Tally, top: usize, seconds: f64, shape: Shape) {
+    println!("top {top} words in {}:", dir.display());
+    let top = count::top(&tally.counts, top);
+    let width = top.iter().map(|(w, _)| w.len()).max().unwrap_or(0);
+    for (rank, (word, n)) in top.iter().enumerate() {
+        println!("{:>4}  {word:<width$}  {n:>12}", rank + 1);
+    }
+    println!(
+        "files {} ({} unreadable), bytes {}, words {}, distinct {}",
+        tally.files,
+        tally.unreadable.len(),
+        tally.bytes,
+        tally.words,
+        tally.counts.len()
+    );
+    println!(
+        "{seconds:.2} s, {:.1} MB/s ({} reading and {} counting worker processes)",
+        tally.bytes as f64 / seconds / 1e6,
+        shape.read_workers,
+        shape.count_workers
+    );
+}
+
+fn print_json(tally: &Tally, top: usize, seconds: f64) {
+    let value = serde_json::json!({
+        "files": tally.files,
+        "bytes": tally.bytes,
+        "words": tally.words,
+        "distinct": tally.counts.len(),
+        "top": count::top(&tally.counts, top),
+        "seconds": seconds,
+        "unreadable": tally.unreadable.len(),
+    });
+    println!("{value}");
+}
+
+/// What differs between two tallies, if anything.
+fn first_difference(a: &Tally, b: &Tally) -> Option<String> {
+    let totals = |t: &Tally| {
+        (
+            t.files,
+            t.bytes,
+            t.words,
+            t.counts.len(),
+            t.unreadable.len(),
+        )
+    };
+    if totals(a) != totals(b) {
+        return Some(format!(
+            "(files, bytes, words, distinct, unreadable) {:?} against {:?}",
+            totals(a),
+            totals(b)
+        ));
+    }
+    a.counts
+        .iter()
+        .find(|(word, n)| b.counts.get(*word) != Some(n))
+        .map(|(word, n)| format!("{word:?}: {n} against {:?}", b.counts.get(word)))
+}
