@@ -238,6 +238,41 @@ pub enum Error {
     /// [`AsyncResult::get_timeout`](crate::AsyncResult::get_timeout).
     #[error("the result was already taken from this handle")]
     ResultTaken,
+    /// The task of a [`Process`](crate::Process) panicked; the message and location
+    /// are in `panic`.
+    #[error("process {process} panicked: {panic}")]
+    ProcessPanicked {
+        /// The process's name and pid.
+        process: String,
+        /// The panic message and location.
+        panic: TaskPanic,
+    },
+    /// A [`Process`](crate::Process) ended (killed by a signal, aborted, exited)
+    /// without returning its task's value.
+    #[error("process {process} ended before returning a value ({})", exit_description(.status))]
+    ProcessExited {
+        /// The process's name and pid.
+        process: String,
+        /// How it ended; `None` when it was reaped elsewhere.
+        status: Option<ExitStatus>,
+    },
+    /// A [`Process`](crate::Process) could not be started or did not connect.
+    #[error("could not start process {process}: {reason}")]
+    ProcessStart {
+        /// The process's name.
+        process: String,
+        /// Why, in words.
+        reason: String,
+    },
+    /// Another failure of a [`Process`](crate::Process)'s task (its argument or
+    /// value did not cross, the channel failed).
+    #[error("process {process} failed: {error}")]
+    Process {
+        /// The process's name and pid.
+        process: String,
+        /// What went wrong.
+        error: Box<Error>,
+    },
     /// A callback given to `apply_async_with_callback` or `map_async_with_callback`
     /// panicked; the task's own result is lost with it.
     #[error("the callback panicked: {0}")]

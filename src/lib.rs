@@ -76,6 +76,7 @@ mod outcome;
 mod par_map;
 mod pipeline;
 mod pool;
+mod process;
 mod protocol;
 mod scheduler;
 mod spawn;
@@ -91,6 +92,7 @@ pub use crate::handle::{AsyncResult, Imap, ImapUnordered};
 pub use crate::par_map::{par_map, par_map_reduce};
 pub use crate::pipeline::{DEFAULT_STAGE_ITEMS, Pipeline, PipelineStats, Stage};
 pub use crate::pool::{Pool, PoolStats};
+pub use crate::process::{Process, ProcessBuilder};
 pub use crate::worker::init;
 
 /// Items public only for this crate's own tests.

@@ -9,6 +9,7 @@ mod helpers;
 mod jobs;
 mod par_map;
 mod pipeline;
+mod process;
 mod retries;
 mod signals;
 mod soak;
