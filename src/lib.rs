@@ -64,6 +64,7 @@ compile_error!(
 );
 
 mod backend;
+mod broker;
 mod builder;
 mod chunker;
 mod codec;
@@ -78,7 +79,9 @@ mod pipeline;
 mod pool;
 mod process;
 mod protocol;
+mod queue;
 mod scheduler;
+mod socket;
 mod spawn;
 mod state;
 mod supervisor;
@@ -93,6 +96,7 @@ pub use crate::par_map::{par_map, par_map_reduce};
 pub use crate::pipeline::{DEFAULT_STAGE_ITEMS, Pipeline, PipelineStats, Stage};
 pub use crate::pool::{Pool, PoolStats};
 pub use crate::process::{Process, ProcessBuilder};
+pub use crate::queue::Queue;
 pub use crate::worker::init;
 
 /// Items public only for this crate's own tests.

@@ -10,6 +10,7 @@ mod jobs;
 mod par_map;
 mod pipeline;
 mod process;
+mod queue;
 mod retries;
 mod signals;
 mod soak;
