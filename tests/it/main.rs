@@ -8,6 +8,7 @@ mod hardening;
 mod helpers;
 mod jobs;
 mod par_map;
+mod pipe;
 mod pipeline;
 mod process;
 mod queue;

@@ -74,7 +74,10 @@ fn queue_delivers_each_item_exactly_once_across_two_producers_and_two_consumers(
     assert_eq!(all.len(), 10_000);
     let distinct: HashSet<_> = all.iter().copied().collect();
     assert_eq!(distinct.len(), 10_000);
-    let checksum: u64 = all.iter().map(|&(p, i)| u64::from(p) * 1_000_000 + u64::from(i)).sum();
+    let checksum: u64 = all
+        .iter()
+        .map(|&(p, i)| u64::from(p) * 1_000_000 + u64::from(i))
+        .sum();
     let expected: u64 = (0..2u64)
         .flat_map(|p| (0..5_000u64).map(move |i| p * 1_000_000 + i))
         .sum();
@@ -139,7 +142,10 @@ fn queue_get_timeout_and_try_get_on_an_empty_queue() {
     ));
     let child = Process::spawn(queue.clone(), |q: Queue<u64>| {
         let empty = matches!(q.try_get(), Err(Error::QueueEmpty));
-        let timed_out = matches!(q.get_timeout(Duration::from_millis(5)), Err(Error::Timeout(_)));
+        let timed_out = matches!(
+            q.get_timeout(Duration::from_millis(5)),
+            Err(Error::Timeout(_))
+        );
         (empty, timed_out)
     })
     .unwrap();
