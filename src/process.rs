@@ -126,7 +126,7 @@ impl ProcessBuilder {
         let process = described.clone();
         thread::Builder::new()
             .name(format!("multiproc-process-{pid}"))
-            .spawn(move || wait_for::<U>(&waiter, &process, child, link, &replies))
+            .spawn(move || wait_for::<U>(&waiter, &process, child, link, replies))
             .map_err(|e| Error::ProcessStart {
                 process: described,
                 reason: format!("could not start its waiter thread: {e}"),
@@ -440,9 +440,9 @@ fn wait_for<U: DeserializeOwned>(
     process: &str,
     mut child: Child,
     link: ParentLink,
-    replies: &ipc_channel::ipc::IpcReceiver<RawFrame>,
+    replies: ipc_channel::ipc::IpcReceiver<RawFrame>,
 ) {
-    let received = transport::recv_reply(replies);
+    let received = transport::recv_reply(&replies);
     let outcome = match received {
         Ok(Some(raw)) => Some(read_reply::<U>(&link, raw, process)),
         Ok(None) => None,
@@ -454,8 +454,10 @@ fn wait_for<U: DeserializeOwned>(
             }),
         })),
     };
-    // Hanging up tells a worker that has replied to exit.
+    // Hanging up tells a worker that has replied to exit; every descriptor of
+    // the child's channels is closed before `join` can return.
     drop(link);
+    drop(replies);
     let mut pause = Duration::from_micros(20);
     loop {
         let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());

@@ -123,6 +123,12 @@ pub(crate) fn channels_leave_nothing_behind() {
             assert_eq!(queue.get().unwrap(), 5);
         }
     }
+    // The creator's server thread for a child's queue handle closes its socket when
+    // it reads the child's hang-up, on its own time: allow it a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while crate::support::open_fds() != before && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let after = crate::support::open_fds();
     assert_eq!(after, before, "descriptors leaked");
     assert!(
