@@ -283,6 +283,76 @@ pub enum Error {
     /// [`AsyncResult::get_timeout`](crate::AsyncResult::get_timeout).
     #[error("the result was already taken from this handle")]
     ResultTaken,
+    /// The task of a [`Process`](crate::Process) panicked; the message and location
+    /// are in `panic`.
+    #[error("process {process} panicked: {panic}")]
+    ProcessPanicked {
+        /// The process's name and pid.
+        process: String,
+        /// The panic message and location.
+        panic: TaskPanic,
+    },
+    /// A [`Process`](crate::Process) ended (killed by a signal, aborted, exited)
+    /// without returning its task's value.
+    #[error("process {process} ended before returning a value ({})", exit_description(.status))]
+    ProcessExited {
+        /// The process's name and pid.
+        process: String,
+        /// How it ended; `None` when it was reaped elsewhere.
+        status: Option<ExitStatus>,
+    },
+    /// A [`Process`](crate::Process) could not be started or did not connect.
+    #[error("could not start process {process}: {reason}")]
+    ProcessStart {
+        /// The process's name.
+        process: String,
+        /// Why, in words.
+        reason: String,
+    },
+    /// Another failure of a [`Process`](crate::Process)'s task (its argument or
+    /// value did not cross, the channel failed).
+    #[error("process {process} failed: {error}")]
+    Process {
+        /// The process's name and pid.
+        process: String,
+        /// What went wrong.
+        error: Box<Error>,
+    },
+    /// The [`Queue`](crate::Queue) was closed: no more puts, and every item has
+    /// been taken.
+    #[error("the queue is closed")]
+    QueueClosed,
+    /// A bounded [`Queue`](crate::Queue) was full when `try_put` was called.
+    #[error("the queue is full")]
+    QueueFull,
+    /// The [`Queue`](crate::Queue) was empty when `try_get` was called.
+    #[error("the queue is empty")]
+    QueueEmpty,
+    /// The process that created a [`Queue`](crate::Queue) (where its items are
+    /// kept) could not be reached, or refused the connection.
+    #[error("lost the queue kept by process {creator}")]
+    QueueLost {
+        /// The process that created the queue.
+        creator: u32,
+        /// What the operating system reported.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The other end of a [`Pipe`](crate::Pipe) was dropped, or the process
+    /// holding it exited.
+    #[error("the other end of the pipe was closed")]
+    PipeClosed,
+    /// A [`Pipe`](crate::Pipe) end could not be used: it was sent to another
+    /// process, could not be claimed from the process that sent it, or its socket
+    /// failed.
+    #[error("pipe end unusable: {what}")]
+    Pipe {
+        /// What went wrong, in words.
+        what: String,
+        /// What the operating system reported.
+        #[source]
+        source: std::io::Error,
+    },
     /// A callback given to `apply_async_with_callback` or `map_async_with_callback`
     /// panicked; the task's own result is lost with it.
     #[error("the callback panicked: {0}")]

@@ -71,6 +71,7 @@ compile_error!(
 );
 
 mod backend;
+mod broker;
 mod builder;
 mod chunker;
 mod codec;
@@ -82,11 +83,15 @@ mod interrupt;
 mod job;
 mod outcome;
 mod par_map;
+mod pipe;
 mod pipeline;
 mod pool;
+mod process;
 mod protocol;
+mod queue;
 mod scheduler;
 mod shared;
+mod socket;
 mod spawn;
 mod state;
 mod supervisor;
@@ -98,8 +103,11 @@ pub use crate::builder::PoolBuilder;
 pub use crate::error::{CodecError, Error, ErrorPolicy, Result, TaskPanic};
 pub use crate::handle::{AsyncResult, Imap, ImapUnordered};
 pub use crate::par_map::{par_map, par_map_reduce};
+pub use crate::pipe::Pipe;
 pub use crate::pipeline::{DEFAULT_STAGE_ITEMS, Pipeline, PipelineStats, Stage};
 pub use crate::pool::{Pool, PoolStats, Skipped};
+pub use crate::process::{Process, ProcessBuilder};
+pub use crate::queue::Queue;
 pub use crate::shared::{Shared, SharedSlice};
 pub use crate::worker::init;
 

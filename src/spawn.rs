@@ -170,6 +170,19 @@ pub(crate) fn reap(mut child: Child, grace: Duration) -> Option<ExitStatus> {
     child.wait().ok()
 }
 
+/// Sends `signal` to process `pid`. The caller makes sure `pid` is still its own
+/// unreaped child (so the number cannot have been reused).
+pub(crate) fn send_signal(pid: u32, signal: i32) -> io::Result<()> {
+    let pid = libc::pid_t::try_from(pid)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "process id out of range"))?;
+    // SAFETY: `kill` only asks the kernel to deliver a signal; it reads and writes no
+    // memory of ours. A positive pid names exactly one process, never a group.
+    if pid <= 0 || unsafe { libc::kill(pid, signal) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Long-lived threads that spawn children, so several can start at once.
 const SPAWNER_THREADS: usize = 4;
 

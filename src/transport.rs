@@ -256,6 +256,16 @@ fn retry_interrupted<R>(mut call: impl FnMut() -> Result<R, IpcError>) -> Result
     }
 }
 
+/// Blocks for the next reply on one worker's reply receiver, outside a receiver set
+/// (a `Process` has one worker and no set); `None` once the worker has hung up.
+pub(crate) fn recv_reply(replies: &IpcReceiver<RawFrame>) -> io::Result<Option<RawFrame>> {
+    match retry_interrupted(|| replies.recv()) {
+        Ok(raw) => Ok(Some(raw)),
+        Err(IpcError::Disconnected) => Ok(None),
+        Err(e) => Err(ipc_to_io(e)),
+    }
+}
+
 /// Waits up to `timeout` for the memfd announced by a large-frame marker.
 fn recv_shared(
     receiver: &IpcReceiver<IpcSharedMemory>,

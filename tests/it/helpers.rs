@@ -53,6 +53,8 @@ fn play(role: &OsStr) {
         crate::shared::helper_shared();
     } else if role == "interrupt" {
         interrupted();
+    } else if role == "channels" {
+        crate::pipe::channels_leave_nothing_behind();
     } else if let Some(n) = role.strip_prefix("nested:") {
         nested(n.parse().expect("nested:<n> takes a number"));
     } else {

@@ -1,0 +1,316 @@
+//! The rendezvous through which other processes of the job reach this process's
+//! queues and claim the pipe ends it handed out.
+//!
+//! One per process, started the first time a queue or pipe end is sent elsewhere: a
+//! thread listening on an abstract-namespace Unix socket (no file, so nothing is left
+//! after a `kill -9`) with a random 128-bit name. A connection must come from a
+//! process of the same user that descends from this one (the kernel's SO_PEERCRED,
+//! then the parent links in `/proc`), and must begin with a random 128-bit token
+//! that only travels inside the serialized handles. Anything else is closed at once.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::linux::net::SocketAddrExt as _;
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::sync::{Mutex, OnceLock};
+use std::thread;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::socket;
+
+/// What a connection asks for: to talk to a queue, or to claim a parked descriptor.
+pub(crate) const KIND_QUEUE: u8 = 0;
+const KIND_CLAIM: u8 = 1;
+
+/// Status byte answering a connection's opening.
+const ACCEPTED: u8 = 0;
+const UNKNOWN: u8 = 1;
+
+/// How long a new connection may take to say who it is.
+const OPENING_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where a process's rendezvous is and the secret that opens it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Address {
+    name: [u8; 16],
+    token: [u8; 16],
+    /// The process that owns the rendezvous.
+    pub(crate) creator: u32,
+}
+
+impl Address {
+    /// Whether this is the rendezvous of this very process.
+    pub(crate) fn is_own(&self) -> bool {
+        BROKER.get().is_some_and(|b| b.address == *self)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn with_wrong_token(mut self) -> Self {
+        self.token[0] ^= 1;
+        self
+    }
+
+    fn socket_name(&self) -> String {
+        let hex: String = self.name.iter().map(|b| format!("{b:02x}")).collect();
+        format!("multiproc-{hex}")
+    }
+}
+
+type Handler = fn(u64, UnixStream);
+
+struct Broker {
+    address: Address,
+    queue_handler: Mutex<Option<Handler>>,
+    parked: Mutex<HashMap<u64, OwnedFd>>,
+}
+
+static BROKER: OnceLock<Broker> = OnceLock::new();
+static START: Mutex<()> = Mutex::new(());
+
+/// This process's rendezvous, started on first use. `handler` serves the queue
+/// connections.
+pub(crate) fn address(handler: Option<Handler>) -> io::Result<Address> {
+    let broker = start()?;
+    if let Some(handler) = handler {
+        *broker
+            .queue_handler
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(handler);
+    }
+    Ok(broker.address)
+}
+
+fn start() -> io::Result<&'static Broker> {
+    if let Some(broker) = BROKER.get() {
+        return Ok(broker);
+    }
+    let _starting = START.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(broker) = BROKER.get() {
+        return Ok(broker);
+    }
+    let address = Address {
+        name: random()?,
+        token: random()?,
+        creator: std::process::id(),
+    };
+    let listener = UnixListener::bind_addr(&SocketAddr::from_abstract_name(
+        address.socket_name().as_bytes(),
+    )?)?;
+    let broker = BROKER.get_or_init(|| Broker {
+        address,
+        queue_handler: Mutex::new(None),
+        parked: Mutex::new(HashMap::new()),
+    });
+    thread::Builder::new()
+        .name("multiproc-broker".into())
+        .spawn(move || accept_loop(&listener, broker))?;
+    Ok(broker)
+}
+
+fn accept_loop(listener: &UnixListener, broker: &'static Broker) {
+    loop {
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => {
+                // Out of descriptors or memory: let it pass and try again shortly.
+                thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        // A refused or failed connection is simply closed.
+        let _ = thread::Builder::new()
+            .name("multiproc-broker-conn".into())
+            .spawn(move || {
+                let _ = serve(stream, broker);
+            });
+    }
+}
+
+fn serve(mut stream: UnixStream, broker: &Broker) -> io::Result<()> {
+    let peer = socket::peer(&stream)?;
+    if peer.uid != socket::own_uid() || !descends_from_us(peer.pid) {
+        return Ok(());
+    }
+    stream.set_read_timeout(Some(OPENING_TIMEOUT))?;
+    let mut opening = [0u8; 16 + 1 + 8];
+    stream.read_exact(&mut opening)?;
+    if !same_secret(&opening[..16], &broker.address.token) {
+        return Ok(());
+    }
+    stream.set_read_timeout(None)?;
+    let kind = opening[16];
+    let id = u64::from_le_bytes(opening[17..].try_into().expect("8 bytes"));
+    match kind {
+        KIND_QUEUE => {
+            let handler = *broker
+                .queue_handler
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            match handler {
+                Some(handler) => handler(id, stream),
+                None => stream.write_all(&[UNKNOWN])?,
+            }
+        }
+        KIND_CLAIM => {
+            let fd = broker
+                .parked
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            match fd {
+                // Our copy closes when `fd` drops, once the claimant has its own.
+                Some(fd) => socket::send_fd(&stream, ACCEPTED, fd.as_raw_fd())?,
+                None => stream.write_all(&[UNKNOWN])?,
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Answers a queue connection's opening: the queue exists (`true`) or not.
+pub(crate) fn answer(stream: &mut UnixStream, known: bool) -> io::Result<()> {
+    stream.write_all(&[if known { ACCEPTED } else { UNKNOWN }])
+}
+
+/// Opens a connection to a queue behind `address`.
+pub(crate) fn connect(address: &Address, id: u64) -> io::Result<UnixStream> {
+    let mut stream = open(address, KIND_QUEUE, id)?;
+    let mut status = [0u8];
+    stream
+        .read_exact(&mut status)
+        .map_err(|e| refused(address, e))?;
+    if status[0] != ACCEPTED {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("process {} no longer has this queue", address.creator),
+        ));
+    }
+    Ok(stream)
+}
+
+/// Takes the descriptor parked as `id` behind `address`; the owner closes its copy.
+pub(crate) fn claim(address: &Address, id: u64) -> io::Result<OwnedFd> {
+    let stream = open(address, KIND_CLAIM, id)?;
+    match socket::recv_fd(&stream) {
+        Ok((ACCEPTED, Some(fd))) => Ok(fd),
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "process {} has no such end to hand over (already claimed?)",
+                address.creator
+            ),
+        )),
+        Err(e) => Err(refused(address, e)),
+    }
+}
+
+/// Parks a descriptor until another process claims it; returns its id.
+pub(crate) fn park(fd: OwnedFd) -> io::Result<(Address, u64)> {
+    let broker = start()?;
+    let id = next_id();
+    broker
+        .parked
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id, fd);
+    Ok((broker.address, id))
+}
+
+/// A fresh id for a queue or a parked descriptor, unique in this process.
+pub(crate) fn next_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+fn open(address: &Address, kind: u8, id: u64) -> io::Result<UnixStream> {
+    let name = SocketAddr::from_abstract_name(address.socket_name().as_bytes())?;
+    let mut stream = UnixStream::connect_addr(&name).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "cannot reach process {} (has it exited?): {e}",
+                address.creator
+            ),
+        )
+    })?;
+    let mut opening = [0u8; 16 + 1 + 8];
+    opening[..16].copy_from_slice(&address.token);
+    opening[16] = kind;
+    opening[17..].copy_from_slice(&id.to_le_bytes());
+    stream.write_all(&opening)?;
+    Ok(stream)
+}
+
+fn refused(address: &Address, e: io::Error) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!(
+            "process {} refused the connection or went away: {e}",
+            address.creator
+        ),
+    )
+}
+
+/// Compares two secrets in time that does not depend on where they differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Whether `pid` is this process or one of its descendants.
+fn descends_from_us(mut pid: u32) -> bool {
+    let us = std::process::id();
+    for _ in 0..256 {
+        if pid == us {
+            return true;
+        }
+        if pid <= 1 {
+            return false;
+        }
+        match parent_of(pid) {
+            Some(parent) => pid = parent,
+            None => return false,
+        }
+    }
+    false
+}
+
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn random() -> io::Result<[u8; 16]> {
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_descends_from_itself_but_not_its_parent() {
+        assert!(descends_from_us(std::process::id()));
+        assert!(!descends_from_us(std::os::unix::process::parent_id()));
+        assert!(!descends_from_us(1));
+    }
+
+    #[test]
+    fn a_wrong_token_is_refused() {
+        let fd = OwnedFd::from(UnixStream::pair().unwrap().0);
+        let (address, id) = park(fd).unwrap();
+        let err = claim(&address.with_wrong_token(), id).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied, "{err}");
+        // The right token still gets it, once.
+        claim(&address, id).unwrap();
+        assert!(claim(&address, id).is_err());
+    }
+}

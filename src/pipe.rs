@@ -1,0 +1,310 @@
+//! Pipe: two typed ends of a socket pair, Python's `multiprocessing.Pipe`.
+//!
+//! An end is a connected Unix stream socket. Values cross as frames:
+//! `length (u64, little endian) | encoded value`. An end sent to another process (by
+//! serializing it into a `Process` argument or a pool item) is moved out of this
+//! process: its descriptor is parked at this process's rendezvous (`broker.rs`), the
+//! serialized form names it, and the receiving process claims it with SCM_RIGHTS as
+//! it decodes the value. The parked copy is closed as soon as it is claimed, so once
+//! the receiver exits, the other end reads end-of-file and `recv` fails.
+
+use std::io::{self, Read, Write};
+use std::marker::PhantomData;
+use std::net::Shutdown;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::broker::{self, Address};
+use crate::codec;
+use crate::error::{Error, Result};
+use crate::socket;
+
+/// One end of a pipe: it sends `A` and receives `B`.
+///
+/// Made in pairs by [`Pipe::duplex`] (each end sends and receives) or
+/// [`Pipe::one_way`]. An end is moved to a child by putting it into the argument of
+/// [`Process::spawn`](crate::Process::spawn) (or a pool item): the child takes the
+/// descriptor over and this process keeps no copy, so when the child exits or drops
+/// its end, [`recv`](Pipe::recv) here fails with [`Error::PipeClosed`] instead of
+/// waiting forever. Using an end in this process after sending it away is an
+/// [`Error::Pipe`].
+///
+/// One thread at a time uses an end (calls on the same end from several threads
+/// take turns).
+///
+/// ```standalone_crate
+/// fn main() -> multiproc::Result<()> {
+///     multiproc::init();
+///     let (here, there) = multiproc::Pipe::<String, usize>::duplex()?;
+///     let child = multiproc::Process::spawn(there, |end: multiproc::Pipe<usize, String>| {
+///         let word = end.recv().unwrap();
+///         end.send(word.len()).unwrap();
+///     })?;
+///     here.send("hello".to_string())?;
+///     assert_eq!(here.recv()?, 5);
+///     child.join()?;
+///     Ok(())
+/// }
+/// ```
+pub struct Pipe<A, B> {
+    end: Mutex<End>,
+    _types: PhantomData<fn(A) -> B>,
+}
+
+enum End {
+    Open(UnixStream),
+    /// Decoded in the process that parked it: claimed on first use.
+    Parked(Wire),
+    /// Sent to another process.
+    Sent(Wire),
+    /// Could not be claimed when it was decoded.
+    Broken(String, io::ErrorKind),
+}
+
+/// What an end becomes on the wire.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct Wire {
+    address: Address,
+    id: u64,
+}
+
+impl<A, B> Pipe<A, B> {
+    /// Two connected ends: what one sends, the other receives, both ways.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Pipe`] when the socket pair cannot be made (out of descriptors).
+    pub fn duplex() -> Result<(Pipe<A, B>, Pipe<B, A>)> {
+        let (a, b) = UnixStream::pair().map_err(|source| Error::Pipe {
+            what: "could not create a socket pair".into(),
+            source,
+        })?;
+        Ok((Pipe::open(a), Pipe::open(b)))
+    }
+
+    fn open(stream: UnixStream) -> Self {
+        Pipe {
+            end: Mutex::new(End::Open(stream)),
+            _types: PhantomData,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, End> {
+        self.end.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The open stream, claiming a parked end first.
+    fn stream<'a>(end: &'a mut MutexGuard<'_, End>) -> Result<&'a mut UnixStream> {
+        if let End::Parked(wire) = &**end {
+            let wire = *wire;
+            let fd = broker::claim(&wire.address, wire.id).map_err(|source| Error::Pipe {
+                what: "could not claim the end".into(),
+                source,
+            })?;
+            **end = End::Open(UnixStream::from(fd));
+        }
+        match &mut **end {
+            End::Open(stream) => Ok(stream),
+            End::Sent(_) => Err(Error::Pipe {
+                what: "this end was sent to another process".into(),
+                source: io::Error::from(io::ErrorKind::NotConnected),
+            }),
+            End::Broken(what, kind) => Err(Error::Pipe {
+                what: what.clone(),
+                source: io::Error::from(*kind),
+            }),
+            End::Parked(_) => Err(Error::Pipe {
+                what: "the end is still parked".into(),
+                source: io::Error::from(io::ErrorKind::NotConnected),
+            }),
+        }
+    }
+}
+
+impl<T> Pipe<T, ()> {
+    /// Two ends of a one-way pipe: the first sends `T`, the second receives it
+    /// (Python's `Pipe(duplex=False)`, in the order sender, receiver).
+    ///
+    /// # Errors
+    ///
+    /// As [`Pipe::duplex`].
+    pub fn one_way() -> Result<(Pipe<T, ()>, Pipe<(), T>)> {
+        let (sender, receiver) = Pipe::<T, ()>::duplex()?;
+        for (end, how) in [
+            (sender.lock(), Shutdown::Read),
+            (receiver.lock(), Shutdown::Write),
+        ] {
+            if let End::Open(stream) = &*end {
+                stream.shutdown(how).map_err(|source| Error::Pipe {
+                    what: "could not make the pipe one-way".into(),
+                    source,
+                })?;
+            }
+        }
+        Ok((sender, receiver))
+    }
+}
+
+impl<A: Serialize, B> Pipe<A, B> {
+    /// Sends a value to the other end. It waits only while the socket's buffer is
+    /// full (the other side is not reading).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::PipeClosed`] when the other end is gone, [`Error::EncodeItem`] when
+    /// the value does not encode, [`Error::Pipe`] when this end was sent away.
+    pub fn send(&self, value: A) -> Result<()> {
+        let mut frame = vec![0u8; 8];
+        codec::encode_into(&value, &mut frame)
+            .map_err(|source| Error::EncodeItem { item: 0, source })?;
+        let len = (frame.len() - 8) as u64;
+        frame[..8].copy_from_slice(&len.to_le_bytes());
+        let mut end = self.lock();
+        let stream = Self::stream(&mut end)?;
+        stream.write_all(&frame).map_err(hang_up)
+    }
+}
+
+impl<A, B: DeserializeOwned> Pipe<A, B> {
+    /// Receives the next value, waiting for it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::PipeClosed`] once the other end is dropped or its process has
+    /// exited, [`Error::DecodeItem`] when the value does not decode as `B`,
+    /// [`Error::Pipe`] when this end was sent away.
+    pub fn recv(&self) -> Result<B> {
+        self.recv_within(None)
+    }
+
+    /// Receives the next value, waiting at most `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`] when nothing came in time; otherwise as
+    /// [`recv`](Pipe::recv).
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<B> {
+        self.recv_within(Some(timeout))
+    }
+
+    /// Receives a value if one is there now.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`] (with a zero duration) when nothing is there; otherwise as
+    /// [`recv`](Pipe::recv).
+    pub fn try_recv(&self) -> Result<B> {
+        self.recv_within(Some(Duration::ZERO))
+    }
+
+    fn recv_within(&self, timeout: Option<Duration>) -> Result<B> {
+        let mut end = self.lock();
+        let stream = Self::stream(&mut end)?;
+        if timeout.is_some() {
+            let ready = socket::wait_readable(stream, timeout).map_err(|source| Error::Pipe {
+                what: "could not wait for input".into(),
+                source,
+            })?;
+            if !ready {
+                return Err(Error::Timeout(timeout.unwrap_or_default()));
+            }
+        }
+        let mut header = [0u8; 8];
+        stream.read_exact(&mut header).map_err(hang_up)?;
+        let len = usize::try_from(u64::from_le_bytes(header)).map_err(|_| Error::PipeClosed)?;
+        let mut bytes = Vec::new();
+        bytes.try_reserve_exact(len).map_err(|_| Error::Pipe {
+            what: format!("a {len}-byte frame does not fit in memory"),
+            source: io::Error::from(io::ErrorKind::OutOfMemory),
+        })?;
+        bytes.resize(len, 0);
+        stream.read_exact(&mut bytes).map_err(hang_up)?;
+        codec::decode(&bytes).map_err(|source| Error::DecodeItem {
+            item: 0,
+            worker: None,
+            source,
+        })
+    }
+}
+
+/// End-of-file and a reset both mean the other end is gone.
+fn hang_up(e: io::Error) -> Error {
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof
+        | io::ErrorKind::BrokenPipe
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::ConnectionAborted => Error::PipeClosed,
+        _ => Error::Pipe {
+            what: "the socket failed".into(),
+            source: e,
+        },
+    }
+}
+
+impl<A, B> std::fmt::Debug for Pipe<A, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match &*self.lock() {
+            End::Open(_) => "open",
+            End::Parked(_) => "parked",
+            End::Sent(_) => "sent",
+            End::Broken(..) => "broken",
+        };
+        f.debug_struct("Pipe").field("end", &state).finish()
+    }
+}
+
+impl<A, B> Serialize for Pipe<A, B> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        let mut end = self.lock();
+        let wire = match &*end {
+            End::Parked(wire) | End::Sent(wire) => *wire,
+            End::Broken(what, _) => return Err(serde::ser::Error::custom(what)),
+            End::Open(_) => {
+                let End::Open(stream) = std::mem::replace(
+                    &mut *end,
+                    End::Broken("the end is being sent".into(), io::ErrorKind::Other),
+                ) else {
+                    return Err(serde::ser::Error::custom("pipe end changed state"));
+                };
+                match broker::park(OwnedFd::from(stream)) {
+                    Ok((address, id)) => {
+                        let wire = Wire { address, id };
+                        *end = End::Sent(wire);
+                        wire
+                    }
+                    Err(e) => {
+                        *end = End::Broken(format!("could not hand the end over: {e}"), e.kind());
+                        return Err(serde::ser::Error::custom(e));
+                    }
+                }
+            }
+        };
+        wire.serialize(serializer)
+    }
+}
+
+impl<'de, A, B> Deserialize<'de> for Pipe<A, B> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        let wire = Wire::deserialize(deserializer)?;
+        // In the process that parked it (a check that the value decodes, or an end
+        // sent back): claim it only when it is used.
+        let end = if wire.address.is_own() {
+            End::Parked(wire)
+        } else {
+            // Elsewhere: take it over now, so the parked copy is closed at once.
+            match broker::claim(&wire.address, wire.id) {
+                Ok(fd) => End::Open(UnixStream::from(fd)),
+                Err(e) => End::Broken(format!("could not claim the end: {e}"), e.kind()),
+            }
+        };
+        Ok(Pipe {
+            end: Mutex::new(end),
+            _types: PhantomData,
+        })
+    }
+}

@@ -1,0 +1,624 @@
+//! Queue: many producers, many consumers, across the processes of a job.
+//!
+//! The items live in the process that created the queue, encoded. Handles in that
+//! process use them directly; a handle that crossed to another process (inside a
+//! `Process` argument, a pool item, another queue's item) connects to the creator's
+//! rendezvous (`broker.rs`) on first use, and a thread there serves its requests.
+//! Each request is one frame: `length (u32) | tag (u8) | wait (u64) | payload`.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::marker::PhantomData;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::broker::{self, Address};
+use crate::codec;
+use crate::error::{Error, Result};
+use crate::socket;
+
+// Requests.
+const PUT: u8 = 1;
+const GET: u8 = 2;
+const CLOSE: u8 = 3;
+// Answers.
+const OK: u8 = 10;
+const ITEM: u8 = 11;
+const FULL: u8 = 12;
+const EMPTY: u8 = 13;
+const TIMED_OUT: u8 = 14;
+const CLOSED: u8 = 15;
+
+/// `wait` value meaning "as long as it takes".
+const FOREVER: u64 = u64::MAX;
+
+/// How often a broker thread blocked for a remote handle checks that its peer is
+/// still there.
+const PEER_CHECK: Duration = Duration::from_millis(100);
+
+/// A multi-producer, multi-consumer queue between the processes of a job: Python's
+/// `multiprocessing.Queue`, typed.
+///
+/// Clone it, or put it inside the argument of [`Process::spawn`](crate::Process::spawn)
+/// or the items of a pool task, and every holder (the creating process, its
+/// children, their children: siblings too) puts and gets on the same queue. Each
+/// item goes to exactly one consumer, once. [`close`](Queue::close) tells consumers
+/// that no more will come: they drain what is left, then get
+/// [`Error::QueueClosed`], with no sentinel value.
+///
+/// The items are kept in the process that created the queue. Keep a handle there
+/// (the creator's own `Queue`) until the other processes are done with it: when
+/// the creator's last handle and last connection are gone, the queue is gone.
+///
+/// Only processes of the same user that descend from the creator can connect, and
+/// only with the secret inside a handle. Nothing is left on disk.
+///
+/// An item is handed to a consumer as soon as it asks; a consumer killed in the
+/// moment between the hand-over and its own read loses that one item (it is not
+/// given to another consumer).
+///
+/// ```standalone_crate
+/// fn main() -> multiproc::Result<()> {
+///     multiproc::init();
+///     let queue = multiproc::Queue::<String>::unbounded();
+///     let writer = multiproc::Process::spawn(queue.clone(), |q: multiproc::Queue<String>| {
+///         for word in ["A", "B", "C"] {
+///             q.put(word.to_string()).unwrap();
+///         }
+///     })?;
+///     writer.join()?;
+///     assert_eq!(queue.get()?, "A");
+///     Ok(())
+/// }
+/// ```
+pub struct Queue<T> {
+    route: Route,
+    _items: PhantomData<fn(T) -> T>,
+}
+
+enum Route {
+    Local {
+        state: Arc<State>,
+        id: u64,
+    },
+    Remote {
+        address: Address,
+        id: u64,
+        connection: Mutex<Option<UnixStream>>,
+    },
+}
+
+/// How long an operation may wait.
+#[derive(Debug, Clone, Copy)]
+enum Wait {
+    Try,
+    For(Duration),
+    Forever,
+}
+
+impl Wait {
+    fn encode(self) -> u64 {
+        match self {
+            Wait::Try => 0,
+            Wait::For(d) => u64::try_from(d.as_nanos()).unwrap_or(FOREVER - 1).max(1),
+            Wait::Forever => FOREVER,
+        }
+    }
+
+    fn decode(wait: u64) -> Self {
+        match wait {
+            0 => Wait::Try,
+            FOREVER => Wait::Forever,
+            nanos => Wait::For(Duration::from_nanos(nanos)),
+        }
+    }
+}
+
+/// Why an operation did not happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    Full,
+    Empty,
+    TimedOut,
+    Closed,
+    /// A remote handle's process went away while its broker thread waited.
+    PeerGone,
+}
+
+/// The queue itself, in the creating process.
+struct State {
+    inner: Mutex<Inner>,
+    not_empty: Condvar,
+    not_full: Condvar,
+    capacity: Option<usize>,
+}
+
+struct Inner {
+    items: VecDeque<Vec<u8>>,
+    closed: bool,
+}
+
+/// The queues of this process that other processes may reach.
+static QUEUES: Mutex<Option<HashMap<u64, Weak<State>>>> = Mutex::new(None);
+
+impl State {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn put(
+        &self,
+        item: Vec<u8>,
+        wait: Wait,
+        alive: &dyn Fn() -> bool,
+    ) -> std::result::Result<(), Refusal> {
+        let deadline = deadline(wait);
+        let mut inner = self.lock();
+        loop {
+            if inner.closed {
+                return Err(Refusal::Closed);
+            }
+            if self.capacity.is_none_or(|cap| inner.items.len() < cap) {
+                inner.items.push_back(item);
+                drop(inner);
+                self.not_empty.notify_one();
+                return Ok(());
+            }
+            inner = self.wait(&self.not_full, inner, wait, deadline, alive, Refusal::Full)?;
+        }
+    }
+
+    fn get(&self, wait: Wait, alive: &dyn Fn() -> bool) -> std::result::Result<Vec<u8>, Refusal> {
+        let deadline = deadline(wait);
+        let mut inner = self.lock();
+        loop {
+            if let Some(item) = inner.items.pop_front() {
+                drop(inner);
+                self.not_full.notify_one();
+                return Ok(item);
+            }
+            if inner.closed {
+                return Err(Refusal::Closed);
+            }
+            inner = self.wait(
+                &self.not_empty,
+                inner,
+                wait,
+                deadline,
+                alive,
+                Refusal::Empty,
+            )?;
+        }
+    }
+
+    /// Puts an item that could not be delivered back at the front.
+    fn unget(&self, item: Vec<u8>) {
+        self.lock().items.push_front(item);
+        self.not_empty.notify_one();
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.not_empty.notify_all();
+        self.not_full.notify_all();
+    }
+
+    fn wait<'a>(
+        &self,
+        condvar: &Condvar,
+        inner: MutexGuard<'a, Inner>,
+        wait: Wait,
+        deadline: Option<Instant>,
+        alive: &dyn Fn() -> bool,
+        now_refusal: Refusal,
+    ) -> std::result::Result<MutexGuard<'a, Inner>, Refusal> {
+        let slice = match (wait, deadline) {
+            (Wait::Try, _) => return Err(now_refusal),
+            (_, Some(deadline)) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(Refusal::TimedOut);
+                }
+                left.min(PEER_CHECK)
+            }
+            (_, None) => PEER_CHECK,
+        };
+        let (inner, timeout) = condvar
+            .wait_timeout(inner, slice)
+            .unwrap_or_else(|p| p.into_inner());
+        if timeout.timed_out() && !alive() {
+            return Err(Refusal::PeerGone);
+        }
+        Ok(inner)
+    }
+}
+
+fn deadline(wait: Wait) -> Option<Instant> {
+    match wait {
+        Wait::For(d) => Instant::now().checked_add(d),
+        _ => None,
+    }
+}
+
+impl<T> Queue<T> {
+    /// A queue holding at most `capacity` items: [`put`](Queue::put) waits while
+    /// `capacity` items wait to be taken. A capacity of 0 is taken as 1.
+    pub fn bounded(capacity: usize) -> Self {
+        Self::new(Some(capacity.max(1)))
+    }
+
+    /// A queue with no bound: [`put`](Queue::put) never waits.
+    pub fn unbounded() -> Self {
+        Self::new(None)
+    }
+
+    fn new(capacity: Option<usize>) -> Self {
+        let state = Arc::new(State {
+            inner: Mutex::new(Inner {
+                items: VecDeque::new(),
+                closed: false,
+            }),
+            not_empty: Condvar::new(),
+            not_full: Condvar::new(),
+            capacity,
+        });
+        let id = broker::next_id();
+        let mut queues = QUEUES.lock().unwrap_or_else(|p| p.into_inner());
+        let queues = queues.get_or_insert_with(HashMap::new);
+        queues.retain(|_, q| q.strong_count() > 0);
+        queues.insert(id, Arc::downgrade(&state));
+        Queue {
+            route: Route::Local { state, id },
+            _items: PhantomData,
+        }
+    }
+}
+
+impl<T: Serialize + DeserializeOwned> Queue<T> {
+    /// Adds an item, waiting while a bounded queue is full.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::QueueClosed`] once the queue is closed, [`Error::EncodeItem`] when the
+    /// item does not encode, [`Error::QueueLost`] when the creating process cannot be
+    /// reached.
+    pub fn put(&self, item: T) -> Result<()> {
+        self.put_with(item, Wait::Forever)
+    }
+
+    /// Adds an item if there is room now.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::QueueFull`] when a bounded queue is full; otherwise as
+    /// [`put`](Queue::put).
+    pub fn try_put(&self, item: T) -> Result<()> {
+        self.put_with(item, Wait::Try)
+    }
+
+    /// Adds an item, waiting at most `timeout` for room.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`] when there was no room in time; otherwise as
+    /// [`put`](Queue::put).
+    pub fn put_timeout(&self, item: T, timeout: Duration) -> Result<()> {
+        self.put_with(item, Wait::For(timeout))
+    }
+
+    /// Takes the next item, waiting for one.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::QueueClosed`] once the queue is closed and empty, [`Error::QueueLost`]
+    /// when the creating process cannot be reached, [`Error::DecodeItem`] when the
+    /// item does not decode as `T`.
+    pub fn get(&self) -> Result<T> {
+        self.get_with(Wait::Forever)
+    }
+
+    /// Takes the next item if there is one now.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::QueueEmpty`] when there is none; otherwise as [`get`](Queue::get).
+    pub fn try_get(&self) -> Result<T> {
+        self.get_with(Wait::Try)
+    }
+
+    /// Takes the next item, waiting at most `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`] when none came in time; otherwise as [`get`](Queue::get).
+    pub fn get_timeout(&self, timeout: Duration) -> Result<T> {
+        self.get_with(Wait::For(timeout))
+    }
+
+    /// Closes the queue for every holder: later puts fail, blocked puts fail, and
+    /// consumers get [`Error::QueueClosed`] once they have taken what is left.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::QueueLost`] when the creating process cannot be reached.
+    pub fn close(&self) -> Result<()> {
+        match &self.route {
+            Route::Local { state, .. } => {
+                state.close();
+                Ok(())
+            }
+            Route::Remote { .. } => self.request(CLOSE, Wait::Try, &[]).map(|_| ()),
+        }
+    }
+
+    fn put_with(&self, item: T, wait: Wait) -> Result<()> {
+        let mut bytes = Vec::new();
+        codec::encode_into(&item, &mut bytes)
+            .map_err(|source| Error::EncodeItem { item: 0, source })?;
+        match &self.route {
+            Route::Local { state, .. } => state
+                .put(bytes, wait, &|| true)
+                .map_err(|r| refusal(r, wait)),
+            Route::Remote { .. } => self.request(PUT, wait, &bytes).map(|_| ()),
+        }
+    }
+
+    fn get_with(&self, wait: Wait) -> Result<T> {
+        let bytes = match &self.route {
+            Route::Local { state, .. } => {
+                state.get(wait, &|| true).map_err(|r| refusal(r, wait))?
+            }
+            Route::Remote { .. } => self.request(GET, wait, &[])?,
+        };
+        codec::decode(&bytes).map_err(|source| Error::DecodeItem {
+            item: 0,
+            worker: None,
+            source,
+        })
+    }
+
+    /// One request to the creator's broker; the payload of its answer.
+    fn request(&self, tag: u8, wait: Wait, payload: &[u8]) -> Result<Vec<u8>> {
+        let Route::Remote {
+            address,
+            id,
+            connection,
+        } = &self.route
+        else {
+            return Err(Error::Config("a local queue has no connection"));
+        };
+        let lost = |source: io::Error| Error::QueueLost {
+            creator: address.creator,
+            source,
+        };
+        let mut guard = connection.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            *guard = Some(broker::connect(address, *id).map_err(lost)?);
+        }
+        let stream = guard.as_mut().expect("connected just above");
+        let answer =
+            write_frame(stream, tag, wait.encode(), payload).and_then(|()| read_frame(stream));
+        let (answer, _, bytes) = match answer {
+            Ok(answer) => answer,
+            Err(e) => {
+                // The stream may hold half a frame: start afresh next time.
+                *guard = None;
+                return Err(lost(e));
+            }
+        };
+        match answer {
+            OK | ITEM => Ok(bytes),
+            FULL => Err(refusal(Refusal::Full, wait)),
+            EMPTY => Err(refusal(Refusal::Empty, wait)),
+            TIMED_OUT => Err(refusal(Refusal::TimedOut, wait)),
+            CLOSED => Err(refusal(Refusal::Closed, wait)),
+            other => {
+                *guard = None;
+                Err(lost(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("unexpected answer {other}"),
+                )))
+            }
+        }
+    }
+}
+
+fn refusal(refusal: Refusal, wait: Wait) -> Error {
+    match refusal {
+        Refusal::Full => Error::QueueFull,
+        Refusal::Empty => Error::QueueEmpty,
+        Refusal::Closed => Error::QueueClosed,
+        Refusal::TimedOut | Refusal::PeerGone => Error::Timeout(match wait {
+            Wait::For(d) => d,
+            _ => Duration::ZERO,
+        }),
+    }
+}
+
+/// Serves one remote handle's connection in the creating process, until it hangs up.
+fn serve(id: u64, mut stream: UnixStream) {
+    let state = QUEUES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .and_then(|queues| queues.get(&id))
+        .and_then(Weak::upgrade);
+    if broker::answer(&mut stream, state.is_some()).is_err() {
+        return;
+    }
+    let Some(state) = state else {
+        return;
+    };
+    let peer = match stream.try_clone() {
+        Ok(peer) => peer,
+        Err(_) => return,
+    };
+    let alive = move || peer_alive(&peer);
+    while let Ok((tag, wait, payload)) = read_frame(&mut stream) {
+        let wait = Wait::decode(wait);
+        let sent = match tag {
+            PUT => match state.put(payload, wait, &alive) {
+                Ok(()) => write_frame(&mut stream, OK, 0, &[]),
+                Err(r) => write_refusal(&mut stream, r),
+            },
+            GET => match state.get(wait, &alive) {
+                Ok(item) => match write_frame(&mut stream, ITEM, 0, &item) {
+                    Ok(()) => Ok(()),
+                    Err(e) => {
+                        // Not delivered: the next consumer gets it.
+                        state.unget(item);
+                        Err(e)
+                    }
+                },
+                Err(r) => write_refusal(&mut stream, r),
+            },
+            CLOSE => {
+                state.close();
+                write_frame(&mut stream, OK, 0, &[])
+            }
+            _ => return,
+        };
+        if sent.is_err() {
+            return;
+        }
+    }
+}
+
+fn write_refusal(stream: &mut UnixStream, refusal: Refusal) -> io::Result<()> {
+    let tag = match refusal {
+        Refusal::Full => FULL,
+        Refusal::Empty => EMPTY,
+        Refusal::TimedOut => TIMED_OUT,
+        Refusal::Closed => CLOSED,
+        Refusal::PeerGone => {
+            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "peer gone"));
+        }
+    };
+    write_frame(stream, tag, 0, &[])
+}
+
+/// Whether the process at the other end of `stream` still holds it open (it has
+/// sent nothing while it waits for an answer, so readable means end-of-file).
+fn peer_alive(stream: &UnixStream) -> bool {
+    !matches!(
+        socket::wait_readable(stream, Some(Duration::ZERO)),
+        Ok(true) | Err(_)
+    )
+}
+
+fn write_frame(stream: &mut UnixStream, tag: u8, wait: u64, payload: &[u8]) -> io::Result<()> {
+    let len = u32::try_from(payload.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "item larger than 4 GiB"))?;
+    let mut header = [0u8; 13];
+    header[..4].copy_from_slice(&len.to_le_bytes());
+    header[4] = tag;
+    header[5..].copy_from_slice(&wait.to_le_bytes());
+    if payload.len() <= 4096 {
+        let mut frame = Vec::with_capacity(13 + payload.len());
+        frame.extend_from_slice(&header);
+        frame.extend_from_slice(payload);
+        stream.write_all(&frame)
+    } else {
+        stream.write_all(&header)?;
+        stream.write_all(payload)
+    }
+}
+
+fn read_frame(stream: &mut UnixStream) -> io::Result<(u8, u64, Vec<u8>)> {
+    let mut header = [0u8; 13];
+    stream.read_exact(&mut header)?;
+    let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+    let wait = u64::from_le_bytes(header[5..].try_into().expect("8 bytes"));
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload)?;
+    Ok((header[4], wait, payload))
+}
+
+impl<T> Clone for Queue<T> {
+    fn clone(&self) -> Self {
+        let route = match &self.route {
+            Route::Local { state, id } => Route::Local {
+                state: Arc::clone(state),
+                id: *id,
+            },
+            Route::Remote { address, id, .. } => Route::Remote {
+                address: *address,
+                id: *id,
+                connection: Mutex::new(None),
+            },
+        };
+        Queue {
+            route,
+            _items: PhantomData,
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for Queue<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.route {
+            Route::Local { id, .. } => f.debug_struct("Queue").field("id", id).finish(),
+            Route::Remote { address, id, .. } => f
+                .debug_struct("Queue")
+                .field("id", id)
+                .field("creator", &address.creator)
+                .finish(),
+        }
+    }
+}
+
+/// What a queue handle becomes on the wire.
+#[derive(Serialize, Deserialize)]
+struct Wire {
+    address: Address,
+    id: u64,
+}
+
+impl<T> Serialize for Queue<T> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        let wire = match &self.route {
+            Route::Local { id, .. } => Wire {
+                address: broker::address(Some(serve)).map_err(serde::ser::Error::custom)?,
+                id: *id,
+            },
+            Route::Remote { address, id, .. } => Wire {
+                address: *address,
+                id: *id,
+            },
+        };
+        wire.serialize(serializer)
+    }
+}
+
+impl<'de, T> Deserialize<'de> for Queue<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        let wire = Wire::deserialize(deserializer)?;
+        // Back in the creating process: use the queue directly.
+        if wire.address.is_own() {
+            let state = QUEUES
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .and_then(|queues| queues.get(&wire.id))
+                .and_then(Weak::upgrade);
+            if let Some(state) = state {
+                return Ok(Queue {
+                    route: Route::Local { state, id: wire.id },
+                    _items: PhantomData,
+                });
+            }
+        }
+        Ok(Queue {
+            route: Route::Remote {
+                address: wire.address,
+                id: wire.id,
+                connection: Mutex::new(None),
+            },
+            _items: PhantomData,
+        })
+    }
+}

@@ -1,0 +1,180 @@
+//! The few socket calls std does not offer: a peer's credentials, passing a
+//! descriptor (SCM_RIGHTS), waiting for input with a deadline. Every `unsafe` block
+//! that queues and pipes need lives here.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+/// Who is at the other end of a connected Unix socket, as the kernel recorded it
+/// when the connection was made.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Peer {
+    pub(crate) pid: u32,
+    pub(crate) uid: u32,
+}
+
+pub(crate) fn peer(stream: &UnixStream) -> io::Result<Peer> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` is a writable `ucred` and `len` holds its size, as SO_PEERCRED
+    // asks; the descriptor is open for the duration (borrowed from `stream`).
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Peer {
+        pid: u32::try_from(cred.pid).unwrap_or(0),
+        uid: cred.uid,
+    })
+}
+
+/// This process's real user id.
+pub(crate) fn own_uid() -> u32 {
+    // SAFETY: `getuid` takes no arguments, touches no memory of ours and cannot fail.
+    unsafe { libc::getuid() }
+}
+
+/// Sends one byte `tag` with descriptor `fd` attached.
+pub(crate) fn send_fd(stream: &UnixStream, tag: u8, fd: RawFd) -> io::Result<()> {
+    let mut byte = [tag];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // Room for one `int` of control data, aligned as `cmsghdr` needs (u64 array).
+    let mut control = [0u64; 8];
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(size_of::<RawFd>() as u32) } as usize;
+    debug_assert!(space <= size_of_val(&control));
+    // SAFETY: an all-zero `msghdr` is a valid empty message header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: `msg` points at `control`, which is at least `space` bytes and aligned
+    // for `cmsghdr`, so CMSG_FIRSTHDR returns a pointer inside it (not null, since
+    // `msg_controllen` covers one header), and CMSG_DATA points at room for one fd.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<RawFd>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+    }
+    loop {
+        // SAFETY: `msg` and everything it points to (`iov`, `byte`, `control`) live
+        // until the call returns; the kernel only reads them.
+        let sent = unsafe { libc::sendmsg(stream.as_raw_fd(), &raw const msg, libc::MSG_NOSIGNAL) };
+        if sent >= 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Receives one byte and, if one came with it, a descriptor (owned from now on,
+/// close-on-exec).
+pub(crate) fn recv_fd(stream: &UnixStream) -> io::Result<(u8, Option<OwnedFd>)> {
+    let mut byte = [0u8];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let mut control = [0u64; 8];
+    // SAFETY: an all-zero `msghdr` is a valid empty message header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = size_of_val(&control);
+    let received = loop {
+        // SAFETY: `msg` points at `iov` (one writable byte) and `control` (64
+        // writable bytes, aligned for `cmsghdr`), all alive across the call.
+        let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &raw mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 {
+            break n;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+    if received == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the other side closed the connection",
+        ));
+    }
+    let mut fd = None;
+    // SAFETY: the kernel filled `msg_control`/`msg_controllen` within `control`;
+    // CMSG_FIRSTHDR/CMSG_NXTHDR walk only inside that length, and an SCM_RIGHTS
+    // header's data holds descriptors this process now owns, each taken once.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let raw = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>());
+                let owned = OwnedFd::from_raw_fd(raw);
+                if fd.is_none() {
+                    fd = Some(owned);
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&raw const msg, cmsg);
+        }
+    }
+    Ok((byte[0], fd))
+}
+
+/// Waits until `stream` has input (or end-of-file) to read, at most `timeout`
+/// (`None`: forever). `false` when the time ran out.
+pub(crate) fn wait_readable(stream: &UnixStream, timeout: Option<Duration>) -> io::Result<bool> {
+    let deadline = timeout.map(|t| std::time::Instant::now() + t);
+    loop {
+        let millis = match deadline {
+            None => -1,
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                // Round up, so a short wait is not a busy loop.
+                i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+            }
+        };
+        let mut fds = libc::pollfd {
+            fd: stream.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `fds` is one valid `pollfd`, alive across the call.
+        let n = unsafe { libc::poll(&raw mut fds, 1, millis) };
+        if n > 0 {
+            return Ok(true);
+        }
+        if n == 0 {
+            if deadline.is_none_or(|d| std::time::Instant::now() >= d) {
+                return Ok(false);
+            }
+            continue;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! `Pipe`: typed ends across processes; a gone end is an error, never a hang.
+
+use std::time::Duration;
+
+use multiproc::{Error, Pipe, Process};
+
+fn send_answer(end: Pipe<u64, ()>) {
+    end.send(42).unwrap();
+}
+
+fn echo_lengths(end: Pipe<usize, String>) -> usize {
+    let mut served = 0;
+    while let Ok(word) = end.recv() {
+        end.send(word.len()).unwrap();
+        served += 1;
+    }
+    served
+}
+
+fn drop_end_and_exit(end: Pipe<u64, u64>) -> u32 {
+    drop(end);
+    std::process::id()
+}
+
+fn exit_holding(end: Pipe<u64, u64>) {
+    let _keep = end;
+    std::process::exit(3);
+}
+
+#[test]
+fn pipe_carries_a_value_from_a_child() {
+    let (sender, receiver) = Pipe::<u64, ()>::one_way().unwrap();
+    let child = Process::spawn(sender, send_answer).unwrap();
+    assert_eq!(receiver.recv().unwrap(), 42);
+    child.join().unwrap();
+    // The child's end is gone with it, and this process kept no copy.
+    assert!(matches!(receiver.recv(), Err(Error::PipeClosed)));
+}
+
+#[test]
+fn duplex_pipe_round_trips_both_ways() {
+    let (here, there) = Pipe::<String, usize>::duplex().unwrap();
+    let child = Process::spawn(there, echo_lengths).unwrap();
+    for word in ["a", "bb", "ccc"] {
+        here.send(word.to_string()).unwrap();
+        assert_eq!(here.recv().unwrap(), word.len());
+    }
+    drop(here);
+    assert_eq!(child.join().unwrap(), 3);
+}
+
+#[test]
+fn recv_fails_when_the_other_process_drops_its_end() {
+    let (here, there) = Pipe::<u64, u64>::duplex().unwrap();
+    let child = Process::spawn(there, drop_end_and_exit).unwrap();
+    assert!(matches!(here.recv(), Err(Error::PipeClosed)));
+    child.join().unwrap();
+}
+
+#[test]
+fn recv_fails_when_the_other_process_exits() {
+    let (here, there) = Pipe::<u64, u64>::duplex().unwrap();
+    let child = Process::builder()
+        .inherit_output(false)
+        .spawn(there, exit_holding)
+        .unwrap();
+    assert!(matches!(here.recv(), Err(Error::PipeClosed)));
+    assert!(matches!(child.join(), Err(Error::ProcessExited { .. })));
+}
+
+#[test]
+fn pipe_recv_timeout_and_try_recv_without_a_value() {
+    let (a, b) = Pipe::<u64, u64>::duplex().unwrap();
+    assert!(matches!(a.try_recv(), Err(Error::Timeout(_))));
+    assert!(matches!(
+        a.recv_timeout(Duration::from_millis(5)),
+        Err(Error::Timeout(_))
+    ));
+    b.send(7).unwrap();
+    assert_eq!(a.recv_timeout(Duration::from_secs(5)).unwrap(), 7);
+}
+
+#[test]
+fn an_end_sent_away_cannot_be_used_here() {
+    let (here, there) = Pipe::<u64, u64>::duplex().unwrap();
+    let child = Process::spawn(there, drop_end_and_exit).unwrap();
+    child.join().unwrap();
+    assert!(matches!(here.recv(), Err(Error::PipeClosed)));
+}
+
+/// Helper role `channels`: creates and drops a thousand queues and pipes, some of
+/// them used from a child, and checks that descriptors and children are as before.
+/// Run alone in a helper process, so no other test's descriptors are counted.
+pub(crate) fn channels_leave_nothing_behind() {
+    // Start the rendezvous and the spawner threads first: they stay for the life
+    // of the process.
+    let warm = multiproc::Queue::<u64>::unbounded();
+    Process::spawn(warm.clone(), |q: multiproc::Queue<u64>| q.put(1).unwrap())
+        .unwrap()
+        .join()
+        .unwrap();
+    assert_eq!(warm.get().unwrap(), 1);
+    let before = crate::support::open_fds();
+    for i in 0..1_000u64 {
+        let queue = multiproc::Queue::<u64>::bounded(4);
+        queue.put(i).unwrap();
+        assert_eq!(queue.get().unwrap(), i);
+        let (a, b) = Pipe::<u64, u64>::duplex().unwrap();
+        a.send(i).unwrap();
+        assert_eq!(b.recv().unwrap(), i);
+        if i % 100 == 0 {
+            let (here, there) = Pipe::<u64, u64>::duplex().unwrap();
+            let child = Process::spawn(
+                (queue.clone(), there),
+                |(q, end): (multiproc::Queue<u64>, Pipe<u64, u64>)| {
+                    q.put(5).unwrap();
+                    end.send(6).unwrap();
+                },
+            )
+            .unwrap();
+            assert_eq!(here.recv().unwrap(), 6);
+            child.join().unwrap();
+            assert_eq!(queue.get().unwrap(), 5);
+        }
+    }
+    // The creator's server thread for a child's queue handle closes its socket when
+    // it reads the child's hang-up, on its own time: allow it a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while crate::support::open_fds() != before && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let after = crate::support::open_fds();
+    assert_eq!(after, before, "descriptors leaked");
+    assert!(
+        crate::support::children_of_this_process().is_empty(),
+        "children left"
+    );
+    println!("channels ok");
+}
+
+#[test]
+fn a_thousand_queues_and_pipes_leave_no_descriptor_or_child_behind() {
+    let out = crate::helpers::helper_command("channels").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("channels ok"),
+        "{}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

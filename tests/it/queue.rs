@@ -1,0 +1,165 @@
+//! `Queue`: items between processes, each delivered once.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use multiproc::{Error, Process, Queue};
+
+fn produce((queue, producer, count): (Queue<(u32, u32)>, u32, u32)) -> u32 {
+    for i in 0..count {
+        queue.put((producer, i)).unwrap();
+    }
+    count
+}
+
+fn consume(queue: Queue<(u32, u32)>) -> Vec<(u32, u32)> {
+    let mut got = Vec::new();
+    loop {
+        match queue.get() {
+            Ok(item) => got.push(item),
+            Err(Error::QueueClosed) => return got,
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+fn take_n((queue, n): (Queue<u64>, usize)) -> u64 {
+    (0..n).map(|_| queue.get().unwrap()).sum()
+}
+
+fn put_range((queue, n): (Queue<u64>, u64)) {
+    for i in 0..n {
+        queue.put(i).unwrap();
+    }
+}
+
+fn fill_with_try_put(queue: Queue<u64>) -> (u64, bool) {
+    let mut accepted = 0;
+    loop {
+        match queue.try_put(accepted) {
+            Ok(()) => accepted += 1,
+            Err(Error::QueueFull) => return (accepted, true),
+            Err(_) => return (accepted, false),
+        }
+    }
+}
+
+#[test]
+fn queue_carries_items_between_sibling_processes() {
+    let queue = Queue::<u64>::unbounded();
+    let consumer = Process::spawn((queue.clone(), 100), take_n).unwrap();
+    let producer = Process::spawn((queue.clone(), 100), put_range).unwrap();
+    producer.join().unwrap();
+    assert_eq!(consumer.join().unwrap(), (0..100).sum::<u64>());
+    assert!(matches!(queue.try_get(), Err(Error::QueueEmpty)));
+}
+
+#[test]
+fn queue_delivers_each_item_exactly_once_across_two_producers_and_two_consumers() {
+    let queue = Queue::<(u32, u32)>::bounded(64);
+    let consumers: Vec<_> = (0..2)
+        .map(|_| Process::spawn(queue.clone(), consume).unwrap())
+        .collect();
+    let producers: Vec<_> = (0..2)
+        .map(|p| Process::spawn((queue.clone(), p, 5_000), produce).unwrap())
+        .collect();
+    for producer in producers {
+        assert_eq!(producer.join().unwrap(), 5_000);
+    }
+    queue.close().unwrap();
+    let mut all = Vec::new();
+    for consumer in consumers {
+        all.extend(consumer.join().unwrap());
+    }
+    assert_eq!(all.len(), 10_000);
+    let distinct: HashSet<_> = all.iter().copied().collect();
+    assert_eq!(distinct.len(), 10_000);
+    let checksum: u64 = all
+        .iter()
+        .map(|&(p, i)| u64::from(p) * 1_000_000 + u64::from(i))
+        .sum();
+    let expected: u64 = (0..2u64)
+        .flat_map(|p| (0..5_000u64).map(move |i| p * 1_000_000 + i))
+        .sum();
+    assert_eq!(checksum, expected);
+}
+
+#[test]
+fn bounded_queue_refuses_try_put_when_full_in_another_process() {
+    let queue = Queue::<u64>::bounded(3);
+    let child = Process::spawn(queue.clone(), fill_with_try_put).unwrap();
+    assert_eq!(child.join().unwrap(), (3, true));
+    assert_eq!(queue.get().unwrap(), 0);
+    assert!(queue.try_put(9).is_ok());
+    assert!(matches!(queue.try_put(10), Err(Error::QueueFull)));
+}
+
+#[test]
+fn bounded_queue_blocks_a_producer_until_items_are_taken() {
+    let queue = Queue::<u64>::bounded(2);
+    let producer = Process::spawn((queue.clone(), 5), put_range).unwrap();
+    // Only two of five fit: the producer cannot finish before three are taken.
+    assert!(matches!(
+        producer.join_timeout(Duration::from_millis(50)),
+        Err(Error::Timeout(_))
+    ));
+    assert!(producer.is_alive());
+    let got: Vec<u64> = (0..5).map(|_| queue.get().unwrap()).collect();
+    assert_eq!(got, [0, 1, 2, 3, 4]);
+    producer.join().unwrap();
+}
+
+#[test]
+fn closed_queue_is_drained_then_reports_closed() {
+    let queue = Queue::<u64>::unbounded();
+    Process::spawn((queue.clone(), 3), put_range)
+        .unwrap()
+        .join()
+        .unwrap();
+    queue.close().unwrap();
+    assert!(matches!(queue.put(7), Err(Error::QueueClosed)));
+    let remote = Process::spawn(queue.clone(), |q: Queue<u64>| {
+        let mut got = Vec::new();
+        loop {
+            match q.get() {
+                Ok(x) => got.push(x),
+                Err(Error::QueueClosed) => return got,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .unwrap();
+    assert_eq!(remote.join().unwrap(), [0, 1, 2]);
+}
+
+#[test]
+fn queue_get_timeout_and_try_get_on_an_empty_queue() {
+    let queue = Queue::<u64>::unbounded();
+    assert!(matches!(queue.try_get(), Err(Error::QueueEmpty)));
+    assert!(matches!(
+        queue.get_timeout(Duration::from_millis(5)),
+        Err(Error::Timeout(_))
+    ));
+    let child = Process::spawn(queue.clone(), |q: Queue<u64>| {
+        let empty = matches!(q.try_get(), Err(Error::QueueEmpty));
+        let timed_out = matches!(
+            q.get_timeout(Duration::from_millis(5)),
+            Err(Error::Timeout(_))
+        );
+        (empty, timed_out)
+    })
+    .unwrap();
+    assert_eq!(child.join().unwrap(), (true, true));
+}
+
+#[test]
+fn queue_travels_inside_pool_items() {
+    let queue = Queue::<u64>::unbounded();
+    let pool = multiproc::Pool::builder().workers(2).build().unwrap();
+    let items: Vec<(Queue<u64>, u64)> = (0..10).map(|i| (queue.clone(), i)).collect();
+    pool.map(items, |(q, i): (Queue<u64>, u64)| q.put(i * 10).unwrap())
+        .unwrap();
+    let mut got: Vec<u64> = (0..10).map(|_| queue.get().unwrap()).collect();
+    got.sort_unstable();
+    assert_eq!(got, (0..10).map(|i| i * 10).collect::<Vec<_>>());
+}
