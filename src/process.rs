@@ -21,6 +21,7 @@ use crate::codec;
 use crate::error::{Error, Result};
 use crate::outcome;
 use crate::protocol::{self, ChunkHeader, Failure, Reply, Request, TaskRef};
+use crate::shared::region;
 use crate::spawn::{self, START_FAILED, SpawnOptions};
 use crate::task::{self, Collect, Plain};
 use crate::transport::{self, Accepted, FrameBuf, Listener, ParentLink, RawFrame};
@@ -78,8 +79,11 @@ impl ProcessBuilder {
         }
         let task = TaskRef::of::<T, U, Plain<F>, Collect>().ok_or(Error::TaskNotInExecutable)?;
         let mut frame = FrameBuf::with_capacity(256);
-        codec::encode_into(&arg, frame.body())
-            .map_err(|source| Error::EncodeItem { item: 0, source })?;
+        // Shared inputs named by the argument stay alive until the child has
+        // answered: the child opens them through this process's descriptors, and the
+        // argument may hold the only handle.
+        let (encoded, pins) = region::pin_while(|| codec::encode_into(&arg, frame.body()));
+        encoded.map_err(|source| Error::EncodeItem { item: 0, source })?;
         codec::decode::<T>(frame.body_bytes()).map_err(|source| Error::DecodeItem {
             item: 0,
             worker: None,
@@ -127,7 +131,10 @@ impl ProcessBuilder {
         let process = described.clone();
         thread::Builder::new()
             .name(format!("multiproc-process-{pid}"))
-            .spawn(move || wait_for::<U>(&waiter, &process, child, link, replies))
+            .spawn(move || {
+                wait_for::<U>(&waiter, &process, child, link, replies);
+                drop(pins);
+            })
             .map_err(|e| Error::ProcessStart {
                 process: described,
                 reason: format!("could not start its waiter thread: {e}"),

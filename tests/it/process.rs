@@ -53,6 +53,16 @@ fn process_returns_its_value() {
 }
 
 #[test]
+fn process_argument_may_hold_the_only_handle_of_a_shared_input() {
+    // The child opens the slice through the parent's descriptor; the argument is
+    // its only handle, so the parent must keep it alive until the child answers.
+    let data = multiproc::SharedSlice::from_iter(0..100_000u64).unwrap();
+    let child =
+        Process::spawn(data, |d: multiproc::SharedSlice<u64>| d.iter().sum::<u64>()).unwrap();
+    assert_eq!(child.join().unwrap(), (0..100_000u64).sum::<u64>());
+}
+
+#[test]
 fn process_runs_in_another_process_and_is_reaped_by_join() {
     let child = Process::spawn((), pid_of_self).unwrap();
     let pid = child.pid();
