@@ -93,6 +93,11 @@ impl Supervisor {
         }
     }
 
+    /// The generation of the process believed to be in the slot.
+    pub(crate) fn generation(&self, worker: usize) -> Option<u64> {
+        self.slots.get(worker)?.generation
+    }
+
     /// Whether the slot's process is alive and takes new work.
     fn serving(&self, worker: usize) -> bool {
         let slot = &self.slots[worker];
