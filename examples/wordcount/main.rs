@@ -8,9 +8,9 @@
 //! ```
 //!
 //! The parent lists the files (symlinks are not followed) and cuts them into batches
-//! of a few MiB; one stage of workers reads each batch, the next stage counts its
-//! words, merging the counts of each chunk of batches in the worker; the parent
-//! merges the rest. A word is a maximal run of `[a-z0-9_]` after lower-casing ASCII
+//! of a few MiB; one stage of workers reads each batch, the next stage (a fold
+//! stage) counts its words into one map per worker, kept across batches; the parent
+//! merges the workers' maps at the end. A word is a maximal run of `[a-z0-9_]` after lower-casing ASCII
 //! `A-Z`; any other byte separates words. Files that cannot be read are counted and
 //! named on stderr, never fatal. Exit status: 0 when counted, 1 when the directory
 //! cannot be counted (or `--check` finds a difference), 2 for bad arguments.
