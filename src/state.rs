@@ -28,8 +28,11 @@ pub(crate) struct Accumulator {
     pub(crate) value: Box<dyn Any>,
     /// Encodes `value` (the runner's monomorphised encoder: the flush request does
     /// not name the type).
-    pub(crate) encode: fn(Box<dyn Any>, &mut Vec<u8>) -> Result<(), CodecError>,
+    pub(crate) encode: EncodeAccumulator,
 }
+
+/// Encodes an accumulator's value, whose type only its encoder knows.
+pub(crate) type EncodeAccumulator = fn(Box<dyn Any>, &mut Vec<u8>) -> Result<(), CodecError>;
 
 struct Context {
     bytes: Result<Bytes, CodecError>,
