@@ -107,7 +107,9 @@ impl PipelineStats {
     }
 
     /// Items that came out of the last stage (or, for
-    /// [`reduce`](Stage::reduce), that entered it).
+    /// [`reduce`](Stage::reduce), that entered it; a
+    /// [`fold_stage`](Pipeline::fold_stage) lets out its accumulators, not its
+    /// items).
     pub fn done(&self) -> u64 {
         self.0.done.load(Ordering::Relaxed)
     }
@@ -433,7 +435,9 @@ where
     /// Runs the pipeline and folds this stage's results with `combine` from
     /// `identity()`: first inside this stage's workers (one partial per chunk, as
     /// [`Pool::map_reduce`] does), then in the parent, in input order. `combine` must
-    /// be associative and `identity()` its neutral element.
+    /// be associative and `identity()` its neutral element. To keep one accumulator
+    /// per worker across chunks instead, and send it once, use
+    /// [`Pipeline::fold_stage`].
     ///
     /// # Errors
     ///

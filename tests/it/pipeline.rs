@@ -348,3 +348,38 @@ fn a_poison_item_in_a_fold_stage_fails_the_pipeline_naming_stage_item_and_worker
         other => panic!("expected a stage error, got {other:?}"),
     }
 }
+
+fn tally3_count(t: Tally3) -> u64 {
+    t.0
+}
+
+#[test]
+fn a_fold_stages_accumulators_feed_later_stages() {
+    let counts: Vec<u64> = Pipeline::new(0..1_000u64)
+        .inherit_output(false)
+        .fold_stage(2, tally3_identity, tally3_fold)
+        .stage(1, tally3_count)
+        .collect()
+        .unwrap();
+    assert!(!counts.is_empty() && counts.len() <= 2, "{counts:?}");
+    assert_eq!(counts.iter().sum::<u64>(), 1_000);
+}
+
+#[test]
+fn an_error_before_a_fold_stage_is_the_pipelines_error() {
+    let err = Pipeline::new(0..100u64)
+        .inherit_output(false)
+        .stage(2, fails_on_13)
+        .fold_stage(2, tally3_identity, tally3_fold)
+        .reduce(tally3_identity, tally3_combine)
+        .unwrap_err();
+    match &err {
+        Error::Stage { stage: 1, error } => {
+            assert!(
+                matches!(error.as_ref(), Error::TaskPanicked { item: 13, .. }),
+                "{error:?}"
+            )
+        }
+        other => panic!("expected stage 1's error, got {other:?}"),
+    }
+}
