@@ -170,6 +170,11 @@ impl Engine {
         if job.context.is_some() {
             self.workers.forget_context(id);
         }
+        if job.fold.is_some() && !matches!(job.outcome, Some(Ok(()))) {
+            // A fold job that did not complete may have left accumulators, some
+            // made by chunks still running.
+            self.workers.forget_everywhere(id);
+        }
         job.outcome
     }
 
@@ -760,8 +765,14 @@ impl Engine {
         let chunk = job.next_chunk;
         let mut frame = self.workers.take_frame();
         let request = Request::Flush { job: id.0, chunk };
-        if protocol::seal(&mut frame, &request).is_err() {
+        if let Err(source) = protocol::seal(&mut frame, &request) {
             self.workers.return_frame(frame);
+            let error = Error::Result {
+                items: job.next_item..job.next_item,
+                worker,
+                source,
+            };
+            self.fail_job(id, 0, error, None);
             return;
         }
         job.next_chunk += 1;

@@ -278,6 +278,21 @@ impl Supervisor {
         self.return_frame(frame);
     }
 
+    /// Tells every worker to drop what it holds for `job` (a fold job's
+    /// accumulator, when the job ended without asking for it).
+    pub(crate) fn forget_everywhere(&mut self, job: JobId) {
+        let mut frame = self.take_frame();
+        if protocol::seal(&mut frame, &Request::Forget { job: job.0 }).is_ok() {
+            for worker in 0..self.slots.len() {
+                if self.serving(worker) {
+                    // A worker that cannot be told is gone, and its accumulator with it.
+                    let _ = self.backend.send(worker, &mut frame);
+                }
+            }
+        }
+        self.return_frame(frame);
+    }
+
     /// Takes the record of the chunk a reply answers; `None` for a reply that
     /// answers nothing this worker holds (stale generation, or a protocol error).
     pub(crate) fn answered(
