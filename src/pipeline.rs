@@ -278,6 +278,18 @@ impl<'a, T: 'a> Pipeline<'a, T> {
     ///     Ok(())
     /// }
     /// ```
+    ///
+    /// A fold that captures a variable does not compile (pass state in the items):
+    ///
+    /// ```compile_fail,E0080
+    /// # fn main() -> multiproc::Result<()> {
+    /// let offset = 10u64;
+    /// let total = multiproc::Pipeline::new(0..4u64)
+    ///     .fold_stage(2, || 0u64, move |acc, x: u64| acc + x + offset)
+    ///     .reduce(|| 0, |a, b| a + b)?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn fold_stage<A, Id, F>(self, workers: usize, identity: Id, fold: F) -> Pipeline<'a, A>
     where
         T: Serialize + DeserializeOwned,
