@@ -817,7 +817,16 @@ impl Engine {
             self.workers.return_frame(flight.frame);
         } else {
             job.sizer.observe(nanos, items.len());
-            *ledger.kept_bytes.entry(holder).or_default() += flight.frame.body_bytes().len();
+            let mut flight = flight;
+            let len = flight.frame.body_len();
+            if flight.frame.body().capacity() > 2 * len + 4096 {
+                // Kept in a buffer of its size; the pooled one goes back to be reused.
+                let mut kept = FrameBuf::with_capacity(len);
+                kept.body().extend_from_slice(flight.frame.body_bytes());
+                let pooled = std::mem::replace(&mut flight.frame, kept);
+                self.workers.return_frame(pooled);
+            }
+            *ledger.kept_bytes.entry(holder).or_default() += flight.frame.body().capacity();
             ledger.kept.entry(holder).or_default().push(flight);
             let full = ledger.kept_bytes[&holder] >= ledger.flush_bytes;
             if full && !ledger.flushing(holder) {
