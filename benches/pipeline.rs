@@ -1,7 +1,8 @@
 //! Pipelines: W4 (500 000 generated lines, words counted per batch, merged in the
 //! parent) and W6 (the word count over the built-in corpus), each group with a
 //! sequential baseline and the same job on rayon threads fed through crossbeam
-//! channels beside multiproc. Run with `cargo bench --bench pipeline`.
+//! channels beside multiproc: as it runs now (fold stages), and as it ran before
+//! (per-chunk `Stage::reduce`, suffix `per_chunk_reduce`) for comparison. Run with `cargo bench --bench pipeline`.
 
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
@@ -63,6 +64,21 @@ fn w4_count(batch: String) -> Tally {
     Tally::of_batch(words, BatchCounts::from_counts(counts))
 }
 
+/// The consumer as a fold: adds a batch's words to a worker's tally, kept across
+/// batches, so no map is built, sent or merged per batch.
+fn w4_count_into(mut tally: Tally, batch: String) -> Tally {
+    for word in batch.split_ascii_whitespace() {
+        tally.words += 1;
+        match tally.counts.get_mut(word) {
+            Some(n) => *n += 1,
+            None => {
+                tally.counts.insert(word.to_owned(), 1);
+            }
+        }
+    }
+    tally
+}
+
 fn fnv1a64(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
@@ -109,8 +125,41 @@ fn w4_rayon_channels() -> Tally {
     tally
 }
 
-/// The producer is a stage of one worker; two workers count.
+/// The producer is a stage of one worker; a fold stage of two workers counts into
+/// one tally each; the parent merges the two.
 fn w4_multiproc() -> Tally {
+    multiproc::Pipeline::new(0..W4_BATCHES)
+        .unordered()
+        .stage(1, w4_batch)
+        .fold_stage(2, Tally::default, w4_count_into)
+        .reduce(Tally::default, Tally::merge)
+        .expect("W4 runs")
+}
+
+/// The producer runs in the parent, as the pipeline's source.
+fn w4_multiproc_source_in_parent() -> Tally {
+    multiproc::Pipeline::new((0..W4_BATCHES).map(w4_batch))
+        .fold_stage(2, Tally::default, w4_count_into)
+        .reduce(Tally::default, Tally::merge)
+        .expect("W4 runs")
+}
+
+/// One stage: each worker of the fold stage generates the batches it is given and
+/// counts them, so no text crosses a process boundary.
+fn w4_multiproc_generate_in_fold() -> Tally {
+    multiproc::Pipeline::new(0..W4_BATCHES)
+        .fold_stage(2, Tally::default, w4_generate_and_count_into)
+        .reduce(Tally::default, Tally::merge)
+        .expect("W4 runs")
+}
+
+fn w4_generate_and_count_into(tally: Tally, b: u64) -> Tally {
+    w4_count_into(tally, w4_batch(b))
+}
+
+/// As before the fold stage: each chunk of batches is counted into per-batch maps,
+/// merged in the worker (`Stage::reduce`), sent and merged in the parent.
+fn w4_multiproc_per_chunk() -> Tally {
     multiproc::Pipeline::new(0..W4_BATCHES)
         .unordered()
         .stage(1, w4_batch)
@@ -119,21 +168,15 @@ fn w4_multiproc() -> Tally {
         .expect("W4 runs")
 }
 
-/// The producer runs in the parent, as the pipeline's source.
-fn w4_multiproc_source_in_parent() -> Tally {
-    multiproc::Pipeline::new((0..W4_BATCHES).map(w4_batch))
-        .stage(2, w4_count)
-        .reduce(Tally::default, Tally::merge)
-        .expect("W4 runs")
-}
-
 fn w4_pipeline(c: &mut Criterion) {
     type Run = fn() -> Tally;
-    let runs: [(&str, Run); 4] = [
+    let runs: [(&str, Run); 6] = [
         ("sequential", w4_sequential),
         ("rayon_crossbeam", w4_rayon_channels),
         ("multiproc", w4_multiproc),
         ("multiproc_source_in_parent", w4_multiproc_source_in_parent),
+        ("multiproc_generate_in_fold", w4_multiproc_generate_in_fold),
+        ("multiproc_per_chunk_reduce", w4_multiproc_per_chunk),
     ];
     for (name, run) in runs {
         w4_check(name, run());
@@ -192,6 +235,8 @@ fn w6_wordcount(c: &mut Criterion) {
     };
     same(&w6_rayon_channels(&root, batch_bytes));
     same(&count::count_tree(&root, shape).expect("the word count runs"));
+    same(&count::count_tree_two_stages(&root, shape).expect("the word count runs"));
+    same(&count::count_tree_per_chunk(&root, shape).expect("the word count runs"));
 
     let mut group = c.benchmark_group("w6_wordcount");
     group.throughput(Throughput::Bytes(reference.bytes));
@@ -207,6 +252,16 @@ fn w6_wordcount(c: &mut Criterion) {
     });
     group.bench_function(id("multiproc"), |b| {
         b.iter(|| count::count_tree(black_box(&root), shape).expect("the word count runs"))
+    });
+    group.bench_function(id("multiproc_two_stage_fold"), |b| {
+        b.iter(|| {
+            count::count_tree_two_stages(black_box(&root), shape).expect("the word count runs")
+        })
+    });
+    group.bench_function(id("multiproc_per_chunk_reduce"), |b| {
+        b.iter(|| {
+            count::count_tree_per_chunk(black_box(&root), shape).expect("the word count runs")
+        })
     });
     group.finish();
 }

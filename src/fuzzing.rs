@@ -336,6 +336,7 @@ pub(crate) fn seeds() -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
             ),
             chunk(3, t.scaled, 2, &encoded(&[1u64, 2])),
             frame(&[], &Request::Forget { job: 3 }),
+            frame(&[], &Request::Flush { job: 3, chunk: 9 }),
             chunk(3, t.scaled, 1, &encoded(&[1u64])),
         ],
         vec![

@@ -381,6 +381,29 @@ impl<U: DeserializeOwned, R: Fn(U, U) -> U> Sink for FoldSink<U, R> {
     fn finish(&mut self, _: Result<()>) {}
 }
 
+/// The sink of a fold job: keeps each worker's accumulator as its flush brings it
+/// (a folded chunk's reply is empty, and so is the flush of a worker with none).
+pub(crate) struct PartialsSink<A> {
+    pub(crate) partials: Vec<A>,
+}
+
+impl<A: DeserializeOwned> Sink for PartialsSink<A> {
+    fn deliver(&mut self, worker: usize, items: Range<usize>, payload: Payload) -> Result<()> {
+        if payload.is_empty() {
+            return Ok(());
+        }
+        let partial: A = codec::decode(&payload).map_err(|source| Error::Result {
+            items,
+            worker,
+            source,
+        })?;
+        self.partials.push(partial);
+        Ok(())
+    }
+
+    fn finish(&mut self, _: Result<()>) {}
+}
+
 /// The sink of `map_async`: collects results in input order, then completes the
 /// handle.
 pub(crate) struct MapAsyncSink<U> {

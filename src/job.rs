@@ -440,6 +440,50 @@ pub(crate) struct Job {
     pub(crate) ready_bytes: usize,
     /// Set once the job has ended: `Ok` or its first error.
     pub(crate) outcome: Option<Result<()>>,
+    /// A fold job's record of what each worker has folded and not yet flushed.
+    pub(crate) fold: Option<FoldLedger>,
+}
+
+/// What the workers of a fold job hold: the chunks each has folded into its
+/// accumulator since its last flush, frames kept, so that they can be sent again
+/// if the worker is lost with its accumulator; and the flushes in flight.
+pub(crate) struct FoldLedger {
+    /// By worker (slot, process generation): chunks answered since its last flush.
+    pub(crate) kept: HashMap<(usize, u64), Vec<InFlight>>,
+    /// Payload bytes of `kept`, by worker.
+    pub(crate) kept_bytes: HashMap<(usize, u64), usize>,
+    /// Flushes in flight: chunk number -> worker.
+    pub(crate) flushes: HashMap<u64, (usize, u64)>,
+    /// A worker holding this many bytes of folded input is asked to flush, so what
+    /// is kept for re-sending stays bounded.
+    pub(crate) flush_bytes: usize,
+}
+
+impl FoldLedger {
+    pub(crate) fn new(flush_bytes: usize) -> Self {
+        Self {
+            kept: HashMap::new(),
+            kept_bytes: HashMap::new(),
+            flushes: HashMap::new(),
+            flush_bytes,
+        }
+    }
+
+    /// Whether no worker holds anything unflushed and no flush is in flight.
+    pub(crate) fn settled(&self) -> bool {
+        self.kept.is_empty() && self.flushes.is_empty()
+    }
+
+    /// Whether `worker` has a flush in flight.
+    pub(crate) fn flushing(&self, worker: (usize, u64)) -> bool {
+        self.flushes.values().any(|&w| w == worker)
+    }
+
+    /// Takes what `worker` has folded: its accumulator is gone with it.
+    pub(crate) fn take_kept(&mut self, worker: (usize, u64)) -> Vec<InFlight> {
+        self.kept_bytes.remove(&worker);
+        self.kept.remove(&worker).unwrap_or_default()
+    }
 }
 
 impl Job {
@@ -471,6 +515,7 @@ impl Job {
             retry: VecDeque::new(),
             ready_bytes: 0,
             outcome: None,
+            fold: None,
         }
     }
 
@@ -479,8 +524,14 @@ impl Job {
         self.outcome.is_some()
     }
 
-    /// Whether every item was sent and every reply delivered.
+    /// Whether every item was sent and every reply delivered (for a fold job, every
+    /// worker's accumulator too).
     pub(crate) fn complete(&self) -> bool {
+        self.drained() && self.fold.as_ref().is_none_or(FoldLedger::settled)
+    }
+
+    /// Whether every item was sent and every chunk answered and delivered.
+    pub(crate) fn drained(&self) -> bool {
         self.exhausted && self.in_flight == 0 && self.ready.is_empty() && self.retry.is_empty()
     }
 }

@@ -104,7 +104,9 @@ pub use crate::error::{CodecError, Error, ErrorPolicy, Result, TaskPanic};
 pub use crate::handle::{AsyncResult, Imap, ImapUnordered};
 pub use crate::par_map::{par_map, par_map_reduce};
 pub use crate::pipe::Pipe;
-pub use crate::pipeline::{DEFAULT_STAGE_ITEMS, Pipeline, PipelineStats, Stage};
+pub use crate::pipeline::{
+    DEFAULT_FOLD_FLUSH_BYTES, DEFAULT_STAGE_ITEMS, Pipeline, PipelineStats, Stage,
+};
 pub use crate::pool::{Pool, PoolStats, Skipped};
 pub use crate::process::{Process, ProcessBuilder};
 pub use crate::queue::Queue;

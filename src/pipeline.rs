@@ -1,6 +1,7 @@
 //! Stages of workers joined by bounded queues: a source, stages, a sink in the parent.
 //!
-//! Each stage is an `imap` job on a pool of its own, whose input is the previous
+//! Each stage is an `imap` job on a pool of its own (a fold stage: a fold job, whose
+//! workers keep an accumulator across chunks), whose input is the previous
 //! stage's output: items pass through the parent between stages, a bounded window
 //! of chunks at a time (see `docs/ARCHITECTURE.md` for why not worker to worker). The
 //! end of the input is the end of the source iterator, passed along stage by stage,
@@ -24,6 +25,11 @@ use crate::task;
 /// Items a stage may hold in flight by default (in its workers and in the reorder
 /// window), whatever their size; payload bytes are bounded too (64 MiB per stage).
 pub const DEFAULT_STAGE_ITEMS: usize = 65_536;
+
+/// Encoded input a worker of a [`fold_stage`](Pipeline::fold_stage) folds, by
+/// default, before it is asked for its accumulator: the parent keeps that input
+/// until then, to send it again should the worker die.
+pub const DEFAULT_FOLD_FLUSH_BYTES: usize = 64 << 20;
 
 /// A stream of items under construction: a source, then stages of worker processes,
 /// then a sink in the parent.
@@ -68,6 +74,7 @@ struct Settings {
     inherit_output: bool,
     stats: Arc<Counters>,
     stages: usize,
+    fold_flush_bytes: usize,
 }
 
 #[derive(Default)]
@@ -100,7 +107,9 @@ impl PipelineStats {
     }
 
     /// Items that came out of the last stage (or, for
-    /// [`reduce`](Stage::reduce), that entered it).
+    /// [`reduce`](Stage::reduce), that entered it; a
+    /// [`fold_stage`](Pipeline::fold_stage) lets out its accumulators, not its
+    /// items).
     pub fn done(&self) -> u64 {
         self.0.done.load(Ordering::Relaxed)
     }
@@ -144,6 +153,7 @@ impl<'a, T: 'a> Pipeline<'a, T> {
                 inherit_output: true,
                 stats: Arc::default(),
                 stages: 0,
+                fold_flush_bytes: DEFAULT_FOLD_FLUSH_BYTES,
             },
         }
     }
@@ -165,6 +175,15 @@ impl<'a, T: 'a> Pipeline<'a, T> {
     /// stderr (the default) or to `/dev/null`.
     pub fn inherit_output(mut self, inherit: bool) -> Self {
         self.settings.inherit_output = inherit;
+        self
+    }
+
+    /// Encoded input a worker of a [`fold_stage`](Pipeline::fold_stage) folds before
+    /// it is asked for its accumulator (default [`DEFAULT_FOLD_FLUSH_BYTES`]): what
+    /// this process keeps to send again if that worker dies, and how often partial
+    /// accumulators come out.
+    pub fn fold_flush_bytes(mut self, bytes: usize) -> Self {
+        self.settings.fold_flush_bytes = bytes.max(1);
         self
     }
 
@@ -226,6 +245,89 @@ impl<'a, T: 'a> Pipeline<'a, T> {
             .then(|items: Stream<'a, Option<T>>| -> Stream<'a, T> {
                 Box::new(items.filter_map(Result::transpose))
             })
+    }
+
+    /// Adds a stage that folds every item into an accumulator per worker, kept in
+    /// that worker across chunks, and passes on the accumulators: `fold` runs in a
+    /// set of `workers` processes of its own, each starting from `identity()`. The
+    /// stage yields each worker's accumulator once its input has ended (and a
+    /// worker's accumulator so far each time it has folded
+    /// [`fold_flush_bytes`](Pipeline::fold_flush_bytes) of input), so it usually
+    /// ends in [`reduce`](Pipeline::reduce), as rayon's `fold` does.
+    ///
+    /// Unlike [`Stage::reduce`], nothing is built, sent or merged per chunk: a word
+    /// count folds each batch straight into the worker's one map. Which items a
+    /// worker folds, and in what order, depends on timing, so `fold` and the
+    /// combining afterwards must give the same answer for any grouping and order of
+    /// the items (a sum, a count, a union).
+    ///
+    /// A worker that dies takes nothing with it: this process keeps the input the
+    /// worker folded since its last flush and sends it again to the others, so
+    /// every item is folded into exactly one accumulator that comes out. An item
+    /// whose task kills its worker again and again (past the retries) or panics
+    /// fails the pipeline with [`Error::Stage`] naming the stage, the item and the
+    /// worker; no partial result is delivered.
+    ///
+    /// ```standalone_crate
+    /// fn main() -> multiproc::Result<()> {
+    ///     multiproc::init(); // in a worker process this call serves tasks and never returns
+    ///     let (count, sum) = multiproc::Pipeline::new(1..=100u64)
+    ///         .fold_stage(2, || (0u64, 0u64), |(n, s), x: u64| (n + 1, s + x))
+    ///         .reduce(|| (0, 0), |a, b| (a.0 + b.0, a.1 + b.1))?;
+    ///     assert_eq!((count, sum), (100, 5050));
+    ///     Ok(())
+    /// }
+    /// ```
+    ///
+    /// A fold that captures a variable does not compile (pass state in the items):
+    ///
+    /// ```compile_fail,E0080
+    /// # fn main() -> multiproc::Result<()> {
+    /// let offset = 10u64;
+    /// let total = multiproc::Pipeline::new(0..4u64)
+    ///     .fold_stage(2, || 0u64, move |acc, x: u64| acc + x + offset)
+    ///     .reduce(|| 0, |a, b| a + b)?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn fold_stage<A, Id, F>(self, workers: usize, identity: Id, fold: F) -> Pipeline<'a, A>
+    where
+        T: Serialize + DeserializeOwned,
+        A: Serialize + DeserializeOwned + 'static,
+        Id: Fn() -> A + Copy + Send + Sync + 'a,
+        F: Fn(A, T) -> A + Copy + Send + Sync + 'a,
+    {
+        task::assert_zero_sized::<Id>();
+        task::assert_zero_sized::<F>();
+        let _ = (identity, fold);
+        let mut settings = self.settings.clone();
+        settings.stages += 1;
+        let number = settings.stages;
+        let build = self.build;
+        Pipeline {
+            build: Box::new(move |settings: &Settings| -> Result<Stream<'a, A>> {
+                let input = build(settings)?;
+                let pool = stage_pool(settings, workers, number)?;
+                let error = Rc::new(RefCell::new(None));
+                let feed = Feed {
+                    input,
+                    error: Rc::clone(&error),
+                };
+                let folded = pool.fold_partials::<_, T, A, Id, F>(feed, settings.fold_flush_bytes);
+                // This stage's workers are done: stop them before the next stage runs.
+                drop(pool);
+                // An error from upstream comes first: this stage's input ended because of it.
+                if let Some(e) = error.borrow_mut().take() {
+                    return Err(e);
+                }
+                let partials = folded.map_err(|e| Error::Stage {
+                    stage: number,
+                    error: Box::new(e),
+                })?;
+                Ok(Box::new(partials.into_iter().map(Ok)))
+            }),
+            settings,
+        }
     }
 
     /// Runs the pipeline and returns every item that comes out, in input order
@@ -345,7 +447,9 @@ where
     /// Runs the pipeline and folds this stage's results with `combine` from
     /// `identity()`: first inside this stage's workers (one partial per chunk, as
     /// [`Pool::map_reduce`] does), then in the parent, in input order. `combine` must
-    /// be associative and `identity()` its neutral element.
+    /// be associative and `identity()` its neutral element. To keep one accumulator
+    /// per worker across chunks instead, and send it once, use
+    /// [`Pipeline::fold_stage`].
     ///
     /// # Errors
     ///
@@ -397,6 +501,22 @@ where
         G: Fn(T) -> Vec<U> + Copy + Send + Sync + 'a,
     {
         self.into_pipeline().flat_map_stage(workers, task)
+    }
+
+    /// See [`Pipeline::fold_stage`].
+    pub fn fold_stage<A, Id, G>(self, workers: usize, identity: Id, fold: G) -> Pipeline<'a, A>
+    where
+        A: Serialize + DeserializeOwned + 'static,
+        Id: Fn() -> A + Copy + Send + Sync + 'a,
+        G: Fn(A, T) -> A + Copy + Send + Sync + 'a,
+    {
+        self.into_pipeline().fold_stage(workers, identity, fold)
+    }
+
+    /// See [`Pipeline::fold_flush_bytes`].
+    pub fn fold_flush_bytes(mut self, bytes: usize) -> Self {
+        self.settings.fold_flush_bytes = bytes.max(1);
+        self
     }
 
     /// See [`Pipeline::filter_stage`].

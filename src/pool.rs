@@ -13,10 +13,11 @@ use crate::driver::Core;
 use crate::error::{Error, ErrorPolicy, Result};
 use crate::handle::{
     ApplyCompletion, AsyncResult, CollectSink, Completion, FoldSink, Imap, ImapParts,
-    ImapUnordered, MapAsyncSink, OnError, OnResult, OutcomeSink, imap_parts, items_failed,
+    ImapUnordered, MapAsyncSink, OnError, OnResult, OutcomeSink, PartialsSink, imap_parts,
+    items_failed,
 };
 use crate::interrupt;
-use crate::job::{IterSource, Job, Kind, Sink, encode_item};
+use crate::job::{FoldLedger, IterSource, Job, Kind, Sink, encode_item};
 use crate::protocol::{ContextPayload, TaskRef};
 use crate::scheduler::{Drive, Engine, Local, Submission};
 use crate::shared::region::{self, Pins, Region};
@@ -753,9 +754,31 @@ impl Pool {
         I: Iterator<Item = T>,
         T: Serialize + DeserializeOwned,
     {
+        self.run_lent_job(items, task, context, policy, None, sink)
+    }
+
+    /// [`Pool::run_lent`], for a fold job when `fold` is given: its workers keep
+    /// their accumulators across chunks, and its replies come as they arrive.
+    fn run_lent_job<I, T>(
+        &self,
+        items: I,
+        task: TaskRef,
+        context: Option<ContextPayload<'_>>,
+        policy: ErrorPolicy,
+        fold: Option<FoldLedger>,
+        sink: &mut dyn Sink,
+    ) -> Result<()>
+    where
+        I: Iterator<Item = T>,
+        T: Serialize + DeserializeOwned,
+    {
         let mut driving = self.core.lock_open_engine()?;
-        let mut job = driving.engine().new_job(task, Kind::Lent, true, context)?;
+        let ordered = fold.is_none();
+        let mut job = driving
+            .engine()
+            .new_job(task, Kind::Lent, ordered, context)?;
         job.policy = policy;
+        job.fold = fold;
         let id = driving.engine().add(job);
         let mut source = IterSource::new(items);
         let mut local = Local {
@@ -832,6 +855,43 @@ impl Pool {
         self.run_lent(items, task, context, self.error_policy, &mut sink)?;
         items_failed(sink.failed)?;
         Ok(sink.results)
+    }
+
+    /// Folds every item into per-worker accumulators kept across chunks (a fold
+    /// stage): each worker folds the items it is given with `fold`, from
+    /// `identity()`, and its accumulator comes back when the input ends, or earlier
+    /// once it has folded `flush_bytes` of encoded input. Returns those partial
+    /// accumulators, in arrival order. The job stops at its first failure whatever
+    /// the pool's error policy: an accumulator cannot leave out an item. A worker
+    /// lost while it holds an accumulator takes nothing with it: the chunks it
+    /// folded since its last flush are sent again to the others.
+    pub(crate) fn fold_partials<I, T, A, Id, F>(
+        &self,
+        items: I,
+        flush_bytes: usize,
+    ) -> Result<Vec<A>>
+    where
+        I: IntoIterator<Item = T>,
+        T: Serialize + DeserializeOwned,
+        A: Serialize + DeserializeOwned + 'static,
+        Id: Fn() -> A + Copy + Send + Sync,
+        F: Fn(A, T) -> A + Copy + Send + Sync,
+    {
+        task::assert_zero_sized::<Id>();
+        task::assert_zero_sized::<F>();
+        let task = TaskRef::fold::<T, A, Id, F>().ok_or(Error::TaskNotInExecutable)?;
+        let mut sink = PartialsSink {
+            partials: Vec::new(),
+        };
+        self.run_lent_job(
+            items.into_iter(),
+            task,
+            None,
+            ErrorPolicy::FailFast,
+            Some(FoldLedger::new(flush_bytes)),
+            &mut sink,
+        )?;
+        Ok(sink.partials)
     }
 
     fn fold<I, T, U, Id, R>(

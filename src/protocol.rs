@@ -23,8 +23,13 @@ pub(crate) enum Request {
     Context { job: u64, shared: bool },
     /// The payload is `count` encoded items.
     Chunk(ChunkHeader),
-    /// Job `job` has ended: drop its context value.
+    /// Job `job` has ended: drop its context value (and any accumulator it left).
     Forget { job: u64 },
+    /// Reply to this request (as chunk `chunk` of job `job`) with the accumulator
+    /// the worker has folded the job's chunks into since its last flush, and start
+    /// the next one afresh. The reply's payload is the encoded accumulator, or empty
+    /// when the worker holds none.
+    Flush { job: u64, chunk: u64 },
 }
 
 /// Which items a chunk holds and what to run on them.
@@ -249,6 +254,7 @@ mod properties {
             (any::<u64>(), any::<bool>())
                 .prop_map(|(job, shared)| Request::Context { job, shared }),
             any::<u64>().prop_map(|job| Request::Forget { job }),
+            any::<[u64; 2]>().prop_map(|[job, chunk]| Request::Flush { job, chunk }),
             (
                 any::<[u64; 3]>(),
                 any::<u32>(),

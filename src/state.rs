@@ -1,5 +1,5 @@
-//! What a worker keeps between chunks: the context values of live jobs and the
-//! per-worker state built by the pool's initializer.
+//! What a worker keeps between chunks: the context values of live jobs, the
+//! accumulators of fold jobs and the per-worker state built by the pool's initializer.
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -16,9 +16,23 @@ use crate::shared::region::{Region, RegionHandle};
 #[derive(Default)]
 pub(crate) struct WorkerState {
     contexts: HashMap<u64, Context>,
+    /// Per fold job: what this worker has folded since its last flush.
+    folds: HashMap<u64, Accumulator>,
     /// What the initializer built, or why there is nothing.
     user: Option<Result<Box<dyn Any>, String>>,
 }
+
+/// A fold job's accumulator, kept across the job's chunks until a flush.
+pub(crate) struct Accumulator {
+    /// The value, of the type the job's runner folds into.
+    pub(crate) value: Box<dyn Any>,
+    /// Encodes `value` (the runner's monomorphised encoder: the flush request does
+    /// not name the type).
+    pub(crate) encode: EncodeAccumulator,
+}
+
+/// Encodes an accumulator's value, whose type only its encoder knows.
+pub(crate) type EncodeAccumulator = fn(Box<dyn Any>, &mut Vec<u8>) -> Result<(), CodecError>;
 
 struct Context {
     bytes: Result<Bytes, CodecError>,
@@ -65,10 +79,12 @@ impl WorkerState {
         drop_user_value(previous);
     }
 
-    /// Drops the context value of a job that has ended.
+    /// Drops the context value and the accumulator of a job that has ended.
     pub(crate) fn forget(&mut self, job: u64) {
         let previous = self.contexts.remove(&job);
         drop_user_value(previous);
+        let folded = self.folds.remove(&job).map(|acc| acc.value);
+        drop_user_value(folded);
         // Shared inputs the parent has dropped since are released with the job.
         crate::shared::region::sweep();
     }
@@ -107,6 +123,17 @@ impl WorkerState {
             .as_ref()
             .and_then(|d| d.downcast_ref::<C>())
             .expect("the context was decoded as C just above"))
+    }
+
+    /// Takes the accumulator of fold job `job`, leaving none.
+    pub(crate) fn take_fold(&mut self, job: u64) -> Option<Accumulator> {
+        self.folds.remove(&job)
+    }
+
+    /// Keeps the accumulator of fold job `job` until the next chunk or flush.
+    pub(crate) fn put_fold(&mut self, job: u64, acc: Accumulator) {
+        let previous = self.folds.insert(job, acc).map(|acc| acc.value);
+        drop_user_value(previous);
     }
 
     /// Stores what the initializer built.

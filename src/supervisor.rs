@@ -93,6 +93,11 @@ impl Supervisor {
         }
     }
 
+    /// The generation of the process believed to be in the slot.
+    pub(crate) fn generation(&self, worker: usize) -> Option<u64> {
+        self.slots.get(worker)?.generation
+    }
+
     /// Whether the slot's process is alive and takes new work.
     fn serving(&self, worker: usize) -> bool {
         let slot = &self.slots[worker];
@@ -268,6 +273,21 @@ impl Supervisor {
                 self.slots[worker].contexts.retain(|&j| j != job);
                 // A worker that cannot be told is gone, and its contexts with it.
                 let _ = self.backend.send(worker, &mut frame);
+            }
+        }
+        self.return_frame(frame);
+    }
+
+    /// Tells every worker to drop what it holds for `job` (a fold job's
+    /// accumulator, when the job ended without asking for it).
+    pub(crate) fn forget_everywhere(&mut self, job: JobId) {
+        let mut frame = self.take_frame();
+        if protocol::seal(&mut frame, &Request::Forget { job: job.0 }).is_ok() {
+            for worker in 0..self.slots.len() {
+                if self.serving(worker) {
+                    // A worker that cannot be told is gone, and its accumulator with it.
+                    let _ = self.backend.send(worker, &mut frame);
+                }
             }
         }
         self.return_frame(frame);

@@ -25,7 +25,7 @@ use serde::de::DeserializeOwned;
 use crate::codec::{self, Reader};
 use crate::error::{CodecError, TaskPanic};
 use crate::protocol::{ChunkHeader, Failure, TaskRef};
-use crate::state::WorkerState;
+use crate::state::{Accumulator, WorkerState};
 
 /// Runs one chunk: decodes its items from the payload, runs the task, appends the
 /// encoded results (or the partial result) to `out`.
@@ -140,6 +140,20 @@ impl TaskRef {
         F: Fn(A) -> S + Copy + Send + Sync,
     {
         Self::named(run_init::<A, S, F>, fingerprint::<(A, S, F)>())
+    }
+
+    /// Names the runner of a fold stage: `fold: Fn(A, T) -> A` folds each item into
+    /// the worker's accumulator for the job, started by `identity()` and kept across
+    /// chunks until a [`Request::Flush`](crate::protocol::Request::Flush); `None` when
+    /// it is not in the program's executable.
+    pub(crate) fn fold<T, A, Id, F>() -> Option<Self>
+    where
+        T: DeserializeOwned,
+        A: Serialize + 'static,
+        Id: Fn() -> A + Copy + Send + Sync,
+        F: Fn(A, T) -> A + Copy + Send + Sync,
+    {
+        Self::named(run_fold::<T, A, Id, F>, fingerprint::<(T, A, Id, F)>())
     }
 
     fn named(runner: RawTask, fingerprint: u64) -> Option<Self> {
@@ -488,6 +502,102 @@ where
         round_trip::<U>(last, &out[before..], None)?;
     }
     Ok(())
+}
+
+/// The runner of a fold stage: folds the chunk's items into the worker's accumulator
+/// for the job and replies with nothing; the accumulator leaves the worker only when
+/// the parent asks for it ([`flush_fold`]).
+fn run_fold<T, A, Id, F>(
+    state: &mut WorkerState,
+    header: &ChunkHeader,
+    payload: &[u8],
+    _out: &mut Vec<u8>,
+) -> Result<(), Failure>
+where
+    T: DeserializeOwned,
+    A: Serialize + 'static,
+    Id: Fn() -> A + Copy + Send + Sync,
+    F: Fn(A, T) -> A + Copy + Send + Sync,
+{
+    if header.task.fingerprint != fingerprint::<(T, A, Id, F)>() {
+        return Err(Failure::Malformed {
+            reason: "task fingerprint does not match the function at its offset".into(),
+        });
+    }
+    let first = header.first_item;
+    let _capturing = Capturing::start();
+    let mut acc = match state.take_fold(header.job) {
+        Some(kept) => *kept.value.downcast::<A>().map_err(|_| Failure::Malformed {
+            reason: format!("job {} folds into two types", header.job),
+        })?,
+        None => guarded(first, conjure::<Id>())?,
+    };
+    let mut reader = Reader::new(payload);
+    let progress = crate::transport::progress();
+    let mut skip = header.skip.iter().copied().peekable();
+    for i in 0..u64::from(header.count) {
+        let item = first.wrapping_add(i);
+        if let Some(progress) = progress {
+            progress.store(item.wrapping_add(1), std::sync::atomic::Ordering::Relaxed);
+        }
+        let value = guarded(item, || reader.decode::<T>())?
+            .map_err(|error| Failure::DecodeItem { item, error })?;
+        if skip.next_if(|&offset| u64::from(offset) == i).is_some() {
+            continue;
+        }
+        // A panic loses the accumulator with the item: the job fails (fold jobs stop
+        // at their first failure), so nothing folded is delivered in part.
+        acc = guarded(item, || conjure::<F>()(acc, value))?;
+    }
+    if !reader.is_empty() {
+        return Err(Failure::Malformed {
+            reason: format!(
+                "{} bytes left after the chunk's {} items",
+                reader.remaining(),
+                header.count
+            ),
+        });
+    }
+    state.put_fold(
+        header.job,
+        Accumulator {
+            value: Box::new(acc),
+            encode: encode_accumulator::<A>,
+        },
+    );
+    Ok(())
+}
+
+/// Encodes a fold job's accumulator, of the type its runner put there.
+fn encode_accumulator<A: Serialize + 'static>(
+    value: Box<dyn std::any::Any>,
+    out: &mut Vec<u8>,
+) -> Result<(), CodecError> {
+    let value = value
+        .downcast::<A>()
+        .map_err(|_| CodecError("an accumulator of another type".into()))?;
+    codec::encode_into(&*value, out)?;
+    codec::flush()
+}
+
+/// Answers a flush: appends the encoded accumulator of fold job `job` to `out` and
+/// drops it (the next chunk starts a new one), or appends nothing when the worker
+/// holds none.
+pub(crate) fn flush_fold(
+    state: &mut WorkerState,
+    job: u64,
+    out: &mut Vec<u8>,
+) -> Result<(), Failure> {
+    let Some(acc) = state.take_fold(job) else {
+        return Ok(());
+    };
+    let _capturing = Capturing::start();
+    let start = out.len();
+    // `Serialize` and `Drop` of the accumulator are user code.
+    guarded(0, || (acc.encode)(acc.value, out))?.map_err(|error| {
+        out.truncate(start);
+        Failure::EncodeResult { item: None, error }
+    })
 }
 
 /// Decodes one item, runs the task on it and hands the result to the sink.

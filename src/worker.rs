@@ -143,6 +143,28 @@ pub(crate) fn serve(link: &impl Link) -> io::Result<()> {
         match request {
             Request::Context { job, shared } => state.set_context(job, payload, shared),
             Request::Forget { job } => state.forget(job),
+            Request::Flush { job, chunk } => {
+                out.clear();
+                let started = Instant::now();
+                let reply = match task::flush_fold(&mut state, job, out.body()) {
+                    Ok(()) => Reply::Done {
+                        job,
+                        chunk,
+                        nanos: u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
+                    },
+                    Err(failure) => {
+                        out.clear();
+                        Reply::Failed {
+                            job,
+                            chunk,
+                            failure,
+                        }
+                    }
+                };
+                protocol::seal(&mut out, &reply)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                link.send(&mut out)?;
+            }
             Request::Chunk(header) => {
                 out.clear();
                 let started = Instant::now();

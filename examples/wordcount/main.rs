@@ -8,10 +8,10 @@
 //! ```
 //!
 //! The parent lists the files (symlinks are not followed) and cuts them into batches
-//! of a few MiB; one stage of workers reads each batch, the next stage counts its
-//! words, merging the counts of each chunk of batches in the worker; the parent
-//! merges the rest. A word is a maximal run of `[a-z0-9_]` after lower-casing ASCII
-//! `A-Z`; any other byte separates words. Files that cannot be read are counted and
+//! of a few MiB; a fold stage of workers reads each batch it is given and counts its
+//! words into one map per worker, kept across batches; the parent merges the
+//! workers' maps at the end. A word is a maximal run of `[a-z0-9_]` after
+//! lower-casing ASCII `A-Z`; any other byte separates words. Files that cannot be read are counted and
 //! named on stderr, never fatal. Exit status: 0 when counted, 1 when the directory
 //! cannot be counted (or `--check` finds a difference), 2 for bad arguments.
 
@@ -38,12 +38,9 @@ struct Args {
     /// How many words to list.
     #[arg(long, default_value_t = 20)]
     top: usize,
-    /// Worker processes of the counting stage (default: one per CPU).
+    /// Worker processes, each reading and counting batches (default: one per CPU).
     #[arg(long)]
     workers: Option<usize>,
-    /// Worker processes of the reading stage.
-    #[arg(long, default_value_t = 1)]
-    read_workers: usize,
     /// KiB of text per batch, the counting stage's unit of work.
     #[arg(long, default_value_t = count::BATCH_BYTES >> 10)]
     batch_kib: u64,
@@ -75,7 +72,6 @@ fn run(args: &Args) -> Result<ExitCode, String> {
         return Err(format!("{}: not a directory", dir.display()));
     }
     let mut shape = Shape {
-        read_workers: args.read_workers.max(1),
         batch_bytes: args.batch_kib.max(1) << 10,
         ..Shape::default()
     };
@@ -147,9 +143,8 @@ fn print_text(dir: &std::path::Path, tally: &Tally, top: usize, seconds: f64, sh
         tally.counts.len()
     );
     println!(
-        "{seconds:.2} s, {:.1} MB/s ({} reading and {} counting worker processes)",
+        "{seconds:.2} s, {:.1} MB/s ({} worker processes, each reading and counting)",
         tally.bytes as f64 / seconds / 1e6,
-        shape.read_workers,
         shape.count_workers
     );
 }

@@ -161,6 +161,14 @@ impl Engine {
             self.workers.return_frame(flight.frame);
             return;
         }
+        if let Some(ledger) = job.fold.as_mut()
+            && ledger.flushes.remove(&flight.chunk).is_some()
+        {
+            // A flush lost with its worker: what that worker folded is sent again
+            // (see the loss event), and its accumulator asked of no one.
+            self.workers.return_frame(flight.frame);
+            return;
+        }
         let running = loss
             .last_item
             .and_then(|item| usize::try_from(item).ok())

@@ -201,3 +201,185 @@ fn a_pipeline_dropped_mid_run_leaves_no_process() {
         );
     }
 }
+
+/// What a fold stage accumulates in the tests: how many items, their wrapping sum,
+/// and the xor of their mixes (every item counted exactly once, or the three differ).
+type Tally3 = (u64, u64, u64);
+
+fn tally3_identity() -> Tally3 {
+    (0, 0, 0)
+}
+
+fn tally3_fold((n, sum, xor): Tally3, x: u64) -> Tally3 {
+    (n + 1, sum.wrapping_add(x), xor ^ mix(x))
+}
+
+fn tally3_combine(a: Tally3, b: Tally3) -> Tally3 {
+    (a.0 + b.0, a.1.wrapping_add(b.1), a.2 ^ b.2)
+}
+
+fn tally3_of(items: impl Iterator<Item = u64>) -> Tally3 {
+    items.fold(tally3_identity(), tally3_fold)
+}
+
+#[test]
+fn a_fold_stage_folds_every_item_once_in_its_workers() {
+    let total = Pipeline::new(0..60_000u64)
+        .inherit_output(false)
+        .stage(1, add_one)
+        .fold_stage(2, tally3_identity, tally3_fold)
+        .reduce(tally3_identity, tally3_combine)
+        .unwrap();
+    assert_eq!(total, tally3_of((0..60_000u64).map(add_one)));
+}
+
+#[test]
+fn a_fold_stage_yields_one_accumulator_per_worker_or_per_flush() {
+    // Without a flush bound each worker's accumulator comes out once, at the end.
+    let partials: Vec<Tally3> = Pipeline::new(0..20_000u64)
+        .inherit_output(false)
+        .stage_items(64)
+        .fold_stage(2, tally3_identity, tally3_fold)
+        .collect()
+        .unwrap();
+    assert!(partials.len() <= 2, "{} partials", partials.len());
+    let total = partials.into_iter().fold(tally3_identity(), tally3_combine);
+    assert_eq!(total, tally3_of(0..20_000u64));
+    // With a small bound, workers are asked for their accumulators as they go.
+    let partials: Vec<Tally3> = Pipeline::new(0..20_000u64)
+        .inherit_output(false)
+        .stage_items(64)
+        .fold_flush_bytes(1_024)
+        .fold_stage(2, tally3_identity, tally3_fold)
+        .collect()
+        .unwrap();
+    assert!(partials.len() > 2, "{} partials", partials.len());
+    let total = partials.into_iter().fold(tally3_identity(), tally3_combine);
+    assert_eq!(total, tally3_of(0..20_000u64));
+}
+
+#[test]
+fn a_fold_stage_on_an_empty_source_yields_nothing() {
+    let total = Pipeline::new(std::iter::empty::<u64>())
+        .inherit_output(false)
+        .fold_stage(2, tally3_identity, tally3_fold)
+        .reduce(tally3_identity, tally3_combine)
+        .unwrap();
+    assert_eq!(total, tally3_identity());
+}
+
+/// Folds `(index, marker)` items; item 13 aborts its worker the first time it is
+/// folded (the marker file does not exist yet), and folds normally once retried.
+fn fold_aborting_once_on_13(acc: Tally3, (x, marker): (u64, String)) -> Tally3 {
+    if x == 13
+        && std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&marker)
+            .is_ok()
+    {
+        std::process::abort();
+    }
+    tally3_fold(acc, x)
+}
+
+#[test]
+fn a_worker_killed_mid_fold_loses_none_of_what_it_folded() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("13-died").to_string_lossy().into_owned();
+    // One item per chunk: the worker that dies on item 13 has folded others first,
+    // and those must be folded again elsewhere, once.
+    let items = (0..200u64).map(|x| (x, marker.clone()));
+    let total = Pipeline::new(items)
+        .inherit_output(false)
+        .stage_items(16)
+        .fold_flush_bytes(2_048)
+        .fold_stage(2, tally3_identity, fold_aborting_once_on_13)
+        .reduce(tally3_identity, tally3_combine)
+        .unwrap();
+    assert!(std::path::Path::new(&marker).exists(), "item 13 never died");
+    assert_eq!(total, tally3_of(0..200u64));
+}
+
+fn fold_aborting_on_13(acc: Tally3, x: u64) -> Tally3 {
+    if x == 13 {
+        std::process::abort();
+    }
+    tally3_fold(acc, x)
+}
+
+fn fold_panicking_on_13(acc: Tally3, x: u64) -> Tally3 {
+    if x == 13 {
+        panic!("the fold refuses {x}");
+    }
+    tally3_fold(acc, x)
+}
+
+#[test]
+fn a_poison_item_in_a_fold_stage_fails_the_pipeline_naming_stage_item_and_worker() {
+    let err = Pipeline::new(0..100u64)
+        .inherit_output(false)
+        .stage_items(16)
+        .stage(1, add_one)
+        .fold_stage(2, tally3_identity, fold_aborting_on_13)
+        .reduce(tally3_identity, tally3_combine)
+        .unwrap_err();
+    let text = err.to_string();
+    // Item 12 of stage 2's input has the value 13.
+    assert!(matches!(err, Error::Stage { stage: 2, .. }), "{err:?}");
+    assert!(
+        text.contains("stage 2") && text.contains("items 12..13") && text.contains("worker"),
+        "{text}"
+    );
+
+    let err = Pipeline::new(0..100u64)
+        .inherit_output(false)
+        .fold_stage(2, tally3_identity, fold_panicking_on_13)
+        .reduce(tally3_identity, tally3_combine)
+        .unwrap_err();
+    match &err {
+        Error::Stage { stage: 1, error } => match error.as_ref() {
+            Error::TaskPanicked { item, panic, .. } => {
+                assert_eq!(*item, 13);
+                assert_eq!(panic.message, "the fold refuses 13");
+            }
+            other => panic!("expected a panic, got {other:?}"),
+        },
+        other => panic!("expected a stage error, got {other:?}"),
+    }
+}
+
+fn tally3_count(t: Tally3) -> u64 {
+    t.0
+}
+
+#[test]
+fn a_fold_stages_accumulators_feed_later_stages() {
+    let counts: Vec<u64> = Pipeline::new(0..1_000u64)
+        .inherit_output(false)
+        .fold_stage(2, tally3_identity, tally3_fold)
+        .stage(1, tally3_count)
+        .collect()
+        .unwrap();
+    assert!(!counts.is_empty() && counts.len() <= 2, "{counts:?}");
+    assert_eq!(counts.iter().sum::<u64>(), 1_000);
+}
+
+#[test]
+fn an_error_before_a_fold_stage_is_the_pipelines_error() {
+    let err = Pipeline::new(0..100u64)
+        .inherit_output(false)
+        .stage(2, fails_on_13)
+        .fold_stage(2, tally3_identity, tally3_fold)
+        .reduce(tally3_identity, tally3_combine)
+        .unwrap_err();
+    match &err {
+        Error::Stage { stage: 1, error } => {
+            assert!(
+                matches!(error.as_ref(), Error::TaskPanicked { item: 13, .. }),
+                "{error:?}"
+            )
+        }
+        other => panic!("expected stage 1's error, got {other:?}"),
+    }
+}
