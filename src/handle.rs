@@ -608,17 +608,21 @@ where
                     ..
                 } = self;
                 let outcome =
-                    decode_partial(
-                        worker,
-                        items,
-                        &payload,
-                        failed,
-                        |item, outcome| match outcome {
-                            Ok(value) => decoded.push_back(Ok((item, value))),
-                            Err(error) if *skip_failures => failures.push((item, error)),
-                            Err(error) => decoded.push_back(Err(error)),
-                        },
-                    );
+                    if failed.is_empty() {
+                        // The common case: every item of the chunk has its value.
+                        decoded.reserve(items.len());
+                        decode_results(worker, items, &payload, |item, value| {
+                            decoded.push_back(Ok((item, value)));
+                        })
+                    } else {
+                        decode_partial(worker, items, &payload, failed, |item, outcome| {
+                            match outcome {
+                                Ok(value) => decoded.push_back(Ok((item, value))),
+                                Err(error) if *skip_failures => failures.push((item, error)),
+                                Err(error) => decoded.push_back(Err(error)),
+                            }
+                        })
+                    };
                 if let Err(e) = outcome {
                     self.decoded.push_back(Err(e));
                     self.stop();
