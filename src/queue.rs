@@ -20,6 +20,7 @@ use crate::broker::{self, Address};
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::socket;
+use crate::transport;
 
 // Requests.
 const PUT: u8 = 1;
@@ -157,6 +158,7 @@ impl State {
         alive: &dyn Fn() -> bool,
     ) -> std::result::Result<(), Refusal> {
         let deadline = deadline(wait);
+        let mut polled = false;
         let mut inner = self.lock();
         loop {
             if inner.closed {
@@ -168,12 +170,22 @@ impl State {
                 self.not_empty.notify_one();
                 return Ok(());
             }
+            if !polled && !matches!(wait, Wait::Try) {
+                polled = true;
+                drop(inner);
+                self.poll(|inner| {
+                    inner.closed || self.capacity.is_none_or(|cap| inner.items.len() < cap)
+                });
+                inner = self.lock();
+                continue;
+            }
             inner = self.wait(&self.not_full, inner, wait, deadline, alive, Refusal::Full)?;
         }
     }
 
     fn get(&self, wait: Wait, alive: &dyn Fn() -> bool) -> std::result::Result<Vec<u8>, Refusal> {
         let deadline = deadline(wait);
+        let mut polled = false;
         let mut inner = self.lock();
         loop {
             if let Some(item) = inner.items.pop_front() {
@@ -184,6 +196,13 @@ impl State {
             if inner.closed {
                 return Err(Refusal::Closed);
             }
+            if !polled && !matches!(wait, Wait::Try) {
+                polled = true;
+                drop(inner);
+                self.poll(|inner| inner.closed || !inner.items.is_empty());
+                inner = self.lock();
+                continue;
+            }
             inner = self.wait(
                 &self.not_empty,
                 inner,
@@ -193,6 +212,13 @@ impl State {
                 Refusal::Empty,
             )?;
         }
+    }
+
+    /// Looks for `ready` for a short while before the caller blocks on a condition
+    /// variable: a thread woken from a blocked wait on this VM takes tens of
+    /// microseconds or more (see `transport::poll_before_blocking`).
+    fn poll(&self, ready: impl Fn(&Inner) -> bool) {
+        transport::poll_before_blocking(|| ready(&self.lock()).then_some(()));
     }
 
     /// Puts an item that could not be delivered back at the front.
@@ -400,8 +426,10 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
             *guard = Some(broker::connect(address, *id).map_err(lost)?);
         }
         let stream = guard.as_mut().expect("connected just above");
-        let answer =
-            write_frame(stream, tag, wait.encode(), payload).and_then(|()| read_frame(stream));
+        let answer = write_frame(stream, tag, wait.encode(), payload).and_then(|()| {
+            poll_readable(stream);
+            read_frame(stream)
+        });
         let (answer, _, bytes) = match answer {
             Ok(answer) => answer,
             Err(e) => {
@@ -458,7 +486,12 @@ fn serve(id: u64, mut stream: UnixStream) {
         Err(_) => return,
     };
     let alive = move || peer_alive(&peer);
-    while let Ok((tag, wait, payload)) = read_frame(&mut stream) {
+    loop {
+        // A producer or consumer in a loop sends its next request at once.
+        poll_readable(&stream);
+        let Ok((tag, wait, payload)) = read_frame(&mut stream) else {
+            return;
+        };
         let wait = Wait::decode(wait);
         let sent = match tag {
             PUT => match state.put(payload, wait, &alive) {
@@ -486,6 +519,19 @@ fn serve(id: u64, mut stream: UnixStream) {
             return;
         }
     }
+}
+
+/// Polls `stream` briefly for something to read, so that a reply or request that
+/// follows at once is read without blocking (and without the slow wake-up that
+/// follows a block on this VM); returns either way, the caller then reads.
+fn poll_readable(stream: &UnixStream) {
+    transport::poll_before_blocking(|| {
+        matches!(
+            socket::wait_readable(stream, Some(Duration::ZERO)),
+            Ok(true) | Err(_)
+        )
+        .then_some(())
+    });
 }
 
 fn write_refusal(stream: &mut UnixStream, refusal: Refusal) -> io::Result<()> {

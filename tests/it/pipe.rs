@@ -100,6 +100,10 @@ pub(crate) fn channels_leave_nothing_behind() {
         .join()
         .unwrap();
     assert_eq!(warm.get().unwrap(), 1);
+    // The server thread of the child's connection closes its socket when it reads
+    // the child's hang-up, on its own time: count once only the rendezvous'
+    // listening thread is left.
+    wait_for_connections_to_close();
     let before = crate::support::open_fds();
     for i in 0..1_000u64 {
         let queue = multiproc::Queue::<u64>::bounded(4);
@@ -123,12 +127,7 @@ pub(crate) fn channels_leave_nothing_behind() {
             assert_eq!(queue.get().unwrap(), 5);
         }
     }
-    // The creator's server thread for a child's queue handle closes its socket when
-    // it reads the child's hang-up, on its own time: allow it a moment.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while crate::support::open_fds() != before && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_connections_to_close();
     let after = crate::support::open_fds();
     assert_eq!(after, before, "descriptors leaked");
     assert!(
@@ -136,6 +135,17 @@ pub(crate) fn channels_leave_nothing_behind() {
         "children left"
     );
     println!("channels ok");
+}
+
+/// Waits (at most 5 s) until the only thread of the rendezvous left is its
+/// listening thread: every connection's server thread has seen its hang-up.
+fn wait_for_connections_to_close() {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while crate::support::threads_named("multiproc-broke") > 1
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::yield_now();
+    }
 }
 
 #[test]

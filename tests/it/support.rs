@@ -67,6 +67,16 @@ pub(crate) fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").expect("procfs").count()
 }
 
+/// Threads of this process whose name starts with `prefix` (the kernel keeps the
+/// first 15 bytes of a thread's name).
+pub(crate) fn threads_named(prefix: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .expect("procfs")
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.trim_end().starts_with(prefix))
+        .count()
+}
+
 /// This process's children, with their state letter (`Z` for a zombie).
 pub(crate) fn children_of_this_process() -> Vec<(u32, char)> {
     let me = std::process::id().to_string();
