@@ -53,8 +53,15 @@ use crate::socket;
 /// ```
 pub struct Pipe<A, B> {
     end: Mutex<End>,
+    /// The buffer each value is encoded into or read into, kept between values so
+    /// large ones do not cost a fresh allocation (and its page faults) each time.
+    /// Locked after `end`.
+    scratch: Mutex<Vec<u8>>,
     _types: PhantomData<fn(A) -> B>,
 }
+
+/// A scratch buffer larger than this is not kept after use.
+const KEEP_SCRATCH: usize = 8 << 20;
 
 enum End {
     Open(UnixStream),
@@ -90,12 +97,18 @@ impl<A, B> Pipe<A, B> {
     fn open(stream: UnixStream) -> Self {
         Pipe {
             end: Mutex::new(End::Open(stream)),
+            scratch: Mutex::new(Vec::new()),
             _types: PhantomData,
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, End> {
         self.end.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The scratch buffer; taken only while holding `end`'s lock.
+    fn scratch(&self) -> MutexGuard<'_, Vec<u8>> {
+        self.scratch.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The open stream, claiming a parked end first.
@@ -159,14 +172,21 @@ impl<A: Serialize, B> Pipe<A, B> {
     /// [`Error::PipeClosed`] when the other end is gone, [`Error::EncodeItem`] when
     /// the value does not encode, [`Error::Pipe`] when this end was sent away.
     pub fn send(&self, value: A) -> Result<()> {
-        let mut frame = vec![0u8; 8];
-        codec::encode_into(&value, &mut frame)
-            .map_err(|source| Error::EncodeItem { item: 0, source })?;
-        let len = (frame.len() - 8) as u64;
-        frame[..8].copy_from_slice(&len.to_le_bytes());
         let mut end = self.lock();
-        let stream = Self::stream(&mut end)?;
-        stream.write_all(&frame).map_err(hang_up)
+        let mut scratch = self.scratch();
+        let frame = &mut *scratch;
+        frame.clear();
+        frame.extend_from_slice(&[0u8; 8]);
+        let sent = codec::encode_into(&value, frame)
+            .map_err(|source| Error::EncodeItem { item: 0, source })
+            .and_then(|()| {
+                let len = (frame.len() - 8) as u64;
+                frame[..8].copy_from_slice(&len.to_le_bytes());
+                let stream = Self::stream(&mut end)?;
+                stream.write_all(frame).map_err(hang_up)
+            });
+        release(frame);
+        sent
     }
 }
 
@@ -217,18 +237,31 @@ impl<A, B: DeserializeOwned> Pipe<A, B> {
         let mut header = [0u8; 8];
         stream.read_exact(&mut header).map_err(hang_up)?;
         let len = usize::try_from(u64::from_le_bytes(header)).map_err(|_| Error::PipeClosed)?;
-        let mut bytes = Vec::new();
+        let mut scratch = self.scratch();
+        let bytes = &mut *scratch;
+        bytes.clear();
         bytes.try_reserve_exact(len).map_err(|_| Error::Pipe {
             what: format!("a {len}-byte frame does not fit in memory"),
             source: io::Error::from(io::ErrorKind::OutOfMemory),
         })?;
         bytes.resize(len, 0);
-        stream.read_exact(&mut bytes).map_err(hang_up)?;
-        codec::decode(&bytes).map_err(|source| Error::DecodeItem {
-            item: 0,
-            worker: None,
-            source,
-        })
+        let received = stream.read_exact(bytes).map_err(hang_up).and_then(|()| {
+            codec::decode(bytes).map_err(|source| Error::DecodeItem {
+                item: 0,
+                worker: None,
+                source,
+            })
+        });
+        release(bytes);
+        received
+    }
+}
+
+/// Empties a scratch buffer after use, giving back its memory when it is large.
+fn release(buf: &mut Vec<u8>) {
+    buf.clear();
+    if buf.capacity() > KEEP_SCRATCH {
+        *buf = Vec::new();
     }
 }
 
@@ -304,6 +337,7 @@ impl<'de, A, B> Deserialize<'de> for Pipe<A, B> {
         };
         Ok(Pipe {
             end: Mutex::new(end),
+            scratch: Mutex::new(Vec::new()),
             _types: PhantomData,
         })
     }
