@@ -8,7 +8,8 @@ use std::fmt;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use criterion::{BenchmarkId, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, BenchmarkId, Criterion, Throughput};
 use multiproc::{Pipe, Process, Queue};
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
@@ -57,6 +58,37 @@ fn inc(x: u64) -> u64 {
     x + 1
 }
 
+/// The baselines beside each transport: making and taking the items in one thread
+/// (no transport at all), and two threads of a rayon pool joined by a bounded
+/// crossbeam channel (shared memory, no encoding: what threads would do).
+fn baselines(group: &mut BenchmarkGroup<'_, WallTime>, size: usize, name: &str) {
+    group.bench_function(BenchmarkId::new("sequential", name), |b| {
+        b.iter_custom(|iters| {
+            let started = Instant::now();
+            for i in 0..iters {
+                black_box(Blob(vec![i as u8; size]));
+            }
+            started.elapsed()
+        })
+    });
+    group.bench_function(BenchmarkId::new("rayon_threads_crossbeam", name), |b| {
+        b.iter_custom(|iters| {
+            let (tx, rx) = crossbeam_channel::bounded::<Blob>(64);
+            rayon::spawn(move || {
+                for i in 0..=iters {
+                    tx.send(Blob(vec![i as u8; size])).unwrap();
+                }
+            });
+            black_box(rx.recv().unwrap());
+            let started = Instant::now();
+            for _ in 0..iters {
+                black_box(rx.recv().unwrap());
+            }
+            started.elapsed()
+        })
+    });
+}
+
 const SIZES: [(usize, &str); 2] = [(1024, "1KiB"), (1 << 20, "1MiB")];
 
 fn queue_throughput(c: &mut Criterion) {
@@ -69,6 +101,7 @@ fn queue_throughput(c: &mut Criterion) {
         } else {
             group.throughput(Throughput::Elements(1));
         }
+        baselines(&mut group, size, name);
         group.bench_function(BenchmarkId::new("put_get", name), |b| {
             b.iter_custom(|iters| {
                 let queue = Queue::<Blob>::bounded(64);
@@ -97,6 +130,7 @@ fn pipe_throughput(c: &mut Criterion) {
         } else {
             group.throughput(Throughput::Elements(1));
         }
+        baselines(&mut group, size, name);
         group.bench_function(BenchmarkId::new("send_recv", name), |b| {
             b.iter_custom(|iters| {
                 let (sender, receiver) = Pipe::<Blob, ()>::one_way().unwrap();
@@ -119,6 +153,14 @@ fn spawn_join(c: &mut Criterion) {
     let mut group = c.benchmark_group("process");
     group.sample_size(30);
     group.measurement_time(Duration::from_secs(5));
+    group.bench_function("sequential_call", |b| b.iter(|| inc(black_box(1u64))));
+    group.bench_function("rayon_spawn_join", |b| {
+        b.iter(|| {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            rayon::spawn(move || tx.send(inc(black_box(1u64))).unwrap());
+            rx.recv().unwrap()
+        })
+    });
     group.bench_function("spawn_join", |b| {
         b.iter(|| {
             Process::spawn(black_box(1u64), inc)
