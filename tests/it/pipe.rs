@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use multiproc::{Error, Pipe, Process};
+use serde_bytes::ByteBuf;
 
 fn send_answer(end: Pipe<u64, ()>) {
     end.send(42).unwrap();
@@ -25,6 +26,40 @@ fn drop_end_and_exit(end: Pipe<u64, u64>) -> u32 {
 fn exit_holding(end: Pipe<u64, u64>) {
     let _keep = end;
     std::process::exit(3);
+}
+
+/// Values whose sizes go up and down, past the size an end keeps its buffer at.
+fn varied_values() -> Vec<ByteBuf> {
+    [3 << 20, 10, 9 << 20, 1024, 0, 5 << 20]
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| {
+            ByteBuf::from(
+                (0..len)
+                    .map(|j| (i * 31 + j * 7) as u8)
+                    .collect::<Vec<u8>>(),
+            )
+        })
+        .collect()
+}
+
+fn send_varied(end: Pipe<ByteBuf, ()>) {
+    for value in varied_values() {
+        end.send(value).unwrap();
+    }
+}
+
+#[test]
+fn values_of_changing_sizes_arrive_intact() {
+    // Each end reuses one buffer between values: a smaller value after a larger
+    // one must not carry the larger one's bytes, nor a larger one stale ones.
+    let (sender, receiver) = Pipe::<ByteBuf, ()>::one_way().unwrap();
+    let child = Process::spawn(sender, send_varied).unwrap();
+    for expected in varied_values() {
+        assert_eq!(receiver.recv().unwrap(), expected);
+    }
+    child.join().unwrap();
+    assert!(matches!(receiver.recv(), Err(Error::PipeClosed)));
 }
 
 #[test]
