@@ -6,19 +6,19 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::backend::{Backend, StartOptions};
-use crate::chunker;
-use crate::driver::Core;
+use crate::engine::backend::{Backend, StartOptions};
+use crate::engine::chunker;
+use crate::engine::driver::Core;
+use crate::engine::job::encode_item;
+use crate::engine::scheduler::{Engine, Hooks, Submission};
+use crate::engine::supervisor::Supervisor;
 use crate::error::{Error, ErrorPolicy, Result};
-use crate::job::encode_item;
+use crate::os::spawn::SpawnOptions;
 use crate::pool::Pool;
-use crate::protocol::TaskRef;
-use crate::scheduler::{Engine, Hooks, Submission};
 use crate::shared::region::{self, Pins};
-use crate::spawn::SpawnOptions;
-use crate::supervisor::Supervisor;
-use crate::task;
-use crate::worker;
+use crate::wire::protocol::TaskRef;
+use crate::worker::serve;
+use crate::worker::task;
 
 /// The default of [`PoolBuilder::share_contexts_above`]: 1 MiB.
 const DEFAULT_SHARE_CONTEXTS_ABOVE: usize = 1 << 20;
@@ -317,7 +317,7 @@ impl PoolBuilder {
         if self.max_tasks == Some(0) {
             return Err(Error::Config("max_tasks_per_worker must be at least 1"));
         }
-        if !self.inline && worker::init_missing() {
+        if !self.inline && serve::init_missing() {
             return Err(Error::InitMissing);
         }
         let (init, state, init_pins) = match self.initializer {

@@ -7,13 +7,13 @@ use std::ops::Range;
 
 use serde::de::DeserializeOwned;
 
-use crate::codec::{self, Reader};
+use crate::engine::job::{ApplyStream, Complete};
 use crate::error::{CodecError, TaskPanic};
-use crate::job::{ApplyStream, Complete};
-use crate::protocol::{self, ChunkHeader, Failure, Reply, Request, TaskRef};
-use crate::task::{self, Collect, Fold, Outcomes, Plain, WithContext, WithState};
-use crate::transport::{Frame, FrameBuf};
-use crate::worker::{self, Link};
+use crate::wire::codec::{self, Reader};
+use crate::wire::protocol::{self, ChunkHeader, Failure, Reply, Request, TaskRef};
+use crate::wire::transport::{Frame, FrameBuf};
+use crate::worker::serve::{self, Link};
+use crate::worker::task::{self, Collect, Fold, Outcomes, Plain, WithContext, WithState};
 
 fn double(x: u64) -> u64 {
     x.wrapping_mul(2)
@@ -198,7 +198,7 @@ fn serve(frames: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
         frames: RefCell::new(frames),
         replies: RefCell::new(Vec::new()),
     };
-    let _ = worker::serve(&link);
+    let _ = serve::serve(&link);
     link.replies.into_inner()
 }
 
@@ -236,9 +236,12 @@ fn outcomes<U: DeserializeOwned + 'static>(items: Range<usize>, payload: &[u8]) 
             Box::new(Discard::<U>(PhantomData)),
         );
     }
-    if let Err(reason) =
-        crate::outcome::complete_outcomes(&mut stream, 0, &items.collect::<Vec<_>>(), payload)
-    {
+    if let Err(reason) = crate::engine::outcome::complete_outcomes(
+        &mut stream,
+        0,
+        &items.collect::<Vec<_>>(),
+        payload,
+    ) {
         stream.fail_all(|| crate::Error::Protocol {
             worker: 0,
             reason: reason.clone(),
@@ -274,7 +277,7 @@ pub(crate) fn parent_reply(bytes: &[u8]) {
         } => {
             let start = (job % 4) as usize;
             let items = start..start + (chunk % 17) as usize;
-            let (_, error) = crate::outcome::describe(failure, 0, items);
+            let (_, error) = crate::engine::outcome::describe(failure, 0, items);
             let _ = error.to_string();
         }
     }

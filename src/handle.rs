@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 
-use crate::codec::{self, Reader};
-use crate::driver::Core;
+use crate::engine::driver::Core;
+use crate::engine::job::{Complete, IterSource, JobId, Payload, Sink};
+use crate::engine::scheduler::Local;
 use crate::error::{Error, ErrorPolicy, Result, TaskPanic};
-use crate::job::{Complete, IterSource, JobId, Payload, Sink};
-use crate::scheduler::Local;
+use crate::wire::codec::{self, Reader};
 
 /// A callback run in the parent with a task's result.
 pub(crate) type OnResult<U> = Box<dyn FnOnce(&U) + Send>;
@@ -655,12 +655,12 @@ where
             source: Some(&mut self.source),
             sink: None,
         };
-        let mut until = |_: &crate::scheduler::Engine| {
+        let mut until = |_: &crate::engine::scheduler::Engine| {
             let state = lock(&state);
             !state.queue.is_empty() || state.end.is_some()
         };
         let driven = driving.drive(Some(&mut local), &mut until, None)?;
-        if driven == crate::scheduler::Drive::Idle && !until(driving.engine()) {
+        if driven == crate::engine::scheduler::Drive::Idle && !until(driving.engine()) {
             // Nothing in flight and nothing to send, yet no end: the job is gone.
             return Err(Error::Terminated);
         }

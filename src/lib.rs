@@ -70,55 +70,41 @@ compile_error!(
      with their parent through PR_SET_PDEATHSIG"
 );
 
-mod backend;
-mod broker;
 mod builder;
-mod chunker;
-mod codec;
-mod driver;
+mod channels;
+mod engine;
 mod error;
 mod fuzzing;
 mod handle;
-mod interrupt;
-mod job;
-mod outcome;
+mod os;
 mod par_map;
-mod pipe;
 mod pipeline;
 mod pool;
 mod process;
-mod protocol;
-mod queue;
-mod scheduler;
 mod shared;
-mod socket;
-mod spawn;
-mod state;
-mod supervisor;
-mod task;
-mod transport;
+mod wire;
 mod worker;
 
 pub use crate::builder::PoolBuilder;
+pub use crate::channels::pipe::Pipe;
+pub use crate::channels::queue::Queue;
 pub use crate::error::{CodecError, Error, ErrorPolicy, Result, TaskPanic};
 pub use crate::handle::{AsyncResult, Imap, ImapUnordered};
 pub use crate::par_map::{par_map, par_map_reduce};
-pub use crate::pipe::Pipe;
 pub use crate::pipeline::{
     DEFAULT_FOLD_FLUSH_BYTES, DEFAULT_STAGE_ITEMS, Pipeline, PipelineStats, Stage,
 };
 pub use crate::pool::{Pool, PoolStats, Skipped};
 pub use crate::process::{Process, ProcessBuilder};
-pub use crate::queue::Queue;
 pub use crate::shared::{Shared, SharedSlice};
-pub use crate::worker::init;
+pub use crate::worker::serve::init;
 
 /// Items public only for this crate's own tests.
 #[doc(hidden)]
 pub mod __private {
     /// How many frames this process has sent and received through shared memory.
     pub fn shared_memory_frames() -> (u64, u64) {
-        crate::transport::shared_memory_frames()
+        crate::wire::transport::shared_memory_frames()
     }
 
     /// In this process: shared regions attached from other processes, `Shared`

@@ -73,7 +73,7 @@ where
 }
 
 fn default_pool() -> Result<Arc<Pool>> {
-    if crate::worker::is_worker() {
+    if crate::worker::serve::is_worker() {
         return Err(Error::InsideWorker);
     }
     static DEFAULT: Mutex<Option<Arc<Pool>>> = Mutex::new(None);

@@ -20,7 +20,7 @@ use serde::de::DeserializeOwned;
 use crate::error::{Error, Result};
 use crate::handle::{Imap, ImapUnordered};
 use crate::pool::Pool;
-use crate::task;
+use crate::worker::task;
 
 /// Items a stage may hold in flight by default (in its workers and in the reorder
 /// window), whatever their size; payload bytes are bounded too (64 MiB per stage).
@@ -573,7 +573,7 @@ where
 fn stage_pool(settings: &Settings, workers: usize, number: usize) -> Result<Pool> {
     // A stage's window is four chunks per worker: cap chunks so that the window
     // holds at most `stage_items` items.
-    let window = 4 * crate::supervisor::CREDIT * workers.max(1);
+    let window = 4 * crate::engine::supervisor::CREDIT * workers.max(1);
     Pool::builder()
         .workers(workers)
         .inherit_output(settings.inherit_output)

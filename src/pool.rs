@@ -8,20 +8,20 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::codec;
-use crate::driver::Core;
+use crate::engine::driver::Core;
+use crate::engine::job::{FoldLedger, IterSource, Job, Kind, Sink, encode_item};
+use crate::engine::scheduler::{Drive, Engine, Local, Submission};
 use crate::error::{Error, ErrorPolicy, Result};
 use crate::handle::{
     ApplyCompletion, AsyncResult, CollectSink, Completion, FoldSink, Imap, ImapParts,
     ImapUnordered, MapAsyncSink, OnError, OnResult, OutcomeSink, PartialsSink, imap_parts,
     items_failed,
 };
-use crate::interrupt;
-use crate::job::{FoldLedger, IterSource, Job, Kind, Sink, encode_item};
-use crate::protocol::{ContextPayload, TaskRef};
-use crate::scheduler::{Drive, Engine, Local, Submission};
+use crate::os::interrupt;
 use crate::shared::region::{self, Pins, Region};
-use crate::task::{self, Collect, Fold, Mapper, Outcomes, Plain, WithContext, WithState};
+use crate::wire::codec;
+use crate::wire::protocol::{ContextPayload, TaskRef};
+use crate::worker::task::{self, Collect, Fold, Mapper, Outcomes, Plain, WithContext, WithState};
 
 /// A set of worker processes that run tasks, kept alive across calls: Python's
 /// `multiprocessing.Pool`, typed.

@@ -17,15 +17,15 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::codec;
+use crate::engine::outcome;
 use crate::error::{Error, Result};
-use crate::outcome;
-use crate::protocol::{self, ChunkHeader, Failure, Reply, Request, TaskRef};
+use crate::os::spawn::{self, START_FAILED, SpawnOptions};
 use crate::shared::region;
-use crate::spawn::{self, START_FAILED, SpawnOptions};
-use crate::task::{self, Collect, Plain};
-use crate::transport::{self, Accepted, FrameBuf, Listener, ParentLink, RawFrame};
-use crate::worker;
+use crate::wire::codec;
+use crate::wire::protocol::{self, ChunkHeader, Failure, Reply, Request, TaskRef};
+use crate::wire::transport::{self, Accepted, FrameBuf, Listener, ParentLink, RawFrame};
+use crate::worker::serve;
+use crate::worker::task::{self, Collect, Plain};
 
 /// How long a child may take to start and connect.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -74,7 +74,7 @@ impl ProcessBuilder {
         let name = self
             .name
             .unwrap_or_else(|| format!("Process-{}", NEXT_NUMBER.fetch_add(1, Ordering::Relaxed)));
-        if worker::init_missing() {
+        if serve::init_missing() {
             return Err(Error::InitMissing);
         }
         let task = TaskRef::of::<T, U, Plain<F>, Collect>().ok_or(Error::TaskNotInExecutable)?;

@@ -21,8 +21,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::codec;
 use crate::error::{Error, Result};
+use crate::wire::codec;
 use region::{Fault, Region, RegionHandle};
 
 /// A read-only array of plain-old-data values shared with workers without copying.

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::Result;
-use crate::spawn::SpawnOptions;
-use crate::transport::{Frame, FrameBuf};
+use crate::os::spawn::SpawnOptions;
+use crate::wire::transport::{Frame, FrameBuf};
 
 /// Something that happened to one worker, or to the wait itself.
 pub(crate) enum Event {

@@ -19,10 +19,10 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::broker::{self, Address};
-use crate::codec;
+use crate::channels::broker::{self, Address};
 use crate::error::{Error, Result};
-use crate::socket;
+use crate::os::socket;
+use crate::wire::codec;
 
 /// One end of a pipe: it sends `A` and receives `B`.
 ///

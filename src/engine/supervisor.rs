@@ -10,11 +10,11 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::backend::Backend;
+use crate::engine::backend::Backend;
+use crate::engine::job::{InFlight, JobId};
 use crate::error::Result;
-use crate::job::{InFlight, JobId};
-use crate::protocol::{self, ChunkHeader, INIT_JOB, Request, TaskRef};
-use crate::transport::FrameBuf;
+use crate::wire::protocol::{self, ChunkHeader, INIT_JOB, Request, TaskRef};
+use crate::wire::transport::FrameBuf;
 
 /// Chunks a worker may hold at once: one running, one queued behind it, so a worker
 /// never waits for the parent between chunks. A queued frame fits the socket's
@@ -80,7 +80,7 @@ impl Supervisor {
     /// A frame buffer to build a request in.
     pub(crate) fn take_frame(&mut self) -> FrameBuf {
         let mut frame = self.frames.pop().unwrap_or_else(|| {
-            FrameBuf::with_capacity(crate::chunker::target_chunk_bytes() + 1024)
+            FrameBuf::with_capacity(crate::engine::chunker::target_chunk_bytes() + 1024)
         });
         frame.clear();
         frame

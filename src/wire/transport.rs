@@ -342,7 +342,7 @@ fn send_frame(
     // same channel (the bytes on the wire are the same) lets an interrupted send be
     // made again with the same memfd.
     // ipc-channel's send takes whatever this thread's encoding left out of band.
-    let _ = crate::codec::flush();
+    let _ = crate::wire::codec::flush();
     let by_ref = big.clone().to_opaque().to::<SharedRef<'_>>();
     retry_interrupted(|| by_ref.send(SharedRef(&shared))).map_err(ipc_to_io)?;
     count_shared(false);
@@ -612,7 +612,7 @@ impl Listener {
     /// Wakes a thread blocked in [`Listener::accept`] on the listener called `name`.
     pub(crate) fn abort(name: &str) -> io::Result<()> {
         // ipc-channel's send takes whatever this thread's encoding left out of band.
-        let _ = crate::codec::flush();
+        let _ = crate::wire::codec::flush();
         let sender = IpcSender::<HandshakeIn>::connect(name.to_owned())?;
         sender.send(HandshakeIn::Abort).map_err(ipc_to_io)
     }

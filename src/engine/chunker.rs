@@ -1,6 +1,6 @@
 //! The chunker: how many items go into the next chunk, adapting to the task's cost.
 
-use crate::transport::inline_limit;
+use crate::wire::transport::inline_limit;
 
 /// Work per chunk the adaptive sizer aims for.
 pub(crate) const TARGET_CHUNK_NANOS: f64 = 1_000_000.0;
@@ -121,7 +121,7 @@ mod tests {
             }
         }
         assert_eq!(target_chunk_bytes(), chunk_bytes_within(inline_limit()));
-        let _forced = crate::transport::force_inline_limit(10_000);
+        let _forced = crate::wire::transport::force_inline_limit(10_000);
         assert_eq!(target_chunk_bytes(), 5_000);
     }
 

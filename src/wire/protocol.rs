@@ -7,9 +7,9 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::codec;
 use crate::error::{CodecError, TaskPanic};
-use crate::transport::FrameBuf;
+use crate::wire::codec;
+use crate::wire::transport::FrameBuf;
 
 /// The job id of a worker's initializer run: no real job has it.
 pub(crate) const INIT_JOB: u64 = 0;

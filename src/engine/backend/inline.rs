@@ -12,8 +12,8 @@ use std::time::Instant;
 
 use super::{Event, Waker};
 use crate::error::{Error, Result};
-use crate::transport::{Frame, FrameBuf};
-use crate::worker::{self, Link};
+use crate::wire::transport::{Frame, FrameBuf};
+use crate::worker::serve::{self, Link};
 
 /// The wait status reported for a worker thread that ended unexpectedly: exit code
 /// 101, what a Rust process that panics exits with.
@@ -92,7 +92,7 @@ impl InlineBackend {
             .spawn(move || {
                 // Ignored result: the loop ends on hang-up or a dropped reply channel,
                 // and the guard in `link` reports the end either way.
-                let _ = worker::serve(&link);
+                let _ = serve::serve(&link);
             })
             .map_err(|source| Error::Spawn { worker, source })?;
         // A replaced thread sees its request channel close and ends on its own.

@@ -14,12 +14,12 @@ use std::ops::{Deref, Range};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::chunker::Sizer;
-use crate::codec;
+use crate::engine::chunker::Sizer;
 use crate::error::{CodecError, Error, ErrorPolicy, Result};
-use crate::protocol::{self, ChunkHeader, Request, TaskRef};
 use crate::shared::region::{self, Pins};
-use crate::transport::{Frame, FrameBuf};
+use crate::wire::codec;
+use crate::wire::protocol::{self, ChunkHeader, Request, TaskRef};
+use crate::wire::transport::{Frame, FrameBuf};
 
 /// A job's number in its pool; jobs are served in the order of their ids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -4,11 +4,11 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use crate::protocol::{self, Reply, Request};
-use crate::spawn::{START_FAILED, WORKER_ARG, WORKER_ENV};
-use crate::state::WorkerState;
-use crate::task;
-use crate::transport::{Frame, FrameBuf, WorkerLink};
+use crate::os::spawn::{START_FAILED, WORKER_ARG, WORKER_ENV};
+use crate::wire::protocol::{self, Reply, Request};
+use crate::wire::transport::{Frame, FrameBuf, WorkerLink};
+use crate::worker::state::WorkerState;
+use crate::worker::task;
 
 /// Set once this process has become a worker in [`init`].
 static SERVING: AtomicBool = AtomicBool::new(false);
@@ -105,7 +105,7 @@ fn serve_process(value: &str) -> io::Result<()> {
             format!("malformed {WORKER_ARG}"),
         )
     })?;
-    crate::spawn::prepare_child(parent)?;
+    crate::os::spawn::prepare_child(parent)?;
     let link = WorkerLink::connect(server, task::binary_fingerprint())?;
     // A worker process keeps the shared inputs it attaches for later calls.
     crate::shared::region::keep_attached_inputs();
@@ -201,7 +201,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
-    use crate::codec;
+    use crate::wire::codec;
 
     /// A link that feeds fixed frames and collects replies.
     struct Script {

@@ -13,9 +13,9 @@ use ipc_channel::ipc::{self, IpcReceiverSet, IpcSelectionResult, IpcSender};
 
 use super::{Event, StartOptions, Waker};
 use crate::error::{Error, Result};
-use crate::spawn::{self, START_FAILED, reap};
-use crate::task;
-use crate::transport::{FrameBuf, Listener, ParentLink, RawFrame, poll_before_blocking};
+use crate::os::spawn::{self, START_FAILED, reap};
+use crate::wire::transport::{FrameBuf, Listener, ParentLink, RawFrame, poll_before_blocking};
+use crate::worker::task;
 
 /// How long a worker gets to exit after its channels close before it is killed.
 const EXIT_GRACE: Duration = Duration::from_secs(1);
@@ -202,11 +202,11 @@ impl ProcessBackend {
                         {
                             // Ctrl-C during a call that handles it: let the driver
                             // look, once.
-                            if crate::interrupt::interrupted() && !self.interrupt_seen {
+                            if crate::os::interrupt::interrupted() && !self.interrupt_seen {
                                 self.interrupt_seen = true;
                                 return Ok(Event::Woken);
                             }
-                            if !crate::interrupt::interrupted() {
+                            if !crate::os::interrupt::interrupted() {
                                 self.interrupt_seen = false;
                             }
                             continue;
@@ -262,7 +262,7 @@ impl ProcessBackend {
                             }
                             self.replies_seen[worker] += 1;
                             if self.replies_seen[worker] - 1 == at {
-                                Ok(crate::transport::Frame::Inline(vec![0xff; 5]))
+                                Ok(crate::wire::transport::Frame::Inline(vec![0xff; 5]))
                             } else {
                                 Ok(frame)
                             }
@@ -551,7 +551,7 @@ struct Starting {
     worker: usize,
     child: Option<Child>,
     name: String,
-    link: Option<crate::transport::Accepted>,
+    link: Option<crate::wire::transport::Accepted>,
     /// Its accept thread has answered (or can no longer be woken).
     finished: bool,
     /// Its accept thread was told to give up.

@@ -22,10 +22,10 @@ use std::sync::{Once, OnceLock};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::codec::{self, Reader};
 use crate::error::{CodecError, TaskPanic};
-use crate::protocol::{ChunkHeader, Failure, TaskRef};
-use crate::state::{Accumulator, WorkerState};
+use crate::wire::codec::{self, Reader};
+use crate::wire::protocol::{ChunkHeader, Failure, TaskRef};
+use crate::worker::state::{Accumulator, WorkerState};
 
 /// Runs one chunk: decodes its items from the payload, runs the task, appends the
 /// encoded results (or the partial result) to `out`.
@@ -144,7 +144,7 @@ impl TaskRef {
 
     /// Names the runner of a fold stage: `fold: Fn(A, T) -> A` folds each item into
     /// the worker's accumulator for the job, started by `identity()` and kept across
-    /// chunks until a [`Request::Flush`](crate::protocol::Request::Flush); `None` when
+    /// chunks until a [`Request::Flush`](crate::wire::protocol::Request::Flush); `None` when
     /// it is not in the program's executable.
     pub(crate) fn fold<T, A, Id, F>() -> Option<Self>
     where
@@ -445,7 +445,7 @@ where
     let mut env = guarded(first, || M::env(state, header.job))??;
     let mut reader = Reader::new(payload);
     let mut sink = guarded(first, S::start)?;
-    let progress = crate::transport::progress();
+    let progress = crate::wire::transport::progress();
     let mut skip = header.skip.iter().copied().peekable();
     for i in 0..u64::from(header.count) {
         let item = first.wrapping_add(i);
@@ -533,7 +533,7 @@ where
         None => guarded(first, conjure::<Id>())?,
     };
     let mut reader = Reader::new(payload);
-    let progress = crate::transport::progress();
+    let progress = crate::wire::transport::progress();
     let mut skip = header.skip.iter().copied().peekable();
     for i in 0..u64::from(header.count) {
         let item = first.wrapping_add(i);

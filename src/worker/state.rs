@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 
-use crate::codec;
 use crate::error::CodecError;
-use crate::protocol::Failure;
 use crate::shared::region::{Region, RegionHandle};
+use crate::wire::codec;
+use crate::wire::protocol::Failure;
 
 /// A worker's memory across chunks.
 #[derive(Default)]

@@ -6,10 +6,10 @@ use std::ops::Range;
 use std::process::ExitStatus;
 
 use super::{Engine, Local, Payload};
+use crate::engine::job::{InFlight, Job, JobId, Kind};
+use crate::engine::outcome::{died_of_memory, fail_items, is_hang_up};
 use crate::error::Error;
-use crate::job::{InFlight, Job, JobId, Kind};
-use crate::outcome::{died_of_memory, fail_items, is_hang_up};
-use crate::protocol::INIT_JOB;
+use crate::wire::protocol::INIT_JOB;
 
 impl Engine {
     /// Kills the workers whose running item passed the task timeout; the item's job

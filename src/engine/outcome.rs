@@ -4,11 +4,11 @@
 use std::ops::Range;
 use std::process::ExitStatus;
 
-use crate::codec::Reader;
+use crate::engine::job::ApplyStream;
 use crate::error::Error;
-use crate::job::ApplyStream;
-use crate::protocol::Failure;
-use crate::task::{OUTCOME_FAILED, OUTCOME_OK};
+use crate::wire::codec::Reader;
+use crate::wire::protocol::Failure;
+use crate::worker::task::{OUTCOME_FAILED, OUTCOME_OK};
 
 /// Completes each handle of an `apply_async` chunk from its outcome; `items` are
 /// the chunk's items that ran (those passed over have no outcome), ascending.

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::socket;
+use crate::os::socket;
 
 /// What a connection asks for: to talk to a queue, or to claim a parked descriptor.
 pub(crate) const KIND_QUEUE: u8 = 0;

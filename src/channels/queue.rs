@@ -16,11 +16,11 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::broker::{self, Address};
-use crate::codec;
+use crate::channels::broker::{self, Address};
 use crate::error::{Error, Result};
-use crate::socket;
-use crate::transport;
+use crate::os::socket;
+use crate::wire::codec;
+use crate::wire::transport;
 
 // Requests.
 const PUT: u8 = 1;

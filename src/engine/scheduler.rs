@@ -14,15 +14,17 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
-use crate::backend::Event;
-use crate::chunker::target_chunk_bytes;
+use crate::engine::backend::Event;
+use crate::engine::chunker::target_chunk_bytes;
+use crate::engine::job::{Complete, InFlight, Job, JobId, Kind, Payload, Ready, Sink, Source};
+use crate::engine::outcome::{
+    complete_outcomes, describe, describe_init, exit_description, fail_items,
+};
+use crate::engine::supervisor::{CREDIT, Supervisor};
 use crate::error::{Error, Result};
-use crate::job::{Complete, InFlight, Job, JobId, Kind, Payload, Ready, Sink, Source};
-use crate::outcome::{complete_outcomes, describe, describe_init, exit_description, fail_items};
-use crate::protocol::{self, ChunkHeader, ContextPayload, INIT_JOB, Reply, Request, TaskRef};
 use crate::shared::region;
-use crate::supervisor::{CREDIT, Supervisor};
-use crate::transport::{FrameBuf, POLL_BEFORE_BLOCKING};
+use crate::wire::protocol::{self, ChunkHeader, ContextPayload, INIT_JOB, Reply, Request, TaskRef};
+use crate::wire::transport::{FrameBuf, POLL_BEFORE_BLOCKING};
 
 /// Payload bytes an ordered job may hold in its reorder buffer before it stops
 /// dispatching until the earliest chunk is in: large results (each a shared-memory

@@ -16,9 +16,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
 use std::thread;
 use std::time::Instant;
 
-use crate::backend::Waker;
+use crate::engine::backend::Waker;
+use crate::engine::scheduler::{Drive, Engine, Hooks, Local, Submission};
 use crate::error::{Error, Result};
-use crate::scheduler::{Drive, Engine, Hooks, Local, Submission};
 
 /// A piece of work for the callback thread.
 pub(crate) type Callback = Box<dyn FnOnce() + Send>;

@@ -1,0 +1,10 @@
+//! The engine: the job table, the workers' supervisor, and the backends that run
+//! workers as processes or threads.
+
+pub(crate) mod backend;
+pub(crate) mod chunker;
+pub(crate) mod driver;
+pub(crate) mod job;
+pub(crate) mod outcome;
+pub(crate) mod scheduler;
+pub(crate) mod supervisor;
