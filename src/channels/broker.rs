@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::os::proc::parent_of;
 use crate::os::socket;
 
 /// What a connection asks for: to talk to a queue, or to claim a parked descriptor.
@@ -277,13 +278,6 @@ fn descends_from_us(mut pid: u32) -> bool {
         }
     }
     false
-}
-
-fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn random() -> io::Result<[u8; 16]> {

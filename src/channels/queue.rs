@@ -18,9 +18,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::channels::broker::{self, Address};
 use crate::error::{Error, Result};
-use crate::os::socket;
+use crate::os::{poll, socket};
 use crate::wire::codec;
-use crate::wire::transport;
 
 // Requests.
 const PUT: u8 = 1;
@@ -216,9 +215,9 @@ impl State {
 
     /// Looks for `ready` for a short while before the caller blocks on a condition
     /// variable: a thread woken from a blocked wait on this VM takes tens of
-    /// microseconds or more (see `transport::poll_before_blocking`).
+    /// microseconds or more (see `poll::poll_before_blocking`).
     fn poll(&self, ready: impl Fn(&Inner) -> bool) {
-        transport::poll_before_blocking(|| ready(&self.lock()).then_some(()));
+        poll::poll_before_blocking(|| ready(&self.lock()).then_some(()));
     }
 
     /// Puts an item that could not be delivered back at the front.
@@ -525,7 +524,7 @@ fn serve(id: u64, mut stream: UnixStream) {
 /// follows at once is read without blocking (and without the slow wake-up that
 /// follows a block on this VM); returns either way, the caller then reads.
 fn poll_readable(stream: &UnixStream) {
-    transport::poll_before_blocking(|| {
+    poll::poll_before_blocking(|| {
         matches!(
             socket::wait_readable(stream, Some(Duration::ZERO)),
             Ok(true) | Err(_)

@@ -22,9 +22,10 @@ use crate::engine::outcome::{
 };
 use crate::engine::supervisor::{CREDIT, Supervisor};
 use crate::error::{Error, Result};
+use crate::os::poll::POLL_BEFORE_BLOCKING;
 use crate::shared::region;
 use crate::wire::protocol::{self, ChunkHeader, ContextPayload, INIT_JOB, Reply, Request, TaskRef};
-use crate::wire::transport::{FrameBuf, POLL_BEFORE_BLOCKING};
+use crate::wire::transport::FrameBuf;
 
 /// Payload bytes an ordered job may hold in its reorder buffer before it stops
 /// dispatching until the earliest chunk is in: large results (each a shared-memory

@@ -1,5 +1,11 @@
 //! What Linux provides and std does not: starting children, socket calls, signals.
 
+#[cfg(test)]
+pub(crate) mod alloc;
 pub(crate) mod interrupt;
+pub(crate) mod poll;
+pub(crate) mod proc;
+pub(crate) mod shm;
+pub(crate) mod signals;
 pub(crate) mod socket;
 pub(crate) mod spawn;

@@ -178,3 +178,32 @@ pub(crate) fn wait_readable(stream: &UnixStream, timeout: Option<Duration>) -> i
         }
     }
 }
+
+/// `SO_SNDBUF` of a fresh `SOCK_SEQPACKET` socket, measured independently of
+/// ipc-channel (for the transport's tests).
+#[cfg(test)]
+pub(crate) fn fresh_socket_send_buffer() -> usize {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors `socketpair` writes.
+    let made =
+        unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, fds.as_mut_ptr()) };
+    assert_eq!(made, 0);
+    let mut size: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `size` and `len` are valid for writes of the sizes `len` states.
+    let got = unsafe {
+        libc::getsockopt(
+            fds[0],
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&raw mut size).cast(),
+            &raw mut len,
+        )
+    };
+    for fd in fds {
+        // SAFETY: `fd` came from `socketpair` above and is closed once.
+        unsafe { libc::close(fd) };
+    }
+    assert_eq!(got, 0);
+    usize::try_from(size).unwrap()
+}

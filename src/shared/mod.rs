@@ -2,7 +2,9 @@
 //! workers as small handles.
 //!
 //! The bytes live in a memfd sealed against shrink, grow and write, mapped read-only
-//! in every process that uses them (`region.rs`, the only file here with `unsafe`).
+//! in every process that uses them (`region.rs`, which holds every unsafe operation:
+//! the one `unsafe` block here only forwards [`SharedSlice::map_file`]'s contract to
+//! it).
 //! Encoding a `SharedSlice` or `Shared` writes a handle of a few dozen bytes; the
 //! receiving process opens the sender's descriptor through `/proc`, checks it is the
 //! same sealed file, and maps it. The kernel frees the memory when the last process

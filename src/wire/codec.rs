@@ -590,44 +590,6 @@ mod tests {
         assert!(decode::<String>(&buf).is_err());
     }
 
-    /// Forwards to the system allocator and remembers the largest request, so a test
-    /// can tell that a corrupt length did not turn into an allocation.
-    struct LargestRequest;
-
-    static LARGEST_REQUEST: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-    // SAFETY: every method forwards to `System` with the caller's own arguments, so
-    // `System`'s guarantees carry over unchanged; the bookkeeping only reads sizes.
-    unsafe impl std::alloc::GlobalAlloc for LargestRequest {
-        unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-            LARGEST_REQUEST.fetch_max(layout.size(), std::sync::atomic::Ordering::Relaxed);
-            // SAFETY: requirements forwarded to the caller.
-            unsafe { std::alloc::System.alloc(layout) }
-        }
-        unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
-            LARGEST_REQUEST.fetch_max(layout.size(), std::sync::atomic::Ordering::Relaxed);
-            // SAFETY: requirements forwarded to the caller.
-            unsafe { std::alloc::System.alloc_zeroed(layout) }
-        }
-        unsafe fn realloc(
-            &self,
-            ptr: *mut u8,
-            layout: std::alloc::Layout,
-            new_size: usize,
-        ) -> *mut u8 {
-            LARGEST_REQUEST.fetch_max(new_size, std::sync::atomic::Ordering::Relaxed);
-            // SAFETY: requirements forwarded to the caller.
-            unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
-        }
-        unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
-            // SAFETY: requirements forwarded to the caller.
-            unsafe { std::alloc::System.dealloc(ptr, layout) }
-        }
-    }
-
-    #[global_allocator]
-    static ALLOCATOR: LargestRequest = LargestRequest;
-
     #[test]
     fn a_corrupt_length_fails_before_allocating() {
         // 16 bytes whose length prefix claims 3 GiB.
@@ -640,7 +602,7 @@ mod tests {
         assert!(decode::<Vec<u8>>(&buf).is_err());
         assert!(decode::<serde_bytes_like::Bytes>(&buf).is_err());
         // Other tests allocate at most a few MiB; a claim honoured would ask for 3 GiB.
-        let largest = LARGEST_REQUEST.load(std::sync::atomic::Ordering::Relaxed);
+        let largest = crate::os::alloc::largest_request();
         assert!(
             largest < 1 << 30,
             "an allocation of {largest} bytes was requested"

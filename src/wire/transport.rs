@@ -29,6 +29,9 @@ use ipc_channel::ipc::{
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
+use crate::os::poll::poll_before_blocking;
+use crate::os::signals::with_signals_held;
+
 /// The largest frame body that goes out as one socket message; larger frames travel
 /// through shared memory.
 ///
@@ -75,30 +78,6 @@ pub(crate) fn force_inline_limit(limit: usize) -> impl Drop {
         }
     }
     Restore(FORCED_INLINE_LIMIT.replace(Some(limit)))
-}
-
-/// How long a waiting receiver keeps polling (yielding the CPU between attempts)
-/// before it blocks. On virtual machines a blocked thread whose CPU went idle takes
-/// tens to hundreds of microseconds to wake (the hypervisor must wake the virtual
-/// CPU), many times a round trip between awake processes; polling briefly after
-/// each message keeps back-to-back requests off that path. Yielding keeps the poll
-/// from taking the CPU away from runnable workers.
-pub(crate) const POLL_BEFORE_BLOCKING: Duration = Duration::from_micros(POLL_US);
-const POLL_US: u64 = 500;
-
-/// Calls `attempt` until it yields something or [`POLL_BEFORE_BLOCKING`] has
-/// passed; `None` means the caller should block.
-pub(crate) fn poll_before_blocking<R>(mut attempt: impl FnMut() -> Option<R>) -> Option<R> {
-    let deadline = Instant::now() + POLL_BEFORE_BLOCKING;
-    loop {
-        if let Some(result) = attempt() {
-            return Some(result);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::yield_now();
-    }
 }
 
 /// Room reserved in front of every frame for its varint length.
@@ -287,42 +266,6 @@ fn recv_shared(
     }
 }
 
-/// Runs `f` with this thread's asynchronous signals held back, then restores its mask.
-///
-/// For the calls ipc-channel cannot repeat after `EINTR`: its one-shot `accept`
-/// consumes the server even when it fails, and its `connect` gives up (leaking the
-/// socket) rather than finish a connection the signal interrupted. Signals sent to
-/// the process meanwhile go to other threads or wait until `f` returns. Signals a
-/// fault raises (`SIGSEGV`, `SIGBUS`, `SIGFPE`, `SIGILL`) stay unblocked.
-fn with_signals_held<R>(f: impl FnOnce() -> R) -> R {
-    let mut held = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
-    // SAFETY: `sigfillset` initialises the set behind the pointer it is given.
-    unsafe { libc::sigfillset(held.as_mut_ptr()) };
-    // SAFETY: `sigfillset` initialised the set just above (it cannot fail on a valid pointer).
-    let mut held = unsafe { held.assume_init() };
-    for fault in [libc::SIGSEGV, libc::SIGBUS, libc::SIGFPE, libc::SIGILL] {
-        // SAFETY: `held` is an initialised set and `fault` a valid signal number.
-        unsafe { libc::sigdelset(&mut held, fault) };
-    }
-    let mut previous = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
-    // SAFETY: both pointers are valid for the call, which changes only this thread's mask.
-    let blocked = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &held, previous.as_mut_ptr()) };
-    if blocked != 0 {
-        return f();
-    }
-    // SAFETY: `pthread_sigmask` succeeded, so it stored the previous mask.
-    let previous = unsafe { previous.assume_init() };
-    struct Restore(libc::sigset_t);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            // SAFETY: restores a mask `pthread_sigmask` returned for this same thread.
-            unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, std::ptr::null_mut()) };
-        }
-    }
-    let _restore = Restore(previous);
-    f()
-}
-
 /// Sends a frame: inline when small, through a memfd when large.
 fn send_frame(
     bytes: &IpcBytesSender,
@@ -359,28 +302,13 @@ const PROGRESS_BYTES: usize = 8;
 static PROGRESS: OnceLock<&'static std::sync::atomic::AtomicU64> = OnceLock::new();
 
 /// Keeps this worker's mapping of its progress word for the life of the process.
-fn publish_progress(mut progress: IpcSharedMemory) {
+fn publish_progress(progress: IpcSharedMemory) {
     if PROGRESS.get().is_some() {
         return;
     }
-    // SAFETY: `progress` was just created by this process (`from_byte`) and the only
-    // other view of it is the parent's copy, which only reads it once this worker is
-    // dead; the mutable view is taken once, here, and the mapping is leaked so it
-    // lives as long as the process.
-    let bytes = unsafe { progress.deref_mut() };
-    if bytes.len() < PROGRESS_BYTES {
-        return;
+    if let Some(word) = crate::os::shm::leak_word(progress) {
+        let _ = PROGRESS.set(word);
     }
-    let word = bytes.as_mut_ptr().cast::<u64>();
-    std::mem::forget(progress);
-    if !word.is_aligned() {
-        return;
-    }
-    // SAFETY: `word` points to 8 bytes of a page-aligned shared mapping (checked
-    // aligned just above) that is never unmapped (leaked above) and that this
-    // process accesses only through this atomic from now on.
-    let atomic = unsafe { std::sync::atomic::AtomicU64::from_ptr(word) };
-    let _ = PROGRESS.set(atomic);
 }
 
 /// The progress word of this worker process, if it has one (threads of the inline
@@ -663,38 +591,11 @@ mod tests {
         }
     }
 
-    /// `SO_SNDBUF` of a fresh socket, measured here independently of ipc-channel.
-    fn fresh_socket_send_buffer() -> usize {
-        let mut fds = [0; 2];
-        // SAFETY: `fds` has room for the two descriptors `socketpair` writes.
-        let made =
-            unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, fds.as_mut_ptr()) };
-        assert_eq!(made, 0);
-        let mut size: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: `size` and `len` are valid for writes of the sizes `len` states.
-        let got = unsafe {
-            libc::getsockopt(
-                fds[0],
-                libc::SOL_SOCKET,
-                libc::SO_SNDBUF,
-                (&raw mut size).cast(),
-                &raw mut len,
-            )
-        };
-        for fd in fds {
-            // SAFETY: `fd` came from `socketpair` above and is closed once.
-            unsafe { libc::close(fd) };
-        }
-        assert_eq!(got, 0);
-        usize::try_from(size).unwrap()
-    }
-
     #[test]
     fn the_inline_limit_follows_the_socket_send_buffer() {
         // ipc-channel's first fragment: the buffer less CMSG_SPACE(64 descriptors)
         // and a 16-byte header, rounded down to 8; less our length prefix.
-        let fragment = (fresh_socket_send_buffer() - 528 - 16) & !7;
+        let fragment = (crate::os::socket::fresh_socket_send_buffer() - 528 - 16) & !7;
         assert_eq!(inline_limit(), fragment - PREFIX);
         // Every frame up to the limit is one packet, so one send can take it with no
         // reader: a fragmented send would wait for the reader and never return.

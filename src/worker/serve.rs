@@ -78,13 +78,9 @@ pub(crate) fn init_missing() -> bool {
 }
 
 /// The value of this process's worker argument, when it was started as a worker.
-///
-/// Read from `/proc/self/cmdline` rather than `std::env::args`, which is not yet set
-/// up when `init` runs from the test-support constructor before `main`.
 fn worker_argument() -> Option<String> {
     std::env::var_os(WORKER_ENV)?;
-    let cmdline = std::fs::read("/proc/self/cmdline").ok()?;
-    cmdline.split(|&b| b == 0).skip(1).find_map(|arg| {
+    crate::os::proc::own_arguments()?.iter().find_map(|arg| {
         let arg = std::str::from_utf8(arg).ok()?;
         arg.strip_prefix(WORKER_ARG).map(str::to_owned)
     })

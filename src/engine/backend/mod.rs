@@ -130,7 +130,7 @@ impl Backend {
 
     /// Blocks until some worker replies or is lost, the waker is called, or the
     /// deadline passes. `poll` asks to poll briefly before blocking, when a reply is
-    /// expected soon (see `transport::POLL_BEFORE_BLOCKING`).
+    /// expected soon (see `os::poll::POLL_BEFORE_BLOCKING`).
     pub(crate) fn next_event(&mut self, poll: bool, deadline: Option<Instant>) -> Result<Event> {
         match self {
             Backend::Process(b) => b.next_event(poll, deadline),

@@ -13,8 +13,9 @@ use ipc_channel::ipc::{self, IpcReceiverSet, IpcSelectionResult, IpcSender};
 
 use super::{Event, StartOptions, Waker};
 use crate::error::{Error, Result};
+use crate::os::poll::poll_before_blocking;
 use crate::os::spawn::{self, START_FAILED, reap};
-use crate::wire::transport::{FrameBuf, Listener, ParentLink, RawFrame, poll_before_blocking};
+use crate::wire::transport::{FrameBuf, Listener, ParentLink, RawFrame};
 use crate::worker::task;
 
 /// How long a worker gets to exit after its channels close before it is killed.
