@@ -250,7 +250,7 @@ fn outcomes<U: DeserializeOwned + 'static>(items: Range<usize>, payload: &[u8]) 
 }
 
 fn results<U: DeserializeOwned>(items: Range<usize>, payload: &[u8]) {
-    let _ = crate::handle::decode_results::<U>(0, items, payload, |_, value| drop(value))
+    let _ = crate::sink::decode_results::<U>(0, items, payload, |_, value| drop(value))
         .map_err(|e| e.to_string());
     let mut reader = Reader::new(payload);
     while !reader.is_empty() && reader.decode::<U>().is_ok() {}

@@ -82,6 +82,7 @@ mod pipeline;
 mod pool;
 mod process;
 mod shared;
+mod sink;
 mod wire;
 mod worker;
 

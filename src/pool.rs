@@ -12,13 +12,13 @@ use crate::engine::driver::Core;
 use crate::engine::job::{FoldLedger, IterSource, Job, Kind, Sink, encode_item};
 use crate::engine::scheduler::{Drive, Engine, Local, Submission};
 use crate::error::{Error, ErrorPolicy, Result};
-use crate::handle::{
-    ApplyCompletion, AsyncResult, CollectSink, Completion, FoldSink, Imap, ImapParts,
-    ImapUnordered, MapAsyncSink, OnError, OnResult, OutcomeSink, PartialsSink, imap_parts,
-    items_failed,
-};
+use crate::handle::{AsyncResult, Imap, ImapParts, ImapUnordered, imap_parts};
 use crate::os::interrupt;
 use crate::shared::region::{self, Pins, Region};
+use crate::sink::{
+    ApplyCompletion, CollectSink, FoldSink, MapAsyncSink, OnError, OnResult, OutcomeSink,
+    PartialsSink, items_failed,
+};
 use crate::wire::codec;
 use crate::wire::protocol::{ContextPayload, TaskRef};
 use crate::worker::task::{self, Collect, Fold, Mapper, Outcomes, Plain, WithContext, WithState};
@@ -513,7 +513,7 @@ impl Pool {
         let mut bytes = Vec::new();
         let (encoded, pins) = region::pin_while(|| encode_item(&arg, 0, &mut bytes));
         encoded?;
-        let (handle, completion) = Completion::new(&self.core, callbacks);
+        let (handle, completion) = AsyncResult::pending(&self.core, callbacks);
         let submission = Submission::Apply {
             task,
             arg: bytes,
@@ -587,7 +587,7 @@ impl Pool {
         F: Fn(T) -> U + Copy + Send + Sync,
     {
         let task = task_ref::<T, U, Plain<F>, Collect>()?;
-        let (handle, completion) = Completion::new(&self.core, callbacks);
+        let (handle, completion) = AsyncResult::pending(&self.core, callbacks);
         let kind = Kind::Owned {
             source: Box::new(IterSource::new(items.into_iter())),
             sink: Box::new(MapAsyncSink {
