@@ -65,7 +65,7 @@ pub struct PoolBuilder {
     start_timeout: Duration,
     max_tasks: Option<usize>,
     initializer: Option<Initializer>,
-    max_chunk_items: Option<usize>,
+    max_in_flight: Option<usize>,
     retries: u32,
     task_timeout: Option<Duration>,
     call_timeout: Option<Duration>,
@@ -87,7 +87,7 @@ impl Default for PoolBuilder {
             start_timeout: Duration::from_secs(30),
             max_tasks: None,
             initializer: None,
-            max_chunk_items: None,
+            max_in_flight: None,
             retries: 1,
             task_timeout: None,
             call_timeout: None,
@@ -284,10 +284,11 @@ impl PoolBuilder {
         self
     }
 
-    /// Caps adaptive chunks at `items` items (pipeline stages bound their queues
-    /// in items this way).
-    pub(crate) fn max_chunk_items(mut self, items: usize) -> Self {
-        self.max_chunk_items = Some(items.max(1));
+    /// Caps adaptive chunks so that a job's window of chunks in flight holds at
+    /// most about `items` items (pipeline stages bound their queues in items this
+    /// way).
+    pub(crate) fn max_items_in_flight(mut self, items: usize) -> Self {
+        self.max_in_flight = Some(items.max(1));
         self
     }
 
@@ -346,7 +347,9 @@ impl PoolBuilder {
         let backend = Backend::start(self.inline, workers, options)?;
         let supervisor = Supervisor::new(backend, self.max_tasks, init);
         let mut engine = Engine::new(supervisor, self.chunk_size, workers);
-        engine.max_chunk_items = self.max_chunk_items.unwrap_or(usize::MAX);
+        if let Some(items) = self.max_in_flight {
+            engine.max_chunk_items = items.div_ceil(engine.window_chunks()).max(1);
+        }
         engine.retries = self.retries;
         engine.task_timeout = self.task_timeout;
         engine.memory_limit = self.memory_limit;

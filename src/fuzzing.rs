@@ -54,7 +54,7 @@ where
     T: DeserializeOwned,
     U: serde::Serialize + DeserializeOwned,
     M: task::Mapper<T, U>,
-    S: task::Sink<U>,
+    S: task::Answer<U>,
 {
     TaskRef::of::<T, U, M, S>().expect("the fuzz tasks are in the executable")
 }
@@ -64,7 +64,7 @@ where
     T: DeserializeOwned,
     U: serde::Serialize + DeserializeOwned,
     F: Fn(T) -> U + Copy + Send + Sync,
-    S: task::Sink<U>,
+    S: task::Answer<U>,
 {
     of::<T, U, Plain<F>, S>()
 }

@@ -130,6 +130,46 @@ impl fmt::Debug for PipelineStats {
     }
 }
 
+/// The settings every pipeline and stage takes, so a chain reads the same wherever
+/// a setter is called: `Pipeline`'s and `Stage`'s are this one block.
+macro_rules! settings_setters {
+    () => {
+        /// Items flow in completion order instead of input order: a slow item does not
+        /// hold back the ones after it.
+        pub fn unordered(mut self) -> Self {
+            self.settings.ordered = false;
+            self
+        }
+
+        /// Most items each stage holds in flight (at least one per chunk window).
+        pub fn stage_items(mut self, items: usize) -> Self {
+            self.settings.stage_items = items.max(1);
+            self
+        }
+
+        /// Whether the stages' worker processes write to this process's stdout and
+        /// stderr (the default) or to `/dev/null`.
+        pub fn inherit_output(mut self, inherit: bool) -> Self {
+            self.settings.inherit_output = inherit;
+            self
+        }
+
+        /// Encoded input a worker of a [`fold_stage`](Pipeline::fold_stage) folds before
+        /// it is asked for its accumulator (default [`DEFAULT_FOLD_FLUSH_BYTES`]): what
+        /// this process keeps to send again if that worker dies, and how often partial
+        /// accumulators come out.
+        pub fn fold_flush_bytes(mut self, bytes: usize) -> Self {
+            self.settings.fold_flush_bytes = bytes.max(1);
+            self
+        }
+
+        /// The pipeline's counters, to read while or after it runs.
+        pub fn stats(&self) -> PipelineStats {
+            PipelineStats(Arc::clone(&self.settings.stats))
+        }
+    };
+}
+
 impl<'a, T: 'a> Pipeline<'a, T> {
     /// A pipeline whose items come from `source`, read lazily in this process.
     pub fn new<I>(source: I) -> Self
@@ -158,39 +198,7 @@ impl<'a, T: 'a> Pipeline<'a, T> {
         }
     }
 
-    /// Items flow in completion order instead of input order: a slow item does not
-    /// hold back the ones after it.
-    pub fn unordered(mut self) -> Self {
-        self.settings.ordered = false;
-        self
-    }
-
-    /// Most items each stage holds in flight (at least one per chunk window).
-    pub fn stage_items(mut self, items: usize) -> Self {
-        self.settings.stage_items = items.max(1);
-        self
-    }
-
-    /// Whether the stages' worker processes write to this process's stdout and
-    /// stderr (the default) or to `/dev/null`.
-    pub fn inherit_output(mut self, inherit: bool) -> Self {
-        self.settings.inherit_output = inherit;
-        self
-    }
-
-    /// Encoded input a worker of a [`fold_stage`](Pipeline::fold_stage) folds before
-    /// it is asked for its accumulator (default [`DEFAULT_FOLD_FLUSH_BYTES`]): what
-    /// this process keeps to send again if that worker dies, and how often partial
-    /// accumulators come out.
-    pub fn fold_flush_bytes(mut self, bytes: usize) -> Self {
-        self.settings.fold_flush_bytes = bytes.max(1);
-        self
-    }
-
-    /// The pipeline's counters, to read while or after it runs.
-    pub fn stats(&self) -> PipelineStats {
-        PipelineStats(Arc::clone(&self.settings.stats))
-    }
+    settings_setters!();
 
     /// Adds a stage: `task` runs on every item in a set of `workers` processes of
     /// its own.
@@ -406,11 +414,14 @@ where
     T: Serialize + DeserializeOwned + 'a,
     F: Fn(P) -> T + Copy + Send + Sync + 'a,
 {
+    settings_setters!();
+
     /// The stage as a plain pipeline: an `imap` on a pool of its own.
     fn into_pipeline(self) -> Pipeline<'a, T> {
         let Stage {
             upstream,
             workers,
+            task,
             settings,
             ..
         } = self;
@@ -426,10 +437,10 @@ where
                     error: Rc::clone(&upstream),
                 };
                 let outputs: Stream<'a, T> = if settings.ordered {
-                    let parts = pool.start_imap::<_, P, T, F>(feed, true)?;
+                    let parts = pool.start_imap::<_, P, T, F>(feed, task, true)?;
                     Box::new(Imap::new(parts))
                 } else {
-                    let parts = pool.start_imap::<_, P, T, F>(feed, false)?;
+                    let parts = pool.start_imap::<_, P, T, F>(feed, task, false)?;
                     Box::new(ImapUnordered::new(parts).map(|r| r.map(|(_, v)| v)))
                 };
                 Ok(Box::new(StageOutput {
@@ -513,41 +524,12 @@ where
         self.into_pipeline().fold_stage(workers, identity, fold)
     }
 
-    /// See [`Pipeline::fold_flush_bytes`].
-    pub fn fold_flush_bytes(mut self, bytes: usize) -> Self {
-        self.settings.fold_flush_bytes = bytes.max(1);
-        self
-    }
-
     /// See [`Pipeline::filter_stage`].
     pub fn filter_stage<G>(self, workers: usize, keep: G) -> Pipeline<'a, T>
     where
         G: Fn(&T) -> bool + Copy + Send + Sync + 'a,
     {
         self.into_pipeline().filter_stage(workers, keep)
-    }
-
-    /// See [`Pipeline::unordered`].
-    pub fn unordered(mut self) -> Self {
-        self.settings.ordered = false;
-        self
-    }
-
-    /// See [`Pipeline::stage_items`].
-    pub fn stage_items(mut self, items: usize) -> Self {
-        self.settings.stage_items = items.max(1);
-        self
-    }
-
-    /// See [`Pipeline::inherit_output`].
-    pub fn inherit_output(mut self, inherit: bool) -> Self {
-        self.settings.inherit_output = inherit;
-        self
-    }
-
-    /// See [`Pipeline::stats`].
-    pub fn stats(&self) -> PipelineStats {
-        PipelineStats(Arc::clone(&self.settings.stats))
     }
 
     /// See [`Pipeline::collect`].
@@ -571,13 +553,10 @@ where
 
 /// Starts the workers of stage `number` (counted from 1).
 fn stage_pool(settings: &Settings, workers: usize, number: usize) -> Result<Pool> {
-    // A stage's window is four chunks per worker: cap chunks so that the window
-    // holds at most `stage_items` items.
-    let window = 4 * crate::engine::supervisor::CREDIT * workers.max(1);
     Pool::builder()
         .workers(workers)
         .inherit_output(settings.inherit_output)
-        .max_chunk_items(settings.stage_items.div_ceil(window))
+        .max_items_in_flight(settings.stage_items)
         .build()
         .map_err(|e| Error::Stage {
             stage: number,

@@ -1,19 +1,17 @@
 //! Pool and PoolBuilder: the public face of a set of workers, Python's `Pool` typed.
 
 use std::any::TypeId;
-use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::engine::driver::Core;
-use crate::engine::job::{FoldLedger, IterSource, Job, Kind, Sink, encode_item};
-use crate::engine::scheduler::{Drive, Engine, Local, Submission};
+use crate::engine::driver::{Core, LentCall};
+use crate::engine::job::{FoldLedger, IterSource, Kind, Sink, encode_item};
+use crate::engine::scheduler::Submission;
 use crate::error::{Error, ErrorPolicy, Result};
 use crate::handle::{AsyncResult, Imap, ImapParts, ImapUnordered, imap_parts};
-use crate::os::interrupt;
 use crate::shared::region::{self, Pins, Region};
 use crate::sink::{
     ApplyCompletion, CollectSink, FoldSink, MapAsyncSink, OnError, OnResult, OutcomeSink,
@@ -169,9 +167,7 @@ impl Pool {
         U: Serialize + DeserializeOwned,
         F: Fn(T) -> U + Copy + Send + Sync,
     {
-        task::assert_zero_sized::<F>();
-        let _ = task;
-        self.collect(items, task_ref::<T, U, Plain<F>, Collect>()?, None)
+        self.collect(items, task_ref::<T, U, Plain<F>, Collect, _>(task)?, None)
     }
 
     /// Applies `task` to every item and returns each item's own outcome, in input
@@ -210,14 +206,12 @@ impl Pool {
         U: Serialize + DeserializeOwned,
         F: Fn(T) -> U + Copy + Send + Sync,
     {
-        task::assert_zero_sized::<F>();
-        let _ = task;
-        let task = task_ref::<T, U, Plain<F>, Collect>()?;
+        let task = task_ref::<T, U, Plain<F>, Collect, _>(task)?;
         let items = items.into_iter();
         let mut sink = OutcomeSink {
             outcomes: Vec::with_capacity(items.size_hint().0.min(1 << 20)),
         };
-        self.run_lent(items, task, None, ErrorPolicy::Collect, &mut sink)?;
+        self.run_lent(items, task, None, ErrorPolicy::Collect, None, &mut sink)?;
         Ok(sink.outcomes)
     }
 
@@ -277,10 +271,8 @@ impl Pool {
         U: Serialize + DeserializeOwned,
         F: Fn(&C, T) -> U + Copy + Send + Sync,
     {
-        task::assert_zero_sized::<F>();
-        let _ = task;
+        let task = task_ref::<T, U, WithContext<F, C>, Collect, _>(task)?;
         let context = self.encode_context(context)?;
-        let task = task_ref::<T, U, WithContext<F, C>, Collect>()?;
         self.collect(items, task, Some(context.payload()))
     }
 
@@ -315,10 +307,9 @@ impl Pool {
         U: Serialize + DeserializeOwned,
         F: Fn(&mut S, T) -> U + Copy + Send + Sync,
     {
-        task::assert_zero_sized::<F>();
-        let _ = task;
+        let task = task_ref::<T, U, WithState<F, S>, Collect, _>(task)?;
         self.check_state::<S>()?;
-        self.collect(items, task_ref::<T, U, WithState<F, S>, Collect>()?, None)
+        self.collect(items, task, None)
     }
 
     /// Maps every item with `task` and combines the results with `reduce`.
@@ -347,11 +338,9 @@ impl Pool {
         Id: Fn() -> U + Copy + Send + Sync,
         R: Fn(U, U) -> U + Copy + Send + Sync,
     {
-        task::assert_zero_sized::<F>();
         task::assert_zero_sized::<Id>();
         task::assert_zero_sized::<R>();
-        let _ = task;
-        let task = task_ref::<T, U, Plain<F>, Fold<U, Id, R>>()?;
+        let task = task_ref::<T, U, Plain<F>, Fold<U, Id, R>, _>(task)?;
         self.fold(items, task, None, identity, reduce)
     }
 
@@ -377,12 +366,10 @@ impl Pool {
         Id: Fn() -> U + Copy + Send + Sync,
         R: Fn(U, U) -> U + Copy + Send + Sync,
     {
-        task::assert_zero_sized::<F>();
         task::assert_zero_sized::<Id>();
         task::assert_zero_sized::<R>();
-        let _ = task;
+        let task = task_ref::<T, U, WithContext<F, C>, Fold<U, Id, R>, _>(task)?;
         let context = self.encode_context(context)?;
-        let task = task_ref::<T, U, WithContext<F, C>, Fold<U, Id, R>>()?;
         self.fold(items, task, Some(context.payload()), identity, reduce)
     }
 
@@ -441,9 +428,7 @@ impl Pool {
         U: Serialize + DeserializeOwned + Send + 'static,
         F: Fn(T) -> U + Copy + Send + Sync,
     {
-        task::assert_zero_sized::<F>();
-        let _ = task;
-        self.submit_apply::<T, U, F>(arg, None)
+        self.submit_apply(task, arg, None)
     }
 
     /// [`Pool::apply_async`] with callbacks run in this process, as Python's
@@ -493,14 +478,13 @@ impl Pool {
         C: FnOnce(&U) + Send + 'static,
         E: FnOnce(&Error) + Send + 'static,
     {
-        task::assert_zero_sized::<F>();
-        let _ = task;
         let callbacks: (OnResult<U>, OnError) = (Box::new(callback), Box::new(error_callback));
-        self.submit_apply::<T, U, F>(arg, Some(callbacks))
+        self.submit_apply(task, arg, Some(callbacks))
     }
 
     fn submit_apply<T, U, F>(
         &self,
+        task: F,
         arg: T,
         callbacks: Option<(OnResult<U>, OnError)>,
     ) -> Result<AsyncResult<U>>
@@ -509,7 +493,7 @@ impl Pool {
         U: Serialize + DeserializeOwned + Send + 'static,
         F: Fn(T) -> U + Copy + Send + Sync,
     {
-        let task = task_ref::<T, U, Plain<F>, Outcomes>()?;
+        let task = task_ref::<T, U, Plain<F>, Outcomes, _>(task)?;
         let mut bytes = Vec::new();
         let (encoded, pins) = region::pin_while(|| encode_item(&arg, 0, &mut bytes));
         encoded?;
@@ -541,9 +525,7 @@ impl Pool {
         U: Serialize + DeserializeOwned + Send + 'static,
         F: Fn(T) -> U + Copy + Send + Sync,
     {
-        task::assert_zero_sized::<F>();
-        let _ = task;
-        self.submit_map::<I, T, U, F>(items, None)
+        self.submit_map(items, task, None)
     }
 
     /// [`Pool::map_async`] with callbacks, as in [`Pool::apply_async_with_callback`]:
@@ -568,15 +550,14 @@ impl Pool {
         C: FnOnce(&Vec<U>) + Send + 'static,
         E: FnOnce(&Error) + Send + 'static,
     {
-        task::assert_zero_sized::<F>();
-        let _ = task;
         let callbacks: (OnResult<Vec<U>>, OnError) = (Box::new(callback), Box::new(error_callback));
-        self.submit_map::<I, T, U, F>(items, Some(callbacks))
+        self.submit_map(items, task, Some(callbacks))
     }
 
     fn submit_map<I, T, U, F>(
         &self,
         items: I,
+        task: F,
         callbacks: Option<(OnResult<Vec<U>>, OnError)>,
     ) -> Result<AsyncResult<Vec<U>>>
     where
@@ -586,7 +567,7 @@ impl Pool {
         U: Serialize + DeserializeOwned + Send + 'static,
         F: Fn(T) -> U + Copy + Send + Sync,
     {
-        let task = task_ref::<T, U, Plain<F>, Collect>()?;
+        let task = task_ref::<T, U, Plain<F>, Collect, _>(task)?;
         let (handle, completion) = AsyncResult::pending(&self.core, callbacks);
         let kind = Kind::Owned {
             source: Box::new(IterSource::new(items.into_iter())),
@@ -639,9 +620,7 @@ impl Pool {
         U: Serialize + DeserializeOwned,
         F: Fn(T) -> U + Copy + Send + Sync,
     {
-        task::assert_zero_sized::<F>();
-        let _ = task;
-        Ok(Imap::new(self.start_imap::<I, T, U, F>(items, true)?))
+        Ok(Imap::new(self.start_imap(items, task, true)?))
     }
 
     /// Like [`Pool::imap`], yielding `(index, result)` pairs in completion order.
@@ -660,17 +639,14 @@ impl Pool {
         U: Serialize + DeserializeOwned,
         F: Fn(T) -> U + Copy + Send + Sync,
     {
-        task::assert_zero_sized::<F>();
-        let _ = task;
-        Ok(ImapUnordered::new(
-            self.start_imap::<I, T, U, F>(items, false)?,
-        ))
+        Ok(ImapUnordered::new(self.start_imap(items, task, false)?))
     }
 
     /// Puts an `imap` job in the table; its consumer side is returned.
     pub(crate) fn start_imap<I, T, U, F>(
         &self,
         items: I,
+        task: F,
         ordered: bool,
     ) -> Result<ImapParts<I::IntoIter, U>>
     where
@@ -679,7 +655,7 @@ impl Pool {
         U: Serialize + DeserializeOwned,
         F: Fn(T) -> U + Copy + Send + Sync,
     {
-        let task = task_ref::<T, U, Plain<F>, Collect>()?;
+        let task = task_ref::<T, U, Plain<F>, Collect, _>(task)?;
         let mut driving = self.core.lock_open_engine()?;
         let engine = driving.engine();
         let mut job = engine.new_job(task, Kind::Lent, ordered, None)?;
@@ -740,26 +716,9 @@ impl Pool {
         }
     }
 
-    /// Runs a job whose source and sink the caller lends, driving the pool until
-    /// the job ends.
+    /// Runs one job whose source (`items`) and sink the caller lends, on this
+    /// thread, under the pool's Ctrl-C and call-timeout settings.
     fn run_lent<I, T>(
-        &self,
-        items: I,
-        task: TaskRef,
-        context: Option<ContextPayload<'_>>,
-        policy: ErrorPolicy,
-        sink: &mut dyn Sink,
-    ) -> Result<()>
-    where
-        I: Iterator<Item = T>,
-        T: Serialize + DeserializeOwned,
-    {
-        self.run_lent_job(items, task, context, policy, None, sink)
-    }
-
-    /// [`Pool::run_lent`], for a fold job when `fold` is given: its workers keep
-    /// their accumulators across chunks, and its replies come as they arrive.
-    fn run_lent_job<I, T>(
         &self,
         items: I,
         task: TaskRef,
@@ -772,67 +731,15 @@ impl Pool {
         I: Iterator<Item = T>,
         T: Serialize + DeserializeOwned,
     {
-        let mut driving = self.core.lock_open_engine()?;
-        let ordered = fold.is_none();
-        let mut job = driving
-            .engine()
-            .new_job(task, Kind::Lent, ordered, context)?;
-        job.policy = policy;
-        job.fold = fold;
-        let id = driving.engine().add(job);
-        let mut source = IterSource::new(items);
-        let mut local = Local {
-            job: id,
-            source: Some(&mut source),
-            sink: Some(sink),
+        let call = LentCall {
+            task,
+            context,
+            policy,
+            fold,
+            interrupt: self.interrupt,
+            call_timeout: self.call_timeout,
         };
-        let ctrl_c = self.interrupt.then(interrupt::Guard::install).flatten();
-        let watch = ctrl_c.is_some();
-        let mut until = |engine: &Engine| {
-            engine.job(id).is_none_or(Job::ended) || (watch && interrupt::interrupted())
-        };
-        let deadline = self
-            .call_timeout
-            .and_then(|timeout| Instant::now().checked_add(timeout));
-        // User code runs inside (the input iterator, `Serialize`, the reduce): if it
-        // panics, the job leaves the table before the panic goes on, so its late
-        // replies are ignored and the pool stays usable.
-        let driven = panic::catch_unwind(AssertUnwindSafe(|| {
-            driving.drive(Some(&mut local), &mut until, deadline)
-        }));
-        if watch
-            && matches!(driven, Ok(Ok(_)))
-            && interrupt::interrupted()
-            && driving.engine().job(id).is_some_and(|job| !job.ended())
-        {
-            // Ctrl-C: send nothing more, let running tasks finish for a moment,
-            // then stop the workers still running this job's chunks.
-            let engine = driving.engine();
-            engine.stop_dispatch(id);
-            let mut drained =
-                |engine: &Engine| engine.job(id).is_none_or(|j| j.ended() || j.in_flight == 0);
-            let grace = Instant::now() + INTERRUPT_GRACE;
-            let _ = driving.drive(Some(&mut local), &mut drained, Some(grace));
-            let engine = driving.engine();
-            let done = engine.job(id).map_or(0, |job| job.items_delivered);
-            engine.abandon(id, Error::Interrupted { done });
-        }
-        drop(ctrl_c);
-        if let (Ok(Ok(Drive::TimedOut)), Some(timeout)) = (&driven, self.call_timeout) {
-            let engine = driving.engine();
-            let done = engine.job(id).map_or(0, |job| job.items_delivered);
-            engine.abandon(id, Error::CallTimedOut { timeout, done });
-        }
-        let outcome = driving.engine().remove(id);
-        let driven = match driven {
-            Ok(driven) => driven,
-            Err(payload) => {
-                drop(driving);
-                panic::resume_unwind(payload)
-            }
-        };
-        driven?;
-        outcome.unwrap_or(Err(Error::Terminated))
+        self.core.run_lent(call, items, sink)
     }
 
     fn collect<I, T, U>(
@@ -852,7 +759,7 @@ impl Pool {
             results: Vec::with_capacity(items.size_hint().0.min(1 << 20)),
             failed: Vec::new(),
         };
-        self.run_lent(items, task, context, self.error_policy, &mut sink)?;
+        self.run_lent(items, task, context, self.error_policy, None, &mut sink)?;
         items_failed(sink.failed)?;
         Ok(sink.results)
     }
@@ -883,7 +790,7 @@ impl Pool {
         let mut sink = PartialsSink {
             partials: Vec::new(),
         };
-        self.run_lent_job(
+        self.run_lent(
             items.into_iter(),
             task,
             None,
@@ -919,6 +826,7 @@ impl Pool {
             task,
             context,
             self.error_policy,
+            None,
             &mut sink,
         )?;
         items_failed(sink.failed)?;
@@ -952,9 +860,6 @@ impl std::fmt::Debug for Pool {
     }
 }
 
-/// How long running tasks may finish after Ctrl-C before their workers are killed.
-const INTERRUPT_GRACE: Duration = Duration::from_millis(250);
-
 /// What [`Pool::map_skip`] returns: the results of the items that succeeded and
 /// the errors of those that failed, each with the item's index, ascending.
 #[derive(Debug)]
@@ -985,13 +890,16 @@ pub struct PoolStats {
 }
 
 /// Names the runner for a job, or says why a worker could not find it.
-fn task_ref<T, U, M, S>() -> Result<TaskRef>
+fn task_ref<T, U, M, S, F: Copy>(task: F) -> Result<TaskRef>
 where
     T: DeserializeOwned,
     U: Serialize + DeserializeOwned,
     M: Mapper<T, U>,
-    S: task::Sink<U>,
+    S: task::Answer<U>,
 {
+    // A task is re-created from its type in the worker: it must capture nothing.
+    task::assert_zero_sized::<F>();
+    let _ = task;
     TaskRef::of::<T, U, M, S>().ok_or(Error::TaskNotInExecutable)
 }
 

@@ -11,14 +11,21 @@
 //! completion order, never inside the scheduler.
 
 use std::cell::RefCell;
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
 use std::thread;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 use crate::engine::backend::Waker;
+use crate::engine::job::{FoldLedger, IterSource, Job, Kind, Sink};
 use crate::engine::scheduler::{Drive, Engine, Hooks, Local, Submission};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorPolicy, Result};
+use crate::os::interrupt;
+use crate::wire::protocol::{ContextPayload, TaskRef};
 
 /// A piece of work for the callback thread.
 pub(crate) type Callback = Box<dyn FnOnce() + Send>;
@@ -422,5 +429,108 @@ impl Hooks for Core {
 
     fn notify(&self) {
         Core::notify(self);
+    }
+}
+
+/// How long running tasks may finish after Ctrl-C before their workers are killed.
+const INTERRUPT_GRACE: Duration = Duration::from_millis(250);
+
+/// A blocking call's job, whose source and sink the caller lends while it drives.
+pub(crate) struct LentCall<'a> {
+    pub(crate) task: TaskRef,
+    /// The encoded context value, sent once to each worker.
+    pub(crate) context: Option<ContextPayload<'a>>,
+    pub(crate) policy: ErrorPolicy,
+    /// For a fold job: the ledger of what each worker folded (the job is unordered).
+    pub(crate) fold: Option<FoldLedger>,
+    /// Stop on Ctrl-C, letting running tasks finish for [`INTERRUPT_GRACE`].
+    pub(crate) interrupt: bool,
+    /// The longest the call may take.
+    pub(crate) call_timeout: Option<Duration>,
+}
+
+impl Core {
+    /// Runs `call` on this thread until its job ends: the caller's iterator is read
+    /// as workers take chunks, and replies go to `sink`. On Ctrl-C (when asked) or
+    /// past the call timeout the job is abandoned and its running chunks stopped; a
+    /// panic in user code run here (the iterator, `Serialize`, a reduce) removes the
+    /// job before it goes on, so the pool stays usable.
+    pub(crate) fn run_lent<I, T>(
+        &self,
+        call: LentCall<'_>,
+        items: I,
+        sink: &mut dyn Sink,
+    ) -> Result<()>
+    where
+        I: Iterator<Item = T>,
+        T: Serialize + DeserializeOwned,
+    {
+        let mut driving = self.lock_open_engine()?;
+        let LentCall {
+            task,
+            context,
+            policy,
+            fold,
+            interrupt,
+            call_timeout,
+        } = call;
+        let ordered = fold.is_none();
+        let mut job = driving
+            .engine()
+            .new_job(task, Kind::Lent, ordered, context)?;
+        job.policy = policy;
+        job.fold = fold;
+        let id = driving.engine().add(job);
+        let mut source = IterSource::new(items);
+        let mut local = Local {
+            job: id,
+            source: Some(&mut source),
+            sink: Some(sink),
+        };
+        let ctrl_c = interrupt.then(interrupt::Guard::install).flatten();
+        let watch = ctrl_c.is_some();
+        let mut until = |engine: &Engine| {
+            engine.job(id).is_none_or(Job::ended) || (watch && interrupt::interrupted())
+        };
+        let deadline = call_timeout.and_then(|timeout| Instant::now().checked_add(timeout));
+        // User code runs inside (the input iterator, `Serialize`, the reduce): if it
+        // panics, the job leaves the table before the panic goes on, so its late
+        // replies are ignored and the pool stays usable.
+        let driven = panic::catch_unwind(AssertUnwindSafe(|| {
+            driving.drive(Some(&mut local), &mut until, deadline)
+        }));
+        if watch
+            && matches!(driven, Ok(Ok(_)))
+            && interrupt::interrupted()
+            && driving.engine().job(id).is_some_and(|job| !job.ended())
+        {
+            // Ctrl-C: send nothing more, let running tasks finish for a moment,
+            // then stop the workers still running this job's chunks.
+            let engine = driving.engine();
+            engine.stop_dispatch(id);
+            let mut drained =
+                |engine: &Engine| engine.job(id).is_none_or(|j| j.ended() || j.in_flight == 0);
+            let grace = Instant::now() + INTERRUPT_GRACE;
+            let _ = driving.drive(Some(&mut local), &mut drained, Some(grace));
+            let engine = driving.engine();
+            let done = engine.job(id).map_or(0, |job| job.items_delivered);
+            engine.abandon(id, Error::Interrupted { done });
+        }
+        drop(ctrl_c);
+        if let (Ok(Ok(Drive::TimedOut)), Some(timeout)) = (&driven, call_timeout) {
+            let engine = driving.engine();
+            let done = engine.job(id).map_or(0, |job| job.items_delivered);
+            engine.abandon(id, Error::CallTimedOut { timeout, done });
+        }
+        let outcome = driving.engine().remove(id);
+        let driven = match driven {
+            Ok(driven) => driven,
+            Err(payload) => {
+                drop(driving);
+                panic::resume_unwind(payload)
+            }
+        };
+        driven?;
+        outcome.unwrap_or(Err(Error::Terminated))
     }
 }

@@ -154,6 +154,12 @@ impl Engine {
         Ok(job)
     }
 
+    /// How many chunks a job may dispatch ahead of delivery (ordered jobs) or of
+    /// what its consumer took (`imap`).
+    pub(crate) fn window_chunks(&self) -> usize {
+        usize::try_from(self.window).unwrap_or(usize::MAX).max(1)
+    }
+
     /// Puts a job in the table.
     pub(crate) fn add(&mut self, job: Job) -> JobId {
         let id = job.id;

@@ -126,7 +126,7 @@ impl TaskRef {
         T: DeserializeOwned,
         U: Serialize + DeserializeOwned,
         M: Mapper<T, U>,
-        S: Sink<U>,
+        S: Answer<U>,
     {
         Self::named(run_chunk::<T, U, M, S>, fingerprint::<(T, U, M, S)>())
     }
@@ -319,8 +319,9 @@ where
     }
 }
 
-/// What happens to each result inside the worker.
-pub(crate) trait Sink<U>: Sized {
+/// How a worker answers a chunk: what happens to each result inside the worker
+/// (encoded in order, folded into one partial, or written as an outcome per item).
+pub(crate) trait Answer<U>: Sized {
     /// Whether `push` encodes each result (else only `finish` writes anything).
     const ENCODES_EACH: bool;
     /// Whether each item's outcome is written, success or failure, so a failed item
@@ -334,7 +335,7 @@ pub(crate) trait Sink<U>: Sized {
 /// `map`: every result is encoded, in item order.
 pub(crate) struct Collect;
 
-impl<U: Serialize> Sink<U> for Collect {
+impl<U: Serialize> Answer<U> for Collect {
     const ENCODES_EACH: bool = true;
     fn start() -> Self {
         Collect
@@ -363,7 +364,7 @@ pub(crate) const OUTCOME_FAILED: u8 = 1;
 /// Bytes in front of a successful result under [`Outcomes`]: tag and length.
 const OUTCOME_PREFIX: usize = 9;
 
-impl<U: Serialize> Sink<U> for Outcomes {
+impl<U: Serialize> Answer<U> for Outcomes {
     const ENCODES_EACH: bool = true;
     const OUTCOMES: bool = true;
     fn start() -> Self {
@@ -391,7 +392,7 @@ pub(crate) struct Fold<U, Id, R> {
     _functions: PhantomData<(Id, R)>,
 }
 
-impl<U, Id, R> Sink<U> for Fold<U, Id, R>
+impl<U, Id, R> Answer<U> for Fold<U, Id, R>
 where
     U: Serialize,
     Id: Fn() -> U + Copy + Send + Sync,
@@ -431,7 +432,7 @@ where
     T: DeserializeOwned,
     U: Serialize + DeserializeOwned,
     M: Mapper<T, U>,
-    S: Sink<U>,
+    S: Answer<U>,
 {
     if header.task.fingerprint != fingerprint::<(T, U, M, S)>() {
         return Err(Failure::Malformed {
@@ -613,7 +614,7 @@ where
     T: DeserializeOwned,
     U: Serialize + DeserializeOwned,
     M: Mapper<T, U>,
-    S: Sink<U>,
+    S: Answer<U>,
 {
     let value: T =
         guarded(item, || reader.decode())?.map_err(|error| Failure::DecodeItem { item, error })?;
