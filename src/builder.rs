@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use crate::engine::backend::{Backend, StartOptions};
 use crate::engine::chunker;
 use crate::engine::driver::Core;
-use crate::engine::job::encode_item;
+use crate::engine::ends::encode_item;
 use crate::engine::scheduler::{Engine, Hooks, Submission};
 use crate::engine::supervisor::Supervisor;
 use crate::error::{Error, ErrorPolicy, Result};

@@ -7,7 +7,7 @@ use std::ops::Range;
 
 use serde::de::DeserializeOwned;
 
-use crate::engine::job::{ApplyStream, Complete};
+use crate::engine::ends::{ApplyStream, Complete};
 use crate::error::{CodecError, TaskPanic};
 use crate::wire::codec::{self, Reader};
 use crate::wire::protocol::{self, ChunkHeader, Failure, Reply, Request, TaskRef};
@@ -236,12 +236,7 @@ fn outcomes<U: DeserializeOwned + 'static>(items: Range<usize>, payload: &[u8]) 
             Box::new(Discard::<U>(PhantomData)),
         );
     }
-    if let Err(reason) = crate::engine::outcome::complete_outcomes(
-        &mut stream,
-        0,
-        &items.collect::<Vec<_>>(),
-        payload,
-    ) {
+    if let Err(reason) = stream.complete_outcomes(0, &items.collect::<Vec<_>>(), payload) {
         stream.fail_all(|| crate::Error::Protocol {
             worker: 0,
             reason: reason.clone(),

@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 
 use crate::engine::driver::Core;
-use crate::engine::job::{IterSource, JobId};
-use crate::engine::scheduler::{Drive, Engine, Local};
+use crate::engine::ends::IterSource;
+use crate::engine::job::{JobId, Local};
+use crate::engine::scheduler::{Drive, Engine};
 use crate::error::{Error, ErrorPolicy, Result};
 use crate::sink::{
     Cell, Completion, ImapSink, ImapState, OnError, OnResult, decode_partial, decode_results, lock,

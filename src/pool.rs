@@ -8,7 +8,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::engine::driver::{Core, LentCall};
-use crate::engine::job::{FoldLedger, IterSource, Kind, Sink, encode_item};
+use crate::engine::ends::{IterSource, Sink, encode_item};
+use crate::engine::job::{FoldLedger, Kind};
 use crate::engine::scheduler::Submission;
 use crate::error::{Error, ErrorPolicy, Result};
 use crate::handle::{AsyncResult, Imap, ImapParts, ImapUnordered, imap_parts};

@@ -13,9 +13,10 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use serde::de::DeserializeOwned;
 
 use crate::engine::driver::Core;
-use crate::engine::job::{Complete, Payload, Sink};
+use crate::engine::ends::{Complete, Sink};
 use crate::error::{Error, Result, TaskPanic};
 use crate::wire::codec::{self, Reader};
+use crate::wire::transport::Payload;
 
 /// A callback run in the parent with a task's result.
 pub(crate) type OnResult<U> = Box<dyn FnOnce(&U) + Send>;

@@ -21,8 +21,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::engine::backend::Waker;
-use crate::engine::job::{FoldLedger, IterSource, Job, Kind, Sink};
-use crate::engine::scheduler::{Drive, Engine, Hooks, Local, Submission};
+use crate::engine::ends::{IterSource, Sink};
+use crate::engine::job::{FoldLedger, Job, Kind, Local};
+use crate::engine::scheduler::{Drive, Engine, Hooks, Submission};
 use crate::error::{Error, ErrorPolicy, Result};
 use crate::os::interrupt;
 use crate::wire::protocol::{ContextPayload, TaskRef};

@@ -1,25 +1,19 @@
-//! One job: its source of chunks and its sink of replies.
+//! One job: its record in the job table, the chunks it has in flight, and its kind.
 //!
 //! Every `map`, `map_reduce`, `imap`, `map_async` and stream of `apply_async`
-//! submissions is a job in the pool's job table. A job's source encodes items into
-//! chunk frames; its sink takes each chunk's reply payload. The source and the sink
-//! either live in the job record (owned, `Send`, served by whichever thread drives
-//! the scheduler) or are lent by the caller for as long as it drives (a blocking
-//! `map` borrows the caller's iterator and result vector; an `imap` lends its
-//! iterator only inside `next`).
+//! submissions is a job in the pool's job table. Its [`Kind`] says where its items
+//! come from and where its replies go (`ends.rs`); what differs between kinds is
+//! decided in one place, `impl Kind`.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::ops::{Deref, Range};
-
-use serde::Serialize;
-use serde::de::DeserializeOwned;
+use std::ops::Range;
 
 use crate::engine::chunker::Sizer;
+use crate::engine::ends::{ApplyStream, Sink, Source};
 use crate::error::{CodecError, Error, ErrorPolicy, Result};
-use crate::shared::region::{self, Pins};
-use crate::wire::codec;
+use crate::shared::region::Pins;
 use crate::wire::protocol::{self, ChunkHeader, Request, TaskRef};
-use crate::wire::transport::{Frame, FrameBuf};
+use crate::wire::transport::{FrameBuf, Payload};
 
 /// A job's number in its pool; jobs are served in the order of their ids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -119,268 +113,10 @@ impl InFlight {
     }
 }
 
-/// A chunk's reply payload, borrowed from the frame it arrived in.
-pub(crate) struct Payload {
-    frame: Frame,
-    len: usize,
-}
-
-impl Payload {
-    pub(crate) fn new(frame: Frame, len: usize) -> Self {
-        Self { frame, len }
-    }
-
-    /// No bytes: a chunk none of whose items produced a result.
-    pub(crate) fn empty() -> Self {
-        Self {
-            frame: Frame::Inline(Vec::new()),
-            len: 0,
-        }
-    }
-}
-
-impl Deref for Payload {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        &self.frame[..self.len]
-    }
-}
-
-/// What [`Source::fill`] put in a chunk.
-pub(crate) struct Filled {
-    /// Items encoded.
-    pub(crate) count: usize,
-    /// The source has no more items.
-    pub(crate) exhausted: bool,
-}
-
-/// Where a job's items come from.
-pub(crate) trait Source {
-    /// Appends up to `max_items` encoded items to `body`, stopping once it holds
-    /// `byte_cap` bytes. `first` is the index of the first item. An item that fails
-    /// to encode is an error naming it.
-    fn fill(
-        &mut self,
-        first: usize,
-        max_items: usize,
-        byte_cap: usize,
-        body: &mut Vec<u8>,
-    ) -> Result<Filled>;
-
-    /// A lower bound on the items left, for sizing the last chunks.
-    fn remaining_hint(&self) -> usize;
-}
-
-/// A source that reads an iterator lazily.
-pub(crate) struct IterSource<I> {
-    items: I,
-}
-
-impl<I> IterSource<I> {
-    pub(crate) fn new(items: I) -> Self {
-        Self { items }
-    }
-}
-
-impl<T, I> Source for IterSource<I>
-where
-    T: Serialize + DeserializeOwned,
-    I: Iterator<Item = T>,
-{
-    fn fill(
-        &mut self,
-        first: usize,
-        max_items: usize,
-        byte_cap: usize,
-        body: &mut Vec<u8>,
-    ) -> Result<Filled> {
-        let start_len = body.len();
-        let mut count = 0;
-        while count < max_items && body.len() - start_len < byte_cap {
-            let Some(item) = self.items.next() else {
-                return Ok(Filled {
-                    count,
-                    exhausted: true,
-                });
-            };
-            let index = first + count;
-            encode_item(&item, index, body)?;
-            count += 1;
-        }
-        Ok(Filled {
-            count,
-            exhausted: false,
-        })
-    }
-
-    fn remaining_hint(&self) -> usize {
-        self.items.size_hint().0
-    }
-}
-
-/// Encodes item `index` onto `body`; the first item of a job is also decoded again,
-/// since serde attributes that need a self-describing format encode fine and fail
-/// only when decoded: better said before any worker sees the item.
-pub(crate) fn encode_item<T: Serialize + DeserializeOwned>(
-    item: &T,
-    index: usize,
-    body: &mut Vec<u8>,
-) -> Result<()> {
-    let start = body.len();
-    codec::encode_into(item, body).map_err(|source| Error::EncodeItem {
-        item: index,
-        source,
-    })?;
-    if index == 0
-        && let Err(source) = codec::decode::<T>(&body[start..])
-    {
-        body.truncate(start);
-        return Err(Error::DecodeItem {
-            item: 0,
-            worker: None,
-            source,
-        });
-    }
-    Ok(())
-}
-
-/// Where a job's replies go.
-pub(crate) trait Sink {
-    /// One chunk's reply payload; in chunk order when the job is ordered.
-    fn deliver(&mut self, worker: usize, items: Range<usize>, payload: Payload) -> Result<()>;
-
-    /// A chunk some of whose items failed, under an [`ErrorPolicy`] that goes on
-    /// after a failure: the payload holds the results of the other items in order
-    /// (for a fold, the partial of those items, or nothing when none ran), and
-    /// `failed` the failed items with their errors, ascending. A sink that cannot
-    /// hold failures fails with the first.
-    fn deliver_partial(
-        &mut self,
-        worker: usize,
-        items: Range<usize>,
-        payload: Payload,
-        failed: Vec<(usize, Error)>,
-    ) -> Result<()> {
-        let _ = (worker, items, payload);
-        match failed.into_iter().next() {
-            Some((_, error)) => Err(error),
-            None => Ok(()),
-        }
-    }
-
-    /// The job is over: `Ok` once every chunk was delivered, or why it failed.
-    /// Called once, for sinks the job owns.
-    fn finish(&mut self, outcome: Result<()>);
-
-    /// How many chunks a consumer has taken, when one takes them (`imap`): the job
-    /// dispatches only a window ahead of that.
-    fn taken(&self) -> Option<u64> {
-        None
-    }
-}
-
-/// Completes one `apply_async` handle.
-pub(crate) trait Complete: Send {
-    /// `Ok` carries the worker that ran it and the encoded result.
-    fn complete(self: Box<Self>, outcome: Result<(usize, &[u8])>);
-}
-
-/// A stream of `apply_async` submissions of one task: queued arguments, and the
-/// handles waiting for their results, by item index.
-#[derive(Default)]
-pub(crate) struct ApplyStream {
-    /// Encoded arguments, with the shared inputs they name.
-    queue: VecDeque<(Vec<u8>, Pins)>,
-    waiting: HashMap<usize, Box<dyn Complete>>,
-    next_index: usize,
-}
-
-impl ApplyStream {
-    /// Queues one submission.
-    pub(crate) fn push(&mut self, arg: Vec<u8>, pins: Pins, handle: Box<dyn Complete>) {
-        self.waiting.insert(self.next_index, handle);
-        self.next_index += 1;
-        self.queue.push_back((arg, pins));
-    }
-
-    /// Queued submissions not yet sent.
-    pub(crate) fn queued(&self) -> usize {
-        self.queue.len()
-    }
-
-    /// Handles not yet completed.
-    pub(crate) fn waiting(&self) -> usize {
-        self.waiting.len()
-    }
-
-    /// Completes the handle of item `index`, if it still waits. Errors name item 0:
-    /// each handle has one argument, whatever its place in the stream.
-    pub(crate) fn complete(&mut self, index: usize, outcome: Result<(usize, &[u8])>) {
-        if let Some(handle) = self.waiting.remove(&index) {
-            handle.complete(outcome.map_err(|e| e.for_single_item()));
-        }
-    }
-
-    /// The index of the first submission not yet sent.
-    pub(crate) fn first_queued(&self) -> usize {
-        self.next_index - self.queue.len()
-    }
-
-    /// Fails the handles of the submissions not yet sent.
-    pub(crate) fn fail_queued(&mut self, error: impl Fn() -> Error) {
-        let first_queued = self.first_queued();
-        self.queue.clear();
-        for index in first_queued..self.next_index {
-            if let Some(handle) = self.waiting.remove(&index) {
-                handle.complete(Err(error()));
-            }
-        }
-    }
-
-    /// Fails every handle still waiting (the pool is terminated or dropped).
-    pub(crate) fn fail_all(&mut self, error: impl Fn() -> Error) {
-        self.queue.clear();
-        for (_, handle) in self.waiting.drain() {
-            handle.complete(Err(error()));
-        }
-    }
-}
-
-impl Source for ApplyStream {
-    fn fill(
-        &mut self,
-        _first: usize,
-        max_items: usize,
-        byte_cap: usize,
-        body: &mut Vec<u8>,
-    ) -> Result<Filled> {
-        let start_len = body.len();
-        let mut count = 0;
-        while count < max_items && body.len() - start_len < byte_cap {
-            let Some((arg, pins)) = self.queue.pop_front() else {
-                break;
-            };
-            body.extend_from_slice(&arg);
-            // The chunk keeps them from now on (see `region::pin_while`).
-            region::adopt(pins);
-            count += 1;
-        }
-        // A stream never runs dry for good: more submissions may come.
-        Ok(Filled {
-            count,
-            exhausted: false,
-        })
-    }
-
-    fn remaining_hint(&self) -> usize {
-        self.queue.len()
-    }
-}
-
-/// How a job's chunks end up.
+/// How a job's chunks end up. Everything that differs between kinds is decided in
+/// the `impl Kind` below, so the scheduler never asks which kind it holds.
 pub(crate) enum Kind {
-    /// A source and sink the caller lends while it drives (`map`, `map_reduce`), or
-    /// a sink the job owns with a source lent by the consumer (`imap`).
+    /// A source and sink the caller lends while it drives (`map`, `map_reduce`).
     Lent,
     /// Source and sink owned by the job (`map_async`).
     Owned {
@@ -392,6 +128,147 @@ pub(crate) enum Kind {
     /// `apply_async` submissions; each item completes its own handle, and a failed
     /// item fails only that handle.
     Apply(ApplyStream),
+}
+
+/// What the caller of `Engine::drive` lends: its job's source and sink.
+pub(crate) struct Local<'a> {
+    pub(crate) job: JobId,
+    pub(crate) source: Option<&'a mut dyn Source>,
+    pub(crate) sink: Option<&'a mut dyn Sink>,
+}
+
+/// What becomes of a job's record once it has ended.
+pub(crate) enum Ending {
+    /// It stays in the table with its outcome until its caller removes it.
+    Kept,
+    /// It leaves the table now, its owned sink told the outcome.
+    Leaves,
+    /// It never ends (an apply stream): its items end one by one.
+    Never,
+}
+
+impl Kind {
+    /// Whether the job holds work that no caller drives: an owned source not yet
+    /// done, or `apply_async` handles queued or waiting.
+    pub(crate) fn outstanding(&self, ended: bool) -> bool {
+        match self {
+            Kind::Owned { .. } => !ended,
+            Kind::Apply(stream) => stream.queued() > 0 || stream.waiting() > 0,
+            Kind::Lent | Kind::OwnedSink(_) => false,
+        }
+    }
+
+    /// Whether the job could send a new chunk now: `lent` says whether its caller
+    /// lends its source in this drive, `within_window` whether it is not too far
+    /// ahead of delivery.
+    pub(crate) fn can_send(&self, lent: bool, within_window: impl FnOnce() -> bool) -> bool {
+        match self {
+            Kind::Apply(stream) => stream.queued() > 0,
+            Kind::Owned { .. } => within_window(),
+            Kind::Lent | Kind::OwnedSink(_) => lent && within_window(),
+        }
+    }
+
+    /// How many chunks a consumer has taken, when one takes them (`imap`).
+    pub(crate) fn taken(&self) -> Option<u64> {
+        match self {
+            Kind::Owned { sink, .. } | Kind::OwnedSink(sink) => sink.taken(),
+            Kind::Lent | Kind::Apply(_) => None,
+        }
+    }
+
+    /// The index of the next chunk's first item. An apply stream numbers its
+    /// submissions itself (some may have been failed unsent); every other source is
+    /// numbered by what the job has taken.
+    pub(crate) fn first_item(&self, next_item: usize) -> usize {
+        match self {
+            Kind::Apply(stream) => stream.first_queued(),
+            _ => next_item,
+        }
+    }
+
+    /// The source the next chunk is read from: the job's own, or its caller's.
+    pub(crate) fn source<'s>(&'s mut self, local: Option<&'s mut Local<'_>>) -> &'s mut dyn Source {
+        match self {
+            Kind::Apply(stream) => stream,
+            Kind::Owned { source, .. } => source.as_mut(),
+            Kind::Lent | Kind::OwnedSink(_) => match local {
+                Some(Local {
+                    source: Some(source),
+                    ..
+                }) => &mut **source,
+                _ => unreachable!("only the job's own caller dispatches a lent source"),
+            },
+        }
+    }
+
+    /// The sink job `id`'s chunk payloads go to: the job's own, or its caller's.
+    fn sink<'s>(&'s mut self, id: JobId, local: Option<&'s mut Local<'_>>) -> &'s mut dyn Sink {
+        match self {
+            Kind::Owned { sink, .. } | Kind::OwnedSink(sink) => sink.as_mut(),
+            Kind::Lent => match local {
+                Some(Local {
+                    job: lent,
+                    sink: Some(sink),
+                    ..
+                }) if *lent == id => &mut **sink,
+                _ => unreachable!("a lent job is driven by its caller until it ends"),
+            },
+            Kind::Apply(_) => unreachable!("apply streams complete items one by one"),
+        }
+    }
+
+    /// Hands one chunk's payload to job `id`'s sink, with the failures recorded
+    /// for its items (error policies that go on).
+    pub(crate) fn deliver(
+        &mut self,
+        id: JobId,
+        local: Option<&mut Local<'_>>,
+        worker: usize,
+        items: Range<usize>,
+        payload: Payload,
+        failed: Vec<(usize, Error)>,
+    ) -> Result<()> {
+        let sink = self.sink(id, local);
+        if failed.is_empty() {
+            sink.deliver(worker, items, payload)
+        } else {
+            sink.deliver_partial(worker, items, payload, failed)
+        }
+    }
+
+    /// The `apply_async` handles of the job, when its items stand alone: each one
+    /// completes or fails its own handle, and no failure ends the job.
+    pub(crate) fn handles(&mut self) -> Option<&mut ApplyStream> {
+        match self {
+            Kind::Apply(stream) => Some(stream),
+            _ => None,
+        }
+    }
+
+    /// Whether each item stands alone (see [`Kind::handles`]).
+    pub(crate) fn items_stand_alone(&self) -> bool {
+        matches!(self, Kind::Apply(_))
+    }
+
+    /// What becomes of the record once the job ends.
+    pub(crate) fn ending(&self) -> Ending {
+        match self {
+            Kind::Lent => Ending::Kept,
+            Kind::Owned { .. } | Kind::OwnedSink(_) => Ending::Leaves,
+            Kind::Apply(_) => Ending::Never,
+        }
+    }
+
+    /// Tells whoever waits how a job that leaves the table ended: its owned sink,
+    /// or every handle of a stream (which fails with [`Error::Terminated`]).
+    pub(crate) fn end(self, outcome: Result<()>) {
+        match self {
+            Kind::Owned { mut sink, .. } | Kind::OwnedSink(mut sink) => sink.finish(outcome),
+            Kind::Apply(mut stream) => stream.fail_all(|| Error::Terminated),
+            Kind::Lent => {}
+        }
+    }
 }
 
 /// A chunk whose reply arrived before an earlier chunk's (ordered jobs).

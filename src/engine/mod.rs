@@ -4,6 +4,7 @@
 pub(crate) mod backend;
 pub(crate) mod chunker;
 pub(crate) mod driver;
+pub(crate) mod ends;
 pub(crate) mod job;
 pub(crate) mod outcome;
 pub(crate) mod scheduler;

@@ -1,68 +1,11 @@
 //! What a worker's answer or loss means for a job: errors with the item and worker
-//! they concern, and the per-item outcomes of `apply_async` chunks.
+//! they concern.
 
 use std::ops::Range;
 use std::process::ExitStatus;
 
-use crate::engine::job::ApplyStream;
 use crate::error::Error;
-use crate::wire::codec::Reader;
 use crate::wire::protocol::Failure;
-use crate::worker::task::{OUTCOME_FAILED, OUTCOME_OK};
-
-/// Completes each handle of an `apply_async` chunk from its outcome; `items` are
-/// the chunk's items that ran (those passed over have no outcome), ascending.
-pub(crate) fn complete_outcomes(
-    stream: &mut ApplyStream,
-    worker: usize,
-    items: &[usize],
-    payload: &[u8],
-) -> std::result::Result<(), String> {
-    let mut rest = payload;
-    for &item in items {
-        let Some((&tag, after)) = rest.split_first() else {
-            return Err(format!("the outcomes of items {items:?} end early"));
-        };
-        match tag {
-            OUTCOME_OK => {
-                let (len, after) = after
-                    .split_first_chunk::<8>()
-                    .ok_or_else(|| format!("item {item}: result length missing"))?;
-                let len = usize::try_from(u64::from_le_bytes(*len))
-                    .ok()
-                    .filter(|&len| len <= after.len())
-                    .ok_or_else(|| format!("item {item}: result length exceeds the frame"))?;
-                stream.complete(item, Ok((worker, &after[..len])));
-                rest = &after[len..];
-            }
-            OUTCOME_FAILED => {
-                let mut reader = Reader::new(after);
-                let failure: Failure = reader
-                    .decode()
-                    .map_err(|e| format!("item {item}: bad failure report: {e}"))?;
-                rest = &after[after.len() - reader.remaining()..];
-                let (_, error) = describe(failure, worker, item..item + 1);
-                stream.complete(item, Err(error));
-            }
-            other => return Err(format!("item {item}: unknown outcome tag {other}")),
-        }
-    }
-    if !rest.is_empty() {
-        return Err(format!("extra bytes after the outcomes of items {items:?}"));
-    }
-    Ok(())
-}
-
-/// Fails every handle of `items` with its own error.
-pub(crate) fn fail_items(
-    stream: &mut ApplyStream,
-    items: impl IntoIterator<Item = usize>,
-    error: impl Fn(usize) -> Error,
-) {
-    for item in items {
-        stream.complete(item, Err(error(item)));
-    }
-}
 
 /// Whether a worker's end looks like running out of memory: Rust aborts when an
 /// allocation fails (SIGABRT), and the kernel's OOM killer sends SIGKILL.

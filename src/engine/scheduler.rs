@@ -3,10 +3,14 @@
 //! One [`Engine`] per pool, owned by whichever thread drives it (see `driver.rs`).
 //! Free worker credit goes to live jobs in turn, in submission order, so no job
 //! starves another; each reply is routed by job and chunk; a failure ends its own
-//! job and no other (`scheduler/failures.rs`: lost workers, deadlines, retries,
-//! poison items).
+//! job and no other. This file holds the table and the routing of replies; the
+//! choice and encoding of the next chunk is in `scheduler/dispatch.rs`, fold jobs'
+//! flushes in `scheduler/fold.rs`, and what happens when something fails (lost
+//! workers, deadlines, retries, poison items) in `scheduler/failures.rs`.
 
+mod dispatch;
 mod failures;
+mod fold;
 
 use failures::Loss;
 
@@ -15,17 +19,14 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use crate::engine::backend::Event;
-use crate::engine::chunker::target_chunk_bytes;
-use crate::engine::job::{Complete, InFlight, Job, JobId, Kind, Payload, Ready, Sink, Source};
-use crate::engine::outcome::{
-    complete_outcomes, describe, describe_init, exit_description, fail_items,
-};
+use crate::engine::ends::Complete;
+use crate::engine::job::{Ending, InFlight, Job, JobId, Kind, Local, Ready};
+use crate::engine::outcome::{describe, describe_init, exit_description};
 use crate::engine::supervisor::{CREDIT, Supervisor};
 use crate::error::{Error, Result};
-use crate::os::poll::POLL_BEFORE_BLOCKING;
 use crate::shared::region;
-use crate::wire::protocol::{self, ChunkHeader, ContextPayload, INIT_JOB, Reply, Request, TaskRef};
-use crate::wire::transport::FrameBuf;
+use crate::wire::protocol::{self, ContextPayload, INIT_JOB, Reply, Request, TaskRef};
+use crate::wire::transport::{FrameBuf, Payload};
 
 /// Payload bytes an ordered job may hold in its reorder buffer before it stops
 /// dispatching until the earliest chunk is in: large results (each a shared-memory
@@ -55,13 +56,6 @@ pub(crate) trait Hooks {
     fn terminating(&self) -> bool;
     /// Some handle or job completed: waiting threads should look again.
     fn notify(&self);
-}
-
-/// What the caller of [`Engine::drive`] lends: its job's source and sink.
-pub(crate) struct Local<'a> {
-    pub(crate) job: JobId,
-    pub(crate) source: Option<&'a mut dyn Source>,
-    pub(crate) sink: Option<&'a mut dyn Sink>,
 }
 
 /// Why [`Engine::drive`] returned.
@@ -190,11 +184,10 @@ impl Engine {
     /// Whether anything is in flight, or an owned job or stream could send more.
     pub(crate) fn outstanding(&self) -> bool {
         self.workers.busy()
-            || self.jobs.values().any(|job| match &job.kind {
-                Kind::Owned { .. } => !job.ended(),
-                Kind::Apply(stream) => stream.queued() > 0 || stream.waiting() > 0,
-                Kind::Lent | Kind::OwnedSink(_) => false,
-            })
+            || self
+                .jobs
+                .values()
+                .any(|job| job.kind.outstanding(job.ended()))
     }
 
     /// Takes in submissions.
@@ -230,11 +223,7 @@ impl Engine {
                             id
                         }
                     };
-                    if let Some(Job {
-                        kind: Kind::Apply(stream),
-                        ..
-                    }) = self.jobs.get_mut(&id)
-                    {
+                    if let Some(stream) = self.jobs.get_mut(&id).and_then(|j| j.kind.handles()) {
                         stream.push(arg, pins, handle);
                     }
                 }
@@ -315,232 +304,6 @@ impl Engine {
         self.fail_job(id, 0, error, None);
     }
 
-    /// Whether the shortest chunk being run should finish within the polling
-    /// window, so waiting for it is better spent polling than sleeping.
-    fn reply_expected_soon(&self) -> bool {
-        (0..self.workers.slots())
-            .filter_map(|w| self.workers.front(w))
-            .map(|f| match self.jobs.get(&f.job) {
-                Some(job) => job.sizer.estimate_nanos(f.items.len()),
-                None => 0.0,
-            })
-            .fold(f64::INFINITY, f64::min)
-            <= POLL_BEFORE_BLOCKING.as_nanos() as f64
-    }
-
-    /// Sends chunks while some worker has credit and some job has input.
-    fn dispatch(&mut self, mut local: Option<&mut Local<'_>>) {
-        let mut revived = false;
-        loop {
-            let Some(id) = self.next_dispatchable(local.as_deref()) else {
-                return;
-            };
-            // Work is waiting: bring the pool back to strength first (lost workers,
-            // and replacements for workers given their last task).
-            if (!revived || self.workers.pick().is_none()) && !self.revive_failed {
-                revived = true;
-                if let Err(e) = self.workers.revive() {
-                    self.revive_failed = true;
-                    if self.workers.pick().is_none() {
-                        // No worker can take the job's input: fail it, and every
-                        // queued `apply_async` handle, rather than leave them waiting.
-                        if let Some(Job {
-                            kind: Kind::Apply(stream),
-                            ..
-                        }) = self.jobs.get_mut(&id)
-                        {
-                            let reason = e.to_string();
-                            stream.fail_queued(|| Error::Transport {
-                                worker: None,
-                                source: std::io::Error::other(reason.clone()),
-                            });
-                            self.completed = true;
-                        }
-                        self.fail_job(id, 0, e, local.as_deref_mut());
-                        continue;
-                    }
-                }
-            }
-            let Some(worker) = self.workers.pick() else {
-                return;
-            };
-            self.last_served = id;
-            self.send_chunk(id, worker, local.as_deref_mut());
-        }
-    }
-
-    /// The next job, after the last one served, that could send a chunk now.
-    fn next_dispatchable(&self, local: Option<&Local<'_>>) -> Option<JobId> {
-        let can = |job: &Job| -> bool {
-            if job.ended() || job.stopping {
-                return false;
-            }
-            if !job.retry.is_empty() {
-                return true;
-            }
-            if job.exhausted {
-                return false;
-            }
-            let lent = local.is_some_and(|l| l.job == job.id && l.source.is_some());
-            match &job.kind {
-                Kind::Apply(stream) => stream.queued() > 0,
-                Kind::Owned { .. } => self.within_window(job),
-                Kind::Lent | Kind::OwnedSink(_) => lent && self.within_window(job),
-            }
-        };
-        let after = self.jobs.range(JobId(self.last_served.0 + 1)..);
-        let before = self.jobs.range(..=self.last_served);
-        after
-            .chain(before)
-            .map(|(_, job)| job)
-            .find(|job| can(job))
-            .map(|job| job.id)
-    }
-
-    fn within_window(&self, job: &Job) -> bool {
-        let taken = match &job.kind {
-            Kind::Owned { sink, .. } | Kind::OwnedSink(sink) => sink.taken(),
-            _ => None,
-        };
-        match taken {
-            Some(taken) => job.next_chunk < taken + self.window,
-            None if job.ordered => {
-                job.next_chunk < job.next_deliver + self.window && job.ready_bytes < READY_BYTES_CAP
-            }
-            None => (job.in_flight as u64) < self.window,
-        }
-    }
-
-    /// Encodes the next chunk of job `id` and sends it to `worker`.
-    fn send_chunk(&mut self, id: JobId, worker: usize, mut local: Option<&mut Local<'_>>) {
-        if !self.send_context(id, worker) {
-            return;
-        }
-        let job = self
-            .jobs
-            .get_mut(&id)
-            .expect("dispatchable jobs are in the table");
-        if let Some(flight) = job.retry.pop_front() {
-            job.in_flight += 1;
-            let first = flight.items.start;
-            if let Err(source) = self.workers.send_chunk(worker, flight) {
-                self.send_failed(worker, id, first, source, local);
-            }
-            return;
-        }
-        let mut frame = self.workers.take_frame();
-        let Engine {
-            jobs,
-            workers,
-            max_chunk_items,
-            task_timeout,
-            ..
-        } = self;
-        let job = jobs
-            .get_mut(&id)
-            .expect("dispatchable jobs are in the table");
-        // An apply stream numbers its submissions itself (some may have been failed
-        // unsent); every other source is numbered by what the job has taken.
-        let first = match &job.kind {
-            Kind::Apply(stream) => stream.first_queued(),
-            _ => job.next_item,
-        };
-        let source: &mut dyn Source = match &mut job.kind {
-            Kind::Apply(stream) => stream,
-            Kind::Owned { source, .. } => source.as_mut(),
-            Kind::Lent | Kind::OwnedSink(_) => match local.as_deref_mut() {
-                Some(Local {
-                    source: Some(source),
-                    ..
-                }) => &mut **source,
-                _ => unreachable!("only the job's own caller dispatches a lent source"),
-            },
-        };
-        // Under a task timeout each item is its own chunk, so the deadline is the
-        // item's.
-        let size = if task_timeout.is_some() {
-            1
-        } else {
-            job.sizer
-                .next(source.remaining_hint(), workers.slots().max(1))
-        };
-        let size = size.min(workers.budget(worker)).min(*max_chunk_items);
-        let byte_cap = if job.sizer.fixed.is_some() {
-            usize::MAX
-        } else {
-            target_chunk_bytes()
-        };
-        // Shared inputs the items name stay alive with the chunk, whoever owned them.
-        let (filled, pins) = region::pin_while(|| source.fill(first, size, byte_cap, frame.body()));
-        let filled = match filled {
-            Ok(filled) => filled,
-            Err(e) => {
-                let item = first;
-                self.workers.return_frame(frame);
-                self.fail_job(id, item, e, local);
-                return;
-            }
-        };
-        job.exhausted |= filled.exhausted;
-        if filled.count == 0 {
-            self.workers.return_frame(frame);
-            self.settle(id, local);
-            return;
-        }
-        let chunk = job.next_chunk;
-        let header = Request::Chunk(ChunkHeader {
-            job: id.0,
-            chunk,
-            first_item: first as u64,
-            count: u32::try_from(filled.count).expect("chunks hold at most MAX_CHUNK_ITEMS items"),
-            task: job.task,
-            skip: Vec::new(),
-        });
-        if let Err(source) = protocol::seal(&mut frame, &header) {
-            self.workers.return_frame(frame);
-            let error = Error::EncodeItem {
-                item: first,
-                source,
-            };
-            self.fail_job(id, first, error, local);
-            return;
-        }
-        job.next_item += filled.count;
-        job.next_chunk += 1;
-        job.in_flight += 1;
-        let items = first..first + filled.count;
-        let mut flight = InFlight::new(id, chunk, items, frame);
-        flight.pins = pins;
-        if let Err(source) = self.workers.send_chunk(worker, flight) {
-            self.send_failed(worker, id, first, source, local);
-        }
-    }
-
-    /// Sends job `id`'s context value to `worker` unless it has it or the job has
-    /// none; false when that failed (the worker is given up and its loss reported).
-    fn send_context(&mut self, id: JobId, worker: usize) -> bool {
-        if self.workers.has_context(worker, id) {
-            return true;
-        }
-        let Some(job) = self.jobs.get_mut(&id) else {
-            return false;
-        };
-        let Some(frame) = job.context.as_mut() else {
-            return true;
-        };
-        match self.workers.send_request(worker, frame) {
-            Ok(()) => {
-                self.workers.add_context(worker, id);
-                true
-            }
-            Err(_) => {
-                // Its loss event reports what it held; the chunk goes elsewhere.
-                self.workers.kill(worker);
-                false
-            }
-        }
-    }
-
     fn handle(&mut self, event: Event, local: Option<&mut Local<'_>>) {
         match event {
             Event::Reply {
@@ -587,13 +350,7 @@ impl Engine {
                 status,
                 last_item,
             } => {
-                // What the process folded is lost with it: those chunks go again.
-                for job in self.jobs.values_mut() {
-                    if let Some(ledger) = job.fold.as_mut() {
-                        let lost = ledger.take_kept((worker, generation));
-                        job.retry.extend(lost);
-                    }
-                }
+                self.folds_lost((worker, generation));
                 let Some(chunks) = self.workers.lost(worker, generation) else {
                     return;
                 };
@@ -649,10 +406,10 @@ impl Engine {
             Reply::Done { nanos, chunk, .. } => {
                 let items = flight.items.clone();
                 job.sizer.observe(nanos, items.len());
-                if let Kind::Apply(stream) = &mut job.kind {
+                if let Some(handles) = job.kind.handles() {
                     let live: Vec<usize> = flight.live_items().collect();
-                    if let Err(reason) = complete_outcomes(stream, worker, &live, &payload) {
-                        fail_items(stream, live, |_| Error::Protocol {
+                    if let Err(reason) = handles.complete_outcomes(worker, &live, &payload) {
+                        handles.fail_items(live, |_| Error::Protocol {
                             worker,
                             reason: reason.clone(),
                         });
@@ -665,8 +422,8 @@ impl Engine {
                 self.route(id, chunk, worker, items, payload, local);
             }
             Reply::Failed { failure, .. } => {
-                if let Kind::Apply(stream) = &mut job.kind {
-                    fail_items(stream, flight.live_items(), |item| {
+                if let Some(handles) = job.kind.handles() {
+                    handles.fail_items(flight.live_items(), |item| {
                         describe(failure.clone(), worker, item..item + 1).1
                     });
                     self.workers.return_frame(flight.frame);
@@ -720,7 +477,10 @@ impl Engine {
             job.delivered += 1;
             job.items_delivered += items.len();
             let start = items.start;
-            if let Err(e) = deliver_to(job, local.as_deref_mut(), worker, items, payload, failed) {
+            let delivered =
+                job.kind
+                    .deliver(id, local.as_deref_mut(), worker, items, payload, failed);
+            if let Err(e) = delivered {
                 self.fail_job(id, start, e, local.as_deref_mut());
                 return;
             }
@@ -738,111 +498,9 @@ impl Engine {
             self.finish(id, Ok(()), local);
             return;
         }
-        if !job.drained() {
-            return;
+        if job.drained() && job.fold.is_some() {
+            self.flush_all(id);
         }
-        let Some(ledger) = job.fold.as_mut() else {
-            return;
-        };
-        let holders: Vec<(usize, u64)> = ledger
-            .kept
-            .keys()
-            .copied()
-            .filter(|&w| !ledger.flushing(w))
-            .collect();
-        for holder in holders {
-            self.send_flush(id, holder);
-        }
-    }
-
-    /// Asks `holder` (a worker's slot and process generation) for its accumulator of
-    /// fold job `id`. When that process is gone already, what it folded is sent
-    /// again instead.
-    fn send_flush(&mut self, id: JobId, holder: (usize, u64)) {
-        let (worker, generation) = holder;
-        let Some(job) = self.jobs.get_mut(&id) else {
-            return;
-        };
-        let Some(ledger) = job.fold.as_mut() else {
-            return;
-        };
-        if self.workers.generation(worker) != Some(generation) {
-            let lost = ledger.take_kept(holder);
-            job.retry.extend(lost);
-            return;
-        }
-        let chunk = job.next_chunk;
-        let mut frame = self.workers.take_frame();
-        let request = Request::Flush { job: id.0, chunk };
-        if let Err(source) = protocol::seal(&mut frame, &request) {
-            self.workers.return_frame(frame);
-            let error = Error::Result {
-                items: job.next_item..job.next_item,
-                worker,
-                source,
-            };
-            self.fail_job(id, 0, error, None);
-            return;
-        }
-        job.next_chunk += 1;
-        job.in_flight += 1;
-        ledger.flushes.insert(chunk, holder);
-        let at = job.next_item;
-        let flight = InFlight::new(id, chunk, at..at, frame);
-        if self.workers.send_chunk(worker, flight).is_err() {
-            // Its loss event reports the flush, and what it folded is sent again.
-            self.workers.kill(worker);
-        }
-    }
-
-    /// A reply of a fold job's worker: a chunk folded (its frame is kept until the
-    /// worker's next flush) or a flush answered (its payload is an accumulator).
-    fn fold_answered(
-        &mut self,
-        flight: InFlight,
-        worker: usize,
-        nanos: u64,
-        payload: Payload,
-        local: Option<&mut Local<'_>>,
-    ) {
-        let id = flight.job;
-        let chunk = flight.chunk;
-        let items = flight.items.clone();
-        let holder = (worker, self.workers.generation(worker).unwrap_or(u64::MAX));
-        let Some(job) = self.jobs.get_mut(&id) else {
-            return;
-        };
-        let ledger = job.fold.as_mut().expect("fold jobs have a ledger");
-        if let Some(asked) = ledger.flushes.remove(&chunk) {
-            // The accumulator covers every chunk this process answered before.
-            for kept in ledger.take_kept(holder) {
-                self.workers.return_frame(kept.frame);
-            }
-            if asked != holder {
-                // Not the process that was asked (it was replaced): its folds are lost.
-                let lost = ledger.take_kept(asked);
-                job.retry.extend(lost);
-            }
-            self.workers.return_frame(flight.frame);
-        } else {
-            job.sizer.observe(nanos, items.len());
-            let mut flight = flight;
-            let len = flight.frame.body_len();
-            if flight.frame.body().capacity() > 2 * len + 4096 {
-                // Kept in a buffer of its size; the pooled one goes back to be reused.
-                let mut kept = FrameBuf::with_capacity(len);
-                kept.body().extend_from_slice(flight.frame.body_bytes());
-                let pooled = std::mem::replace(&mut flight.frame, kept);
-                self.workers.return_frame(pooled);
-            }
-            *ledger.kept_bytes.entry(holder).or_default() += flight.frame.body().capacity();
-            ledger.kept.entry(holder).or_default().push(flight);
-            let full = ledger.kept_bytes[&holder] >= ledger.flush_bytes;
-            if full && !ledger.flushing(holder) {
-                self.send_flush(id, holder);
-            }
-        }
-        self.route(id, chunk, worker, items, payload, local);
     }
 
     /// Delivers the ordered job's ready chunks that are next in line.
@@ -859,8 +517,8 @@ impl Engine {
             job.items_delivered += ready.items.len();
             job.ready_bytes -= ready.payload.len();
             let start = ready.items.start;
-            if let Err(e) = deliver_to(
-                job,
+            if let Err(e) = job.kind.deliver(
+                id,
                 local.as_deref_mut(),
                 ready.worker,
                 ready.items,
@@ -881,16 +539,16 @@ impl Engine {
         };
         job.ready.clear();
         job.ready_bytes = 0;
-        match &job.kind {
-            Kind::Lent => {
+        match job.kind.ending() {
+            Ending::Kept => {
                 job.outcome = Some(outcome);
                 self.completed = true;
             }
-            Kind::Apply(_) => {
+            Ending::Never => {
                 // A stream does not end on its own; its items fail one by one.
                 job.outcome = None;
             }
-            Kind::Owned { .. } | Kind::OwnedSink(_) => {
+            Ending::Leaves => {
                 let job = self.jobs.remove(&id).expect("found above");
                 if job.context.is_some() {
                     self.workers.forget_context(id);
@@ -908,11 +566,7 @@ impl Engine {
     }
 
     fn end_owned(&mut self, job: Job, outcome: Result<()>) {
-        match job.kind {
-            Kind::Owned { mut sink, .. } | Kind::OwnedSink(mut sink) => sink.finish(outcome),
-            Kind::Apply(mut stream) => stream.fail_all(|| Error::Terminated),
-            Kind::Lent => {}
-        }
+        job.kind.end(outcome);
         self.completed = true;
     }
 }
@@ -926,32 +580,4 @@ fn take_failures(job: &mut Job, items: &Range<usize>) -> Vec<(usize, Error)> {
     let mut rest = after.split_off(&items.end);
     job.failures.append(&mut rest);
     after.into_iter().collect()
-}
-
-/// Hands one chunk's payload to the job's sink: the caller's, or the job's own.
-fn deliver_to(
-    job: &mut Job,
-    local: Option<&mut Local<'_>>,
-    worker: usize,
-    items: Range<usize>,
-    payload: Payload,
-    failed: Vec<(usize, Error)>,
-) -> Result<()> {
-    let sink: &mut dyn Sink = match &mut job.kind {
-        Kind::Owned { sink, .. } | Kind::OwnedSink(sink) => sink.as_mut(),
-        Kind::Lent => match local {
-            Some(Local {
-                job: lent,
-                sink: Some(sink),
-                ..
-            }) if *lent == job.id => &mut **sink,
-            _ => unreachable!("a lent job is driven by its caller until it ends"),
-        },
-        Kind::Apply(_) => unreachable!("apply streams complete items one by one"),
-    };
-    if failed.is_empty() {
-        sink.deliver(worker, items, payload)
-    } else {
-        sink.deliver_partial(worker, items, payload, failed)
-    }
 }

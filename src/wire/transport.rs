@@ -546,6 +546,33 @@ impl Listener {
     }
 }
 
+/// A chunk's reply payload, borrowed from the frame it arrived in.
+pub(crate) struct Payload {
+    frame: Frame,
+    len: usize,
+}
+
+impl Payload {
+    pub(crate) fn new(frame: Frame, len: usize) -> Self {
+        Self { frame, len }
+    }
+
+    /// No bytes: a chunk none of whose items produced a result.
+    pub(crate) fn empty() -> Self {
+        Self {
+            frame: Frame::Inline(Vec::new()),
+            len: 0,
+        }
+    }
+}
+
+impl Deref for Payload {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.frame[..self.len]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,11 +5,12 @@
 use std::ops::Range;
 use std::process::ExitStatus;
 
-use super::{Engine, Local, Payload};
-use crate::engine::job::{InFlight, Job, JobId, Kind};
-use crate::engine::outcome::{died_of_memory, fail_items, is_hang_up};
+use super::Engine;
+use crate::engine::job::{InFlight, Job, JobId, Local};
+use crate::engine::outcome::{died_of_memory, is_hang_up};
 use crate::error::Error;
 use crate::wire::protocol::INIT_JOB;
+use crate::wire::transport::Payload;
 
 impl Engine {
     /// Kills the workers whose running item passed the task timeout; the item's job
@@ -37,8 +38,8 @@ impl Engine {
                 worker,
                 timeout,
             };
-            if let Kind::Apply(stream) = &mut job.kind {
-                fail_items(stream, [item], error);
+            if let Some(handles) = job.kind.handles() {
+                handles.fail_items([item], error);
                 self.completed = true;
                 self.resend_without(id, worker, flight, item, local.as_deref_mut());
                 continue;
@@ -121,7 +122,7 @@ impl Engine {
                 // Nothing left to run: the chunk is settled here.
                 let (chunk, items) = (flight.chunk, flight.items.clone());
                 self.workers.return_frame(flight.frame);
-                if !matches!(job.kind, Kind::Apply(_)) {
+                if !job.kind.items_stand_alone() {
                     self.route(id, chunk, worker, items, Payload::empty(), local);
                 }
             }
@@ -173,7 +174,7 @@ impl Engine {
             .last_item
             .and_then(|item| usize::try_from(item).ok())
             .filter(|&item| flight.runs(item));
-        let goes_on = job.policy.goes_on() || matches!(job.kind, Kind::Apply(_));
+        let goes_on = job.policy.goes_on() || job.kind.items_stand_alone();
         let error = |items: Range<usize>| loss.error(items, self.memory_limit);
         match running {
             Some(item) => {
@@ -187,8 +188,8 @@ impl Engine {
                     self.fail_job(id, item, error(item..item + 1), local);
                     return;
                 }
-                if let Kind::Apply(stream) = &mut job.kind {
-                    fail_items(stream, [item], |_| error(item..item + 1));
+                if let Some(handles) = job.kind.handles() {
+                    handles.fail_items([item], |_| error(item..item + 1));
                     self.completed = true;
                 } else {
                     job.failures.insert(item, error(item..item + 1));
@@ -206,9 +207,9 @@ impl Engine {
             }
             None => {
                 let items = flight.items.clone();
-                if let Kind::Apply(stream) = &mut job.kind {
+                if let Some(handles) = job.kind.handles() {
                     // Every handle of the chunk lost its answer.
-                    fail_items(stream, flight.live_items(), |_| error(items.clone()));
+                    handles.fail_items(flight.live_items(), |_| error(items.clone()));
                     self.workers.return_frame(flight.frame);
                     self.completed = true;
                     return;
@@ -287,8 +288,8 @@ impl Engine {
         let ids: Vec<JobId> = self.jobs.keys().copied().collect();
         for id in ids {
             let job = self.jobs.get_mut(&id).expect("listed above");
-            if let Kind::Apply(stream) = &mut job.kind {
-                stream.fail_all(|| Error::Terminated);
+            if let Some(handles) = job.kind.handles() {
+                handles.fail_all(|| Error::Terminated);
                 self.completed = true;
                 continue;
             }
@@ -306,8 +307,8 @@ impl Engine {
                 source: std::io::Error::other(error.to_string()),
             };
             let job = self.jobs.get_mut(&id).expect("listed above");
-            if let Kind::Apply(stream) = &mut job.kind {
-                stream.fail_all(copy);
+            if let Some(handles) = job.kind.handles() {
+                handles.fail_all(copy);
                 continue;
             }
             self.finish(id, Err(copy()), None);
