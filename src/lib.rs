@@ -63,6 +63,21 @@
 //!   a file, sent through a channel of your own) is valid only while its sender holds
 //!   the input. A context whose encoding exceeds
 //!   [`PoolBuilder::share_contexts_above`] (1 MiB) is shared the same way, unasked.
+//!
+//! # How the source is laid out
+//!
+//! The folders of `src/` are layers; a module imports only from its own layer or
+//! from one below (CI checks it):
+//!
+//! | folder | holds | may import |
+//! |---|---|---|
+//! | `os/`, `error.rs`, `shared/region.rs` | processes, sockets, signals, `/proc`; errors; sealed memory regions | nothing of the crate but `error` |
+//! | `wire/` | encoding, the messages between parent and worker, the links | the above |
+//! | `worker/` | a worker's receive loop, how a task is found and run, its state | the above |
+//! | `engine/`, `channels/` | the job server (scheduler, supervisor, backends); `Queue` and `Pipe` | the above, not each other |
+//! | `src/*.rs`, `shared/` | the public API: [`Pool`], [`PoolBuilder`], the handles, [`Pipeline`], [`Process`], [`SharedSlice`] | everything |
+//!
+//! `docs/ARCHITECTURE.md` in the repository follows one item through the files.
 
 #[cfg(not(target_os = "linux"))]
 compile_error!(
