@@ -380,7 +380,7 @@ fn start(name: &str, options: &SpawnOptions) -> Result<(Child, Accepted)> {
     let server = listener.name().to_owned();
     let spawned =
         spawn::launch(0, &server, options).map_err(|e| failed(format!("could not spawn: {e}")))?;
-    let mut child = spawn::wait_spawned(&spawned, START_TIMEOUT)
+    let mut child = spawn::wait_spawned(spawned, START_TIMEOUT)
         .map_err(|e| failed(format!("could not spawn: {e}")))?;
     let (done_tx, done_rx) = mpsc::channel();
     let accepting = thread::Builder::new()

@@ -14,7 +14,7 @@ use std::net::Shutdown;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -57,11 +57,23 @@ pub struct Pipe<A, B> {
     /// large ones do not cost a fresh allocation (and its page faults) each time.
     /// Locked after `end`.
     scratch: Mutex<Vec<u8>>,
+    /// The frame being received, kept across a `recv_timeout` that timed out in
+    /// the middle of it, so the stream never falls out of step.
+    incoming: Mutex<Incoming>,
     _types: PhantomData<fn(A) -> B>,
 }
 
 /// A scratch buffer larger than this is not kept after use.
 const KEEP_SCRATCH: usize = 8 << 20;
+
+/// A frame received in part: its header and as much of its body as has come.
+#[derive(Default)]
+struct Incoming {
+    header: [u8; 8],
+    /// Bytes of the frame (header, then body) received so far.
+    got: usize,
+    body: Vec<u8>,
+}
 
 enum End {
     Open(UnixStream),
@@ -98,6 +110,7 @@ impl<A, B> Pipe<A, B> {
         Pipe {
             end: Mutex::new(End::Open(stream)),
             scratch: Mutex::new(Vec::new()),
+            incoming: Mutex::default(),
             _types: PhantomData,
         }
     }
@@ -223,38 +236,84 @@ impl<A, B: DeserializeOwned> Pipe<A, B> {
     }
 
     fn recv_within(&self, timeout: Option<Duration>) -> Result<B> {
+        let deadline = timeout.map(|t| Instant::now().checked_add(t).unwrap_or_else(far_future));
         let mut end = self.lock();
         let stream = Self::stream(&mut end)?;
-        if timeout.is_some() {
-            let ready = socket::wait_readable(stream, timeout).map_err(|source| Error::Pipe {
-                what: "could not wait for input".into(),
-                source,
-            })?;
+        let mut incoming = self.incoming.lock().unwrap_or_else(|p| p.into_inner());
+        let incoming = &mut *incoming;
+        // The header, then the body; a deadline that passes in between leaves what
+        // came in `incoming` for the next call.
+        while incoming.got < 8 {
+            let got = incoming.got;
+            let n = read_some(stream, &mut incoming.header[got..], deadline, timeout)?;
+            incoming.got += n;
+            if incoming.got == 8 {
+                let len = usize::try_from(u64::from_le_bytes(incoming.header))
+                    .map_err(|_| Error::PipeClosed)?;
+                incoming.body.clear();
+                if incoming.body.try_reserve_exact(len).is_err() {
+                    // The frame cannot be read past: the stream is out of step for
+                    // good, so the end says so from now on.
+                    let what = format!("a {len}-byte frame does not fit in memory");
+                    *end = End::Broken(what.clone(), io::ErrorKind::OutOfMemory);
+                    *incoming = Incoming::default();
+                    return Err(Error::Pipe {
+                        what,
+                        source: io::Error::from(io::ErrorKind::OutOfMemory),
+                    });
+                }
+                incoming.body.resize(len, 0);
+            }
+        }
+        while incoming.got < 8 + incoming.body.len() {
+            let got = incoming.got - 8;
+            let n = read_some(stream, &mut incoming.body[got..], deadline, timeout)?;
+            incoming.got += n;
+        }
+        let received = codec::decode(&incoming.body).map_err(|source| Error::DecodeItem {
+            item: 0,
+            worker: None,
+            source,
+        });
+        incoming.got = 0;
+        release(&mut incoming.body);
+        received
+    }
+}
+
+/// Reads what is there into `buf` (at least one byte), waiting until `deadline` when
+/// there is one and forever otherwise: [`Error::Timeout`] (of `timeout`) when it
+/// passes first, [`Error::PipeClosed`] at end-of-file.
+fn read_some(
+    stream: &mut UnixStream,
+    buf: &mut [u8],
+    deadline: Option<Instant>,
+    timeout: Option<Duration>,
+) -> Result<usize> {
+    loop {
+        if let Some(deadline) = deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ready =
+                socket::wait_readable(stream, Some(left)).map_err(|source| Error::Pipe {
+                    what: "could not wait for input".into(),
+                    source,
+                })?;
             if !ready {
                 return Err(Error::Timeout(timeout.unwrap_or_default()));
             }
         }
-        let mut header = [0u8; 8];
-        stream.read_exact(&mut header).map_err(hang_up)?;
-        let len = usize::try_from(u64::from_le_bytes(header)).map_err(|_| Error::PipeClosed)?;
-        let mut scratch = self.scratch();
-        let bytes = &mut *scratch;
-        bytes.clear();
-        bytes.try_reserve_exact(len).map_err(|_| Error::Pipe {
-            what: format!("a {len}-byte frame does not fit in memory"),
-            source: io::Error::from(io::ErrorKind::OutOfMemory),
-        })?;
-        bytes.resize(len, 0);
-        let received = stream.read_exact(bytes).map_err(hang_up).and_then(|()| {
-            codec::decode(bytes).map_err(|source| Error::DecodeItem {
-                item: 0,
-                worker: None,
-                source,
-            })
-        });
-        release(bytes);
-        received
+        match stream.read(buf) {
+            Ok(0) => return Err(Error::PipeClosed),
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(hang_up(e)),
+        }
     }
+}
+
+/// A deadline past any wait (a timeout too large to add to now).
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600)
 }
 
 /// Empties a scratch buffer after use, giving back its memory when it is large.
@@ -338,7 +397,74 @@ impl<'de, A, B> Deserialize<'de> for Pipe<A, B> {
         Ok(Pipe {
             end: Mutex::new(end),
             scratch: Mutex::new(Vec::new()),
+            incoming: Mutex::default(),
             _types: PhantomData,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes raw bytes onto `pipe`'s socket, as a sender in the middle of a frame.
+    fn write_raw<A, B>(pipe: &Pipe<A, B>, bytes: &[u8]) {
+        let mut end = pipe.lock();
+        Pipe::<A, B>::stream(&mut end)
+            .expect("open")
+            .write_all(bytes)
+            .expect("written");
+    }
+
+    fn frame_of(value: &Vec<u8>) -> Vec<u8> {
+        let mut body = Vec::new();
+        codec::encode_into(value, &mut body).unwrap();
+        let mut frame = (body.len() as u64).to_le_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        frame
+    }
+
+    #[test]
+    fn a_frame_cut_in_the_middle_times_out_and_is_then_read_whole() {
+        let (tx, rx) = Pipe::<Vec<u8>, Vec<u8>>::duplex().unwrap();
+        let value: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let frame = frame_of(&value);
+        // Part of the header, then part of the body: each wait ends at its deadline.
+        write_raw(&tx, &frame[..3]);
+        let started = Instant::now();
+        assert!(matches!(
+            rx.recv_timeout(Duration::from_millis(50)),
+            Err(Error::Timeout(_))
+        ));
+        assert!(started.elapsed() < Duration::from_secs(2));
+        write_raw(&tx, &frame[3..5_000]);
+        assert!(matches!(rx.try_recv(), Err(Error::Timeout(_))));
+        assert!(matches!(
+            rx.recv_timeout(Duration::from_millis(20)),
+            Err(Error::Timeout(_))
+        ));
+        write_raw(&tx, &frame[5_000..]);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), value);
+        // The stream is in step: the next value arrives intact.
+        tx.send(vec![1, 2, 3]).unwrap();
+        assert_eq!(rx.recv().unwrap(), [1, 2, 3]);
+    }
+
+    #[test]
+    fn a_frame_too_large_to_hold_breaks_the_end_instead_of_misreading() {
+        let (tx, rx) = Pipe::<Vec<u8>, Vec<u8>>::duplex().unwrap();
+        // More than `isize::MAX`: refused before the allocator is asked (which the
+        // codec's tests watch for huge requests).
+        write_raw(&tx, &u64::MAX.to_le_bytes());
+        write_raw(&tx, &frame_of(&vec![7, 7, 7]));
+        match rx.recv() {
+            Err(Error::Pipe { what, source }) => {
+                assert!(what.contains("does not fit in memory"), "{what}");
+                assert_eq!(source.kind(), io::ErrorKind::OutOfMemory);
+            }
+            other => panic!("expected a pipe error, got {other:?}"),
+        }
+        // Not the bytes after the header read as a frame.
+        assert!(matches!(rx.recv(), Err(Error::Pipe { .. })));
     }
 }

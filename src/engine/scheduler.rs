@@ -167,7 +167,8 @@ impl Engine {
 
     /// Removes a job the caller drove to its end (or gives up: an `imap` dropped
     /// early), returning its outcome. Its chunks still in flight are ignored when
-    /// they come back.
+    /// they come back, and workers running one are stopped (see
+    /// `stop_abandoned`), so the pool is usable at once.
     pub(crate) fn remove(&mut self, id: JobId) -> Option<Result<()>> {
         let job = self.jobs.remove(&id)?;
         if job.context.is_some() {
@@ -177,6 +178,9 @@ impl Engine {
             // A fold job that did not complete may have left accumulators, some
             // made by chunks still running.
             self.workers.forget_everywhere(id);
+        }
+        if job.in_flight > 0 {
+            self.stop_abandoned();
         }
         job.outcome
     }
@@ -322,7 +326,11 @@ impl Engine {
                     }
                 };
                 let Some(flight) = self.workers.answered(worker, generation, job, chunk) else {
-                    if self.workers.is_current(worker, generation) {
+                    // A late reply for a chunk taken away at its deadline is not the
+                    // worker's fault; the worker is being killed anyway.
+                    if self.workers.is_current(worker, generation)
+                        && !self.workers.front_taken(worker)
+                    {
                         let reason = format!("unexpected reply for chunk {chunk} of job {}", job.0);
                         self.protocol_error(worker, generation, reason, local);
                     }
@@ -351,7 +359,7 @@ impl Engine {
                 last_item,
             } => {
                 self.folds_lost((worker, generation));
-                let Some(chunks) = self.workers.lost(worker, generation) else {
+                let Some((chunks, front_started)) = self.workers.lost(worker, generation) else {
                     return;
                 };
                 let mut local = local;
@@ -362,12 +370,13 @@ impl Engine {
                         self.init_failures.push((worker, reason));
                         continue;
                     }
-                    // Only the first chunk a worker held had started.
+                    // Only the first chunk a worker held had started, unless the one
+                    // it was running was taken away at its deadline: then none had.
                     let lost = Loss {
                         worker,
                         status,
                         last_item,
-                        started: at == 0,
+                        started: at == 0 && front_started,
                     };
                     self.chunk_lost(flight, lost, local.as_deref_mut());
                 }

@@ -38,6 +38,9 @@ struct SlotState {
     retiring: bool,
     /// Since when the first chunk of `in_flight` has been running.
     front_since: Option<Instant>,
+    /// The chunk that was running was taken away when it passed its deadline (the
+    /// process is being killed): none of `in_flight` has started.
+    front_taken: bool,
 }
 
 /// The pool's workers.
@@ -339,6 +342,7 @@ impl Supervisor {
                 && slot.in_flight.front().is_some_and(|f| f.job.0 != INIT_JOB);
             if overdue && let Some(flight) = slot.in_flight.pop_front() {
                 slot.front_since = None;
+                slot.front_taken = true;
                 expired.push((worker, flight));
                 self.kill(worker);
             }
@@ -361,16 +365,25 @@ impl Supervisor {
         }
     }
 
-    /// Handles the loss of a worker's process: the chunks it held. `None` when the
-    /// event concerns an earlier process of the slot.
-    pub(crate) fn lost(&mut self, worker: usize, generation: u64) -> Option<Vec<InFlight>> {
+    /// Handles the loss of a worker's process: the chunks it held, and whether the
+    /// first of them had started (it had not when the chunk that was running was
+    /// taken away at its deadline). `None` when the event concerns an earlier
+    /// process of the slot.
+    pub(crate) fn lost(&mut self, worker: usize, generation: u64) -> Option<(Vec<InFlight>, bool)> {
         let slot = self.slots.get_mut(worker)?;
         if slot.generation != Some(generation) {
             return None;
         }
         let chunks = slot.in_flight.drain(..).collect();
+        let front_started = !slot.front_taken;
         *slot = SlotState::default();
-        Some(chunks)
+        Some((chunks, front_started))
+    }
+
+    /// Whether `worker`'s running chunk was taken away at its deadline: a late
+    /// reply for it is no protocol error.
+    pub(crate) fn front_taken(&self, worker: usize) -> bool {
+        self.slots.get(worker).is_some_and(|s| s.front_taken)
     }
 
     /// Stops a worker now and takes it out of service; its loss event reports the
@@ -378,11 +391,6 @@ impl Supervisor {
     pub(crate) fn kill(&mut self, worker: usize) {
         self.slots[worker].retiring = true;
         self.backend.kill(worker);
-    }
-
-    /// The jobs of the chunks `worker` holds.
-    pub(crate) fn jobs_held(&self, worker: usize) -> impl Iterator<Item = JobId> + '_ {
-        self.slots[worker].in_flight.iter().map(|f| f.job)
     }
 
     /// The first chunk `worker` holds: the one it is running.

@@ -70,21 +70,45 @@ pub(crate) fn launch(
     spawn_from_owner_thread(command)
 }
 
-/// Waits for the answer to a [`launch`], at most `timeout`.
+/// Waits for the answer to a [`launch`], at most `timeout`. A child that starts
+/// after the wait gave up is killed and reaped when it does (see [`reap_late`]),
+/// so no zombie is left for the life of the process.
 pub(crate) fn wait_spawned(
-    spawned: &mpsc::Receiver<io::Result<Child>>,
+    spawned: mpsc::Receiver<io::Result<Child>>,
     timeout: Duration,
 ) -> io::Result<Child> {
     match spawned.recv_timeout(timeout) {
         Ok(result) => result,
-        Err(mpsc::RecvTimeoutError::Timeout) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("the spawner thread did not start the process within {timeout:?}"),
-        )),
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            // The spawner thread may still start it: whoever gets it must reap it.
+            let _ = reap_late(spawned);
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the spawner thread did not start the process within {timeout:?}"),
+            ))
+        }
         Err(mpsc::RecvTimeoutError::Disconnected) => {
             Err(io::Error::other("the spawner thread stopped"))
         }
     }
+}
+
+/// Kills and reaps the child a [`launch`] starts after its requester gave up, on a
+/// thread of its own; the thread returns the reaped child's pid (`None` when the
+/// spawn failed). A failure to start the thread leaves the work to the spawner
+/// thread, which kills and reaps a child nobody receives.
+pub(crate) fn reap_late(
+    spawned: mpsc::Receiver<io::Result<Child>>,
+) -> Option<thread::JoinHandle<Option<u32>>> {
+    thread::Builder::new()
+        .name("multiproc-reaper".into())
+        .spawn(move || {
+            let mut child = spawned.recv().ok()?.ok()?;
+            let _ = child.kill();
+            let _ = child.wait();
+            Some(child.id())
+        })
+        .ok()
 }
 
 /// Asks the kernel to kill this child when its parent dies, ignores SIGPIPE, then
@@ -234,8 +258,12 @@ fn start_spawners() -> io::Result<mpsc::Sender<SpawnJob>> {
                     let Ok((mut command, reply)) = job else {
                         return;
                     };
-                    // The requester may have given up; nothing else to do then.
-                    let _ = reply.send(command.spawn());
+                    // A requester that gave up no longer receives: the child is
+                    // then killed and reaped here, never left a zombie.
+                    if let Err(mpsc::SendError(Ok(mut child))) = reply.send(command.spawn()) {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                    }
                 }
             });
         match spawned {
@@ -249,5 +277,25 @@ fn start_spawners() -> io::Result<mpsc::Sender<SpawnJob>> {
             format!("could not start a spawner thread: {e}"),
         )),
         _ => Ok(tx),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_child_started_after_its_requester_gave_up_is_reaped() {
+        let options = SpawnOptions {
+            inherit_output: false,
+            memory_limit: None,
+            // Any program will do: it is killed as soon as it starts.
+            program: Some(PathBuf::from("/bin/sleep")),
+        };
+        let spawned = launch(0, "unused", &options).expect("asked for");
+        let reaper = reap_late(spawned).expect("a reaper thread");
+        let pid = reaper.join().expect("no panic").expect("started");
+        // Reaped, not a zombie: its /proc entry is gone.
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
     }
 }

@@ -81,3 +81,36 @@ fn a_call_timeout_bounds_a_batch_job() {
     assert!(started.elapsed() < Duration::from_secs(3));
     assert_eq!(pool.map(0..4u64, |x| x).unwrap(), [0, 1, 2, 3]);
 }
+
+#[test]
+fn the_chunk_behind_a_timed_out_one_is_not_charged() {
+    // One worker, one-item chunks (a task timeout makes every chunk one item), so
+    // item 8 waits queued behind item 7 on the same worker when 7's deadline
+    // passes and the worker is killed. Item 8 never started: it must run again
+    // as it is, without an error and without using a retry.
+    let pool = Pool::builder()
+        .workers(1)
+        .task_timeout(Duration::from_millis(200))
+        .retries(0)
+        .inherit_output(false)
+        .build()
+        .unwrap();
+    let outcomes = pool.map_collect(0..10u64, loops_on_7).unwrap();
+    for (x, outcome) in outcomes.iter().enumerate() {
+        match outcome {
+            Ok(v) => assert_eq!(*v, x as u64 * 3, "item {x}"),
+            Err(Error::TimedOut { item: 7, .. }) if x == 7 => {}
+            Err(other) => panic!("item {x}: {other:?}"),
+        }
+    }
+    // With the default retry the neighbour would have silently used it.
+    let pool = Pool::builder()
+        .workers(1)
+        .task_timeout(Duration::from_millis(200))
+        .inherit_output(false)
+        .build()
+        .unwrap();
+    let outcomes = pool.map_collect(0..10u64, loops_on_7).unwrap();
+    assert_eq!(outcomes.iter().filter(|o| o.is_err()).count(), 1);
+    assert_eq!(pool.stats().unwrap().chunks_retried, 0);
+}

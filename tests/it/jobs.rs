@@ -475,3 +475,69 @@ fn the_inline_backend_serves_async_work_too() {
     let results: Vec<u64> = handles.into_iter().map(|h| h.get().unwrap()).collect();
     assert_eq!(results, imapped);
 }
+
+fn announce_then_hang(q: multiproc::Queue<u8>) -> u8 {
+    q.put(1).expect("announced");
+    loop {
+        std::hint::spin_loop();
+    }
+}
+
+#[test]
+fn a_failed_job_does_not_keep_the_handle_queued_behind_its_stuck_item() {
+    // One worker runs the map's only item, which hangs; an apply_async submitted
+    // meanwhile is queued behind it on the same worker (it has credit for two
+    // chunks). The map ends at its call timeout: the stuck worker must be stopped
+    // and the apply sent to its replacement, not left waiting forever.
+    let pool = Pool::builder()
+        .workers(1)
+        .call_timeout(Duration::from_millis(500))
+        .inherit_output(false)
+        .build()
+        .unwrap();
+    let started = multiproc::Queue::<u8>::unbounded();
+    let handle = std::thread::scope(|scope| {
+        let submitter = scope.spawn(|| {
+            started.get().expect("the stuck item started");
+            pool.apply_async(square, 9).expect("submitted")
+        });
+        let err = pool
+            .map(vec![started.clone()], announce_then_hang)
+            .unwrap_err();
+        assert!(matches!(err, Error::CallTimedOut { .. }), "{err:?}");
+        submitter.join().unwrap()
+    });
+    assert_eq!(handle.get_timeout(Duration::from_secs(10)).unwrap(), 81);
+}
+
+fn hang_after_zero(x: u64) -> u64 {
+    if x > 0 {
+        loop {
+            std::hint::spin_loop();
+        }
+    }
+    x
+}
+
+#[test]
+fn an_imap_dropped_early_stops_its_running_chunks() {
+    let pool = Pool::builder()
+        .workers(2)
+        .chunk_size(1)
+        .call_timeout(Duration::from_secs(10))
+        .inherit_output(false)
+        .build()
+        .unwrap();
+    let first: Vec<u64> = pool
+        .imap(0..100u64, hang_after_zero)
+        .unwrap()
+        .take(1)
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(first, [0]);
+    // Both workers were running items that never end: dropping the iterator
+    // stops them, and the next call runs at once on their replacements.
+    let started = Instant::now();
+    assert_eq!(pool.map(0..4u64, square).unwrap(), [0, 1, 4, 9]);
+    assert!(started.elapsed() < Duration::from_secs(5));
+}

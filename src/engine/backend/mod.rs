@@ -163,10 +163,4 @@ impl Backend {
             Backend::Inline(b) => b.shutdown(),
         }
     }
-
-    /// Whether a lost worker can really be stopped (processes) or only abandoned
-    /// (threads).
-    pub(crate) fn can_kill(&self) -> bool {
-        matches!(self, Backend::Process(_))
-    }
 }

@@ -359,7 +359,7 @@ impl ProcessBackend {
             }
         }
         for (worker, (listener, spawned)) in launched {
-            let child = match spawn::wait_spawned(&spawned, self.options.start_timeout) {
+            let child = match spawn::wait_spawned(spawned, self.options.start_timeout) {
                 Ok(child) => child,
                 Err(source) => {
                     failure.get_or_insert(Error::Spawn { worker, source });

@@ -232,8 +232,8 @@ impl Engine {
     }
 
     /// Ends a job with an error: it stops dispatching, its chunks still in flight
-    /// are ignored, and workers that hold nothing but such chunks are stopped (and
-    /// replaced when work needs them) so that a stuck task cannot hold the pool.
+    /// are ignored, and workers running one of them are stopped (and replaced when
+    /// work needs them) so that a stuck task cannot hold the pool.
     pub(super) fn fail_job(
         &mut self,
         id: JobId,
@@ -245,16 +245,19 @@ impl Engine {
             return;
         }
         self.finish(id, Err(error), local);
-        if !self.workers.backend.can_kill() {
-            return;
-        }
+        self.stop_abandoned();
+    }
+
+    /// Stops every worker whose running chunk belongs to a job that has ended or
+    /// left the table: nobody waits for that chunk, and it may never finish. The
+    /// chunks of live jobs queued behind it are sent again with the worker's loss
+    /// (they had not started). A process is killed; an inline worker's thread is
+    /// abandoned.
+    pub(super) fn stop_abandoned(&mut self) {
         for worker in 0..self.workers.slots() {
-            let abandoned = {
-                let mut held = self.workers.jobs_held(worker).peekable();
-                held.peek().is_some()
-                    && held
-                        .all(|job| job.0 != INIT_JOB && self.jobs.get(&job).is_none_or(Job::ended))
-            };
+            let abandoned = self.workers.front(worker).is_some_and(|front| {
+                front.job.0 != INIT_JOB && self.jobs.get(&front.job).is_none_or(Job::ended)
+            });
             if abandoned {
                 self.workers.kill(worker);
             }
