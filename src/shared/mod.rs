@@ -554,14 +554,24 @@ mod tests {
         // A handle's fields naming the ordinary file, as `/proc/<pid>/fd/1`; once
         // as they are, once with the `true` that old handles carried to say "a
         // user's file: map it without seals".
-        let fields = (holder.0.id(), 1i32, meta.dev(), meta.ino(), meta.len(), kind::<u8>());
+        let fields = (
+            holder.0.id(),
+            1i32,
+            meta.dev(),
+            meta.ino(),
+            meta.len(),
+            kind::<u8>(),
+        );
         let mut plain = Vec::new();
         codec::encode_into(&fields, &mut plain).unwrap();
         let mut flagged = plain.clone();
         codec::encode_into(&true, &mut flagged).unwrap();
         for forged in [&plain, &flagged] {
             let err = match codec::decode::<SharedSlice<u8>>(forged) {
-                Ok(slice) => panic!("a forged handle mapped {} bytes of a plain file", slice.len()),
+                Ok(slice) => panic!(
+                    "a forged handle mapped {} bytes of a plain file",
+                    slice.len()
+                ),
                 Err(err) => err.to_string(),
             };
             assert!(err.contains("is not sealed"), "{err}");

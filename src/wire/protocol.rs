@@ -264,12 +264,11 @@ mod properties {
 
     fn request() -> impl Strategy<Value = Request> {
         prop_oneof![
-            (any::<u64>(), any::<bool>())
-                .prop_map(|(job, shared)| Request::Context {
-                    job,
-                    shared,
-                    unsealed: Vec::new()
-                }),
+            (any::<u64>(), any::<bool>()).prop_map(|(job, shared)| Request::Context {
+                job,
+                shared,
+                unsealed: Vec::new()
+            }),
             any::<u64>().prop_map(|job| Request::Forget { job }),
             any::<[u64; 2]>().prop_map(|[job, chunk]| Request::Flush { job, chunk }),
             (

@@ -194,7 +194,11 @@ fn a_process_that_does_not_descend_from_the_creator_is_refused() {
         panic!("{err:?}");
     };
     assert_eq!(*creator, pool.worker_pids().unwrap()[0]);
-    assert_eq!(source.kind(), std::io::ErrorKind::PermissionDenied, "{source}");
+    assert_eq!(
+        source.kind(),
+        std::io::ErrorKind::PermissionDenied,
+        "{source}"
+    );
     assert!(source.to_string().contains("descend from it"), "{source}");
     // The queue is there and holds its item: back in the worker it is taken.
     assert_eq!(pool.map(vec![queue], try_take).unwrap(), [Some(7)]);

@@ -696,4 +696,3 @@ fn a_mapped_file_reaches_workers_as_context_and_initializer_but_does_not_come_ba
     let message = format!("{err:?}");
     assert!(message.contains("is not sealed"), "{message}");
 }
-
