@@ -327,7 +327,10 @@ impl PoolBuilder {
                 prepared: Ok(prepared),
                 state,
                 pins,
-            }) => (Some(prepared), Some(state), pins),
+            }) => {
+                let (task, arg) = prepared;
+                (Some((task, arg, pins.unsealed())), Some(state), pins)
+            }
             Some(Initializer {
                 prepared: Err(reason),
                 ..

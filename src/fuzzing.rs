@@ -301,6 +301,7 @@ fn chunk(job: u64, task: TaskRef, count: u32, payload: &[u8]) -> Vec<u8> {
         count,
         task,
         skip: Vec::new(),
+        unsealed: Vec::new(),
     };
     frame(payload, &Request::Chunk(header))
 }
@@ -330,6 +331,7 @@ pub(crate) fn seeds() -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
                 &Request::Context {
                     job: 3,
                     shared: false,
+                    unsealed: Vec::new(),
                 },
             ),
             chunk(3, t.scaled, 2, &encoded(&[1u64, 2])),
@@ -343,6 +345,7 @@ pub(crate) fn seeds() -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
                 &Request::Context {
                     job: 3,
                     shared: false,
+                    unsealed: Vec::new(),
                 },
             ),
             chunk(3, t.greet, 3, &encoded(&words)),

@@ -13,7 +13,7 @@ use crate::engine::job::{FoldLedger, Kind};
 use crate::engine::scheduler::Submission;
 use crate::error::{Error, ErrorPolicy, Result};
 use crate::handle::{AsyncResult, Imap, ImapParts, ImapUnordered, imap_parts};
-use crate::shared::region::{self, Pins, Region};
+use crate::shared::region::{self, Pins, Region, RegionHandle};
 use crate::sink::{
     ApplyCompletion, CollectSink, FoldSink, MapAsyncSink, OnError, OnResult, OutcomeSink,
     PartialsSink, items_failed,
@@ -909,6 +909,9 @@ where
 struct CallContext {
     bytes: Vec<u8>,
     region: Option<Arc<Region>>,
+    /// The `map_file` regions the value names (alive for the call: the caller
+    /// lends the value), which its workers may map without seals.
+    unsealed: Vec<RegionHandle>,
 }
 
 impl CallContext {
@@ -916,6 +919,7 @@ impl CallContext {
         ContextPayload {
             bytes: &self.bytes,
             shared: self.region.is_some(),
+            unsealed: &self.unsealed,
         }
     }
 }
@@ -925,11 +929,14 @@ impl Pool {
     /// `share_contexts_above` goes into a sealed shared region that every worker
     /// maps, and only its handle is sent.
     fn encode_context<C: Serialize + DeserializeOwned>(&self, context: &C) -> Result<CallContext> {
-        let bytes = encode_context(context)?;
+        let (bytes, pins) = region::pin_while(|| encode_context(context));
+        let bytes = bytes?;
+        let unsealed = pins.unsealed();
         if bytes.len() <= self.share_contexts_above {
             return Ok(CallContext {
                 bytes,
                 region: None,
+                unsealed,
             });
         }
         let region =
@@ -948,6 +955,7 @@ impl Pool {
         Ok(CallContext {
             bytes: handle,
             region: Some(region),
+            unsealed,
         })
     }
 }

@@ -96,6 +96,8 @@ impl ProcessBuilder {
             count: 1,
             task,
             skip: Vec::new(),
+            // The argument's `map_file` slices: the child may map these unsealed.
+            unsealed: pins.unsealed(),
         };
         protocol::seal(&mut frame, &Request::Chunk(header))
             .map_err(|source| Error::EncodeItem { item: 0, source })?;

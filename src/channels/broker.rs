@@ -7,12 +7,23 @@
 //! process of the same user that descends from this one (the kernel's SO_PEERCRED,
 //! then the parent links in `/proc`), and must begin with a random 128-bit token
 //! that only travels inside the serialized handles. Anything else is closed at once.
+//!
+//! The client checks the server too: an abstract name is free again once its
+//! creator exits, and any local user may bind it then. So before it sends the
+//! token, a connecting process checks SO_PEERCRED of the listening end: the same
+//! user, and the pid the address names as its creator (the process that called
+//! `listen`). Anything else is refused without a byte sent.
+//!
+//! A rendezvous serves at most [`MAX_CONNECTIONS`] connections at once, one thread
+//! each (a remote queue handle keeps its connection for its life); past that a new
+//! connection is answered [`BUSY`] and closed, and the client reports it.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt as _;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::thread;
 use std::time::Duration;
@@ -29,6 +40,19 @@ const KIND_CLAIM: u8 = 1;
 /// Status byte answering a connection's opening.
 const ACCEPTED: u8 = 0;
 const UNKNOWN: u8 = 1;
+/// Sent at once, instead of reading the opening, when the rendezvous already
+/// serves [`MAX_CONNECTIONS`] connections.
+const BUSY: u8 = 2;
+/// Sent before closing a connection from a process that is not of this user or
+/// does not descend from this one.
+const STRANGER: u8 = 3;
+
+/// How many connections one rendezvous serves at once (each has a thread). A
+/// handle of a queue in another process holds one connection while it lives, and a
+/// pipe end's claim holds one briefly; 1024 covers a thousand workers each holding
+/// a queue, while bounding the threads a runaway (or hostile same-user) peer can
+/// make this process start.
+pub(crate) const MAX_CONNECTIONS: usize = 1024;
 
 /// How long a new connection may take to say who it is.
 const OPENING_TIMEOUT: Duration = Duration::from_secs(10);
@@ -66,6 +90,40 @@ struct Broker {
     address: Address,
     queue_handler: Mutex<Option<Handler>>,
     parked: Mutex<HashMap<u64, OwnedFd>>,
+    /// Connections being served now, and the most it serves at once.
+    active: AtomicUsize,
+    limit: usize,
+}
+
+impl Broker {
+    fn new(address: Address, limit: usize) -> Self {
+        Broker {
+            address,
+            queue_handler: Mutex::new(None),
+            parked: Mutex::new(HashMap::new()),
+            active: AtomicUsize::new(0),
+            limit,
+        }
+    }
+
+    /// A place among the connections served, if there is one left.
+    fn admit(&'static self) -> Option<Admitted> {
+        self.active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.limit).then_some(n + 1)
+            })
+            .ok()?;
+        Some(Admitted(self))
+    }
+}
+
+/// One connection's place among those a broker serves, given back on drop.
+struct Admitted(&'static Broker);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 static BROKER: OnceLock<Broker> = OnceLock::new();
@@ -97,18 +155,24 @@ fn start() -> io::Result<&'static Broker> {
         token: random()?,
         creator: std::process::id(),
     };
-    let listener = UnixListener::bind_addr(&SocketAddr::from_abstract_name(
+    let listener = listen(&address)?;
+    let broker = BROKER.get_or_init(|| Broker::new(address, MAX_CONNECTIONS));
+    run(listener, broker)?;
+    Ok(broker)
+}
+
+fn listen(address: &Address) -> io::Result<UnixListener> {
+    UnixListener::bind_addr(&SocketAddr::from_abstract_name(
         address.socket_name().as_bytes(),
-    )?)?;
-    let broker = BROKER.get_or_init(|| Broker {
-        address,
-        queue_handler: Mutex::new(None),
-        parked: Mutex::new(HashMap::new()),
-    });
+    )?)
+}
+
+/// Starts the thread that accepts `broker`'s connections on `listener`.
+fn run(listener: UnixListener, broker: &'static Broker) -> io::Result<()> {
     thread::Builder::new()
         .name("multiproc-broker".into())
         .spawn(move || accept_loop(&listener, broker))?;
-    Ok(broker)
+    Ok(())
 }
 
 fn accept_loop(listener: &UnixListener, broker: &'static Broker) {
@@ -122,19 +186,29 @@ fn accept_loop(listener: &UnixListener, broker: &'static Broker) {
                 continue;
             }
         };
-        // A refused or failed connection is simply closed.
+        let Some(admitted) = broker.admit() else {
+            // One byte into a fresh socket's empty buffer: it cannot block.
+            let _ = (&stream).write_all(&[BUSY]);
+            continue;
+        };
+        // A refused or failed connection is simply closed (if the thread cannot
+        // start, the closure and its place are dropped here).
         let _ = thread::Builder::new()
             .name("multiproc-broker-conn".into())
             .spawn(move || {
-                let _ = serve(stream, broker);
+                let _ = serve(stream, broker, admitted);
             });
     }
 }
 
-fn serve(mut stream: UnixStream, broker: &Broker) -> io::Result<()> {
+/// Serves one connection. `_place` is the last parameter, so it is dropped first,
+/// before `stream` closes: a client that sees its connection end may count on the
+/// place being free again.
+fn serve(mut stream: UnixStream, broker: &Broker, _place: Admitted) -> io::Result<()> {
     let peer = socket::peer(&stream)?;
     if peer.uid != socket::own_uid() || !descends_from_us(peer.pid) {
-        return Ok(());
+        // Says only that it is refused, which closing would say too.
+        return stream.write_all(&[STRANGER]);
     }
     stream.set_read_timeout(Some(OPENING_TIMEOUT))?;
     let mut opening = [0u8; 16 + 1 + 8];
@@ -185,6 +259,9 @@ pub(crate) fn connect(address: &Address, id: u64) -> io::Result<UnixStream> {
     stream
         .read_exact(&mut status)
         .map_err(|e| refused(address, e))?;
+    if let Some(error) = refusal(address, status[0]) {
+        return Err(error);
+    }
     if status[0] != ACCEPTED {
         return Err(io::Error::new(
             io::ErrorKind::NotFound,
@@ -199,13 +276,15 @@ pub(crate) fn claim(address: &Address, id: u64) -> io::Result<OwnedFd> {
     let stream = open(address, KIND_CLAIM, id)?;
     match socket::recv_fd(&stream) {
         Ok((ACCEPTED, Some(fd))) => Ok(fd),
-        Ok(_) => Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!(
-                "process {} has no such end to hand over (already claimed?)",
-                address.creator
-            ),
-        )),
+        Ok((status, _)) => Err(refusal(address, status).unwrap_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "process {} has no such end to hand over (already claimed?)",
+                    address.creator
+                ),
+            )
+        })),
         Err(e) => Err(refused(address, e)),
     }
 }
@@ -239,12 +318,71 @@ fn open(address: &Address, kind: u8, id: u64) -> io::Result<UnixStream> {
             ),
         )
     })?;
+    check_server(address, &stream)?;
     let mut opening = [0u8; 16 + 1 + 8];
     opening[..16].copy_from_slice(&address.token);
     opening[16] = kind;
     opening[17..].copy_from_slice(&id.to_le_bytes());
-    stream.write_all(&opening)?;
+    if let Err(e) = stream.write_all(&opening) {
+        // A busy server answers at once and closes: its answer may still be there.
+        let mut status = [0u8];
+        if let Ok(1) = stream.read(&mut status)
+            && let Some(error) = refusal(address, status[0])
+        {
+            return Err(error);
+        }
+        return Err(refused(address, e));
+    }
     Ok(stream)
+}
+
+/// Refuses a rendezvous answered by anyone but the address's creator of our user:
+/// after the creator exits, another process (of any user) may bind its name.
+fn check_server(address: &Address, stream: &UnixStream) -> io::Result<()> {
+    let peer = socket::peer(stream).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "cannot tell who answers the rendezvous of process {} (SO_PEERCRED): {e}",
+                address.creator
+            ),
+        )
+    })?;
+    if peer.uid != socket::own_uid() || peer.pid != address.creator {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "the rendezvous of process {} is answered by process {} of user {}: \
+                 refused before sending the secret (the creator has exited and another \
+                 process took its name?)",
+                address.creator, peer.pid, peer.uid
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The error a refusing status byte stands for, if it is one.
+fn refusal(address: &Address, status: u8) -> Option<io::Error> {
+    match status {
+        BUSY => Some(io::Error::new(
+            io::ErrorKind::ResourceBusy,
+            format!(
+                "process {} is serving as many connections to its queues and pipes as it \
+                 serves at once ({MAX_CONNECTIONS}): refused, try again once some have closed",
+                address.creator
+            ),
+        )),
+        STRANGER => Some(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "process {} refused the connection: only processes of its user that \
+                 descend from it may use its queues and pipes",
+                address.creator
+            ),
+        )),
+        _ => None,
+    }
 }
 
 fn refused(address: &Address, e: io::Error) -> io::Error {
@@ -306,5 +444,57 @@ mod tests {
         // The right token still gets it, once.
         claim(&address, id).unwrap();
         assert!(claim(&address, id).is_err());
+    }
+
+    #[test]
+    fn a_server_that_is_not_the_creator_is_refused_before_the_token_is_sent() {
+        // This process binds the name, but the address says another process (our
+        // parent) made it: as when the creator exited and someone took the name.
+        let address = Address {
+            name: random().unwrap(),
+            token: random().unwrap(),
+            creator: std::os::unix::process::parent_id(),
+        };
+        let listener = listen(&address).unwrap();
+        let server = thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut got = Vec::new();
+            stream.take(25).read_to_end(&mut got).unwrap();
+            got
+        });
+        let err = claim(&address, 7).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied, "{err}");
+        assert!(err.to_string().contains("is answered by process"), "{err}");
+        assert!(server.join().unwrap().is_empty(), "the token was sent");
+    }
+
+    #[test]
+    fn connections_past_the_limit_are_refused_with_a_clear_error() {
+        let address = Address {
+            name: random().unwrap(),
+            token: random().unwrap(),
+            creator: std::process::id(),
+        };
+        let broker: &'static Broker = Box::leak(Box::new(Broker::new(address, 1)));
+        run(listen(&address).unwrap(), broker).unwrap();
+        let fd = OwnedFd::from(UnixStream::pair().unwrap().0);
+        broker.parked.lock().unwrap().insert(1, fd);
+        // One connection takes the only place (connections are admitted in order).
+        let name = SocketAddr::from_abstract_name(address.socket_name().as_bytes()).unwrap();
+        let mut holder = UnixStream::connect_addr(&name).unwrap();
+        let err = claim(&address, 1).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ResourceBusy, "{err}");
+        assert!(err.to_string().contains("serves at once"), "{err}");
+        // The holder finishes (a claim of nothing): its place is given back before
+        // its connection closes, so the next claim is served.
+        let mut opening = [0u8; 25];
+        opening[..16].copy_from_slice(&address.token);
+        opening[16] = KIND_CLAIM;
+        opening[17..].copy_from_slice(&99u64.to_le_bytes());
+        holder.write_all(&opening).unwrap();
+        let mut answer = Vec::new();
+        holder.read_to_end(&mut answer).unwrap();
+        assert_eq!(answer, [UNKNOWN]);
+        claim(&address, 1).unwrap();
     }
 }

@@ -108,6 +108,7 @@ impl InFlight {
             count: u32::try_from(self.items.len()).expect("chunks hold at most u32::MAX items"),
             task,
             skip: self.skip.clone(),
+            unsealed: self.pins.unsealed(),
         });
         protocol::reseal(&mut self.frame, &header)
     }
@@ -433,6 +434,7 @@ mod tests {
             count: 4,
             task,
             skip: Vec::new(),
+            unsealed: Vec::new(),
         });
         protocol::seal(&mut frame, &header).unwrap();
         let mut flight = InFlight::new(JobId(4), 5, 10..14, frame);

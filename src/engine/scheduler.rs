@@ -135,10 +135,19 @@ impl Engine {
         let id = JobId(self.next_job);
         self.next_job += 1;
         let mut job = Job::new(id, task, kind, ordered, self.chunk_size);
-        if let Some(ContextPayload { bytes, shared }) = context {
+        if let Some(ContextPayload {
+            bytes,
+            shared,
+            unsealed,
+        }) = context
+        {
             let mut frame = FrameBuf::with_capacity(bytes.len() + 64);
             frame.body().extend_from_slice(bytes);
-            let request = Request::Context { job: id.0, shared };
+            let request = Request::Context {
+                job: id.0,
+                shared,
+                unsealed: unsealed.to_vec(),
+            };
             protocol::seal(&mut frame, &request).map_err(|source| Error::Context {
                 worker: None,
                 source,
@@ -503,6 +512,11 @@ impl Engine {
         let Some(job) = self.jobs.get_mut(&id) else {
             return;
         };
+        // A job that failed while it delivered (a result that does not decode)
+        // keeps its error: it is drained too, but not a success.
+        if job.ended() {
+            return;
+        }
         if job.complete() {
             self.finish(id, Ok(()), local);
             return;

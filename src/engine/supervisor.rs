@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use crate::engine::backend::Backend;
 use crate::engine::job::{InFlight, JobId};
 use crate::error::Result;
+use crate::shared::region::RegionHandle;
 use crate::wire::protocol::{self, ChunkHeader, INIT_JOB, Request, TaskRef};
 use crate::wire::transport::FrameBuf;
 
@@ -50,8 +51,9 @@ pub(crate) struct Supervisor {
     /// How many workers should be serving.
     workers: usize,
     max_tasks: Option<usize>,
-    /// The initializer and its encoded argument, run first in every new worker.
-    init: Option<(TaskRef, Vec<u8>)>,
+    /// The initializer and its encoded argument, run first in every new worker, with
+    /// the `map_file` regions the argument names (see `ChunkHeader::unsealed`).
+    init: Option<(TaskRef, Vec<u8>, Vec<RegionHandle>)>,
     frames: Vec<FrameBuf>,
     /// Workers started since the pool was built (replacements included).
     pub(crate) started: u64,
@@ -61,7 +63,7 @@ impl Supervisor {
     pub(crate) fn new(
         backend: Backend,
         max_tasks: Option<usize>,
-        init: Option<(TaskRef, Vec<u8>)>,
+        init: Option<(TaskRef, Vec<u8>, Vec<RegionHandle>)>,
     ) -> Self {
         let workers = backend.slots();
         let mut supervisor = Self {
@@ -159,7 +161,7 @@ impl Supervisor {
             return;
         }
         let mut frame = self.take_frame();
-        let (task, arg) = self.init.as_ref().expect("checked above");
+        let (task, arg, unsealed) = self.init.as_ref().expect("checked above");
         let task = *task;
         frame.body().extend_from_slice(arg);
         let header = Request::Chunk(ChunkHeader {
@@ -169,6 +171,7 @@ impl Supervisor {
             count: 1,
             task,
             skip: Vec::new(),
+            unsealed: unsealed.clone(),
         });
         if protocol::seal(&mut frame, &header).is_err() {
             // The argument was encoded and checked when the pool was built; a header

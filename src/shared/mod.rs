@@ -169,6 +169,14 @@ impl<T: bytemuck::Pod> SharedSlice<T> {
     /// Zero-copy, and the fastest way to share a file that is already on a fast
     /// disk or in the page cache. Workers that receive it map the same file.
     ///
+    /// It reaches only the workers of this process's pools (as an item, a context,
+    /// an `apply_async` or initializer argument) and its [`Process`](crate::Process)
+    /// children: the request that carries it tells them this one file may be mapped
+    /// without seals. A handle decoded anywhere else (a result sent back, a
+    /// [`Queue`](crate::Queue) or [`Pipe`](crate::Pipe) item) must name a sealed
+    /// memfd, so there a mapped file fails to decode with an error saying it is not
+    /// sealed; use [`SharedSlice::from_file`] for those.
+    ///
     /// # Safety
     ///
     /// The file must not be written to, truncated or grown, by this or any other
@@ -496,7 +504,7 @@ mod tests {
         let data = SharedSlice::from_iter(0..1_000_000u64).unwrap();
         let mut bytes = Vec::new();
         codec::encode_into(&data, &mut bytes).unwrap();
-        assert_eq!(bytes.len(), 41, "pid, fd, dev, ino, len, type, direct");
+        assert_eq!(bytes.len(), 40, "pid, fd, dev, ino, len, type");
         let back: SharedSlice<u64> = round_trip(&data).unwrap();
         assert_eq!(back.as_ptr(), data.as_ptr(), "the same map, not a copy");
     }
@@ -511,6 +519,70 @@ mod tests {
         assert!(err.contains("not made for type"), "{err}");
         let same: Shared<u64> = round_trip(&value).unwrap();
         assert_eq!(*same, 7);
+    }
+
+    /// A process of another program that holds `file` as its standard output (fd
+    /// 1), waiting on its input until dropped.
+    struct Holder(std::process::Child);
+
+    impl Holder {
+        fn new(file: &std::fs::File) -> Self {
+            let child = std::process::Command::new("cat")
+                .stdin(std::process::Stdio::piped())
+                .stdout(file.try_clone().unwrap())
+                .spawn()
+                .unwrap();
+            Holder(child)
+        }
+    }
+
+    impl Drop for Holder {
+        fn drop(&mut self) {
+            drop(self.0.stdin.take());
+            let _ = self.0.wait();
+        }
+    }
+
+    #[test]
+    fn a_forged_handle_to_an_unsealed_file_is_refused() {
+        use std::io::Write;
+        use std::os::unix::fs::MetadataExt;
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&[7u8; 4096]).unwrap();
+        let meta = file.metadata().unwrap();
+        let holder = Holder::new(&file);
+        // A handle's fields naming the ordinary file, as `/proc/<pid>/fd/1`; once
+        // as they are, once with the `true` that old handles carried to say "a
+        // user's file: map it without seals".
+        let fields = (
+            holder.0.id(),
+            1i32,
+            meta.dev(),
+            meta.ino(),
+            meta.len(),
+            kind::<u8>(),
+        );
+        let mut plain = Vec::new();
+        codec::encode_into(&fields, &mut plain).unwrap();
+        let mut flagged = plain.clone();
+        codec::encode_into(&true, &mut flagged).unwrap();
+        for forged in [&plain, &flagged] {
+            let err = match codec::decode::<SharedSlice<u8>>(forged) {
+                Ok(slice) => panic!(
+                    "a forged handle mapped {} bytes of a plain file",
+                    slice.len()
+                ),
+                Err(err) => err.to_string(),
+            };
+            assert!(err.contains("is not sealed"), "{err}");
+        }
+        // Even listed as a grant, it names no parent this process trusts.
+        let handle = codec::decode::<RegionHandle>(&plain).unwrap();
+        let err = region::with_unsealed(&[handle], || handle.attach(false))
+            .err()
+            .expect("no grant outside a worker")
+            .to_string();
+        assert!(err.contains("is not sealed"), "{err}");
     }
 
     #[test]

@@ -13,7 +13,21 @@
 //! encoded it, its descriptor number there, the file's device and inode, its length
 //! and a type fingerprint. The receiver opens `/proc/<pid>/fd/<fd>` read-only and
 //! checks device and inode with `fstat`, so a descriptor number reused for another
-//! file cannot be mistaken for the region.
+//! file cannot be mapped as the region.
+//!
+//! A handle is plain serde data that anyone can forge (a file, a `Queue` item from a
+//! sibling, any deserializer), so nothing in it says "no seals needed": a handle
+//! decoded here is mapped only with the seals, or when it names a region this
+//! process already holds. The one way around the seals is a grant: the parent of a
+//! worker lists, in the header of the frame it sends (a chunk, a context, the
+//! initializer's argument), the handles of the `map_file` regions the frame's values
+//! name ([`Pins::unsealed`], from the regions whose handles it encoded), and the
+//! worker maps such a handle without seals only while it decodes that frame
+//! ([`with_unsealed`]) and only if the handle names that parent ([`trust_parent`]).
+//! Headers are written by this crate in the parent and travel over the worker's own
+//! channel, which only its parent writes to: user values cannot make a grant.
+//! Elsewhere (a result going back, a `Queue`, a `Pipe`) a `map_file` slice fails to
+//! decode with an error saying it is not sealed.
 
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
@@ -21,7 +35,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use memmap2::{Mmap, MmapOptions};
@@ -87,12 +101,15 @@ pub(crate) struct Region {
     value: OnceLock<Arc<dyn Any + Send + Sync>>,
     /// The process and descriptor it was attached from; `None` if made here.
     source: Option<(u32, i32)>,
-    /// A user's file mapped directly (`SharedSlice::map_file`): not sealed, and
-    /// safe only by the promise of that `unsafe fn`'s caller.
+    /// A user's file mapped directly (`SharedSlice::map_file`, or attached under a
+    /// grant of the parent that made it): not sealed, and safe only by the promise
+    /// of that `unsafe fn`'s caller. Never read from a handle: see [`Pins::unsealed`].
     direct: bool,
 }
 
-/// A region as it crosses to another process.
+/// A region as it crosses to another process. It says nothing of seals: whether a
+/// receiver may map it without them is decided on the receiving side (see the
+/// module's documentation), never by these bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct RegionHandle {
     pid: u32,
@@ -101,7 +118,6 @@ pub(crate) struct RegionHandle {
     ino: u64,
     len: u64,
     kind: u64,
-    direct: bool,
 }
 
 impl Region {
@@ -263,7 +279,6 @@ impl Region {
             ino: self.key.ino,
             len: self.bytes().len() as u64,
             kind: self.kind,
-            direct: self.direct,
         }
     }
 
@@ -355,17 +370,27 @@ impl RegionHandle {
                 self.len
             )));
         }
-        let map = if self.direct {
-            // SAFETY: a direct handle is made only by `Region::from_user_file`, whose
-            // caller promised that the file does not change while any process maps
-            // it; handles reach a worker only from its parent, over channels nobody
-            // else can write to.
+        let granted = self.granted();
+        let map = if granted {
+            // SAFETY: `granted` holds only while this thread decodes a frame whose
+            // header lists this exact handle (pid, descriptor, device, inode, length,
+            // type) and only when the handle's pid is the parent that started this
+            // worker (`trust_parent`). Headers are written by this crate in that
+            // parent, from `Pins::unsealed`: regions whose handles it encoded and
+            // that `Region::from_user_file` made, whose caller promised (the
+            // contract of `SharedSlice::map_file`) that the file does not change
+            // while any process maps it; the parent keeps them pinned while the
+            // frame is in flight, and the worker's channel is written only by that
+            // parent. The `fstat` above checked that the descriptor still names that
+            // file at that size.
             unsafe { map_unsealed(&file, self.len)? }
         } else {
             let seals = get_seals(&file)?;
             if seals & SEALS != SEALS {
                 return Err(Fault::plain(format!(
-                    "{path} is not sealed against shrink, grow and write, so it cannot be mapped safely"
+                    "{path} is not sealed against shrink, grow and write, so it cannot be \
+                     mapped safely (a SharedSlice::map_file slice reaches only the workers \
+                     of the pool that sends it)"
                 )));
             }
             map_sealed(&file, self.len)?
@@ -380,9 +405,66 @@ impl RegionHandle {
             kind: self.kind,
             value: OnceLock::new(),
             source: Some((self.pid, self.fd)),
-            direct: self.direct,
+            direct: granted,
         })
     }
+}
+
+impl RegionHandle {
+    /// Whether this handle may be mapped without seals here: the parent that
+    /// started this worker granted it for the frame this thread is decoding.
+    fn granted(&self) -> bool {
+        let parent = TRUSTED_PARENT.load(Ordering::Relaxed);
+        parent != 0
+            && self.pid == parent
+            && GRANTS.with(|grants| {
+                grants
+                    .try_borrow()
+                    .is_ok_and(|grants| grants.iter().any(|granted| granted == self))
+            })
+    }
+}
+
+/// The process whose grants this process honours: the parent of a worker, set when
+/// it starts serving; 0 (no process) everywhere else.
+static TRUSTED_PARENT: AtomicU32 = AtomicU32::new(0);
+
+/// Makes this worker honour the grants of `parent`, the process that started it
+/// and the only one that writes to its request channel.
+pub(crate) fn trust_parent(parent: u32) {
+    TRUSTED_PARENT.store(parent, Ordering::Relaxed);
+}
+
+thread_local! {
+    /// The `map_file` regions the frame being decoded on this thread may name.
+    static GRANTS: std::cell::RefCell<Vec<RegionHandle>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `decode` with `grants` (the `unsealed` list of the header of the frame it
+/// decodes, as the parent wrote it) in force on this thread: a handle among them,
+/// naming the trusted parent, is mapped without seals.
+pub(crate) fn with_unsealed<R>(grants: &[RegionHandle], decode: impl FnOnce() -> R) -> R {
+    /// Puts the outer grants back even if `decode` panics.
+    struct Scope(Vec<RegionHandle>);
+    impl Drop for Scope {
+        fn drop(&mut self) {
+            let outer = std::mem::take(&mut self.0);
+            GRANTS.with(|current| {
+                if let Ok(mut current) = current.try_borrow_mut() {
+                    *current = outer;
+                }
+            });
+        }
+    }
+    let outer = GRANTS.with(|current| {
+        current
+            .try_borrow_mut()
+            .map(|mut current| std::mem::replace(&mut *current, grants.to_vec()))
+            .unwrap_or_default()
+    });
+    let _scope = Scope(outer);
+    decode()
 }
 
 thread_local! {
@@ -400,6 +482,19 @@ pub(crate) struct Pins(Vec<Arc<Region>>);
 impl std::fmt::Debug for Pins {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Pins({})", self.0.len())
+    }
+}
+
+impl Pins {
+    /// The handles of the pinned regions that are users' files mapped without seals
+    /// (`SharedSlice::map_file`): what a frame's header lists so that the parent's
+    /// own workers may map them (see [`with_unsealed`]).
+    pub(crate) fn unsealed(&self) -> Vec<RegionHandle> {
+        self.0
+            .iter()
+            .filter(|region| region.direct)
+            .map(|region| region.handle())
+            .collect()
     }
 }
 
@@ -576,6 +671,10 @@ fn space_fault(len: usize, e: io::Error) -> Fault {
 fn get_seals(file: &File) -> Result<libc::c_int, Fault> {
     // SAFETY: F_GET_SEALS on an open descriptor reads its seals and touches no memory.
     let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+        // A file that cannot carry seals (not a memfd or tmpfs file) has none.
+        return Ok(0);
+    }
     if seals < 0 {
         return Err(Fault::os(
             "could not read the seals of a shared input",

@@ -8,6 +8,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{CodecError, TaskPanic};
+use crate::shared::region::RegionHandle;
 use crate::wire::codec;
 use crate::wire::transport::FrameBuf;
 
@@ -19,8 +20,14 @@ pub(crate) const INIT_JOB: u64 = 0;
 pub(crate) enum Request {
     /// The payload is the encoded context value of job `job`, or with `shared` the
     /// encoded handle of a shared region holding it; chunks of that job may use it
-    /// until a `Forget` for the job.
-    Context { job: u64, shared: bool },
+    /// until a `Forget` for the job. `unsealed` lists the `SharedSlice::map_file`
+    /// regions the value names, which the worker may map without seals when it
+    /// decodes it (see `shared::region::with_unsealed`).
+    Context {
+        job: u64,
+        shared: bool,
+        unsealed: Vec<RegionHandle>,
+    },
     /// The payload is `count` encoded items.
     Chunk(ChunkHeader),
     /// Job `job` has ended: drop its context value (and any accumulator it left).
@@ -44,6 +51,10 @@ pub(crate) struct ChunkHeader {
     /// without running: items already reported failed, when a chunk is sent again
     /// so that its other items complete. Their results are absent from the reply.
     pub(crate) skip: Vec<u32>,
+    /// The `SharedSlice::map_file` regions the items name (the parent's own, pinned
+    /// while the chunk is in flight): the worker may map these without seals while
+    /// it runs the chunk, and no other handle (see `shared::region::with_unsealed`).
+    pub(crate) unsealed: Vec<RegionHandle>,
 }
 
 /// A monomorphised runner, named by its offset from an anchor function in the
@@ -64,6 +75,8 @@ pub(crate) struct TaskRef {
 pub(crate) struct ContextPayload<'a> {
     pub(crate) bytes: &'a [u8],
     pub(crate) shared: bool,
+    /// The `map_file` regions the value names (see `Request::Context`).
+    pub(crate) unsealed: &'a [RegionHandle],
 }
 
 /// Worker to parent.
@@ -251,8 +264,11 @@ mod properties {
 
     fn request() -> impl Strategy<Value = Request> {
         prop_oneof![
-            (any::<u64>(), any::<bool>())
-                .prop_map(|(job, shared)| Request::Context { job, shared }),
+            (any::<u64>(), any::<bool>()).prop_map(|(job, shared)| Request::Context {
+                job,
+                shared,
+                unsealed: Vec::new()
+            }),
             any::<u64>().prop_map(|job| Request::Forget { job }),
             any::<[u64; 2]>().prop_map(|[job, chunk]| Request::Flush { job, chunk }),
             (
@@ -269,6 +285,7 @@ mod properties {
                         count,
                         task,
                         skip,
+                        unsealed: Vec::new(),
                     })
                 }),
         ]

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use crate::os::spawn::{START_FAILED, WORKER_ARG, WORKER_ENV};
+use crate::shared::region;
 use crate::wire::protocol::{self, Reply, Request};
 use crate::wire::transport::{Frame, FrameBuf, WorkerLink};
 use crate::worker::state::WorkerState;
@@ -103,8 +104,10 @@ fn serve_process(value: &str) -> io::Result<()> {
     })?;
     crate::os::spawn::prepare_child(parent)?;
     let link = WorkerLink::connect(server, task::binary_fingerprint())?;
-    // A worker process keeps the shared inputs it attaches for later calls.
-    crate::shared::region::keep_attached_inputs();
+    // A worker process keeps the shared inputs it attaches for later calls, and
+    // maps a `map_file` input unsealed only when its parent's request lists it.
+    region::keep_attached_inputs();
+    region::trust_parent(parent);
     serve(&link)
 }
 
@@ -137,7 +140,11 @@ pub(crate) fn serve(link: &impl Link) -> io::Result<()> {
         let (request, payload) = protocol::open::<Request>(&frame)
             .map_err(|reason| io::Error::new(io::ErrorKind::InvalidData, reason))?;
         match request {
-            Request::Context { job, shared } => state.set_context(job, payload, shared),
+            Request::Context {
+                job,
+                shared,
+                unsealed,
+            } => state.set_context(job, payload, shared, unsealed),
             Request::Forget { job } => state.forget(job),
             Request::Flush { job, chunk } => {
                 out.clear();
@@ -164,7 +171,12 @@ pub(crate) fn serve(link: &impl Link) -> io::Result<()> {
             Request::Chunk(header) => {
                 out.clear();
                 let started = Instant::now();
-                let reply = match header.task.run(&mut state, &header, payload, out.body()) {
+                // The chunk's items (and the task) may map the parent's `map_file`
+                // slices the header lists, and no other handle without its seals.
+                let run = region::with_unsealed(&header.unsealed, || {
+                    header.task.run(&mut state, &header, payload, out.body())
+                });
+                let reply = match run {
                     Ok(()) => Reply::Done {
                         job: header.job,
                         chunk: header.chunk,
@@ -233,6 +245,7 @@ mod tests {
             count: items.len() as u32,
             task,
             skip: Vec::new(),
+            unsealed: Vec::new(),
         };
         protocol::seal(&mut frame, &Request::Chunk(header)).unwrap();
         frame.body_bytes().to_vec()

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 
 use crate::error::CodecError;
-use crate::shared::region::{Region, RegionHandle};
+use crate::shared::region::{self, Region, RegionHandle};
 use crate::wire::codec;
 use crate::wire::protocol::Failure;
 
@@ -37,6 +37,9 @@ pub(crate) type EncodeAccumulator = fn(Box<dyn Any>, &mut Vec<u8>) -> Result<(),
 struct Context {
     bytes: Result<Bytes, CodecError>,
     decoded: Option<Box<dyn Any>>,
+    /// The `map_file` regions the value names, as the parent's request listed them:
+    /// mapped without seals while the value is decoded.
+    unsealed: Vec<RegionHandle>,
 }
 
 /// Where a context value's encoding is: in the request, or in a shared region (a
@@ -59,7 +62,13 @@ impl WorkerState {
     /// Keeps the encoded context value of `job` until [`WorkerState::forget`]:
     /// `payload` is the encoding, or with `shared` the handle of a region holding it
     /// (attached now; an error is reported by the first chunk that needs the value).
-    pub(crate) fn set_context(&mut self, job: u64, payload: &[u8], shared: bool) {
+    pub(crate) fn set_context(
+        &mut self,
+        job: u64,
+        payload: &[u8],
+        shared: bool,
+        unsealed: Vec<RegionHandle>,
+    ) {
         let bytes = if shared {
             codec::decode::<RegionHandle>(payload).and_then(|handle| {
                 handle.attach(false).map(Bytes::Mapped).map_err(|fault| {
@@ -74,6 +83,7 @@ impl WorkerState {
             Context {
                 bytes,
                 decoded: None,
+                unsealed,
             },
         );
         drop_user_value(previous);
@@ -114,8 +124,8 @@ impl WorkerState {
                     });
                 }
             };
-            let value: C =
-                codec::decode(bytes).map_err(|error| Failure::DecodeContext { error })?;
+            let value: C = region::with_unsealed(&context.unsealed, || codec::decode(bytes))
+                .map_err(|error| Failure::DecodeContext { error })?;
             context.decoded = Some(Box::new(value));
         }
         Ok(context
@@ -185,11 +195,11 @@ mod tests {
         let mut state = WorkerState::default();
         let mut bytes = Vec::new();
         codec::encode_into(&7u64, &mut bytes).unwrap();
-        state.set_context(1, &bytes, false);
+        state.set_context(1, &bytes, false, Vec::new());
         codec::encode_into(&1u8, &mut bytes).unwrap();
         let mut other = Vec::new();
         codec::encode_into(&9u64, &mut other).unwrap();
-        state.set_context(2, &other, false);
+        state.set_context(2, &other, false, Vec::new());
         assert_eq!(*state.context::<u64>(1).unwrap(), 7);
         assert_eq!(*state.context::<u64>(2).unwrap(), 9);
         state.forget(1);

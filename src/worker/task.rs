@@ -826,6 +826,7 @@ mod tests {
             count: items.len() as u32,
             task,
             skip: Vec::new(),
+            unsealed: Vec::new(),
         };
         (header, payload)
     }

@@ -265,3 +265,35 @@ fn a_reply_that_breaks_the_protocol_fails_its_job_and_the_worker_is_replaced() {
         "the worker was replaced"
     );
 }
+
+/// Set in the test process only (workers start with it false): a
+/// [`ParentRefuses`] of 19 fails to decode there.
+static IN_PARENT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A result that decodes in the worker (its own check) but, for 19, not in the
+/// parent.
+#[derive(Debug, serde::Serialize)]
+struct ParentRefuses(u64);
+
+impl<'de> serde::Deserialize<'de> for ParentRefuses {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = u64::deserialize(d)?;
+        if value == 19 && IN_PARENT.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(serde::de::Error::custom("19 does not decode in the parent"));
+        }
+        Ok(ParentRefuses(value))
+    }
+}
+
+#[test]
+fn a_result_that_does_not_decode_in_the_last_chunk_fails_the_call() {
+    IN_PARENT.store(true, std::sync::atomic::Ordering::Relaxed);
+    for chunk in [1, 7, 20, 21] {
+        let pool = pool_with_chunks(2, chunk);
+        let got = pool.map(0..20u64, ParentRefuses);
+        let Err(Error::Result { items, .. }) = &got else {
+            panic!("chunk size {chunk}: {got:?}");
+        };
+        assert_eq!(*items, 19..20, "chunk size {chunk}");
+    }
+}

@@ -163,3 +163,43 @@ fn queue_travels_inside_pool_items() {
     got.sort_unstable();
     assert_eq!(got, (0..10).map(|i| i * 10).collect::<Vec<_>>());
 }
+
+/// Queues made in a worker, kept there so they outlive the task that made them.
+static KEPT: std::sync::Mutex<Vec<Queue<u64>>> = std::sync::Mutex::new(Vec::new());
+
+/// Makes a queue in this worker holding `item`, keeps it, and returns a handle.
+fn queue_in_worker(item: u64) -> Queue<u64> {
+    let queue = Queue::unbounded();
+    queue.put(item).unwrap();
+    KEPT.lock().unwrap().push(queue.clone());
+    queue
+}
+
+fn try_take(queue: Queue<u64>) -> Option<u64> {
+    queue.try_get().ok()
+}
+
+#[test]
+fn a_process_that_does_not_descend_from_the_creator_is_refused() {
+    // The queue lives in a worker; the test process is that worker's parent, of the
+    // same user but not its descendant, so the worker's rendezvous refuses it.
+    let pool = multiproc::Pool::builder()
+        .workers(1)
+        .inherit_output(false)
+        .build()
+        .unwrap();
+    let queue = pool.map(vec![7u64], queue_in_worker).unwrap().remove(0);
+    let err = queue.try_get().unwrap_err();
+    let Error::QueueLost { creator, source } = &err else {
+        panic!("{err:?}");
+    };
+    assert_eq!(*creator, pool.worker_pids().unwrap()[0]);
+    assert_eq!(
+        source.kind(),
+        std::io::ErrorKind::PermissionDenied,
+        "{source}"
+    );
+    assert!(source.to_string().contains("descend from it"), "{source}");
+    // The queue is there and holds its item: back in the worker it is taken.
+    assert_eq!(pool.map(vec![queue], try_take).unwrap(), [Some(7)]);
+}

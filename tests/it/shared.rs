@@ -638,3 +638,61 @@ fn an_item_may_own_the_only_handle_of_its_input() {
         .unwrap();
     assert_eq!(got, [300, 301, 302, 303, 304, 305]);
 }
+
+fn wrapping_sum(values: &[u64]) -> u64 {
+    values.iter().fold(0u64, |a, &b| a.wrapping_add(b))
+}
+
+fn sum(s: &SharedSlice<u64>, i: u32) -> u64 {
+    wrapping_sum(s) ^ u64::from(i)
+}
+
+/// A worker's own `map_file` of the file at `path`, returned to the parent.
+fn map_in_worker(path: String) -> SharedSlice<u64> {
+    // SAFETY: the file is the test's own and nothing writes to it while mapped.
+    unsafe { SharedSlice::<u64>::map_file(path) }.unwrap()
+}
+
+#[test]
+fn a_mapped_file_reaches_workers_as_context_and_initializer_but_does_not_come_back() {
+    let values: Vec<u64> = (0..4096u64).map(splitmix64).collect();
+    let expected = wrapping_sum(&values);
+    let dir = TestDir::new("mapped");
+    let path = dir.0.join("values.bin");
+    std::fs::write(&path, bytemuck::cast_slice::<u64, u8>(&values)).unwrap();
+    // SAFETY: the file is this test's own and nothing writes to it while mapped.
+    let mapped = unsafe { SharedSlice::<u64>::map_file(&path) }.unwrap();
+    // A context sent as it is, and one sent through a sealed region (its encoding
+    // names the unsealed file).
+    for above in [usize::MAX, 0] {
+        let pool = Pool::builder()
+            .workers(2)
+            .share_contexts_above(above)
+            .inherit_output(false)
+            .build()
+            .unwrap();
+        let got = pool.map_with(0..4u32, &mapped, sum).unwrap();
+        assert_eq!(got, [0, 1, 2, 3].map(|i| expected ^ i), "above {above}");
+    }
+    // The initializer's argument, replacement workers included.
+    let pool = Pool::builder()
+        .workers(2)
+        .max_tasks_per_worker(2)
+        .inherit_output(false)
+        .initializer(|s: SharedSlice<u64>| s, mapped.clone())
+        .build()
+        .unwrap();
+    let got = pool
+        .map_with_state(0..6u32, |s: &mut SharedSlice<u64>, i| sum(s, i))
+        .unwrap();
+    assert_eq!(got, [0, 1, 2, 3, 4, 5].map(|i| expected ^ i));
+    // A worker's own map of a file (one the parent has not mapped) is not sealed
+    // and no grant covers it in the parent: the result is refused, not mapped.
+    let other = dir.0.join("other.bin");
+    std::fs::write(&other, bytemuck::cast_slice::<u64, u8>(&values)).unwrap();
+    let err = pool
+        .map(vec![other.display().to_string()], map_in_worker)
+        .unwrap_err();
+    let message = format!("{err:?}");
+    assert!(message.contains("is not sealed"), "{message}");
+}

@@ -169,6 +169,8 @@ impl Engine {
             count: u32::try_from(filled.count).expect("chunks hold at most MAX_CHUNK_ITEMS items"),
             task: job.task,
             skip: Vec::new(),
+            // The items' `map_file` slices: the worker may map these unsealed.
+            unsealed: pins.unsealed(),
         });
         if let Err(source) = protocol::seal(&mut frame, &header) {
             self.workers.return_frame(frame);
