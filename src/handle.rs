@@ -230,6 +230,8 @@ where
             let state = lock(&state);
             !state.queue.is_empty() || state.end.is_some()
         };
+        // `Drive::Yielded`: another call waits for the engine; the caller of this
+        // one loops and takes its turn again.
         let driven = driving.drive(Some(&mut local), &mut until, None)?;
         if driven == Drive::Idle && !until(driving.engine()) {
             // Nothing in flight and nothing to send, yet no end: the job is gone.

@@ -219,6 +219,15 @@ impl Kind {
         }
     }
 
+    /// Whether job `id`'s sink can take a chunk now: always, unless the caller
+    /// lends it and is not the one driving (`local` is someone else's, or none).
+    pub(crate) fn can_deliver(&self, id: JobId, local: Option<&Local<'_>>) -> bool {
+        match self {
+            Kind::Lent => local.is_some_and(|l| l.job == id && l.sink.is_some()),
+            Kind::Owned { .. } | Kind::OwnedSink(_) | Kind::Apply(_) => true,
+        }
+    }
+
     /// Hands one chunk's payload to job `id`'s sink, with the failures recorded
     /// for its items (error policies that go on).
     pub(crate) fn deliver(

@@ -56,6 +56,11 @@ pub(crate) trait Hooks {
     fn terminating(&self) -> bool;
     /// Some handle or job completed: waiting threads should look again.
     fn notify(&self);
+    /// When this driver's turn ends because another thread waits for the engine:
+    /// past it, `drive` returns [`Drive::Yielded`].
+    fn turn_ends(&self) -> Option<Instant> {
+        None
+    }
 }
 
 /// Why [`Engine::drive`] returned.
@@ -67,6 +72,8 @@ pub(crate) enum Drive {
     TimedOut,
     /// Nothing is in flight and nothing can be sent: waiting would never end.
     Idle,
+    /// Another thread waits for the engine and this driver's turn is over.
+    Yielded,
 }
 
 /// The pool's engine: its workers and its jobs.
@@ -254,6 +261,11 @@ impl Engine {
         deadline: Option<Instant>,
     ) -> Result<Drive> {
         self.revive_failed = false;
+        if let Some(local) = local.as_deref_mut() {
+            // Replies that came for the caller's job while another thread drove.
+            let id = local.job;
+            self.deliver_held(id, Some(local));
+        }
         loop {
             let inbox = hooks.take_inbox();
             if !inbox.is_empty() {
@@ -273,14 +285,15 @@ impl Engine {
             if !self.workers.busy() {
                 return Ok(Drive::Idle);
             }
+            let turn_ends = hooks.turn_ends();
+            if turn_ends.is_some_and(|t| Instant::now() >= t) {
+                return Ok(Drive::Yielded);
+            }
             let poll = self.reply_expected_soon();
             let expiry = self
                 .task_timeout
                 .and_then(|timeout| self.workers.next_expiry(timeout));
-            let wake = match (deadline, expiry) {
-                (Some(d), Some(e)) => Some(d.min(e)),
-                (d, e) => d.or(e),
-            };
+            let wake = [deadline, expiry, turn_ends].into_iter().flatten().min();
             let event = match self.workers.backend.next_event(poll, wake) {
                 Ok(event) => event,
                 Err(e) => {
@@ -491,6 +504,19 @@ impl Engine {
                 },
             );
             self.deliver_ready(id, local.as_deref_mut());
+        } else if !job.kind.can_deliver(id, local.as_deref()) {
+            // Its caller lends the sink and another thread drives now: held until
+            // the caller drives again.
+            job.ready_bytes += payload.len();
+            job.ready.insert(
+                chunk,
+                Ready {
+                    worker,
+                    items,
+                    payload,
+                    failed,
+                },
+            );
         } else {
             job.delivered += 1;
             job.items_delivered += items.len();
@@ -526,12 +552,51 @@ impl Engine {
         }
     }
 
-    /// Delivers the ordered job's ready chunks that are next in line.
+    /// Delivers what was held for job `id` while its caller did not drive: in order
+    /// for an ordered job, in any order otherwise; then ends the job if that was
+    /// all it waited for.
+    fn deliver_held(&mut self, id: JobId, mut local: Option<&mut Local<'_>>) {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        if job.ready.is_empty() || job.ended() {
+            return;
+        }
+        if job.ordered {
+            self.deliver_ready(id, local.as_deref_mut());
+        } else {
+            while let Some((_, ready)) = job.ready.pop_first() {
+                job.ready_bytes -= ready.payload.len();
+                job.delivered += 1;
+                job.items_delivered += ready.items.len();
+                let start = ready.items.start;
+                let delivered = job.kind.deliver(
+                    id,
+                    local.as_deref_mut(),
+                    ready.worker,
+                    ready.items,
+                    ready.payload,
+                    ready.failed,
+                );
+                if let Err(e) = delivered {
+                    self.fail_job(id, start, e, local.as_deref_mut());
+                    return;
+                }
+            }
+        }
+        self.settle(id, local);
+    }
+
+    /// Delivers the ordered job's ready chunks that are next in line (none while
+    /// its caller, who lends the sink, is not the one driving).
     fn deliver_ready(&mut self, id: JobId, mut local: Option<&mut Local<'_>>) {
         loop {
             let Some(job) = self.jobs.get_mut(&id) else {
                 return;
             };
+            if !job.kind.can_deliver(id, local.as_deref()) {
+                return;
+            }
             let Some(ready) = job.ready.remove(&job.next_deliver) else {
                 return;
             };
