@@ -60,7 +60,7 @@ struct Initializer {
 pub struct PoolBuilder {
     workers: Option<usize>,
     chunk_size: Option<usize>,
-    inline: bool,
+    inline: Option<bool>,
     inherit_output: bool,
     start_timeout: Duration,
     max_tasks: Option<usize>,
@@ -82,7 +82,7 @@ impl Default for PoolBuilder {
         Self {
             workers: None,
             chunk_size: None,
-            inline: false,
+            inline: None,
             inherit_output: true,
             start_timeout: Duration::from_secs(30),
             max_tasks: None,
@@ -114,7 +114,11 @@ impl PoolBuilder {
         self
     }
 
-    /// Number of workers; the default is the number of CPUs (`num_cpus::get()`).
+    /// Number of workers. The default is `MULTIPROC_WORKERS` when that variable is
+    /// set (as `RAYON_NUM_THREADS` is for rayon), else the number of CPUs this
+    /// process may use (`num_cpus::get()`: its affinity mask and its cgroup's CPU
+    /// quota, so `taskset -c 0` gives one worker). A value set here wins over the
+    /// variable.
     pub fn workers(mut self, workers: usize) -> Self {
         self.workers = Some(workers);
         self
@@ -133,9 +137,11 @@ impl PoolBuilder {
     /// Runs the workers as threads in this process instead of child processes: the
     /// same protocol and encoding, without the isolation. For tests and debugging.
     /// A thread cannot be killed: a stuck task keeps its thread, which the pool
-    /// abandons (it does not wait for it when dropped).
+    /// abandons (it does not wait for it when dropped). The default is
+    /// `MULTIPROC_BACKEND` (`inline` or `process`) when set, else processes; a value
+    /// set here wins over the variable.
     pub fn inline(mut self, inline: bool) -> Self {
-        self.inline = inline;
+        self.inline = Some(inline);
         self
     }
 
@@ -297,12 +303,20 @@ impl PoolBuilder {
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] for zero workers or a zero chunk size, [`Error::InitMissing`]
+    /// [`Error::Config`] for zero workers or a zero chunk size, [`Error::Environment`]
+    /// for a `MULTIPROC_WORKERS` or `MULTIPROC_BACKEND` it cannot read, [`Error::InitMissing`]
     /// when called in a worker process whose `main` did not call [`init`](crate::init)
     /// first, [`Error::Spawn`] or [`Error::Handshake`] when a worker cannot be started,
     /// [`Error::Initializer`] when the initializer fails.
     pub fn build(self) -> Result<Pool> {
-        let workers = self.workers.unwrap_or_else(num_cpus::get);
+        let workers = match self.workers {
+            Some(workers) => workers,
+            None => default_workers()?,
+        };
+        let inline = match self.inline {
+            Some(inline) => inline,
+            None => default_inline()?,
+        };
         if workers == 0 {
             return Err(Error::Config("a pool needs at least one worker"));
         }
@@ -318,7 +332,7 @@ impl PoolBuilder {
         if self.max_tasks == Some(0) {
             return Err(Error::Config("max_tasks_per_worker must be at least 1"));
         }
-        if !self.inline && serve::init_missing() {
+        if !inline && serve::init_missing() {
             return Err(Error::InitMissing);
         }
         let (init, state, init_pins) = match self.initializer {
@@ -347,7 +361,7 @@ impl PoolBuilder {
             kill_before_send: self.kill_before_send,
             corrupt_reply: self.corrupt_reply,
         };
-        let backend = Backend::start(self.inline, workers, options)?;
+        let backend = Backend::start(inline, workers, options)?;
         let supervisor = Supervisor::new(backend, self.max_tasks, init);
         let mut engine = Engine::new(supervisor, self.chunk_size, workers);
         if let Some(items) = self.max_in_flight {
@@ -386,4 +400,45 @@ impl Hooks for Starting {
         false
     }
     fn notify(&self) {}
+}
+
+/// Overrides the default worker count (`PoolBuilder::workers` wins over it).
+pub(crate) const WORKERS_ENV: &str = "MULTIPROC_WORKERS";
+
+/// Chooses the default backend: `process` or `inline` (`PoolBuilder::inline` wins).
+pub(crate) const BACKEND_ENV: &str = "MULTIPROC_BACKEND";
+
+/// The worker count a pool gets when the program does not say: `MULTIPROC_WORKERS`,
+/// else the CPUs this process may use.
+fn default_workers() -> Result<usize> {
+    let Some(value) = std::env::var_os(WORKERS_ENV) else {
+        return Ok(num_cpus::get());
+    };
+    let text = value.to_string_lossy();
+    match text.trim().parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(Error::Environment {
+            variable: WORKERS_ENV,
+            value: text.into_owned(),
+            expected: "a number of workers, at least 1",
+        }),
+    }
+}
+
+/// Whether a pool runs its workers inline when the program does not say:
+/// `MULTIPROC_BACKEND`, else processes.
+fn default_inline() -> Result<bool> {
+    let Some(value) = std::env::var_os(BACKEND_ENV) else {
+        return Ok(false);
+    };
+    let text = value.to_string_lossy();
+    match text.trim() {
+        "process" | "" => Ok(false),
+        "inline" => Ok(true),
+        _ => Err(Error::Environment {
+            variable: BACKEND_ENV,
+            value: text.into_owned(),
+            expected: "`process` or `inline`",
+        }),
+    }
 }

@@ -247,6 +247,16 @@ pub enum Error {
     /// The pool was configured with a value it cannot use.
     #[error("invalid pool configuration: {0}")]
     Config(&'static str),
+    /// An environment variable that configures pools holds a value it cannot use.
+    #[error("{variable}={value:?} is not {expected}")]
+    Environment {
+        /// The variable (`MULTIPROC_WORKERS`, `MULTIPROC_BACKEND`).
+        variable: &'static str,
+        /// What it holds.
+        value: String,
+        /// What it should hold.
+        expected: &'static str,
+    },
     /// The task needs per-worker state that the worker does not have: the pool has
     /// no initializer of that type, or the initializer failed in that worker.
     #[error("no worker state for the task in worker {worker}: {reason}")]

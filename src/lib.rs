@@ -64,6 +64,33 @@
 //!   the input. A context whose encoding exceeds
 //!   [`PoolBuilder::share_contexts_above`] (1 MiB) is shared the same way, unasked.
 //!
+//! # Configuration
+//!
+//! Every option of [`PoolBuilder`], with its default. A value set on the builder
+//! wins over the environment; the variables let a program that did not ask be run
+//! differently (as `RAYON_NUM_THREADS` does for rayon).
+//!
+//! | option | default | variable |
+//! |---|---|---|
+//! | [`workers`](PoolBuilder::workers) | the CPUs this process may use (affinity mask, cgroup quota) | `MULTIPROC_WORKERS` |
+//! | [`inline`](PoolBuilder::inline) | `false`: worker processes | `MULTIPROC_BACKEND=inline` (or `process`) |
+//! | [`chunk_size`](PoolBuilder::chunk_size) | adaptive: ~1 ms of work, one socket message | - |
+//! | [`retries`](PoolBuilder::retries) | 1 resend of a chunk lost with its worker | - |
+//! | [`error_policy`](PoolBuilder::error_policy) | [`ErrorPolicy::FailFast`] | - |
+//! | [`task_timeout`](PoolBuilder::task_timeout) | none | - |
+//! | [`call_timeout`](PoolBuilder::call_timeout) | none | - |
+//! | [`memory_limit`](PoolBuilder::memory_limit) | none | - |
+//! | [`max_tasks_per_worker`](PoolBuilder::max_tasks_per_worker) | none: workers are not recycled | - |
+//! | [`initializer`](PoolBuilder::initializer) | none | - |
+//! | [`interrupt_on_ctrl_c`](PoolBuilder::interrupt_on_ctrl_c) | `false` | - |
+//! | [`inherit_output`](PoolBuilder::inherit_output) | `true` | - |
+//! | [`start_timeout`](PoolBuilder::start_timeout) | 30 s | - |
+//! | [`share_contexts_above`](PoolBuilder::share_contexts_above) | 1 MiB | - |
+//!
+//! A variable that holds a value the pool cannot use makes [`PoolBuilder::build`]
+//! fail with [`Error::Environment`], naming it. [`par_map`] and [`par_map_reduce`]
+//! use a default pool, so the variables apply to them too.
+//!
 //! # How the source is laid out
 //!
 //! The folders of `src/` are layers; a module imports only from its own layer or

@@ -55,11 +55,91 @@ fn play(role: &OsStr) {
         interrupted();
     } else if role == "channels" {
         crate::pipe::channels_leave_nothing_behind();
+    } else if role == "pool-size" {
+        pool_size(Pool::builder());
+    } else if role == "pool-size-two" {
+        pool_size(Pool::builder().workers(2));
     } else if let Some(n) = role.strip_prefix("nested:") {
         nested(n.parse().expect("nested:<n> takes a number"));
     } else {
         panic!("unknown helper role {role:?}");
     }
+}
+
+/// For the configuration tests: builds a pool the way the program would and says
+/// how many workers it got and how many of them are processes (none inline), or
+/// why it could not.
+fn pool_size(builder: multiproc::PoolBuilder) {
+    match builder.inherit_output(false).build() {
+        Ok(pool) => println!(
+            "workers={} processes={}",
+            pool.workers(),
+            pool.worker_pids().unwrap().len()
+        ),
+        Err(e) => println!("error: {e}"),
+    }
+}
+
+/// The line a `pool-size` helper printed, run with `envs` (and under `taskset -c
+/// 0` when `one_cpu`).
+fn pool_size_with(role: &str, envs: &[(&str, &str)], one_cpu: bool) -> String {
+    let mut command = if one_cpu {
+        let mut taskset = Command::new("taskset");
+        taskset.args(["-c", "0"]);
+        taskset.arg(std::env::current_exe().expect("the test binary's path"));
+        taskset.env(HELPER_ROLE, role);
+        taskset
+    } else {
+        helper_command(role)
+    };
+    command.env_remove("MULTIPROC_WORKERS");
+    command.env_remove("MULTIPROC_BACKEND");
+    command.envs(envs.iter().copied());
+    let output = command.output().expect("the helper ran");
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8(output.stdout)
+        .expect("text")
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn the_worker_count_follows_the_environment_and_the_cpus_this_process_may_use() {
+    assert_eq!(
+        pool_size_with("pool-size", &[("MULTIPROC_WORKERS", "3")], false),
+        "workers=3 processes=3"
+    );
+    // A count set by the program wins over the variable.
+    assert_eq!(
+        pool_size_with("pool-size-two", &[("MULTIPROC_WORKERS", "3")], false),
+        "workers=2 processes=2"
+    );
+    // An affinity mask of one CPU gives one worker.
+    assert_eq!(
+        pool_size_with("pool-size", &[], true),
+        "workers=1 processes=1"
+    );
+    // And the variable wins over the CPUs.
+    assert_eq!(
+        pool_size_with("pool-size", &[("MULTIPROC_WORKERS", "2")], true),
+        "workers=2 processes=2"
+    );
+}
+
+#[test]
+fn the_backend_and_bad_values_come_from_the_environment_with_clear_errors() {
+    assert_eq!(
+        pool_size_with("pool-size-two", &[("MULTIPROC_BACKEND", "inline")], false),
+        "workers=2 processes=0"
+    );
+    assert_eq!(
+        pool_size_with("pool-size", &[("MULTIPROC_WORKERS", "0")], false),
+        "error: MULTIPROC_WORKERS=\"0\" is not a number of workers, at least 1"
+    );
+    assert_eq!(
+        pool_size_with("pool-size", &[("MULTIPROC_BACKEND", "threads")], false),
+        "error: MULTIPROC_BACKEND=\"threads\" is not `process` or `inline`"
+    );
 }
 
 /// For `workers_exit_when_their_parent_is_killed`: starts a pool, reports its
