@@ -103,3 +103,44 @@ fn a_call_waiting_for_the_engine_keeps_its_own_deadline() {
         let _ = blocked.join().unwrap();
     });
 }
+
+fn square(x: u64) -> u64 {
+    x * x
+}
+
+#[test]
+fn calls_from_four_threads_taking_turns_each_get_exact_results() {
+    // Small chunks keep every thread's job in flight at once, so the callers hand
+    // the engine over many times and replies are held for whoever is not driving.
+    let pool = Pool::builder()
+        .workers(2)
+        .chunk_size(500)
+        .inherit_output(false)
+        .build()
+        .unwrap();
+    let n = 100_000u64;
+    let expected_sum: u64 = (0..n).map(square).fold(0, u64::wrapping_add);
+    std::thread::scope(|scope| {
+        let sums: Vec<_> = (0..2)
+            .map(|_| {
+                scope.spawn(|| {
+                    pool.map_reduce(0..n, square, || 0, u64::wrapping_add)
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mapped = scope.spawn(|| pool.map(0..n, square).unwrap());
+        let streamed = scope.spawn(|| {
+            pool.imap(0..n, square)
+                .unwrap()
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap()
+        });
+        for sum in sums {
+            assert_eq!(sum.join().unwrap(), expected_sum);
+        }
+        let expected: Vec<u64> = (0..n).map(square).collect();
+        assert_eq!(mapped.join().unwrap(), expected);
+        assert_eq!(streamed.join().unwrap(), expected);
+    });
+}
