@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::channels::broker;
 use crate::engine::outcome;
 use crate::error::{Error, Result};
 use crate::os::spawn::{self, START_FAILED, SpawnOptions};
@@ -82,7 +83,11 @@ impl ProcessBuilder {
         // Shared inputs named by the argument stay alive until the child has
         // answered: the child opens them through this process's descriptors, and the
         // argument may hold the only handle.
-        let (encoded, pins) = region::pin_while(|| codec::encode_into(&arg, frame.body()));
+        // Pipe ends it hands over stay parked until the child claims them, and no
+        // longer than the child lives: closed once it is reaped unclaimed, so the
+        // other end sees the pipe closed.
+        let ((encoded, pins), parked) =
+            broker::parks_while(|| region::pin_while(|| codec::encode_into(&arg, frame.body())));
         encoded.map_err(|source| Error::EncodeItem { item: 0, source })?;
         codec::decode::<T>(frame.body_bytes()).map_err(|source| Error::DecodeItem {
             item: 0,
@@ -136,6 +141,7 @@ impl ProcessBuilder {
             .spawn(move || {
                 wait_for::<U>(&waiter, &process, child, link, replies);
                 drop(pins);
+                drop(parked);
             })
             .map_err(|e| Error::ProcessStart {
                 process: described,

@@ -298,7 +298,57 @@ pub(crate) fn park(fd: OwnedFd) -> io::Result<(Address, u64)> {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .insert(id, fd);
+    PARKING.with(|parking| {
+        if let Some(ids) = parking.borrow_mut().as_mut() {
+            ids.push(id);
+        }
+    });
     Ok((broker.address, id))
+}
+
+thread_local! {
+    /// The descriptors parked on this thread inside [`parks_while`].
+    static PARKING: std::cell::RefCell<Option<Vec<u64>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Descriptors parked for one receiver (a `Process` child's argument). Dropping it
+/// closes those the receiver has not claimed: once the receiver is gone, nobody
+/// else can claim them, and closing them lets the other end of each pipe see that.
+#[derive(Debug, Default)]
+pub(crate) struct Parked(Vec<u64>);
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        if self.0.is_empty() {
+            return;
+        }
+        let Some(broker) = BROKER.get() else {
+            return;
+        };
+        let mut parked = broker.parked.lock().unwrap_or_else(|p| p.into_inner());
+        for id in &self.0 {
+            parked.remove(id);
+        }
+    }
+}
+
+/// Runs `encode` and returns, with its result, the descriptors parked on this
+/// thread meanwhile (the pipe ends a value being encoded hands over).
+pub(crate) fn parks_while<R>(encode: impl FnOnce() -> R) -> (R, Parked) {
+    /// Puts the outer scope back even if `encode` panics.
+    struct Scope(Option<Vec<u64>>);
+    impl Drop for Scope {
+        fn drop(&mut self) {
+            let outer = self.0.take();
+            PARKING.with(|parking| *parking.borrow_mut() = outer);
+        }
+    }
+    let outer = PARKING.with(|parking| parking.borrow_mut().replace(Vec::new()));
+    let scope = Scope(outer);
+    let result = encode();
+    let ids = PARKING.with(|parking| parking.borrow_mut().take());
+    drop(scope);
+    (result, Parked(ids.unwrap_or_default()))
 }
 
 /// A fresh id for a queue or a parked descriptor, unique in this process.

@@ -194,3 +194,41 @@ fn a_thousand_queues_and_pipes_leave_no_descriptor_or_child_behind() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Decodes by aborting the process, unless it is the process named (the parent,
+/// which decodes the argument once to check it).
+struct AbortsElsewhere(u32);
+
+impl serde::Serialize for AbortsElsewhere {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for AbortsElsewhere {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let parent = u32::deserialize(d)?;
+        if parent != std::process::id() {
+            std::process::abort();
+        }
+        Ok(AbortsElsewhere(parent))
+    }
+}
+
+fn never_runs((_, end): (AbortsElsewhere, Pipe<u64, u64>)) -> u64 {
+    end.recv().unwrap_or(0)
+}
+
+#[test]
+fn an_end_parked_for_a_child_that_dies_before_claiming_it_is_closed() {
+    // The child dies while decoding its argument, before it reaches the pipe end:
+    // the end stays parked here until the child is reaped, then it is closed, so
+    // this side sees the pipe closed instead of waiting forever.
+    let (mine, theirs) = Pipe::<u64, u64>::duplex().unwrap();
+    let child = Process::spawn((AbortsElsewhere(std::process::id()), theirs), never_runs).unwrap();
+    assert!(child.join().is_err());
+    match mine.recv_timeout(Duration::from_secs(10)) {
+        Err(Error::PipeClosed) => {}
+        other => panic!("expected the pipe to close, got {other:?}"),
+    }
+}
