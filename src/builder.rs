@@ -208,6 +208,10 @@ impl PoolBuilder {
     /// and in order, as if nothing happened: the dead worker cannot answer, and a
     /// fold counts each chunk once. A task that panics is not retried: its error is
     /// its answer.
+    ///
+    /// Tasks run *at least* once: the items of a lost chunk run again, so what a
+    /// task does besides returning its result (a `Queue` put, a file written) can
+    /// happen twice.
     pub fn retries(mut self, retries: u32) -> Self {
         self.retries = retries;
         self

@@ -39,6 +39,13 @@
 //!
 //! # Sharp edges
 //!
+//! - Results are delivered exactly once, but tasks run *at least* once: a chunk
+//!   lost with its worker runs again (see [`PoolBuilder::retries`]), and under
+//!   [`ErrorPolicy::Collect`] or [`ErrorPolicy::Skip`] the items of a chunk before
+//!   a failed one run again when it is sent again without that item. Side effects
+//!   of a task (a [`Queue`] put, a file written, a [`Pipe`] send) can repeat; a
+//!   [`Pipe`] end inside an item that runs again cannot be claimed twice, and the
+//!   second run gets [`Error::Pipe`] saying so.
 //! - A task is named by its offset in the executable, with a check hash and a type
 //!   fingerprint: a damaged reference is refused before any jump, but the check is
 //!   against corruption, not forgery. What keeps others from making a worker run

@@ -280,7 +280,9 @@ pub(crate) fn claim(address: &Address, id: u64) -> io::Result<OwnedFd> {
             io::Error::new(
                 io::ErrorKind::NotFound,
                 format!(
-                    "process {} has no such end to hand over (already claimed?)",
+                    "process {} has no such end to hand over: it was claimed already \
+                     (an item that runs again after its worker was lost cannot take the \
+                     same pipe end twice) or its owner closed it",
                     address.creator
                 ),
             )

@@ -232,3 +232,35 @@ fn an_end_parked_for_a_child_that_dies_before_claiming_it_is_closed() {
         other => panic!("expected the pipe to close, got {other:?}"),
     }
 }
+
+/// Dies the first time it runs (marked by a file), after it took the pipe end; the
+/// second run reports what using the end gives.
+fn dies_once_holding_the_end((marker, end): (std::path::PathBuf, Pipe<u64, u64>)) -> String {
+    if std::fs::File::create_new(&marker).is_ok() {
+        std::process::abort();
+    }
+    match end.send(1) {
+        Ok(()) => "sent".to_owned(),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn a_pipe_end_in_an_item_that_runs_again_fails_saying_why() {
+    // Tasks run at least once: the item runs again on a fresh worker after the
+    // first one died, and the end it carries was taken by the first run.
+    let dir = tempfile::tempdir().unwrap();
+    let (_mine, theirs) = Pipe::<u64, u64>::duplex().unwrap();
+    let pool = multiproc::Pool::builder()
+        .workers(1)
+        .inherit_output(false)
+        .build()
+        .unwrap();
+    let out = pool
+        .map(
+            vec![(dir.path().join("ran"), theirs)],
+            dies_once_holding_the_end,
+        )
+        .unwrap();
+    assert!(out[0].contains("claimed already"), "{}", out[0]);
+}
