@@ -75,6 +75,7 @@ pub struct PoolBuilder {
     share_contexts_above: usize,
     kill_before_send: Option<(usize, u64)>,
     corrupt_reply: Option<(usize, u64)>,
+    fail_starts_after: Option<u64>,
 }
 
 impl Default for PoolBuilder {
@@ -97,6 +98,7 @@ impl Default for PoolBuilder {
             share_contexts_above: DEFAULT_SHARE_CONTEXTS_ABOVE,
             kill_before_send: None,
             corrupt_reply: None,
+            fail_starts_after: None,
         }
     }
 }
@@ -302,6 +304,14 @@ impl PoolBuilder {
         self
     }
 
+    /// Test-only fault injection: starting a worker process fails once `starts`
+    /// have been started (the first ones, and any replacements, count).
+    #[doc(hidden)]
+    pub fn fail_starts_after(mut self, starts: u64) -> Self {
+        self.fail_starts_after = Some(starts);
+        self
+    }
+
     /// Starts the workers and waits until each has connected (and run the
     /// initializer, if any).
     ///
@@ -364,6 +374,7 @@ impl PoolBuilder {
             start_timeout: self.start_timeout,
             kill_before_send: self.kill_before_send,
             corrupt_reply: self.corrupt_reply,
+            fail_starts_after: self.fail_starts_after,
         };
         let backend = Backend::start(inline, workers, options)?;
         let supervisor = Supervisor::new(backend, self.max_tasks, init);

@@ -95,3 +95,18 @@ pub(crate) fn describe(failure: Failure, worker: usize, items: Range<usize>) -> 
         Failure::Malformed { reason } => (items.start, Error::Protocol { worker, reason }),
     }
 }
+
+/// The same failure once more, for another job it ends: a failure to start a
+/// worker keeps its kind and message (an [`Error`] is not `Clone`).
+pub(crate) fn again(error: &Error) -> Error {
+    match error {
+        Error::Spawn { worker, source } => Error::Spawn {
+            worker: *worker,
+            source: std::io::Error::new(source.kind(), source.to_string()),
+        },
+        other => Error::Transport {
+            worker: None,
+            source: std::io::Error::other(other.to_string()),
+        },
+    }
+}

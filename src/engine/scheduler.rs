@@ -104,9 +104,9 @@ pub(crate) struct Engine {
     completed: bool,
     /// `terminate()` has run: nothing more is accepted.
     pub(crate) terminated: bool,
-    /// A failed attempt to replace workers in this drive; not retried until the
-    /// next one, so a failing spawn does not run once per chunk.
-    revive_failed: bool,
+    /// Why an attempt to replace workers failed in this drive; not retried until
+    /// the next one, so a failing spawn does not run once per chunk.
+    revive_failed: Option<Error>,
 }
 
 impl Engine {
@@ -127,7 +127,7 @@ impl Engine {
             init_failures: Vec::new(),
             completed: false,
             terminated: false,
-            revive_failed: false,
+            revive_failed: None,
         }
     }
 
@@ -260,7 +260,7 @@ impl Engine {
         until: &mut dyn FnMut(&Engine) -> bool,
         deadline: Option<Instant>,
     ) -> Result<Drive> {
-        self.revive_failed = false;
+        self.revive_failed = None;
         if let Some(local) = local.as_deref_mut() {
             // Replies that came for the caller's job while another thread drove.
             let id = local.job;

@@ -297,3 +297,47 @@ fn a_result_that_does_not_decode_in_the_last_chunk_fails_the_call() {
         assert_eq!(*items, 19..20, "chunk size {chunk}");
     }
 }
+
+/// Item 1 marks that it ran. Item 0 kills its worker on its first two runs (the
+/// first time only once item 1 is done, so the other worker is idle then), and
+/// returns on the third.
+fn dies_twice_on_item_0((dir, x): (std::path::PathBuf, u64)) -> u64 {
+    if x == 1 {
+        std::fs::write(dir.join("one-done"), b"").unwrap();
+        return x;
+    }
+    if std::fs::File::create_new(dir.join("first")).is_ok() {
+        let guard = Instant::now();
+        while !dir.join("one-done").exists() && guard.elapsed() < Duration::from_secs(20) {
+            std::thread::yield_now();
+        }
+        std::process::abort();
+    }
+    if std::fs::File::create_new(dir.join("second")).is_ok() {
+        std::process::abort();
+    }
+    x
+}
+
+#[test]
+fn a_failure_to_start_workers_is_the_error_when_no_worker_is_left() {
+    // The first death's replacement cannot start (injected); the other worker takes
+    // the chunk and dies on it too. Nothing can run the job any more: the call must
+    // fail with the cause, not `Terminated`.
+    let dir = tempfile::tempdir().unwrap();
+    let pool = Pool::builder()
+        .workers(2)
+        .chunk_size(1)
+        .retries(2)
+        .fail_starts_after(2)
+        .inherit_output(false)
+        .build()
+        .unwrap();
+    let items: Vec<_> = (0..2u64).map(|x| (dir.path().to_owned(), x)).collect();
+    match pool.map(items, dies_twice_on_item_0) {
+        Err(Error::Spawn { source, .. }) => {
+            assert!(source.to_string().contains("injected"), "{source}");
+        }
+        other => panic!("expected the spawn failure, got {other:?}"),
+    }
+}

@@ -56,6 +56,9 @@ pub(crate) struct StartOptions {
     /// Test-only fault injection: replace the reply numbered `.1` (counted from 0)
     /// from slot `.0` by bytes that are not a frame of the protocol.
     pub(crate) corrupt_reply: Option<(usize, u64)>,
+    /// Test-only fault injection: starting a worker process fails (as it does when
+    /// the system is out of processes or descriptors) once this many have started.
+    pub(crate) fail_starts_after: Option<u64>,
 }
 
 /// Interrupts a thread waiting in [`Backend::next_event`], from any thread.

@@ -52,6 +52,8 @@ pub(crate) struct ProcessBackend {
     replies_seen: Vec<u64>,
     /// A Ctrl-C has been reported to the driver already.
     interrupt_seen: bool,
+    /// Worker processes asked for so far (for `StartOptions::fail_starts_after`).
+    starts: u64,
 }
 
 /// The sending side of the wake-up channel. A wake-up already queued and not yet
@@ -82,6 +84,7 @@ impl ProcessBackend {
             sends: Vec::new(),
             replies_seen: Vec::new(),
             interrupt_seen: false,
+            starts: 0,
         };
         let all: Vec<usize> = (0..workers).collect();
         backend.start_slots(&all)?;
@@ -346,6 +349,18 @@ impl ProcessBackend {
         // while this thread waits.
         let mut launched = Vec::new();
         for &worker in workers {
+            if self
+                .options
+                .fail_starts_after
+                .is_some_and(|after| self.starts >= after)
+            {
+                failure = Some(Error::Spawn {
+                    worker,
+                    source: io::Error::other("injected failure to start a worker"),
+                });
+                break;
+            }
+            self.starts += 1;
             let launched_one = Listener::new().and_then(|listener| {
                 let spawned = spawn::launch(worker, listener.name(), &self.options.spawn)?;
                 Ok((listener, spawned))
@@ -583,6 +598,7 @@ mod tests {
             },
             start_timeout: Duration::from_secs(10),
             kill_before_send: None,
+            fail_starts_after: None,
             corrupt_reply: None,
         }
     }

@@ -4,6 +4,7 @@
 use super::{Engine, READY_BYTES_CAP};
 use crate::engine::chunker::target_chunk_bytes;
 use crate::engine::job::{InFlight, Job, JobId, Local};
+use crate::engine::outcome::again;
 use crate::error::Error;
 use crate::os::poll::POLL_BEFORE_BLOCKING;
 use crate::shared::region;
@@ -31,30 +32,35 @@ impl Engine {
                 return;
             };
             // Work is waiting: bring the pool back to strength first (lost workers,
-            // and replacements for workers given their last task).
-            if (!revived || self.workers.pick().is_none()) && !self.revive_failed {
+            // and replacements for workers given their last task). A failure is
+            // not retried in this drive, so a failing spawn does not run per chunk.
+            if (!revived || self.workers.pick().is_none()) && self.revive_failed.is_none() {
                 revived = true;
                 if let Err(e) = self.workers.revive() {
-                    self.revive_failed = true;
-                    if self.workers.pick().is_none() {
-                        // No worker can take the job's input: fail it, and every
-                        // queued `apply_async` handle, rather than leave them waiting.
-                        if let Some(handles) = self.jobs.get_mut(&id).and_then(|j| j.kind.handles())
-                        {
-                            let reason = e.to_string();
-                            handles.fail_queued(|| Error::Transport {
-                                worker: None,
-                                source: std::io::Error::other(reason.clone()),
-                            });
-                            self.completed = true;
-                        }
-                        self.fail_job(id, 0, e, local.as_deref_mut());
-                        continue;
-                    }
+                    self.revive_failed = Some(e);
                 }
             }
             let Some(worker) = self.workers.pick() else {
-                return;
+                // No worker has credit. When none is running either and starting one
+                // failed in this drive, nothing will ever take this job's input: fail
+                // it (and its queued `apply_async` handles) with that cause.
+                if self.workers.busy() {
+                    return;
+                }
+                let Some(cause) = self.revive_failed.as_ref() else {
+                    return;
+                };
+                let reason = cause.to_string();
+                let error = again(cause);
+                if let Some(handles) = self.jobs.get_mut(&id).and_then(|j| j.kind.handles()) {
+                    handles.fail_queued(|| Error::Transport {
+                        worker: None,
+                        source: std::io::Error::other(reason.clone()),
+                    });
+                    self.completed = true;
+                }
+                self.fail_job(id, 0, error, local.as_deref_mut());
+                continue;
             };
             self.last_served = id;
             self.send_chunk(id, worker, local.as_deref_mut());
