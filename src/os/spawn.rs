@@ -78,6 +78,9 @@ pub(crate) fn launch(
     }
     if options.announce_parent_pid == Some(index) {
         command.env(ANNOUNCE_PARENT_PID_ENV, "1");
+    } else {
+        // Not inherited from this process's environment: only the hook sets it.
+        command.env_remove(ANNOUNCE_PARENT_PID_ENV);
     }
     spawn_from_owner_thread(command)
 }
