@@ -76,6 +76,7 @@ pub struct PoolBuilder {
     kill_before_send: Option<(usize, u64)>,
     corrupt_reply: Option<(usize, u64)>,
     fail_starts_after: Option<u64>,
+    announce_parent_pid: Option<usize>,
 }
 
 impl Default for PoolBuilder {
@@ -99,6 +100,7 @@ impl Default for PoolBuilder {
             kill_before_send: None,
             corrupt_reply: None,
             fail_starts_after: None,
+            announce_parent_pid: None,
         }
     }
 }
@@ -296,6 +298,16 @@ impl PoolBuilder {
         self
     }
 
+    /// Fault injection for tests of this crate: the worker in slot `worker`
+    /// announces its parent's pid instead of its own at the handshake (told so
+    /// through its environment at spawn), so the parent's check of the announced pid
+    /// against the child it started refuses it, at every start of that slot.
+    #[doc(hidden)]
+    pub fn announce_parent_pid_from(mut self, worker: usize) -> Self {
+        self.announce_parent_pid = Some(worker);
+        self
+    }
+
     /// Caps adaptive chunks so that a job's window of chunks in flight holds at
     /// most about `items` items (pipeline stages bound their queues in items this
     /// way).
@@ -368,6 +380,7 @@ impl PoolBuilder {
             spawn: SpawnOptions {
                 inherit_output: self.inherit_output,
                 memory_limit: self.memory_limit,
+                announce_parent_pid: self.announce_parent_pid,
                 #[cfg(test)]
                 program: None,
             },

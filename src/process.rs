@@ -109,6 +109,7 @@ impl ProcessBuilder {
         let options = SpawnOptions {
             inherit_output: self.inherit_output,
             memory_limit: None,
+            announce_parent_pid: None,
             #[cfg(test)]
             program: None,
         };

@@ -15,6 +15,7 @@
 //! named on stderr, never fatal. Exit status: 0 when counted, 1 when the directory
 //! cannot be counted (or `--check` finds a difference), 2 for bad arguments.
 
+mod cli;
 mod count;
 
 use std::path::PathBuf;
@@ -23,32 +24,8 @@ use std::time::Instant;
 
 use clap::Parser;
 
+use crate::cli::Args;
 use crate::count::{Shape, Tally};
-
-/// Counts words in every regular file under a directory, in worker processes.
-#[derive(Parser)]
-#[command(name = "wordcount")]
-struct Args {
-    /// The directory to count (default: a generated corpus of about 200 MB, written
-    /// under the temp dir on first use and reused).
-    dir: Option<PathBuf>,
-    /// Print one JSON object instead of text.
-    #[arg(long)]
-    json: bool,
-    /// How many words to list.
-    #[arg(long, default_value_t = 20)]
-    top: usize,
-    /// Worker processes, each reading and counting batches (default: one per CPU).
-    #[arg(long)]
-    workers: Option<usize>,
-    /// KiB of text per batch, the counting stage's unit of work.
-    #[arg(long, default_value_t = count::BATCH_BYTES >> 10)]
-    batch_kib: u64,
-    /// Count a second time in this process, one batch after another, and check that
-    /// both counts agree (exit status 1 if not).
-    #[arg(long)]
-    check: bool,
-}
 
 fn main() -> ExitCode {
     multiproc::init(); // first line of main: in a worker process it serves tasks and never returns
@@ -76,7 +53,7 @@ fn run(args: &Args) -> Result<ExitCode, String> {
         ..Shape::default()
     };
     if let Some(workers) = args.workers {
-        shape.count_workers = workers.max(1);
+        shape.count_workers = workers;
     }
 
     let started = Instant::now();
@@ -143,9 +120,9 @@ fn print_text(dir: &std::path::Path, tally: &Tally, top: usize, seconds: f64, sh
         tally.counts.len()
     );
     println!(
-        "{seconds:.2} s, {:.1} MB/s ({} worker processes, each reading and counting)",
+        "{seconds:.2} s, {:.1} MB/s ({}, each reading and counting)",
         tally.bytes as f64 / seconds / 1e6,
-        shape.count_workers
+        cli::worker_processes(shape.count_workers)
     );
 }
 

@@ -134,12 +134,28 @@ struct State {
     inner: Mutex<Inner>,
     not_empty: Condvar,
     not_full: Condvar,
+    /// Rendezvous only: a consumer took an offered item, or left without one.
+    taken: Condvar,
+    /// `Some(0)` is a rendezvous: an item is only ever offered by a producer that
+    /// waits until a consumer takes it.
     capacity: Option<usize>,
 }
 
 struct Inner {
-    items: VecDeque<Vec<u8>>,
+    items: VecDeque<Entry>,
     closed: bool,
+    /// Rendezvous only: consumers inside a blocking or timed get (a broker thread
+    /// stands for a remote one), the ones a `try_put` can hand an item to.
+    waiting_gets: usize,
+    /// Rendezvous only: the number of the next offer.
+    next_offer: u64,
+}
+
+struct Entry {
+    /// Rendezvous only: the number of the offer whose producer waits for this item
+    /// to be taken; `None` for an item nobody waits for.
+    offer: Option<u64>,
+    bytes: Vec<u8>,
 }
 
 /// The queues of this process that other processes may reach.
@@ -156,6 +172,9 @@ impl State {
         wait: Wait,
         alive: &dyn Fn() -> bool,
     ) -> std::result::Result<(), Refusal> {
+        if self.capacity == Some(0) {
+            return self.hand_over(item, wait, alive);
+        }
         let deadline = deadline(wait);
         let mut polled = false;
         let mut inner = self.lock();
@@ -164,7 +183,10 @@ impl State {
                 return Err(Refusal::Closed);
             }
             if self.capacity.is_none_or(|cap| inner.items.len() < cap) {
-                inner.items.push_back(item);
+                inner.items.push_back(Entry {
+                    offer: None,
+                    bytes: item,
+                });
                 drop(inner);
                 self.not_empty.notify_one();
                 return Ok(());
@@ -182,15 +204,114 @@ impl State {
         }
     }
 
+    /// A rendezvous put: offers the item and returns once a consumer has taken it.
+    /// An offer that ends otherwise (closed, timed out, no consumer waiting for a
+    /// `try_put`, its remote producer gone) is withdrawn, so the item is delivered
+    /// exactly when the put returns `Ok`.
+    fn hand_over(
+        &self,
+        item: Vec<u8>,
+        wait: Wait,
+        alive: &dyn Fn() -> bool,
+    ) -> std::result::Result<(), Refusal> {
+        let deadline = deadline(wait);
+        let try_only = matches!(wait, Wait::Try);
+        let mut inner = self.lock();
+        if inner.closed {
+            return Err(Refusal::Closed);
+        }
+        if try_only && inner.items.len() >= inner.waiting_gets {
+            return Err(Refusal::Full);
+        }
+        let offer = inner.next_offer;
+        inner.next_offer += 1;
+        inner.items.push_back(Entry {
+            offer: Some(offer),
+            bytes: item,
+        });
+        self.not_empty.notify_one();
+        let position = |inner: &Inner| inner.items.iter().position(|e| e.offer == Some(offer));
+        // A `try_put` waits only while a waiting consumer is there to take its
+        // item (each takes the front one): that consumer is awake and about to.
+        let wait = if try_only { Wait::Forever } else { wait };
+        let mut polled = false;
+        loop {
+            let Some(at) = position(&inner) else {
+                return Ok(());
+            };
+            let refused = if inner.closed {
+                Some(Refusal::Closed)
+            } else if try_only && at >= inner.waiting_gets {
+                Some(Refusal::Full)
+            } else {
+                None
+            };
+            if let Some(refusal) = refused {
+                inner.items.remove(at);
+                return Err(refusal);
+            }
+            if !polled {
+                polled = true;
+                drop(inner);
+                self.poll(|inner| {
+                    inner.closed
+                        || position(inner).is_none_or(|at| try_only && at >= inner.waiting_gets)
+                });
+                inner = self.lock();
+                continue;
+            }
+            inner = match self.wait(&self.taken, inner, wait, deadline, alive, Refusal::Full) {
+                Ok(inner) => inner,
+                Err(refusal) => {
+                    let mut inner = self.lock();
+                    return match position(&inner) {
+                        None => Ok(()),
+                        Some(at) => {
+                            inner.items.remove(at);
+                            Err(refusal)
+                        }
+                    };
+                }
+            };
+        }
+    }
+
     fn get(&self, wait: Wait, alive: &dyn Fn() -> bool) -> std::result::Result<Vec<u8>, Refusal> {
+        // A rendezvous `try_put` hands its item only to a consumer that waits.
+        let counted = self.capacity == Some(0) && !matches!(wait, Wait::Try);
+        if counted {
+            self.lock().waiting_gets += 1;
+        }
+        let got = self.take(wait, alive);
+        if counted {
+            self.lock().waiting_gets -= 1;
+            self.taken.notify_all();
+        }
+        got
+    }
+
+    fn take(&self, wait: Wait, alive: &dyn Fn() -> bool) -> std::result::Result<Vec<u8>, Refusal> {
         let deadline = deadline(wait);
         let mut polled = false;
         let mut inner = self.lock();
         loop {
-            if let Some(item) = inner.items.pop_front() {
+            // Once closed, what is left is drained, but not a rendezvous offer: its
+            // producer withdraws it and fails.
+            let next = if inner.closed {
+                inner.items.iter().position(|e| e.offer.is_none())
+            } else if inner.items.is_empty() {
+                None
+            } else {
+                Some(0)
+            };
+            if let Some(entry) = next.and_then(|at| inner.items.remove(at)) {
                 drop(inner);
-                self.not_full.notify_one();
-                return Ok(item);
+                if self.capacity == Some(0) {
+                    self.taken.notify_all();
+                } else {
+                    self.not_full.notify_one();
+                }
+                return Ok(entry.bytes);
             }
             if inner.closed {
                 return Err(Refusal::Closed);
@@ -222,7 +343,10 @@ impl State {
 
     /// Puts an item that could not be delivered back at the front.
     fn unget(&self, item: Vec<u8>) {
-        self.lock().items.push_front(item);
+        self.lock().items.push_front(Entry {
+            offer: None,
+            bytes: item,
+        });
         self.not_empty.notify_one();
     }
 
@@ -230,6 +354,7 @@ impl State {
         self.lock().closed = true;
         self.not_empty.notify_all();
         self.not_full.notify_all();
+        self.taken.notify_all();
     }
 
     fn wait<'a>(
@@ -271,9 +396,26 @@ fn deadline(wait: Wait) -> Option<Instant> {
 
 impl<T> Queue<T> {
     /// A queue holding at most `capacity` items: [`put`](Queue::put) waits while
-    /// `capacity` items wait to be taken. A capacity of 0 is taken as 1.
+    /// `capacity` items wait to be taken.
+    ///
+    /// A capacity of 0 makes a rendezvous, as `crossbeam_channel::bounded(0)` and
+    /// `std::sync::mpsc::sync_channel(0)` do: nothing is held, and each put hands its
+    /// item straight to a consumer. [`put`](Queue::put) returns only once a consumer
+    /// (in any process) has taken the item; [`try_put`](Queue::try_put) succeeds only
+    /// when a consumer is waiting in [`get`](Queue::get) or
+    /// [`get_timeout`](Queue::get_timeout) at that moment, and
+    /// [`put_timeout`](Queue::put_timeout) when one takes it in time. A put that
+    /// fails (full, timed out, closed) has withdrawn its item: no consumer gets it.
+    /// A [`try_get`](Queue::try_get) takes the item of a producer waiting in a put.
+    /// [`close`](Queue::close) fails the puts still waiting. (Python's
+    /// `Queue(maxsize=0)` means unbounded: that is [`Queue::unbounded`].) A Rust
+    /// user reads `bounded(0)` as crossbeam's rendezvous, and quietly holding one
+    /// item instead would let a producer run ahead of every consumer.
+    ///
+    /// Taken means handed to the consumer's process: as for any queue, a consumer
+    /// killed between the hand-over and its read loses that item.
     pub fn bounded(capacity: usize) -> Self {
-        Self::new(Some(capacity.max(1)))
+        Self::new(Some(capacity))
     }
 
     /// A queue with no bound: [`put`](Queue::put) never waits.
@@ -286,9 +428,12 @@ impl<T> Queue<T> {
             inner: Mutex::new(Inner {
                 items: VecDeque::new(),
                 closed: false,
+                waiting_gets: 0,
+                next_offer: 0,
             }),
             not_empty: Condvar::new(),
             not_full: Condvar::new(),
+            taken: Condvar::new(),
             capacity,
         });
         let id = broker::next_id();
@@ -665,5 +810,88 @@ impl<'de, T> Deserialize<'de> for Queue<T> {
             },
             _items: PhantomData,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The queue's state, to see what a thread blocked in it is doing.
+    fn state(queue: &Queue<u64>) -> &State {
+        match &queue.route {
+            Route::Local { state, .. } => state,
+            Route::Remote { .. } => panic!("a local queue"),
+        }
+    }
+
+    /// Yields until `ready` holds of the queue's state; a hang guard, not a timer.
+    fn until(queue: &Queue<u64>, ready: impl Fn(&Inner) -> bool) -> MutexGuard<'_, Inner> {
+        let guard = Instant::now() + Duration::from_secs(30);
+        loop {
+            let inner = state(queue).lock();
+            if ready(&inner) {
+                return inner;
+            }
+            drop(inner);
+            assert!(Instant::now() < guard, "the other thread never got there");
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn a_rendezvous_put_returns_only_once_a_consumer_took_the_item() {
+        let queue = Queue::<u64>::bounded(0);
+        let returned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let producer = {
+            let (queue, returned) = (queue.clone(), Arc::clone(&returned));
+            std::thread::spawn(move || {
+                let put = queue.put(1);
+                returned.store(true, std::sync::atomic::Ordering::SeqCst);
+                put
+            })
+        };
+        // While the offer is in the queue (seen under its lock), the put cannot
+        // have returned: it returns only after seeing its offer gone.
+        let inner = until(&queue, |inner| !inner.items.is_empty());
+        assert!(!returned.load(std::sync::atomic::Ordering::SeqCst));
+        drop(inner);
+        assert_eq!(queue.get().unwrap(), 1);
+        producer.join().unwrap().unwrap();
+        assert!(matches!(queue.try_get(), Err(Error::QueueEmpty)));
+    }
+
+    #[test]
+    fn a_rendezvous_try_put_needs_a_waiting_consumer() {
+        let queue = Queue::<u64>::bounded(0);
+        assert!(matches!(queue.try_put(1), Err(Error::QueueFull)));
+        assert!(matches!(
+            queue.put_timeout(2, Duration::from_millis(1)),
+            Err(Error::Timeout(_))
+        ));
+        // Both were withdrawn: nothing is held.
+        assert!(matches!(queue.try_get(), Err(Error::QueueEmpty)));
+        let consumer = {
+            let queue = queue.clone();
+            std::thread::spawn(move || queue.get())
+        };
+        drop(until(&queue, |inner| inner.waiting_gets == 1));
+        queue.try_put(3).unwrap();
+        assert_eq!(consumer.join().unwrap().unwrap(), 3);
+        assert!(matches!(queue.try_put(4), Err(Error::QueueFull)));
+    }
+
+    #[test]
+    fn closing_a_rendezvous_fails_the_put_waiting_in_it_and_drops_its_item() {
+        let queue = Queue::<u64>::bounded(0);
+        let producer = {
+            let queue = queue.clone();
+            std::thread::spawn(move || queue.put(1))
+        };
+        drop(until(&queue, |inner| !inner.items.is_empty()));
+        queue.close().unwrap();
+        assert!(matches!(producer.join().unwrap(), Err(Error::QueueClosed)));
+        assert!(matches!(queue.try_get(), Err(Error::QueueClosed)));
+        assert!(state(&queue).lock().items.is_empty());
     }
 }

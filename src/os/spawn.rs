@@ -25,6 +25,11 @@ pub(crate) const WORKER_ARG: &str = "--multiproc-worker=";
 /// Environment variable carrying a worker's memory limit in bytes (`RLIMIT_AS`).
 pub(crate) const MEMORY_LIMIT_ENV: &str = "MULTIPROC_WORKER_MEMORY_LIMIT";
 
+/// Environment variable set, for the test-only fault injection
+/// ([`SpawnOptions::announce_parent_pid`]), in the one worker that is to announce its
+/// parent's pid instead of its own at the handshake.
+pub(crate) const ANNOUNCE_PARENT_PID_ENV: &str = "MULTIPROC_WORKER_ANNOUNCE_PARENT_PID";
+
 /// Exit code of a worker that could not start serving (EX_SOFTWARE).
 pub(crate) const START_FAILED: i32 = 70;
 
@@ -35,6 +40,10 @@ pub(crate) struct SpawnOptions {
     pub(crate) inherit_output: bool,
     /// The child's address-space limit in bytes, if any.
     pub(crate) memory_limit: Option<u64>,
+    /// Test-only fault injection: the worker started with this index announces its
+    /// parent's pid instead of its own at the handshake, so the parent's check of the
+    /// pid against the child it started must refuse it.
+    pub(crate) announce_parent_pid: Option<usize>,
     /// Another program to start instead of this executable: only for testing how
     /// start-up failures are reported.
     #[cfg(test)]
@@ -66,6 +75,12 @@ pub(crate) fn launch(
     }
     if let Some(limit) = options.memory_limit {
         command.env(MEMORY_LIMIT_ENV, limit.to_string());
+    }
+    if options.announce_parent_pid == Some(index) {
+        command.env(ANNOUNCE_PARENT_PID_ENV, "1");
+    } else {
+        // Not inherited from this process's environment: only the hook sets it.
+        command.env_remove(ANNOUNCE_PARENT_PID_ENV);
     }
     spawn_from_owner_thread(command)
 }
@@ -113,12 +128,15 @@ pub(crate) fn reap_late(
 
 /// Asks the kernel to kill this child when its parent dies, ignores SIGPIPE, then
 /// checks that the parent has not died already. Called first thing in a child.
+/// Returns the pid the child announces to its parent at the handshake: its own,
+/// or its parent's under the test-only fault of
+/// [`SpawnOptions::announce_parent_pid`].
 ///
 /// Setting it in the child rather than between fork and exec lets the parent spawn
 /// with `posix_spawn` (no `pre_exec` hook), which on a large parent is several times
 /// faster than `fork`. The signal is tied to the thread that spawned the child, one
 /// of the spawner threads below, which live as long as the process.
-pub(crate) fn prepare_child(parent: u32) -> io::Result<()> {
+pub(crate) fn prepare_child(parent: u32) -> io::Result<u32> {
     // SAFETY: `prctl(PR_SET_PDEATHSIG, SIGKILL)` only sets a flag on this process;
     // it reads and writes no memory of ours.
     if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
@@ -161,13 +179,24 @@ pub(crate) fn prepare_child(parent: u32) -> io::Result<()> {
         // environment concurrently.
         unsafe { std::env::remove_var(MEMORY_LIMIT_ENV) };
     }
+    let announced = match std::env::var_os(ANNOUNCE_PARENT_PID_ENV) {
+        None => std::process::id(),
+        Some(_) => {
+            // Workers of a pool this one starts announce their own pid.
+            // SAFETY: called while this process is single-threaded (first thing in
+            // a worker, before any thread is started), so no other thread reads
+            // the environment concurrently.
+            unsafe { std::env::remove_var(ANNOUNCE_PARENT_PID_ENV) };
+            parent
+        }
+    };
     // The parent may have died before the flag was set: then nobody waits for us.
     if std::os::unix::process::parent_id() != parent {
         return Err(io::Error::other(
             "the parent exited while this worker started",
         ));
     }
-    Ok(())
+    Ok(announced)
 }
 
 /// Waits up to `grace` for the child to exit, then kills it; always reaps it.
@@ -289,6 +318,7 @@ mod tests {
         let options = SpawnOptions {
             inherit_output: false,
             memory_limit: None,
+            announce_parent_pid: None,
             // Any program will do: it is killed as soon as it starts.
             program: Some(PathBuf::from("/bin/sleep")),
         };

@@ -401,8 +401,9 @@ pub(crate) struct WorkerLink {
 
 impl WorkerLink {
     /// Opens the worker's channels and hands the parent its ends through the
-    /// one-shot server named `server`.
-    pub(crate) fn connect(server: &str, fingerprint: u64) -> io::Result<Self> {
+    /// one-shot server named `server`, announcing `pid` as this process's (the
+    /// parent checks it against the child it started).
+    pub(crate) fn connect(server: &str, pid: u32, fingerprint: u64) -> io::Result<Self> {
         let (requests_tx, requests) = ipc::bytes_channel()?;
         let (big_requests_tx, big_requests) = ipc::channel()?;
         let (replies, replies_rx) = ipc::bytes_channel()?;
@@ -413,7 +414,7 @@ impl WorkerLink {
             big_requests: big_requests_tx,
             replies: replies_rx,
             big_replies: big_replies_rx,
-            pid: std::process::id(),
+            pid,
             fingerprint,
             progress: progress.clone(),
         };

@@ -102,8 +102,8 @@ fn serve_process(value: &str) -> io::Result<()> {
             format!("malformed {WORKER_ARG}"),
         )
     })?;
-    crate::os::spawn::prepare_child(parent)?;
-    let link = WorkerLink::connect(server, task::binary_fingerprint())?;
+    let announced = crate::os::spawn::prepare_child(parent)?;
+    let link = WorkerLink::connect(server, announced, task::binary_fingerprint())?;
     // A worker process keeps the shared inputs it attaches for later calls, and
     // maps a `map_file` input unsealed only when its parent's request lists it.
     region::keep_attached_inputs();

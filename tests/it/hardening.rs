@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use multiproc::{Error, Pool};
 
-use crate::support::{pool, pool_with_chunks, process_exists};
+use crate::support::{children_of_this_process, pool, pool_with_chunks, process_exists};
 
 fn stuck_on_0_panics_on_1(x: u64) -> u64 {
     match x {
@@ -340,4 +340,46 @@ fn a_failure_to_start_workers_is_the_error_when_no_worker_is_left() {
         }
         other => panic!("expected the spawn failure, got {other:?}"),
     }
+}
+
+#[test]
+fn a_worker_that_announces_another_pid_is_refused_and_nothing_is_left() {
+    let zombies_before: Vec<u32> = children_of_this_process()
+        .into_iter()
+        .filter(|&(_, state)| state == 'Z')
+        .map(|(pid, _)| pid)
+        .collect();
+    // The worker in slot 1 says hello with this process's pid, not its own.
+    let Err(err) = Pool::builder()
+        .workers(3)
+        .announce_parent_pid_from(1)
+        .inherit_output(false)
+        .build()
+    else {
+        panic!("the pool must refuse a worker whose pid is not the child's");
+    };
+    let Error::Handshake { worker, reason } = &err else {
+        panic!("expected a handshake error, got {err:?}");
+    };
+    assert_eq!(*worker, 1, "{err}");
+    let me = std::process::id();
+    let prefix = format!("it announced pid {me} but the process started was ");
+    let started: u32 = reason
+        .strip_prefix(&prefix)
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected reason: {reason}"));
+    assert_ne!(started, me);
+    assert_eq!(
+        err.to_string(),
+        format!("worker 1 did not connect: {prefix}{started}")
+    );
+    // The refused child was killed and reaped, and so were the other two: no
+    // process and no zombie of this pool is left.
+    assert!(!process_exists(started), "worker {started} is still there");
+    let zombies: Vec<u32> = children_of_this_process()
+        .into_iter()
+        .filter(|&(pid, state)| state == 'Z' && !zombies_before.contains(&pid))
+        .map(|(pid, _)| pid)
+        .collect();
+    assert!(zombies.is_empty(), "zombies: {zombies:?}");
 }

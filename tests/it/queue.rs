@@ -1,7 +1,7 @@
 //! `Queue`: items between processes, each delivered once.
 
 use std::collections::HashSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use multiproc::{Error, Process, Queue};
 
@@ -92,6 +92,34 @@ fn bounded_queue_refuses_try_put_when_full_in_another_process() {
     assert_eq!(queue.get().unwrap(), 0);
     assert!(queue.try_put(9).is_ok());
     assert!(matches!(queue.try_put(10), Err(Error::QueueFull)));
+}
+
+#[test]
+fn a_rendezvous_queue_hands_each_item_from_process_to_process() {
+    let queue = Queue::<u64>::bounded(0);
+    // Nobody waits in a get: a rendezvous holds nothing, not even one item.
+    let child = Process::spawn(queue.clone(), fill_with_try_put).unwrap();
+    assert_eq!(child.join().unwrap(), (0, true));
+    assert!(matches!(queue.try_get(), Err(Error::QueueEmpty)));
+    // A consumer in another process waits in `get`: a `try_put` reaches it.
+    let consumer = Process::spawn((queue.clone(), 1), take_n).unwrap();
+    let guard = Instant::now() + Duration::from_secs(30);
+    loop {
+        match queue.try_put(8) {
+            Ok(()) => break,
+            Err(Error::QueueFull) => assert!(Instant::now() < guard, "the consumer never waited"),
+            Err(e) => panic!("{e}"),
+        }
+        std::thread::yield_now();
+    }
+    assert_eq!(consumer.join().unwrap(), 8);
+    // From one child to its sibling, through the creator: each put returns once the
+    // other took the item.
+    let consumer = Process::spawn((queue.clone(), 5), take_n).unwrap();
+    let producer = Process::spawn((queue.clone(), 5), put_range).unwrap();
+    producer.join().unwrap();
+    assert_eq!(consumer.join().unwrap(), 1 + 2 + 3 + 4);
+    assert!(matches!(queue.try_get(), Err(Error::QueueEmpty)));
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! The word-count example's job, on small trees with known counts: the pipeline, its
-//! sequential reference and an independent naive count must all agree.
+//! sequential reference and an independent naive count must all agree. And its
+//! command line.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -9,6 +10,8 @@ use std::path::Path;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+#[path = "../../examples/wordcount/cli.rs"]
+mod cli;
 #[path = "../../examples/wordcount/count.rs"]
 mod count;
 
@@ -265,4 +268,30 @@ fn tallies_merged_in_any_grouping_count_every_word_once() {
     let tally = pairs.pop().unwrap().finish();
     assert_eq!(tally.words, total);
     assert_eq!(sorted(&tally.counts), expected);
+}
+
+#[test]
+fn wordcount_refuses_zero_workers_and_names_its_worker_processes_in_words() {
+    use clap::Parser;
+    let parse = |workers: &str| cli::Args::try_parse_from(["wordcount", "--workers", workers]);
+    let Err(refused) = parse("0") else {
+        panic!("--workers 0 was accepted");
+    };
+    assert_eq!(refused.kind(), clap::error::ErrorKind::ValueValidation);
+    let message = refused.to_string();
+    assert!(
+        message.starts_with(
+            "error: invalid value '0' for '--workers <WORKERS>': \
+             the count needs at least 1 worker process"
+        ),
+        "{message}"
+    );
+    // clap's exit status for a bad argument, as the example's docs promise.
+    assert_eq!(refused.exit_code(), 2);
+    assert_eq!(parse("1").map(|a| a.workers).ok(), Some(Some(1)));
+    assert_eq!(parse("3").map(|a| a.workers).ok(), Some(Some(3)));
+    assert!(parse("-1").is_err() && parse("two").is_err());
+
+    assert_eq!(cli::worker_processes(1), "1 worker process");
+    assert_eq!(cli::worker_processes(2), "2 worker processes");
 }

@@ -594,6 +594,7 @@ mod tests {
             spawn: spawn::SpawnOptions {
                 inherit_output: false,
                 memory_limit: None,
+                announce_parent_pid: None,
                 program: program.map(Into::into),
             },
             start_timeout: Duration::from_secs(10),
