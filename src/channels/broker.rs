@@ -15,8 +15,9 @@
 //! `listen`). Anything else is refused without a byte sent.
 //!
 //! A rendezvous serves at most [`MAX_CONNECTIONS`] connections at once, one thread
-//! each (a remote queue handle keeps its connection for its life); past that a new
-//! connection is answered [`BUSY`] and closed, and the client reports it.
+//! each (a remote queue handle holds one per call in flight, and keeps a few idle
+//! ones while it lives); past that a new connection is answered [`BUSY`] and
+//! closed, and the client reports it.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -48,10 +49,11 @@ const BUSY: u8 = 2;
 const STRANGER: u8 = 3;
 
 /// How many connections one rendezvous serves at once (each has a thread). A
-/// handle of a queue in another process holds one connection while it lives, and a
-/// pipe end's claim holds one briefly; 1024 covers a thousand workers each holding
-/// a queue, while bounding the threads a runaway (or hostile same-user) peer can
-/// make this process start.
+/// handle of a queue in another process holds one connection per call in flight
+/// (one while a single thread uses it) and keeps a few idle, and a pipe end's claim
+/// holds one briefly; 1024 covers a thousand workers each holding a queue, while
+/// bounding the threads a runaway (or hostile same-user) peer can make this process
+/// start.
 pub(crate) const MAX_CONNECTIONS: usize = 1024;
 
 /// How long a new connection may take to say who it is.

@@ -5,6 +5,13 @@
 //! `Process` argument, a pool item, another queue's item) connects to the creator's
 //! rendezvous (`broker.rs`) on first use, and a thread there serves its requests.
 //! Each request is one frame: `length (u32) | tag (u8) | wait (u64) | payload`.
+//!
+//! A connection carries one request at a time, and a request holds its connection
+//! until the answer comes, which may be a long wait (a `get` on an empty queue). So
+//! a remote handle keeps a small set of connections: a request takes an idle one or
+//! opens another, and gives it back once answered. Threads sharing a handle never
+//! wait behind each other's requests, and a connection still has at most one request
+//! in flight, so its server thread can read the peer's hang-up while it waits.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
@@ -40,6 +47,12 @@ const FOREVER: u64 = u64::MAX;
 /// still there.
 const PEER_CHECK: Duration = Duration::from_millis(100);
 
+/// How many idle connections a remote handle keeps for its next requests; one past
+/// that is closed when its request ends. A handle holds one connection per request
+/// in flight (one per thread using it at once), so this only bounds what a burst of
+/// threads leaves open after it.
+const IDLE_CONNECTIONS: usize = 16;
+
 /// A multi-producer, multi-consumer queue between the processes of a job: Python's
 /// `multiprocessing.Queue`, typed.
 ///
@@ -49,6 +62,12 @@ const PEER_CHECK: Duration = Duration::from_millis(100);
 /// item goes to exactly one consumer, once. [`close`](Queue::close) tells consumers
 /// that no more will come: they drain what is left, then get
 /// [`Error::QueueClosed`], with no sentinel value.
+///
+/// One handle may be used from many threads at once (it is `Sync`): in a process
+/// other than the creator, each call in flight has a connection of its own, so a
+/// thread waiting in [`get`](Queue::get) never holds up another thread's
+/// [`put`](Queue::put). The handle keeps those connections for its next calls and
+/// closes them when dropped.
 ///
 /// The items are kept in the process that created the queue. Keep a handle there
 /// (the creator's own `Queue`) until the other processes are done with it: when
@@ -88,7 +107,8 @@ enum Route {
     Remote {
         address: Address,
         id: u64,
-        connection: Mutex<Option<UnixStream>>,
+        /// Connections with no request in flight, the last used on top.
+        idle: Mutex<Vec<UnixStream>>,
     },
 }
 
@@ -553,49 +573,42 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
 
     /// One request to the creator's broker; the payload of its answer.
     fn request(&self, tag: u8, wait: Wait, payload: &[u8]) -> Result<Vec<u8>> {
-        let Route::Remote {
-            address,
-            id,
-            connection,
-        } = &self.route
-        else {
+        let Route::Remote { address, id, idle } = &self.route else {
             return Err(Error::Config("a local queue has no connection"));
         };
         let lost = |source: io::Error| Error::QueueLost {
             creator: address.creator,
             source,
         };
-        let mut guard = connection.lock().unwrap_or_else(|p| p.into_inner());
-        if guard.is_none() {
-            *guard = Some(broker::connect(address, *id).map_err(lost)?);
-        }
-        let stream = guard.as_mut().expect("connected just above");
-        let answer = write_frame(stream, tag, wait.encode(), payload).and_then(|()| {
-            poll_readable(stream);
-            read_frame(stream)
-        });
-        let (answer, _, bytes) = match answer {
-            Ok(answer) => answer,
-            Err(e) => {
-                // The stream may hold half a frame: start afresh next time.
-                *guard = None;
-                return Err(lost(e));
-            }
+        // Taken out for the whole request, so that another thread's request on this
+        // handle uses another connection instead of waiting for this answer.
+        let taken = idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut stream = match taken {
+            Some(stream) => stream,
+            None => broker::connect(address, *id).map_err(lost)?,
         };
-        match answer {
+        // On an error the stream may hold half a frame: it is dropped, not kept.
+        write_frame(&mut stream, tag, wait.encode(), payload).map_err(lost)?;
+        poll_readable(&stream);
+        let (answer, _, bytes) = read_frame(&mut stream).map_err(lost)?;
+        let answer = match answer {
             OK | ITEM => Ok(bytes),
             FULL => Err(refusal(Refusal::Full, wait)),
             EMPTY => Err(refusal(Refusal::Empty, wait)),
             TIMED_OUT => Err(refusal(Refusal::TimedOut, wait)),
             CLOSED => Err(refusal(Refusal::Closed, wait)),
             other => {
-                *guard = None;
-                Err(lost(io::Error::new(
+                return Err(lost(io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!("unexpected answer {other}"),
-                )))
+                )));
             }
+        };
+        let mut idle = idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < IDLE_CONNECTIONS {
+            idle.push(stream);
         }
+        answer
     }
 }
 
@@ -738,7 +751,7 @@ impl<T> Clone for Queue<T> {
             Route::Remote { address, id, .. } => Route::Remote {
                 address: *address,
                 id: *id,
-                connection: Mutex::new(None),
+                idle: Mutex::new(Vec::new()),
             },
         };
         Queue {
@@ -806,7 +819,7 @@ impl<'de, T> Deserialize<'de> for Queue<T> {
             route: Route::Remote {
                 address: wire.address,
                 id: wire.id,
-                connection: Mutex::new(None),
+                idle: Mutex::new(Vec::new()),
             },
             _items: PhantomData,
         })
@@ -893,5 +906,40 @@ mod tests {
         assert!(matches!(producer.join().unwrap(), Err(Error::QueueClosed)));
         assert!(matches!(queue.try_get(), Err(Error::QueueClosed)));
         assert!(state(&queue).lock().items.is_empty());
+    }
+
+    /// A handle to `queue` that goes through the rendezvous of this very process, as
+    /// a handle decoded in another process would.
+    fn remote(queue: &Queue<u64>) -> Queue<u64> {
+        let Route::Local { id, .. } = &queue.route else {
+            panic!("not a local queue");
+        };
+        Queue {
+            route: Route::Remote {
+                address: broker::address(Some(serve)).unwrap(),
+                id: *id,
+                idle: Mutex::new(Vec::new()),
+            },
+            _items: PhantomData,
+        }
+    }
+
+    fn idle(queue: &Queue<u64>) -> usize {
+        let Route::Remote { idle, .. } = &queue.route else {
+            panic!("not a remote queue");
+        };
+        idle.lock().unwrap().len()
+    }
+
+    #[test]
+    fn a_remote_handle_reuses_one_connection_for_calls_one_after_another() {
+        let queue = Queue::<u64>::bounded(4);
+        let handle = remote(&queue);
+        for i in 0..100 {
+            handle.put(i).unwrap();
+            assert_eq!(handle.get().unwrap(), i);
+        }
+        assert!(matches!(handle.try_get(), Err(Error::QueueEmpty)));
+        assert_eq!(idle(&handle), 1);
     }
 }

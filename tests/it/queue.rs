@@ -231,3 +231,53 @@ fn a_process_that_does_not_descend_from_the_creator_is_refused() {
     // The queue is there and holds its item: back in the worker it is taken.
     assert_eq!(pool.map(vec![queue], try_take).unwrap(), [Some(7)]);
 }
+
+/// In a child: one thread waits in `get` on `queue`, then another thread `put`s on
+/// the same handle. Returns what the put and the get gave, as text.
+fn get_and_put_on_one_handle_from_two_threads(
+    (queue, started, go): (Queue<u64>, Queue<()>, Queue<()>),
+) -> (String, String) {
+    // Connect every handle first, so that the getter's request is one write on an
+    // open connection and the round trip through the parent below is the slower path.
+    assert!(matches!(queue.try_get(), Err(Error::QueueEmpty)));
+    assert!(matches!(started.try_get(), Err(Error::QueueEmpty)));
+    std::thread::scope(|s| {
+        let getter = s.spawn(|| {
+            started.put(()).unwrap();
+            // The hang guard: without concurrent requests on one handle, this get
+            // holds the handle's only connection until it times out, and the put
+            // below waits behind it.
+            queue.get_timeout(Duration::from_secs(20))
+        });
+        // The parent answers `started` through `go`: by then the getter has sent
+        // its request and waits in it.
+        go.get().unwrap();
+        let put = queue.put(7);
+        let got = getter.join().unwrap();
+        (format!("{put:?}"), format!("{got:?}"))
+    })
+}
+
+#[test]
+fn a_remote_handle_puts_from_one_thread_while_another_waits_in_get() {
+    let queue = Queue::<u64>::unbounded();
+    let started = Queue::<()>::unbounded();
+    let go = Queue::<()>::unbounded();
+    let child = Process::spawn(
+        (queue.clone(), started.clone(), go.clone()),
+        get_and_put_on_one_handle_from_two_threads,
+    )
+    .unwrap();
+    started
+        .get_timeout(Duration::from_secs(20))
+        .expect("the child's getter thread did not start");
+    go.put(()).unwrap();
+    let (put, got) = child.join().unwrap();
+    assert_eq!(put, "Ok(())");
+    assert_eq!(
+        got, "Ok(7)",
+        "the get did not receive the item put from the other thread (the put waited \
+         behind the get?)"
+    );
+    assert!(matches!(queue.try_get(), Err(Error::QueueEmpty)));
+}
