@@ -281,3 +281,32 @@ fn a_remote_handle_puts_from_one_thread_while_another_waits_in_get() {
     );
     assert!(matches!(queue.try_get(), Err(Error::QueueEmpty)));
 }
+
+/// Says it is about to wait, then waits for an item that the test never sends it.
+fn announce_and_take((queue, started): (Queue<u64>, Queue<u8>)) -> u64 {
+    started.put(1).expect("announced");
+    queue.get().unwrap_or(0)
+}
+
+#[test]
+fn a_consumer_killed_while_it_waits_in_get_takes_no_item_with_it() {
+    // The child waits in `get` on an empty queue; once it is killed, the item put
+    // next must reach the next consumer, not the dead one's connection.
+    let queue = Queue::<u64>::unbounded();
+    let started = Queue::<u8>::unbounded();
+    let child = Process::spawn((queue.clone(), started.clone()), announce_and_take).unwrap();
+    started
+        .get_timeout(Duration::from_secs(20))
+        .expect("the child is about to wait");
+    // Its `get` request may still be on its way; that changes nothing: the server
+    // either sees the hang-up or fails to hand the item over and keeps it.
+    child.terminate().unwrap();
+    queue.put(7).unwrap();
+    let asked = Instant::now();
+    assert_eq!(queue.get_timeout(Duration::from_secs(10)).unwrap(), 7);
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
+}
