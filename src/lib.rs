@@ -17,7 +17,7 @@
 //!     let total: u64 = multiproc::par_map_reduce(0..1_000_000u64, |x| x * x, || 0, |a, b| a + b)?;
 //!     assert_eq!(total, 333_332_833_333_500_000);
 //!
-//!     let pool = multiproc::Pool::builder().workers(2).build()?; // default: num_cpus::get()
+//!     let pool = multiproc::Pool::builder().workers(2).build()?; // default: MULTIPROC_WORKERS, else the CPUs this process may use
 //!     let lens: Vec<usize> = pool.map(vec!["a".to_string(), "bb".into()], |s: String| s.len())?;
 //!     assert_eq!(lens, [1, 2]);
 //!     let sum: u64 = pool.map_reduce(0..10u64, |x| x, || 0, |a, b| a + b)?;
