@@ -492,42 +492,22 @@ impl Engine {
             return;
         };
         let failed = take_failures(job, &items);
-        if job.ordered {
-            job.ready_bytes += payload.len();
-            job.ready.insert(
-                chunk,
-                Ready {
-                    worker,
-                    items,
-                    payload,
-                    failed,
-                },
-            );
-            self.deliver_ready(id, local.as_deref_mut());
-        } else if !job.kind.can_deliver(id, local.as_deref()) {
-            // Its caller lends the sink and another thread drives now: held until
-            // the caller drives again.
-            job.ready_bytes += payload.len();
-            job.ready.insert(
-                chunk,
-                Ready {
-                    worker,
-                    items,
-                    payload,
-                    failed,
-                },
-            );
-        } else {
-            job.delivered += 1;
-            job.items_delivered += items.len();
-            let start = items.start;
-            let delivered =
-                job.kind
-                    .deliver(id, local.as_deref_mut(), worker, items, payload, failed);
-            if let Err(e) = delivered {
-                self.fail_job(id, start, e, local.as_deref_mut());
-                return;
+        let ready = Ready {
+            worker,
+            items,
+            payload,
+            failed,
+        };
+        if job.ordered || !job.kind.can_deliver(id, local.as_deref()) {
+            // In chunk order, or held while another thread drives for a caller
+            // that lends the sink: through the job's reorder buffer.
+            job.ready_bytes += ready.payload.len();
+            job.ready.insert(chunk, ready);
+            if job.ordered {
+                self.deliver_ready(id, local.as_deref_mut());
             }
+        } else if !self.deliver_chunk(id, ready, local.as_deref_mut()) {
+            return;
         }
         self.settle(id, local);
     }
@@ -565,21 +545,12 @@ impl Engine {
         if job.ordered {
             self.deliver_ready(id, local.as_deref_mut());
         } else {
-            while let Some((_, ready)) = job.ready.pop_first() {
+            while let Some(ready) = self.jobs.get_mut(&id).and_then(|job| {
+                let (_, ready) = job.ready.pop_first()?;
                 job.ready_bytes -= ready.payload.len();
-                job.delivered += 1;
-                job.items_delivered += ready.items.len();
-                let start = ready.items.start;
-                let delivered = job.kind.deliver(
-                    id,
-                    local.as_deref_mut(),
-                    ready.worker,
-                    ready.items,
-                    ready.payload,
-                    ready.failed,
-                );
-                if let Err(e) = delivered {
-                    self.fail_job(id, start, e, local.as_deref_mut());
+                Some(ready)
+            }) {
+                if !self.deliver_chunk(id, ready, local.as_deref_mut()) {
                     return;
                 }
             }
@@ -601,20 +572,41 @@ impl Engine {
                 return;
             };
             job.next_deliver += 1;
-            job.delivered += 1;
-            job.items_delivered += ready.items.len();
             job.ready_bytes -= ready.payload.len();
-            let start = ready.items.start;
-            if let Err(e) = job.kind.deliver(
-                id,
-                local.as_deref_mut(),
-                ready.worker,
-                ready.items,
-                ready.payload,
-                ready.failed,
-            ) {
-                self.fail_job(id, start, e, local);
+            if !self.deliver_chunk(id, ready, local.as_deref_mut()) {
                 return;
+            }
+        }
+    }
+
+    /// Hands one chunk to job `id`'s sink and counts it delivered; a sink that fails
+    /// (a result that does not decode) fails the job: false then.
+    fn deliver_chunk(
+        &mut self,
+        id: JobId,
+        ready: Ready,
+        mut local: Option<&mut Local<'_>>,
+    ) -> bool {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return false;
+        };
+        job.delivered += 1;
+        job.items_delivered += ready.items.len();
+        let start = ready.items.start;
+        let Ready {
+            worker,
+            items,
+            payload,
+            failed,
+        } = ready;
+        match job
+            .kind
+            .deliver(id, local.as_deref_mut(), worker, items, payload, failed)
+        {
+            Ok(()) => true,
+            Err(e) => {
+                self.fail_job(id, start, e, local);
+                false
             }
         }
     }
