@@ -55,6 +55,10 @@ fn play(role: &OsStr) {
         interrupted();
     } else if role == "channels" {
         crate::pipe::channels_leave_nothing_behind();
+    } else if role == "refused-pid" {
+        crate::hardening::helper_refused_pid();
+    } else if role == "recycled" {
+        crate::jobs::helper_recycled();
     } else if role == "pool-size" {
         pool_size(Pool::builder());
     } else if role == "pool-size-two" {
