@@ -22,7 +22,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::engine::backend::Waker;
-use crate::engine::ends::{IterSource, Sink};
+use crate::engine::ends::{IterSource, Sink, exact_len};
 use crate::engine::job::{FoldLedger, Job, Kind, Local};
 use crate::engine::scheduler::{Drive, Engine, Hooks, Submission};
 use crate::error::{Error, ErrorPolicy, Result};
@@ -640,6 +640,7 @@ impl Core {
             .new_job(task, Kind::Lent, ordered, context)?;
         job.policy = policy;
         job.fold = fold;
+        job.total = exact_len(&items);
         let id = driving.engine().add(job);
         let mut source = IterSource::new(items);
         let mut local = Local {
