@@ -34,6 +34,20 @@ pub(crate) struct Args {
     /// both counts agree (exit status 1 if not).
     #[arg(long)]
     pub(crate) check: bool,
+    /// Draw a progress bar on stderr (the default when stderr is a terminal; set
+    /// MULTIPROC_PROGRESS=1 to draw it anyway).
+    #[arg(long, overrides_with = "no_progress")]
+    pub(crate) progress: bool,
+    /// Draw no progress bar.
+    #[arg(long)]
+    pub(crate) no_progress: bool,
+    /// Print where the time went, stage by stage, on stderr after the count.
+    #[arg(long)]
+    pub(crate) stats: bool,
+    /// Write the count's timeline to FILE, a Chrome trace-event file: open it in
+    /// https://ui.perfetto.dev or chrome://tracing.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) trace: Option<PathBuf>,
 }
 
 /// The value of `--workers`: a number of processes, at least 1. (clap's ranged

@@ -552,16 +552,38 @@ impl Default for Shape {
 /// The pipeline's errors (a worker that cannot start or dies); a file that cannot
 /// be read is not an error but is listed in [`Tally::unreadable`].
 pub(crate) fn count_tree(root: &Path, shape: Shape) -> multiproc::Result<Tally> {
+    count_tree_watched(root, shape, &Watch::default()).map(|(tally, _)| tally)
+}
+
+/// How a count can be watched: a progress bar, a timeline file.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Watch {
+    pub(crate) progress: bool,
+    pub(crate) trace: Option<std::path::PathBuf>,
+}
+
+/// [`count_tree`], watched as `watch` says; also returns the pipeline's figures.
+pub(crate) fn count_tree_watched(
+    root: &Path,
+    shape: Shape,
+    watch: &Watch,
+) -> multiproc::Result<(Tally, multiproc::PipelineStats)> {
     let errors = Rc::new(RefCell::new(Vec::new()));
     let listing = Listing::new(root, shape.batch_bytes, Rc::clone(&errors));
-    let mut tally = Pipeline::new(listing)
+    let mut pipeline = Pipeline::new(listing)
         .inherit_output(shape.inherit_output)
+        .progress(watch.progress);
+    if let Some(path) = &watch.trace {
+        pipeline = pipeline.trace(path);
+    }
+    let stats = pipeline.stats();
+    let mut tally = pipeline
         .fold_stage(shape.count_workers, Tally::default, read_and_count_into)
         .reduce(Tally::default, Tally::merge)?
         .finish();
     tally.unreadable.append(&mut errors.borrow_mut());
     name_each_once(&mut tally.unreadable);
-    Ok(tally)
+    Ok((tally, stats))
 }
 
 /// [`count_tree`] with reading and counting as two stages: `read_workers` read

@@ -5,6 +5,7 @@
 //! cargo run --release --example wordcount               # on the built-in corpus (~200 MB)
 //! cargo run --release --example wordcount -- ~/src      # on a tree of your own
 //! cargo run --release --example wordcount -- --json DIR # one JSON object
+//! cargo run --release --example wordcount -- --stats --trace /tmp/wc.json  # where the time went
 //! ```
 //!
 //! The parent lists the files (symlinks are not followed) and cuts them into batches
@@ -56,9 +57,19 @@ fn run(args: &Args) -> Result<ExitCode, String> {
         shape.count_workers = workers;
     }
 
+    let watch = count::Watch {
+        progress: !args.no_progress,
+        trace: args.trace.clone(),
+    };
     let started = Instant::now();
-    let tally = count::count_tree(&dir, shape).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let (tally, stats) = count::count_tree_watched(&dir, shape, &watch)
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
     let seconds = started.elapsed().as_secs_f64();
+    if args.stats {
+        for (stage, figures) in stats.stages() {
+            eprintln!("stage {stage}:\n{}", figures.summary());
+        }
+    }
 
     for u in &tally.unreadable {
         eprintln!("wordcount: could not read {}: {}", u.path, u.error);

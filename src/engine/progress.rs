@@ -4,152 +4,173 @@
 //!
 //! A bar is drawn only when stderr is a terminal, unless forced
 //! (`MULTIPROC_PROGRESS=1`): then a program whose stderr is a file or a pipe gets
-//! the bars' lines once a second instead, each on a line of its own.
+//! a line per job at most once a second instead, and its final line.
 
+use std::cell::Cell;
 use std::fmt;
-use std::io::{self, Write};
-use std::time::Duration;
+use std::io;
+use std::time::{Duration, Instant};
 
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle, TermLike};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 
 /// The bars of one pool, or of every stage of a pipeline.
 #[derive(Clone)]
-pub(crate) struct Bars {
-    multi: MultiProgress,
+pub(crate) enum Bars {
+    /// Drawn by indicatif on the terminal (hidden by it when stderr is not one).
+    Drawn(MultiProgress),
+    /// Forced on a stderr that is not a terminal: a line per bar at most once a
+    /// second, and a final line.
+    Lines,
 }
 
 impl fmt::Debug for Bars {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Bars")
+        f.write_str(match self {
+            Bars::Drawn(_) => "Bars::Drawn",
+            Bars::Lines => "Bars::Lines",
+        })
     }
 }
 
 /// One job's bar.
-pub(crate) struct Bar {
-    bar: ProgressBar,
+pub(crate) enum Bar {
+    Drawn(ProgressBar),
+    Lines {
+        label: String,
+        total: Option<usize>,
+        started: Instant,
+        last: Cell<Instant>,
+    },
 }
+
+/// How often a forced bar on a non-terminal writes a line.
+const LINE_EVERY: Duration = Duration::from_secs(1);
 
 impl Bars {
     /// Bars on stderr; `forced` draws them even when stderr is not a terminal.
     pub(crate) fn new(forced: bool) -> Self {
-        let target = if forced && !io::IsTerminal::is_terminal(&io::stderr()) {
-            ProgressDrawTarget::term_like_with_hz(Box::new(Lines), 1)
-        } else {
-            ProgressDrawTarget::stderr()
-        };
-        Self {
-            multi: MultiProgress::with_draw_target(target),
+        if forced && !io::IsTerminal::is_terminal(&io::stderr()) {
+            return Bars::Lines;
         }
+        Bars::Drawn(MultiProgress::with_draw_target(ProgressDrawTarget::stderr()))
     }
 
     /// Whether bars of this set are drawn anywhere.
     pub(crate) fn hidden(&self) -> bool {
-        self.multi.is_hidden()
+        match self {
+            Bars::Drawn(multi) => multi.is_hidden(),
+            Bars::Lines => false,
+        }
     }
 
     /// A bar for a job named `label`, of `total` items when that is known.
     pub(crate) fn bar(&self, label: &str, total: Option<usize>) -> Bar {
-        let bar = match total {
-            Some(total) => {
-                let bar = ProgressBar::new(total as u64);
-                bar.set_style(
-                    ProgressStyle::with_template(
-                        "{prefix} [{bar:30}] {human_pos}/{human_len} items, {per_sec}, \
-                         {elapsed} elapsed, ETA {eta}{msg}",
-                    )
-                    .expect("a valid template")
-                    .progress_chars("=> "),
-                );
-                bar
-            }
-            None => {
-                let bar = ProgressBar::no_length();
-                bar.set_style(
-                    ProgressStyle::with_template(
-                        "{prefix} {human_pos} items, {per_sec}, {elapsed} elapsed{msg}",
-                    )
-                    .expect("a valid template"),
-                );
-                bar
+        let multi = match self {
+            Bars::Drawn(multi) => multi,
+            Bars::Lines => {
+                return Bar::Lines {
+                    label: label.to_owned(),
+                    total,
+                    started: Instant::now(),
+                    last: Cell::new(Instant::now()),
+                };
             }
         };
+        let (bar, template) = match total {
+            Some(total) => (
+                ProgressBar::new(total as u64),
+                "{prefix} [{bar:30}] {human_pos}/{human_len} items, {rate}, {elapsed} elapsed, \
+                 ETA {eta}{msg}",
+            ),
+            None => (
+                ProgressBar::no_length(),
+                "{prefix} {human_pos} items, {rate}, {elapsed} elapsed{msg}",
+            ),
+        };
+        bar.set_style(
+            ProgressStyle::with_template(template)
+                .expect("a valid template")
+                .with_key("rate", |state: &ProgressState, w: &mut dyn fmt::Write| {
+                    let _ = write!(w, "{} items/s", rate(state.per_sec()));
+                })
+                .progress_chars("=> "),
+        );
         bar.set_prefix(label.to_owned());
-        let bar = self.multi.add(bar);
-        Bar { bar }
+        Bar::Drawn(multi.add(bar))
     }
 }
 
 impl Bar {
     /// Items done so far, with failures and retries when there are any.
     pub(crate) fn update(&self, done: u64, failed: u64, retries: u64) {
-        if failed + retries > 0 {
-            self.bar
-                .set_message(format!(", {failed} failed, {retries} chunks sent again"));
+        let faults = if failed + retries > 0 {
+            format!(", {failed} failed, {retries} chunks sent again")
+        } else {
+            String::new()
+        };
+        match self {
+            Bar::Drawn(bar) => {
+                if !faults.is_empty() {
+                    bar.set_message(faults);
+                }
+                bar.set_position(done);
+            }
+            Bar::Lines {
+                label,
+                total,
+                started,
+                last,
+            } => {
+                if last.get().elapsed() < LINE_EVERY {
+                    return;
+                }
+                last.set(Instant::now());
+                let elapsed = started.elapsed().as_secs_f64();
+                let of = total.map_or_else(String::new, |t| format!("/{t}"));
+                eprintln!(
+                    "{label} {done}{of} items, {} items/s, {elapsed:.0} s elapsed{faults}",
+                    rate(done as f64 / elapsed.max(1e-9))
+                );
+            }
         }
-        self.bar.set_position(done);
     }
 
     /// Leaves the bar as its final line: how far it got and how it ended.
     pub(crate) fn finish(&self, done: u64, wall: Duration, outcome: &str) {
-        let rate = if wall.as_secs_f64() > 0.0 {
-            done as f64 / wall.as_secs_f64()
-        } else {
-            0.0
-        };
-        self.bar
-            .set_style(ProgressStyle::with_template("{prefix} {msg}").expect("a valid template"));
-        self.bar.finish_with_message(format!(
-            "{outcome}: {done} items in {:.2} s ({rate:.0} items/s)",
-            wall.as_secs_f64()
-        ));
+        let line = format!(
+            "{outcome}: {done} items in {:.2} s ({} items/s)",
+            wall.as_secs_f64(),
+            rate(done as f64 / wall.as_secs_f64().max(1e-9))
+        );
+        match self {
+            Bar::Drawn(bar) => {
+                bar.set_style(
+                    ProgressStyle::with_template("{prefix} {msg}").expect("a valid template"),
+                );
+                bar.finish_with_message(line);
+            }
+            Bar::Lines { label, .. } => eprintln!("{label} {line}"),
+        }
     }
 }
 
 impl Drop for Bar {
     fn drop(&mut self) {
-        if !self.bar.is_finished() {
-            self.bar.abandon();
+        if let Bar::Drawn(bar) = self
+            && !bar.is_finished()
+        {
+            bar.abandon();
         }
     }
 }
 
-/// A draw target for stderr that is not a terminal: every draw is written as
-/// lines, with no cursor movement.
-#[derive(Debug)]
-struct Lines;
-
-impl TermLike for Lines {
-    fn width(&self) -> u16 {
-        120
-    }
-    fn move_cursor_up(&self, _: usize) -> io::Result<()> {
-        Ok(())
-    }
-    fn move_cursor_down(&self, _: usize) -> io::Result<()> {
-        Ok(())
-    }
-    fn move_cursor_right(&self, _: usize) -> io::Result<()> {
-        Ok(())
-    }
-    fn move_cursor_left(&self, _: usize) -> io::Result<()> {
-        Ok(())
-    }
-    fn write_line(&self, s: &str) -> io::Result<()> {
-        if s.trim().is_empty() {
-            return Ok(());
-        }
-        writeln!(io::stderr().lock(), "{s}")
-    }
-    fn write_str(&self, s: &str) -> io::Result<()> {
-        if s.trim().is_empty() {
-            return Ok(());
-        }
-        writeln!(io::stderr().lock(), "{s}")
-    }
-    fn clear_line(&self) -> io::Result<()> {
-        Ok(())
-    }
-    fn flush(&self) -> io::Result<()> {
-        io::stderr().flush()
+/// `8.1 M`, `950 k`, `12`.
+fn rate(per_sec: f64) -> String {
+    if per_sec >= 1e6 {
+        format!("{:.1} M", per_sec / 1e6)
+    } else if per_sec >= 1e4 {
+        format!("{:.0} k", per_sec / 1e3)
+    } else {
+        format!("{per_sec:.0}")
     }
 }

@@ -77,7 +77,8 @@ pub struct JobStats {
 pub struct WorkerStats {
     /// The worker's slot in its pool (a replacement keeps the slot).
     pub worker: usize,
-    /// Chunks it answered.
+    /// Chunks it answered (a fold stage's flushes are not chunks, though their
+    /// time counts).
     pub chunks: u64,
     /// Items in those chunks.
     pub items: u64,
@@ -389,7 +390,10 @@ impl Tally {
     ) {
         let age = nanos(self.started.elapsed());
         let w = slot(&mut self.stats.workers, worker);
-        w.chunks += 1;
+        // A fold job's flush answers no items: time, not a chunk.
+        if items > 0 {
+            w.chunks += 1;
+        }
         w.items += items as u64;
         let waited = timing.wait.min(age.saturating_sub(nanos(w.waiting)));
         w.waiting += Duration::from_nanos(waited);

@@ -57,6 +57,10 @@ fn play(role: &OsStr) {
         crate::pipe::channels_leave_nothing_behind();
     } else if role == "refused-pid" {
         crate::hardening::helper_refused_pid();
+    } else if role == "progress-asked" {
+        crate::insights::helper_progress(true);
+    } else if role == "progress-unasked" {
+        crate::insights::helper_progress(false);
     } else if role == "recycled" {
         crate::jobs::helper_recycled();
     } else if role == "pool-size" {

@@ -278,3 +278,71 @@ fn a_trace_file_that_cannot_be_created_is_named() {
         "{err}"
     );
 }
+
+/// For the progress tests, in a helper process whose stderr the test reads: a
+/// pool asked for bars (or not: `MULTIPROC_PROGRESS` decides), a map that skips
+/// item 13, and a worker lost once on item 13 of a second map.
+pub(crate) fn helper_progress(asked: bool) {
+    let pool = Pool::builder()
+        .workers(2)
+        .chunk_size(10)
+        .progress(asked)
+        .inherit_output(false)
+        .build()
+        .unwrap();
+    let skipped = pool.map_skip(0..1_000u64, fails_on_13).unwrap();
+    assert_eq!(skipped.results.len(), 999);
+    let dir = tempfile::tempdir().unwrap();
+    let context = dir.path().to_string_lossy().into_owned();
+    let got = pool.map_with(0..500u64, &context, dies_once_on_13).unwrap();
+    assert_eq!(got.len(), 500);
+}
+
+fn progress_lines(role: &str, progress: Option<&str>) -> Vec<String> {
+    let mut command = crate::helpers::helper_command(role);
+    command.env_remove("MULTIPROC_PROGRESS");
+    if let Some(value) = progress {
+        command.env("MULTIPROC_PROGRESS", value);
+    }
+    let out = command.output().expect("the helper ran");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    stderr.lines().map(str::to_owned).collect()
+}
+
+#[test]
+fn forced_bars_end_with_one_line_per_job_that_counts_every_item() {
+    // Stderr is a pipe here: bars are drawn only because the variable forces them.
+    let lines = progress_lines("progress-unasked", Some("1"));
+    let finals: Vec<_> = lines.iter().filter(|l| l.contains(" items in ")).collect();
+    assert_eq!(finals.len(), 2, "{lines:#?}");
+    assert!(finals[0].contains("done: 1000 items"), "{lines:#?}");
+    assert!(finals[1].contains("done: 500 items"), "{lines:#?}");
+    // While it ran, the first bar said how many failed, the second what was resent.
+    assert!(
+        lines.iter().any(|l| l.contains("1 failed")) || lines.len() == 2,
+        "{lines:#?}"
+    );
+}
+
+#[test]
+fn bars_are_hidden_off_a_terminal_and_can_be_turned_off() {
+    // Asked for, but stderr is not a terminal: nothing is drawn.
+    assert_eq!(progress_lines("progress-asked", None), Vec::<String>::new());
+    // Turned off by the variable even where they would be drawn.
+    assert_eq!(
+        progress_lines("progress-asked", Some("0")),
+        Vec::<String>::new()
+    );
+    let mut command = crate::helpers::helper_command("progress-asked");
+    let out = command
+        .env("MULTIPROC_PROGRESS", "sometimes")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("MULTIPROC_PROGRESS") && stderr.contains("\"sometimes\""),
+        "{stderr}"
+    );
+}
