@@ -76,17 +76,20 @@ impl Bars {
                 };
             }
         };
+        // Made hidden and then given to the set: a bar made on stderr would draw
+        // itself once there, outside the set, and leave that line behind.
         let (bar, template) = match total {
             Some(total) => (
-                ProgressBar::new(total as u64),
+                ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::hidden()),
                 "{prefix} [{bar:30}] {human_pos}/{human_len} items, {rate}, {elapsed} elapsed, \
                  ETA {eta}{msg}",
             ),
             None => (
-                ProgressBar::no_length(),
+                ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden()),
                 "{prefix} {human_pos} items, {rate}, {elapsed} elapsed{msg}",
             ),
         };
+        let bar = multi.add(bar);
         bar.set_style(
             ProgressStyle::with_template(template)
                 .expect("a valid template")
@@ -96,7 +99,7 @@ impl Bars {
                 .progress_chars("=> "),
         );
         bar.set_prefix(label.to_owned());
-        Bar::Drawn(multi.add(bar))
+        Bar::Drawn(bar)
     }
 }
 

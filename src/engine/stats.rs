@@ -31,7 +31,7 @@ use crate::wire::protocol::Timing;
 ///     multiproc::init();
 ///     let pool = multiproc::Pool::builder().workers(2).build()?;
 ///     let squares = pool.map(0..10_000u64, |x| x * x)?;
-///     let stats = pool.last_job_stats().expect("a job ran");
+///     let stats = pool.last_job_stats()?.expect("a job ran");
 ///     assert_eq!(stats.items, squares.len() as u64);
 ///     println!("{}", stats.summary()); // where the time went, and what to change
 ///     Ok(())
