@@ -22,7 +22,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::engine::backend::Waker;
-use crate::engine::ends::{IterSource, Sink};
+use crate::engine::ends::{IterSource, Sink, Source};
 use crate::engine::job::{FoldLedger, Job, Kind, Local};
 use crate::engine::scheduler::{Drive, Engine, Hooks, Submission};
 use crate::error::{Error, ErrorPolicy, Result};
@@ -611,6 +611,17 @@ impl Core {
         I: Iterator<Item = T>,
         T: Serialize + DeserializeOwned,
     {
+        self.run_lent_source(call, &mut IterSource::new(items), sink)
+    }
+
+    /// [`Core::run_lent`] with a source of the caller's own (a checkpoint's, which
+    /// passes over the items it holds).
+    pub(crate) fn run_lent_source(
+        &self,
+        call: LentCall<'_>,
+        source: &mut dyn Source,
+        sink: &mut dyn Sink,
+    ) -> Result<()> {
         let LentCall {
             task,
             context,
@@ -641,10 +652,9 @@ impl Core {
         job.policy = policy;
         job.fold = fold;
         let id = driving.engine().add(job);
-        let mut source = IterSource::new(items);
         let mut local = Local {
             job: id,
-            source: Some(&mut source),
+            source: Some(source),
             sink: Some(sink),
         };
         let mut until = |engine: &Engine| {
