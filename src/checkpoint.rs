@@ -6,15 +6,19 @@
 //! ```text
 //! header  b"mpckpt\0\x01" | job length (u32) | job (UTF-8) | checksum (u64)
 //! record  b"rec1" | first item (u64) | end item (u64, exclusive) | input checksum (u64)
-//!         | payload length (u64) | payload | checksum (u64)
+//!         | payload length (u64) | checksum of the fields (u64) | payload
+//!         | checksum of the fields and payload (u64)
 //! ```
 //!
 //! Integers are little-endian. The job names the kind of call and the type names of
 //! the items, the results and the functions. A record covers one chunk: the
 //! original indices of its items, the checksum of their encodings (so a different
 //! input is seen when its items are read), and the chunk's reply as the worker sent
-//! it (its results back to back, or its partial reduction). The trailing checksum
-//! covers the record's fields and payload. Each record is written with one
+//! it (its results back to back, or its partial reduction). The fields have a
+//! checksum of their own, so a damaged length is never trusted: a record that is
+//! cut short with intact fields, or fails only its last checksum at the end of the
+//! file, is a torn last record (a crash while it was written); anything else that
+//! fails is damage. Each record is written with one
 //! `write(2)` as its chunk is delivered, and the file is `fsync`ed
 //! (`File::sync_data`) every [`SYNC_RECORDS`] records or [`SYNC_INTERVAL`],
 //! whichever comes first, and when the call ends.
@@ -46,8 +50,8 @@ use crate::worker::task::{self, Collect, Fold, Plain};
 const MAGIC: &[u8; 8] = b"mpckpt\0\x01";
 /// The first bytes of every record.
 const RECORD_TAG: &[u8; 4] = b"rec1";
-/// A record's bytes before its payload.
-const RECORD_FIXED: usize = 4 + 4 * 8;
+/// A record's bytes before its payload: tag, four fields, their checksum.
+const RECORD_FIXED: usize = 4 + 5 * 8;
 /// Records written between two `fsync`s, at most.
 pub(crate) const SYNC_RECORDS: usize = 64;
 /// The longest a written record waits for its `fsync` (checked as records come).
@@ -359,16 +363,18 @@ fn read_records(
         }
         let mut fixed = [0; RECORD_FIXED];
         reader.read_exact(&mut fixed).map_err(io_error)?;
-        let word = |i: usize| u64::from_le_bytes(fixed[4 + 8 * i..12 + 8 * i].try_into().expect("8 bytes"));
+        let word = |i: usize| {
+            u64::from_le_bytes(fixed[4 + 8 * i..12 + 8 * i].try_into().expect("8 bytes"))
+        };
         let (first, end, input, size) = (word(0), word(1), word(2), word(3));
-        if &fixed[..4] != RECORD_TAG {
+        if &fixed[..4] != RECORD_TAG || checksum(&[&fixed[..RECORD_FIXED - 8]]) != word(4) {
             // A crash of the machine can leave zeros where the last writes were.
             let mut rest = Vec::new();
             reader.read_to_end(&mut rest).map_err(io_error)?;
             if fixed.iter().chain(&rest).all(|&b| b == 0) {
                 return Ok((recorded, at));
             }
-            return Err(damaged(at, "no record starts there"));
+            return Err(damaged(at, "its fields fail their checksum"));
         }
         let total = (RECORD_FIXED as u64 + 8).saturating_add(size);
         if total > left {
@@ -666,6 +672,8 @@ impl Log {
         for word in [items.start as u64, items.end as u64, input, payload.len() as u64] {
             staged.extend_from_slice(&word.to_le_bytes());
         }
+        let fields = checksum(&[&staged[..]]);
+        staged.extend_from_slice(&fields.to_le_bytes());
         staged.extend_from_slice(payload);
         let sum = checksum(&[&staged[..RECORD_FIXED], &staged[RECORD_FIXED..]]);
         staged.extend_from_slice(&sum.to_le_bytes());

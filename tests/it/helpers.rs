@@ -57,6 +57,8 @@ fn play(role: &OsStr) {
         crate::pipe::channels_leave_nothing_behind();
     } else if role == "refused-pid" {
         crate::hardening::helper_refused_pid();
+    } else if role == "checkpointed-map" {
+        crate::checkpoint::helper_checkpointed_map();
     } else if role == "recycled" {
         crate::jobs::helper_recycled();
     } else if role == "pool-size" {
