@@ -57,6 +57,71 @@ pub(crate) const SYNC_RECORDS: usize = 64;
 /// The longest a written record waits for its `fsync` (checked as records come).
 pub(crate) const SYNC_INTERVAL: Duration = Duration::from_millis(100);
 
+impl Pool {
+    /// A view of the pool whose [`map`](Checkpointed::map) and
+    /// [`map_reduce`](Checkpointed::map_reduce) record each completed chunk in the
+    /// checkpoint file at `path` and, run again with the same file, skip what it
+    /// records: a job stopped part way (killed, crashed, interrupted, failed)
+    /// resumes where it stopped and returns exactly what one uninterrupted run
+    /// returns.
+    ///
+    /// The file is created if it does not exist (its directory must), and kept
+    /// after the job: run again, the same job reads its input, checks it, and
+    /// returns at once from the file. Delete it to start afresh.
+    ///
+    /// - Records name the items they cover by their index in the input, so chunk
+    ///   sizes may differ between runs. The input is read in order each time;
+    ///   recorded items are encoded and checked against the record's checksum but
+    ///   not sent to workers, and a chunk never spans a recorded item.
+    /// - The file's header names the job: `map` or `map_reduce` and the type names
+    ///   of the items, the results, the task (and `identity`, `reduce`). A file of
+    ///   another job is refused ([`Error::CheckpointOfAnotherJob`]) before anything
+    ///   runs; recorded items whose input differs are refused as they are read
+    ///   ([`Error::CheckpointInputDiffers`]). Two closures in one function have the
+    ///   same type name: name tasks with `fn` items to tell them apart.
+    /// - Each record has a checksum. The file is written append-only, one write per
+    ///   chunk as it is delivered, and `fsync`ed every 64 records or 100 ms,
+    ///   whichever comes first, and when the call returns: a killed process loses
+    ///   nothing it delivered, a machine that crashes at most the last 100 ms. A
+    ///   record torn by a crash while it was written (the last one) is dropped and
+    ///   its items run again; a damaged record before the last is an error
+    ///   ([`Error::Checkpoint`]), never skipped.
+    /// - A chunk with failed items (under [`ErrorPolicy::Collect`](crate::ErrorPolicy::Collect) or
+    ///   [`ErrorPolicy::Skip`](crate::ErrorPolicy::Skip)) is not recorded, so a later run runs it again.
+    /// - Items are checked by their encoding, so an item holding a [`SharedSlice`](crate::SharedSlice),
+    ///   [`Shared`](crate::Shared), [`Queue`](crate::Queue) or [`Pipe`](crate::Pipe)
+    ///   (encoded as a handle naming this process) does not match in another run.
+    /// - One run at a time per file: the file is not locked.
+    ///
+    /// # Examples
+    ///
+    /// ```standalone_crate
+    /// fn square(x: u64) -> u64 {
+    ///     x * x
+    /// }
+    ///
+    /// fn main() -> multiproc::Result<()> {
+    ///     multiproc::init(); // in a worker process this call serves tasks and never returns
+    ///     let dir = std::env::temp_dir().join(format!("multiproc-doc-{}", std::process::id()));
+    ///     std::fs::create_dir_all(&dir).expect("a temporary directory");
+    ///     let path = dir.join("squares.ckpt");
+    ///     let pool = multiproc::Pool::builder().workers(2).build()?;
+    ///     let squares: Vec<u64> = pool.checkpoint(&path).map(0..1_000u64, square)?;
+    ///     // Run again (after a crash, say): everything comes from the file.
+    ///     let again: Vec<u64> = pool.checkpoint(&path).map(0..1_000u64, square)?;
+    ///     assert_eq!(squares, again);
+    ///     // A checkpoint of another job is refused.
+    ///     let other = pool.checkpoint(&path).map(0..1_000u64, |x: u64| x + 1);
+    ///     assert!(matches!(other, Err(multiproc::Error::CheckpointOfAnotherJob { .. })));
+    ///     std::fs::remove_dir_all(&dir).expect("removed");
+    ///     Ok(())
+    /// }
+    /// ```
+    pub fn checkpoint(&self, path: impl AsRef<Path>) -> Checkpointed<'_> {
+        Checkpointed::new(self, path.as_ref().to_owned())
+    }
+}
+
 /// A view of a [`Pool`] whose `map` and `map_reduce` record each completed chunk in
 /// a checkpoint file and, run again with the same file, skip what it records.
 ///
@@ -251,7 +316,8 @@ fn open(path: &Path, job: &str) -> Result<(File, Vec<Recorded>)> {
         if created {
             sync_parent(path).map_err(fail("could not sync the directory holding"))?;
         }
-        file.seek(SeekFrom::End(0)).map_err(fail("could not seek"))?;
+        file.seek(SeekFrom::End(0))
+            .map_err(fail("could not seek"))?;
         return Ok((file, Vec::new()));
     }
     check_header(path, &file, &existing, job)?;
@@ -441,7 +507,9 @@ fn checksum(parts: &[&[u8]]) -> u64 {
 const SEED: u64 = 0xcbf2_9ce4_8422_2325;
 
 fn mix(hash: u64, word: u64) -> u64 {
-    (hash ^ word).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(27)
+    (hash ^ word)
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        .rotate_left(27)
 }
 
 /// The chunks a [`ResumingSource`] filled and its [`RecordingSink`] has not yet
@@ -481,8 +549,12 @@ where
                     return Err(self.differs(record.items.clone()));
                 };
                 self.scratch.clear();
-                codec::encode_into(&item, &mut self.scratch)
-                    .map_err(|source| Error::EncodeItem { item: index, source })?;
+                codec::encode_into(&item, &mut self.scratch).map_err(|source| {
+                    Error::EncodeItem {
+                        item: index,
+                        source,
+                    }
+                })?;
                 input = mix(input, checksum(&[&self.scratch]));
                 self.position += 1;
             }
@@ -515,7 +587,10 @@ where
         byte_cap: usize,
         body: &mut Vec<u8>,
     ) -> Result<Filled> {
-        debug_assert_eq!(first, self.position, "the engine counts the items passed over");
+        debug_assert_eq!(
+            first, self.position,
+            "the engine counts the items passed over"
+        );
         let skipped = self.pass_recorded()?;
         let start = self.position;
         let stop = self
@@ -584,7 +659,11 @@ impl RecordingSink<'_> {
             let bytes = self.log.read(record)?;
             let len = bytes.len();
             self.inner
-                .deliver(0, record.items.clone(), Payload::new(Frame::Inline(bytes), len))
+                .deliver(
+                    0,
+                    record.items.clone(),
+                    Payload::new(Frame::Inline(bytes), len),
+                )
                 .map_err(|error| Error::Checkpoint {
                     path: self.log.path.clone(),
                     reason: format!(
@@ -605,7 +684,10 @@ impl RecordingSink<'_> {
             .borrow_mut()
             .pop_front()
             .expect("every delivered chunk was filled by the job's source");
-        assert_eq!(&filled, items, "an ordered job delivers its chunks in order");
+        assert_eq!(
+            &filled, items,
+            "an ordered job delivers its chunks in order"
+        );
         input
     }
 }
@@ -669,7 +751,12 @@ impl Log {
         let staged = &mut self.staged;
         staged.clear();
         staged.extend_from_slice(RECORD_TAG);
-        for word in [items.start as u64, items.end as u64, input, payload.len() as u64] {
+        for word in [
+            items.start as u64,
+            items.end as u64,
+            input,
+            payload.len() as u64,
+        ] {
             staged.extend_from_slice(&word.to_le_bytes());
         }
         let fields = checksum(&[&staged[..]]);
@@ -738,4 +825,77 @@ pub(crate) fn recorded_items(path: &Path) -> Result<Vec<Range<usize>>> {
     let (mut recorded, _) = read_records(path, &mut reader, at, len)?;
     recorded.sort_by_key(|r| r.items.start);
     Ok(recorded.into_iter().map(|r| r.items).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(items: Range<usize>, payload: &[u8]) -> Vec<u8> {
+        let file = tempfile::tempfile().expect("a temporary file");
+        let mut log = Log::new(file, Path::new("unused"));
+        log.stage(&items, 7, payload);
+        log.staged.clone()
+    }
+
+    fn read(bytes: &[u8]) -> Result<(Vec<Recorded>, u64)> {
+        read_records(Path::new("x"), &mut &bytes[..], 0, bytes.len() as u64)
+    }
+
+    #[test]
+    fn a_torn_or_zeroed_tail_is_dropped_and_damage_before_it_is_refused() {
+        let mut bytes = record(0..3, b"abc");
+        let first = bytes.len() as u64;
+        bytes.extend(record(3..5, b"defgh"));
+        let (recorded, end) = read(&bytes).unwrap();
+        assert_eq!(recorded.len(), 2);
+        assert_eq!(end, bytes.len() as u64);
+        for cut in 1..bytes.len() - first as usize {
+            let (recorded, end) = read(&bytes[..bytes.len() - cut]).unwrap();
+            assert_eq!((recorded.len(), end), (1, first), "cut {cut}");
+        }
+        let mut zeroed = bytes.clone();
+        zeroed[first as usize..].fill(0);
+        assert_eq!(read(&zeroed).unwrap().1, first);
+        // The last record's payload damaged: torn. The first's: damage.
+        let mut last = bytes.clone();
+        *last.last_mut().unwrap() ^= 1;
+        assert_eq!(read(&last).unwrap().1, first);
+        for at in [0, 5, RECORD_FIXED + 1] {
+            let mut damaged = bytes.clone();
+            damaged[at] ^= 1;
+            assert!(
+                matches!(read(&damaged), Err(Error::Checkpoint { .. })),
+                "byte {at}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_header_torn_as_it_was_written_starts_afresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("torn.ckpt");
+        let full = header("map of a to b by c");
+        std::fs::write(&path, &full[..full.len() - 3]).unwrap();
+        let (_, recorded) = open(&path, "map of a to b by c").unwrap();
+        assert!(recorded.is_empty());
+        assert_eq!(std::fs::read(&path).unwrap(), full);
+        let error = open(&path, "map of a to b by d").unwrap_err();
+        assert!(
+            matches!(error, Error::CheckpointOfAnotherJob { .. }),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn the_checksum_sees_every_changed_byte() {
+        let bytes: Vec<u8> = (0..37).collect();
+        let sum = checksum(&[&bytes]);
+        for at in 0..bytes.len() {
+            let mut changed = bytes.clone();
+            changed[at] ^= 0x80;
+            assert_ne!(checksum(&[&changed]), sum, "byte {at}");
+        }
+        assert_ne!(checksum(&[&bytes[..8], &bytes[8..]]), sum);
+    }
 }

@@ -383,7 +383,9 @@ pub enum Error {
     },
     /// A checkpoint file was written by another job: another kind of call, or a
     /// task, item or result of other types. Nothing was run or recorded.
-    #[error("checkpoint {path:?} was written by another job ({found}), not by this one ({expected})")]
+    #[error(
+        "checkpoint {path:?} was written by another job ({found}), not by this one ({expected})"
+    )]
     CheckpointOfAnotherJob {
         /// The checkpoint file.
         path: std::path::PathBuf,

@@ -1,14 +1,12 @@
 //! Pool and PoolBuilder: the public face of a set of workers, Python's `Pool` typed.
 
 use std::any::TypeId;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::checkpoint::Checkpointed;
 use crate::engine::driver::{Core, LentCall};
 use crate::engine::ends::{IterSource, Sink, encode_item};
 use crate::engine::job::{FoldLedger, Kind};
@@ -149,69 +147,6 @@ impl Pool {
             workers_started: engine.workers.started,
             chunks_retried: engine.retried,
         })
-    }
-
-    /// A view of the pool whose [`map`](Checkpointed::map) and
-    /// [`map_reduce`](Checkpointed::map_reduce) record each completed chunk in the
-    /// checkpoint file at `path` and, run again with the same file, skip what it
-    /// records: a job stopped part way (killed, crashed, interrupted, failed)
-    /// resumes where it stopped and returns exactly what one uninterrupted run
-    /// returns.
-    ///
-    /// The file is created if it does not exist (its directory must), and kept
-    /// after the job: run again, the same job reads its input, checks it, and
-    /// returns at once from the file. Delete it to start afresh.
-    ///
-    /// - Records name the items they cover by their index in the input, so chunk
-    ///   sizes may differ between runs. The input is read in order each time;
-    ///   recorded items are encoded and checked against the record's checksum but
-    ///   not sent to workers, and a chunk never spans a recorded item.
-    /// - The file's header names the job: `map` or `map_reduce` and the type names
-    ///   of the items, the results, the task (and `identity`, `reduce`). A file of
-    ///   another job is refused ([`Error::CheckpointOfAnotherJob`]) before anything
-    ///   runs; recorded items whose input differs are refused as they are read
-    ///   ([`Error::CheckpointInputDiffers`]). Two closures in one function have the
-    ///   same type name: name tasks with `fn` items to tell them apart.
-    /// - Each record has a checksum. The file is written append-only, one write per
-    ///   chunk as it is delivered, and `fsync`ed every 64 records or 100 ms,
-    ///   whichever comes first, and when the call returns: a killed process loses
-    ///   nothing it delivered, a machine that crashes at most the last 100 ms. A
-    ///   record torn by a crash while it was written (the last one) is dropped and
-    ///   its items run again; a damaged record before the last is an error
-    ///   ([`Error::Checkpoint`]), never skipped.
-    /// - A chunk with failed items (under [`ErrorPolicy::Collect`] or
-    ///   [`ErrorPolicy::Skip`]) is not recorded, so a later run runs it again.
-    /// - Items are checked by their encoding, so an item holding a [`SharedSlice`](crate::SharedSlice),
-    ///   [`Shared`](crate::Shared), [`Queue`](crate::Queue) or [`Pipe`](crate::Pipe)
-    ///   (encoded as a handle naming this process) does not match in another run.
-    /// - One run at a time per file: the file is not locked.
-    ///
-    /// # Examples
-    ///
-    /// ```standalone_crate
-    /// fn square(x: u64) -> u64 {
-    ///     x * x
-    /// }
-    ///
-    /// fn main() -> multiproc::Result<()> {
-    ///     multiproc::init(); // in a worker process this call serves tasks and never returns
-    ///     let dir = std::env::temp_dir().join(format!("multiproc-doc-{}", std::process::id()));
-    ///     std::fs::create_dir_all(&dir).expect("a temporary directory");
-    ///     let path = dir.join("squares.ckpt");
-    ///     let pool = multiproc::Pool::builder().workers(2).build()?;
-    ///     let squares: Vec<u64> = pool.checkpoint(&path).map(0..1_000u64, square)?;
-    ///     // Run again (after a crash, say): everything comes from the file.
-    ///     let again: Vec<u64> = pool.checkpoint(&path).map(0..1_000u64, square)?;
-    ///     assert_eq!(squares, again);
-    ///     // A checkpoint of another job is refused.
-    ///     let other = pool.checkpoint(&path).map(0..1_000u64, |x: u64| x + 1);
-    ///     assert!(matches!(other, Err(multiproc::Error::CheckpointOfAnotherJob { .. })));
-    ///     std::fs::remove_dir_all(&dir).expect("removed");
-    ///     Ok(())
-    /// }
-    /// ```
-    pub fn checkpoint(&self, path: impl AsRef<Path>) -> Checkpointed<'_> {
-        Checkpointed::new(self, path.as_ref().to_owned())
     }
 
     /// Applies `task` to every item and returns the results in input order.

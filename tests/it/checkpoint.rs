@@ -74,7 +74,11 @@ fn take_log(log: &Path) -> Vec<u64> {
 }
 
 fn indices(ranges: &[Range<usize>]) -> BTreeSet<u64> {
-    ranges.iter().flat_map(|r| r.clone()).map(|i| i as u64).collect()
+    ranges
+        .iter()
+        .flat_map(|r| r.clone())
+        .map(|i| i as u64)
+        .collect()
 }
 
 const KILLED_LEN: usize = 1000;
@@ -125,9 +129,9 @@ fn a_job_whose_parent_is_killed_resumes_and_recomputes_only_unrecorded_chunks() 
     let killed = run_helper(&checkpoint, &log, Some(KILL_AT));
     assert_eq!(killed.status.signal(), Some(libc::SIGKILL), "{killed:?}");
     let recorded = indices(&multiproc::__private::checkpoint_records(&checkpoint).unwrap());
-    // Chunks of 50: the first chunks were delivered before the input reached item
-    // 600 (a job runs at most 4 chunks per worker ahead of what it delivered), and
-    // the chunk holding item 600 was never sent.
+    // Chunks of 50, each worker given at most 2 at a time: the chunk of item 600
+    // (the 13th) is filled only once 9 chunks were answered, chunk 0 among them, so
+    // some were delivered and recorded; the chunk of item 600 was never sent.
     assert!(!recorded.is_empty(), "nothing recorded before the kill");
     assert!(recorded.iter().all(|&i| i < KILL_AT), "{recorded:?}");
     take_log(&log);
@@ -148,12 +152,19 @@ fn a_job_whose_parent_is_killed_resumes_and_recomputes_only_unrecorded_chunks() 
     assert_eq!(ran, unrecorded);
     assert_eq!(ran.len(), KILLED_LEN - recorded.len());
     let all = indices(&multiproc::__private::checkpoint_records(&checkpoint).unwrap());
-    assert_eq!(all.len(), KILLED_LEN, "the finished checkpoint records everything");
+    assert_eq!(
+        all.len(),
+        KILLED_LEN,
+        "the finished checkpoint records everything"
+    );
 
     // Once complete, a run takes everything from the file.
     let again = run_helper(&checkpoint, &log, None);
     assert!(again.status.success(), "{again:?}");
-    assert_eq!(String::from_utf8(again.stdout).unwrap().lines().count(), KILLED_LEN);
+    assert_eq!(
+        String::from_utf8(again.stdout).unwrap().lines().count(),
+        KILLED_LEN
+    );
     assert_eq!(take_log(&log), Vec::<u64>::new(), "nothing ran again");
 }
 
@@ -164,15 +175,25 @@ fn a_checkpoint_with_a_truncated_last_record_is_recovered() {
     let input = items(200, &log, None);
     let expected: Vec<u64> = input.iter().cloned().map(unlogged).collect();
     let pool = pool_with_chunks(2, 7);
-    assert_eq!(pool.checkpoint(&path).map(input.clone(), logged).unwrap(), expected);
+    assert_eq!(
+        pool.checkpoint(&path).map(input.clone(), logged).unwrap(),
+        expected
+    );
     assert_eq!(take_log(&log).len(), 200);
     let whole = fs::read(&path).unwrap();
 
     // A crash while the last record (items 196..200: 200 = 28 * 7 + 4) was written.
     for cut in [1, 9, 30] {
         fs::write(&path, &whole[..whole.len() - cut]).unwrap();
-        assert_eq!(pool.checkpoint(&path).map(input.clone(), logged).unwrap(), expected);
-        assert_eq!(take_log(&log), (196..200).collect::<Vec<u64>>(), "cut {cut}");
+        assert_eq!(
+            pool.checkpoint(&path).map(input.clone(), logged).unwrap(),
+            expected
+        );
+        assert_eq!(
+            take_log(&log),
+            (196..200).collect::<Vec<u64>>(),
+            "cut {cut}"
+        );
         // The same chunk again: the file is as it was.
         assert_eq!(fs::read(&path).unwrap(), whole, "cut {cut}");
     }
@@ -182,10 +203,16 @@ fn a_checkpoint_with_a_truncated_last_record_is_recovered() {
     let middle = damaged.len() / 2;
     damaged[middle] ^= 0x40;
     fs::write(&path, &damaged).unwrap();
-    let error = pool.checkpoint(&path).map(input.clone(), logged).unwrap_err();
+    let error = pool
+        .checkpoint(&path)
+        .map(input.clone(), logged)
+        .unwrap_err();
     assert!(matches!(error, Error::Checkpoint { .. }), "{error:?}");
     let message = error.to_string();
-    assert!(message.contains("map.ckpt") && message.contains("damaged"), "{message}");
+    assert!(
+        message.contains("map.ckpt") && message.contains("damaged"),
+        "{message}"
+    );
     assert_eq!(take_log(&log), Vec::<u64>::new(), "nothing ran");
 }
 
@@ -204,16 +231,27 @@ fn a_checkpoint_of_another_job_or_input_is_refused() {
         .checkpoint(&path)
         .map(input.clone(), unlogged)
         .unwrap_err();
-    let Error::CheckpointOfAnotherJob { path: named, found, expected } = &error else {
+    let Error::CheckpointOfAnotherJob {
+        path: named,
+        found,
+        expected,
+    } = &error
+    else {
         panic!("{error:?}");
     };
     assert_eq!(named, &path);
-    assert!(found.contains("logged") && expected.contains("unlogged"), "{error}");
+    assert!(
+        found.contains("logged") && expected.contains("unlogged"),
+        "{error}"
+    );
     let error = pool
         .checkpoint(&path)
         .map_reduce(input.clone(), logged_digits, empty, concat)
         .unwrap_err();
-    assert!(matches!(error, Error::CheckpointOfAnotherJob { .. }), "{error:?}");
+    assert!(
+        matches!(error, Error::CheckpointOfAnotherJob { .. }),
+        "{error:?}"
+    );
 
     // The same job on another input: the first recorded range that differs is named.
     let mut other = input.clone();
@@ -232,14 +270,21 @@ fn a_checkpoint_of_another_job_or_input_is_refused() {
         matches!(&error, Error::CheckpointInputDiffers { items, .. } if *items == (50..60)),
         "{error:?}"
     );
-    assert_eq!(fs::read(&path).unwrap(), written, "a refused run records nothing");
+    assert_eq!(
+        fs::read(&path).unwrap(),
+        written,
+        "a refused run records nothing"
+    );
 
     // A file that is not a checkpoint.
     let text = dir.path().join("notes.txt");
     fs::write(&text, "these are notes, not a checkpoint\n").unwrap();
     let error = pool.checkpoint(&text).map(input, logged).unwrap_err();
     assert!(matches!(error, Error::Checkpoint { .. }), "{error:?}");
-    assert!(error.to_string().contains("not a multiproc checkpoint"), "{error}");
+    assert!(
+        error.to_string().contains("not a multiproc checkpoint"),
+        "{error}"
+    );
     assert_eq!(take_log(&log), Vec::<u64>::new(), "nothing ran");
 }
 
@@ -297,7 +342,10 @@ fn a_checkpointed_map_on_the_inline_backend_matches_a_plain_map() {
         let input = items(len, &log, None);
         let plain = pool.map(input.clone(), unlogged).unwrap();
         let _ = fs::remove_file(&path);
-        assert_eq!(pool.checkpoint(&path).map(input.clone(), unlogged).unwrap(), plain);
+        assert_eq!(
+            pool.checkpoint(&path).map(input.clone(), unlogged).unwrap(),
+            plain
+        );
         assert_eq!(pool.checkpoint(&path).map(input, unlogged).unwrap(), plain);
     }
 }
