@@ -1,6 +1,8 @@
 //! PoolBuilder: how a pool's workers are started and supervised.
 
 use std::any::TypeId;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -10,8 +12,10 @@ use crate::engine::backend::{Backend, StartOptions};
 use crate::engine::chunker;
 use crate::engine::driver::Core;
 use crate::engine::ends::encode_item;
+use crate::engine::progress::Bars;
 use crate::engine::scheduler::{Engine, Hooks, Submission};
 use crate::engine::supervisor::Supervisor;
+use crate::engine::trace::Trace;
 use crate::error::{Error, ErrorPolicy, Result};
 use crate::os::spawn::SpawnOptions;
 use crate::pool::Pool;
@@ -77,6 +81,28 @@ pub struct PoolBuilder {
     corrupt_reply: Option<(usize, u64)>,
     fail_starts_after: Option<u64>,
     announce_parent_pid: Option<usize>,
+    progress: bool,
+    trace: Option<TraceTo>,
+    /// A pipeline's shared bars and the stage's label on them.
+    bars: Option<(Bars, String)>,
+}
+
+/// Where a pool writes its timeline.
+#[derive(Clone)]
+pub(crate) enum TraceTo {
+    /// A file of its own, created when the pool is built.
+    File(PathBuf),
+    /// A file shared with other pools (a pipeline's stages), under this name.
+    Shared(Arc<Trace>, String),
+}
+
+impl std::fmt::Debug for TraceTo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TraceTo::File(path) => write!(f, "File({})", path.display()),
+            TraceTo::Shared(_, name) => write!(f, "Shared({name})"),
+        }
+    }
 }
 
 impl Default for PoolBuilder {
@@ -101,11 +127,72 @@ impl Default for PoolBuilder {
             corrupt_reply: None,
             fail_starts_after: None,
             announce_parent_pid: None,
+            progress: false,
+            trace: None,
+            bars: None,
         }
     }
 }
 
 impl PoolBuilder {
+    /// Draws a progress bar per job on stderr: items done (of how many, when the
+    /// input's size is known), rate, elapsed time and ETA, failures and retries
+    /// when there are any; one final line per job is left when it ends. Bars are
+    /// drawn by the parent, only when stderr is a terminal. `MULTIPROC_PROGRESS=1`
+    /// turns them on for a program that did not ask (and draws them, a line a
+    /// second, even when stderr is not a terminal); `MULTIPROC_PROGRESS=0` turns
+    /// them off. Off by default; `apply_async` submissions have no bar.
+    ///
+    /// Workers that print to the same terminal while a bar is drawn write over
+    /// its line: give such output to the parent, or build the pool with
+    /// `inherit_output(false)`.
+    pub fn progress(mut self, on: bool) -> Self {
+        self.progress = on;
+        self
+    }
+
+    /// Writes the pool's timeline to `path` as a Chrome trace-event file: one track
+    /// per worker and one for the parent, a slice per chunk (its job, item range
+    /// and bytes), per worker start-up and per job, and instants for lost workers,
+    /// chunks sent again, poison items and timeouts. Open it in
+    /// <https://ui.perfetto.dev> (drag the file onto the page) or in Chromium's
+    /// `chrome://tracing`. The file is created when the pool is built, written as
+    /// events happen, flushed at the end of every job (so it can be opened while
+    /// the program runs) and closed when the pool is dropped.
+    ///
+    /// ```standalone_crate
+    /// fn main() -> multiproc::Result<()> {
+    ///     multiproc::init();
+    ///     let dir = std::env::temp_dir().join(format!("trace-doc-{}", std::process::id()));
+    ///     std::fs::create_dir_all(&dir).unwrap();
+    ///     let path = dir.join("timeline.json");
+    ///     {
+    ///         let pool = multiproc::Pool::builder().workers(2).trace(&path).build()?;
+    ///         pool.map(0..1_000u64, |x| x + 1)?;
+    ///     } // the file is complete once the pool is dropped
+    ///     let text = std::fs::read_to_string(&path).unwrap();
+    ///     assert!(text.trim_start().starts_with('[') && text.trim_end().ends_with(']'));
+    ///     std::fs::remove_dir_all(&dir).unwrap();
+    ///     Ok(())
+    /// }
+    /// ```
+    pub fn trace(mut self, path: impl AsRef<Path>) -> Self {
+        self.trace = Some(TraceTo::File(path.as_ref().to_owned()));
+        self
+    }
+
+    /// For a pipeline's stages: a trace file shared by every stage.
+    pub(crate) fn trace_shared(mut self, trace: Arc<Trace>, name: String) -> Self {
+        self.trace = Some(TraceTo::Shared(trace, name));
+        self
+    }
+
+    /// For a pipeline's stages: bars drawn together, this stage's under `label`.
+    pub(crate) fn bars_shared(mut self, bars: Bars, label: String) -> Self {
+        self.bars = Some((bars, label));
+        self
+    }
+
     /// Context values (of [`Pool::map_with`] and [`Pool::map_reduce_with`]) whose
     /// encoding is larger than `bytes` are shared through a sealed memory map instead
     /// of being sent to each worker; the default is 1 MiB, as joblib's `max_nbytes`.
@@ -343,6 +430,7 @@ impl PoolBuilder {
             Some(inline) => inline,
             None => default_inline()?,
         };
+        let progress = progress_setting()?;
         if workers == 0 {
             return Err(Error::Config("a pool needs at least one worker"));
         }
@@ -389,8 +477,9 @@ impl PoolBuilder {
             corrupt_reply: self.corrupt_reply,
             fail_starts_after: self.fail_starts_after,
         };
+        let began = std::time::Instant::now();
         let backend = Backend::start(inline, workers, options)?;
-        let supervisor = Supervisor::new(backend, self.max_tasks, init);
+        let supervisor = Supervisor::new(backend, self.max_tasks, init, began);
         let mut engine = Engine::new(supervisor, self.chunk_size, workers);
         if let Some(items) = self.max_in_flight {
             engine.max_chunk_items = items.div_ceil(engine.window_chunks()).max(1);
@@ -398,6 +487,28 @@ impl PoolBuilder {
         engine.retries = self.retries;
         engine.task_timeout = self.task_timeout;
         engine.memory_limit = self.memory_limit;
+        engine.trace = match self.trace {
+            None => None,
+            Some(TraceTo::File(path)) => {
+                let trace = Trace::create(&path).map_err(|source| Error::Trace { path, source })?;
+                Some(trace.track("pool"))
+            }
+            Some(TraceTo::Shared(trace, name)) => Some(trace.track(&name)),
+        };
+        engine.note_starts();
+        let wanted = match progress {
+            Some(forced) => forced,
+            None => self.progress,
+        };
+        if wanted {
+            match self.bars {
+                Some((bars, label)) => {
+                    engine.bars = Some(bars);
+                    engine.label = Some(label);
+                }
+                None => engine.bars = Some(Bars::new(progress == Some(true))),
+            }
+        }
         if engine.workers.initializing() {
             engine.drive(&Starting, None, &mut |e| !e.workers.initializing(), None)?;
         }
@@ -449,6 +560,28 @@ fn default_workers() -> Result<usize> {
             variable: WORKERS_ENV,
             value: text.into_owned(),
             expected: "a number of workers, at least 1",
+        }),
+    }
+}
+
+/// Turns progress bars on or off whatever the program asked (`1` / `0`).
+pub(crate) const PROGRESS_ENV: &str = "MULTIPROC_PROGRESS";
+
+/// What `MULTIPROC_PROGRESS` says: `Some(true)` forces bars on (drawn even when
+/// stderr is not a terminal), `Some(false)` off, `None` leaves it to the program.
+pub(crate) fn progress_setting() -> Result<Option<bool>> {
+    let Some(value) = std::env::var_os(PROGRESS_ENV) else {
+        return Ok(None);
+    };
+    let text = value.to_string_lossy();
+    match text.trim() {
+        "" => Ok(None),
+        "1" | "true" | "on" | "yes" => Ok(Some(true)),
+        "0" | "false" | "off" | "no" => Ok(Some(false)),
+        _ => Err(Error::Environment {
+            variable: PROGRESS_ENV,
+            value: text.into_owned(),
+            expected: "`1` or `0`",
         }),
     }
 }

@@ -37,7 +37,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::engine::driver::LentCall;
-use crate::engine::ends::{Filled, Sink, Source, encode_item};
+use crate::engine::ends::{Filled, Sink, Source, encode_item, exact_len};
 use crate::error::{Error, Result};
 use crate::pool::{Pool, task_ref};
 use crate::sink::{CollectSink, FoldSink, items_failed};
@@ -235,6 +235,9 @@ impl<'p> Checkpointed<'p> {
         T: Serialize + DeserializeOwned,
     {
         let (file, recorded) = open(&self.path, job)?;
+        // Progress bars count the items that run.
+        let held: usize = recorded.iter().map(|r| r.items.len()).sum();
+        let total = exact_len(&items).map(|len| len.saturating_sub(held));
         let filled = RefCell::new(VecDeque::new());
         let mut source = ResumingSource {
             items,
@@ -263,7 +266,7 @@ impl<'p> Checkpointed<'p> {
         };
         let outcome = pool
             .core
-            .run_lent_source(call, &mut source, &mut recording)
+            .run_lent_source(call, total, &mut source, &mut recording)
             .and_then(|()| recording.replay_before(usize::MAX));
         // What was recorded is kept durably whatever the outcome.
         let synced = recording.log.sync();

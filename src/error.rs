@@ -247,6 +247,15 @@ pub enum Error {
     /// The pool was configured with a value it cannot use.
     #[error("invalid pool configuration: {0}")]
     Config(&'static str),
+    /// The trace file asked for with `trace(path)` could not be created.
+    #[error("cannot create the trace file {}: {source}", path.display())]
+    Trace {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// An environment variable that configures pools holds a value it cannot use.
     #[error("{variable}={value:?} is not {expected}")]
     Environment {

@@ -140,6 +140,7 @@ pub use crate::builder::PoolBuilder;
 pub use crate::channels::pipe::Pipe;
 pub use crate::channels::queue::Queue;
 pub use crate::checkpoint::Checkpointed;
+pub use crate::engine::stats::{JobStats, WorkerStats};
 pub use crate::error::{CodecError, Error, ErrorPolicy, Result, TaskPanic};
 pub use crate::handle::{AsyncResult, Imap, ImapUnordered};
 pub use crate::par_map::{par_map, par_map_reduce};

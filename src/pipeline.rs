@@ -8,15 +8,21 @@
 //! never "a queue looked empty".
 
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::builder::progress_setting;
+use crate::engine::progress::Bars;
+use crate::engine::stats::JobStats;
+use crate::engine::trace::Trace;
 use crate::error::{Error, Result};
 use crate::handle::{Imap, ImapUnordered};
 use crate::pool::Pool;
@@ -75,6 +81,8 @@ struct Settings {
     stats: Arc<Counters>,
     stages: usize,
     fold_flush_bytes: usize,
+    progress: bool,
+    trace: Option<PathBuf>,
 }
 
 #[derive(Default)]
@@ -82,6 +90,11 @@ struct Counters {
     read: AtomicU64,
     done: AtomicU64,
     peak: AtomicU64,
+    /// Each stage's figures, recorded when its workers stop.
+    stages: Mutex<BTreeMap<usize, JobStats>>,
+    /// The trace file and the bars every stage shares, made by the first stage.
+    trace: Mutex<Option<Arc<Trace>>>,
+    bars: Mutex<Option<Bars>>,
 }
 
 impl Counters {
@@ -93,6 +106,16 @@ impl Counters {
 
     fn done_one(&self) {
         self.done.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records the figures of stage `number`, whose workers are stopping.
+    fn stage_ended(&self, number: usize, pool: &Pool) {
+        if let Ok(stats) = pool.stats() {
+            self.stages
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(number, stats.totals);
+        }
     }
 }
 
@@ -117,6 +140,25 @@ impl PipelineStats {
     /// The most items read from the source and not yet done at any moment.
     pub fn peak_in_flight(&self) -> u64 {
         self.0.peak.load(Ordering::Relaxed)
+    }
+
+    /// The figures of stage `number` (stages count from 1, in the order they
+    /// were added), once its workers have stopped: at the end of the run, or
+    /// earlier for a fold stage. Its [`JobStats::summary`] says where the stage's
+    /// time went.
+    pub fn stage(&self, number: usize) -> Option<JobStats> {
+        self.0
+            .stages
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&number)
+            .cloned()
+    }
+
+    /// Every stage's figures recorded so far, by stage number.
+    pub fn stages(&self) -> Vec<(usize, JobStats)> {
+        let stages = self.0.stages.lock().unwrap_or_else(PoisonError::into_inner);
+        stages.iter().map(|(&n, s)| (n, s.clone())).collect()
     }
 }
 
@@ -163,6 +205,21 @@ macro_rules! settings_setters {
             self
         }
 
+        /// Draws a progress bar per stage on stderr, as
+        /// [`PoolBuilder::progress`](crate::PoolBuilder::progress) does for a pool's
+        /// jobs (and as it, `MULTIPROC_PROGRESS` overrides this).
+        pub fn progress(mut self, on: bool) -> Self {
+            self.settings.progress = on;
+            self
+        }
+
+        /// Writes the pipeline's timeline to `path`, one process per stage, as
+        /// [`PoolBuilder::trace`](crate::PoolBuilder::trace) does for a pool.
+        pub fn trace(mut self, path: impl AsRef<Path>) -> Self {
+            self.settings.trace = Some(path.as_ref().to_owned());
+            self
+        }
+
         /// The pipeline's counters, to read while or after it runs.
         pub fn stats(&self) -> PipelineStats {
             PipelineStats(Arc::clone(&self.settings.stats))
@@ -194,6 +251,8 @@ impl<'a, T: 'a> Pipeline<'a, T> {
                 stats: Arc::default(),
                 stages: 0,
                 fold_flush_bytes: DEFAULT_FOLD_FLUSH_BYTES,
+                progress: false,
+                trace: None,
             },
         }
     }
@@ -323,6 +382,7 @@ impl<'a, T: 'a> Pipeline<'a, T> {
                 };
                 let folded = pool.fold_partials::<_, T, A, Id, F>(feed, settings.fold_flush_bytes);
                 // This stage's workers are done: stop them before the next stage runs.
+                settings.stats.stage_ended(number, &pool);
                 drop(pool);
                 // An error from upstream comes first: this stage's input ended because of it.
                 if let Some(e) = error.borrow_mut().take() {
@@ -360,6 +420,7 @@ impl<'a, T: 'a> Pipeline<'a, T> {
     /// As [`Pipeline::collect`].
     pub fn for_each(self, mut f: impl FnMut(T)) -> Result<()> {
         let stats = Arc::clone(&self.settings.stats);
+        let _run = Run(Arc::clone(&stats));
         let stream = (self.build)(&self.settings)?;
         for item in stream {
             f(item?);
@@ -444,11 +505,12 @@ where
                     Box::new(ImapUnordered::new(parts).map(|r| r.map(|(_, v)| v)))
                 };
                 Ok(Box::new(StageOutput {
-                    outputs,
+                    outputs: Some(outputs),
                     upstream,
                     stage: number,
                     failed: false,
-                    _pool: pool,
+                    counters: Arc::clone(&settings.stats),
+                    pool,
                 }))
             }),
             settings,
@@ -478,6 +540,7 @@ where
             ..
         } = self;
         let stats = Arc::clone(&settings.stats);
+        let _run = Run(Arc::clone(&stats));
         let input = (upstream.build)(&settings)?;
         let pool = stage_pool(&settings, workers, settings.stages)?;
         let error = Rc::new(RefCell::new(None));
@@ -487,6 +550,7 @@ where
         }
         .inspect(|_| stats.done_one());
         let folded = pool.map_reduce(feed, task, identity, combine);
+        settings.stats.stage_ended(settings.stages, &pool);
         if let Some(e) = error.borrow_mut().take() {
             return Err(e);
         }
@@ -553,15 +617,43 @@ where
 
 /// Starts the workers of stage `number` (counted from 1).
 fn stage_pool(settings: &Settings, workers: usize, number: usize) -> Result<Pool> {
-    Pool::builder()
+    let stage_error = |e| Error::Stage {
+        stage: number,
+        error: Box::new(e),
+    };
+    let mut builder = Pool::builder()
         .workers(workers)
         .inherit_output(settings.inherit_output)
         .max_items_in_flight(settings.stage_items)
-        .build()
-        .map_err(|e| Error::Stage {
-            stage: number,
-            error: Box::new(e),
-        })
+        .progress(settings.progress);
+    let counters = &settings.stats;
+    if let Some(path) = &settings.trace {
+        let mut shared = counters
+            .trace
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let trace = match &*shared {
+            Some(trace) => Arc::clone(trace),
+            None => {
+                let trace = Trace::create(path).map_err(|source| Error::Trace {
+                    path: path.clone(),
+                    source,
+                })?;
+                *shared = Some(Arc::clone(&trace));
+                trace
+            }
+        };
+        builder = builder.trace_shared(trace, format!("stage {number}"));
+    }
+    let forced = progress_setting().map_err(stage_error)?;
+    if settings.progress || forced == Some(true) {
+        let mut shared = counters.bars.lock().unwrap_or_else(PoisonError::into_inner);
+        let bars = shared
+            .get_or_insert_with(|| Bars::new(forced == Some(true)))
+            .clone();
+        builder = builder.bars_shared(bars, format!("stage {number}"));
+    }
+    builder.build().map_err(stage_error)
 }
 
 /// The previous stage's items as plain items for the next stage's input: the first
@@ -589,15 +681,45 @@ impl<T> Iterator for Feed<'_, T> {
     }
 }
 
+/// One run of a pipeline: when it ends (and its stages with it), the trace file
+/// the stages shared is closed and their bars released, whoever still holds the
+/// pipeline's stats.
+struct Run(Arc<Counters>);
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        self.0
+            .trace
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        self.0
+            .bars
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+    }
+}
+
 /// A stage's results, then any error from upstream. Owns the stage's pool, which
 /// stops its workers when the stream is dropped.
 struct StageOutput<'a, T> {
-    outputs: Stream<'a, T>,
+    /// Taken (and so dropped) before `pool`, whose job it serves.
+    outputs: Option<Stream<'a, T>>,
     upstream: Rc<RefCell<Option<Error>>>,
     stage: usize,
     failed: bool,
-    // Dropped after `outputs`, whose job it serves.
-    _pool: Pool,
+    counters: Arc<Counters>,
+    pool: Pool,
+}
+
+impl<T> Drop for StageOutput<'_, T> {
+    fn drop(&mut self) {
+        // The stage's job leaves its pool with its consumer; then its figures are
+        // final.
+        drop(self.outputs.take());
+        self.counters.stage_ended(self.stage, &self.pool);
+    }
 }
 
 impl<T> Iterator for StageOutput<'_, T> {
@@ -612,7 +734,7 @@ impl<T> Iterator for StageOutput<'_, T> {
             self.failed = true;
             return Some(Err(e));
         }
-        match self.outputs.next() {
+        match self.outputs.as_mut()?.next() {
             Some(Ok(item)) => Some(Ok(item)),
             Some(Err(e)) => {
                 self.failed = true;

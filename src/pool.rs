@@ -8,9 +8,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::engine::driver::{Core, LentCall};
-use crate::engine::ends::{IterSource, Sink, encode_item};
+use crate::engine::ends::{IterSource, Sink, encode_item, exact_len};
 use crate::engine::job::{FoldLedger, Kind};
 use crate::engine::scheduler::Submission;
+use crate::engine::stats::JobStats;
 use crate::error::{Error, ErrorPolicy, Result};
 use crate::handle::{AsyncResult, Imap, ImapParts, ImapUnordered, imap_parts};
 use crate::shared::region::{self, Pins, Region, RegionHandle};
@@ -135,7 +136,9 @@ impl Pool {
         Ok(self.core.lock_engine()?.engine().workers.pids())
     }
 
-    /// What the pool has done so far: workers started, chunks sent again.
+    /// What the pool has done so far: workers started, chunks sent again, and the
+    /// figures of every job summed ([`PoolStats::totals`]; jobs still running
+    /// count as they stand).
     ///
     /// # Errors
     ///
@@ -143,10 +146,42 @@ impl Pool {
     pub fn stats(&self) -> Result<PoolStats> {
         let mut driving = self.core.lock_engine()?;
         let engine = driving.engine();
+        let (jobs, totals) = engine.all_stats();
         Ok(PoolStats {
             workers_started: engine.workers.started,
             chunks_retried: engine.retried,
+            jobs,
+            totals,
         })
+    }
+
+    /// The figures of the job that ended last on this pool (from any thread):
+    /// wall time, items, chunks, bytes, faults, and where each worker's time went;
+    /// [`JobStats::summary`] says what they mean. `None` before any job ended.
+    /// Every `map`, `map_reduce`, `imap` and `map_async` call is a job; the
+    /// `apply_async` submissions of a task form one job that never ends, counted
+    /// in [`Pool::stats`] only.
+    ///
+    /// # Errors
+    ///
+    /// As [`Pool::worker_pids`].
+    ///
+    /// # Examples
+    ///
+    /// ```standalone_crate
+    /// fn main() -> multiproc::Result<()> {
+    ///     multiproc::init();
+    ///     let pool = multiproc::Pool::builder().workers(2).build()?;
+    ///     let total = pool.map_reduce(0..100_000u64, |x| x % 7, || 0, |a, b| a + b)?;
+    ///     let stats = pool.last_job_stats()?.expect("a job ended");
+    ///     assert_eq!(stats.items, 100_000);
+    ///     assert_eq!(stats.workers.len(), 2);
+    ///     eprintln!("{total}\n{}", stats.summary());
+    ///     Ok(())
+    /// }
+    /// ```
+    pub fn last_job_stats(&self) -> Result<Option<JobStats>> {
+        Ok(self.core.lock_engine()?.engine().last_stats.clone())
     }
 
     /// Applies `task` to every item and returns the results in input order.
@@ -570,8 +605,10 @@ impl Pool {
     {
         let task = task_ref::<T, U, Plain<F>, Collect, _>(task)?;
         let (handle, completion) = AsyncResult::pending(&self.core, callbacks);
+        let items = items.into_iter();
+        let total = exact_len(&items);
         let kind = Kind::Owned {
-            source: Box::new(IterSource::new(items.into_iter())),
+            source: Box::new(IterSource::new(items)),
             sink: Box::new(MapAsyncSink {
                 results: Vec::new(),
                 failed: Vec::new(),
@@ -584,6 +621,7 @@ impl Pool {
             .engine()
             .new_job(task, kind, true, None)?;
         job.policy = self.error_policy;
+        job.total = total;
         self.core.submit(Submission::Job(Box::new(job)), 1)?;
         Ok(handle)
     }
@@ -661,7 +699,9 @@ impl Pool {
         let engine = driving.engine();
         let mut job = engine.new_job(task, Kind::Lent, ordered, None)?;
         job.policy = self.error_policy;
-        let (parts, sink) = imap_parts(&self.core, job.id, items.into_iter(), self.error_policy);
+        let items = items.into_iter();
+        job.total = exact_len(&items);
+        let (parts, sink) = imap_parts(&self.core, job.id, items, self.error_policy);
         job.kind = Kind::OwnedSink(Box::new(sink));
         engine.add(job);
         Ok(parts)
@@ -880,7 +920,7 @@ impl<U> Skipped<U> {
 }
 
 /// Counters of a pool's life, from [`Pool::stats`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct PoolStats {
     /// Worker processes (or threads) started since the pool was built,
@@ -888,6 +928,11 @@ pub struct PoolStats {
     pub workers_started: u64,
     /// Chunks sent again because the worker holding them was lost.
     pub chunks_retried: u64,
+    /// Jobs that have ended.
+    pub jobs: u64,
+    /// Every job's figures summed (walls too, though jobs may overlap), live jobs
+    /// as they stand; each worker's `starting` includes the pool's own start.
+    pub totals: JobStats,
 }
 
 /// Names the runner for a job, or says why a worker could not find it.

@@ -52,6 +52,15 @@ pub(crate) trait Source {
     fn remaining_hint(&self) -> usize;
 }
 
+/// How many items `items` yields, when its size hint says exactly (an
+/// `ExactSizeIterator`, a range): for progress bars.
+pub(crate) fn exact_len<I: Iterator>(items: &I) -> Option<usize> {
+    match items.size_hint() {
+        (low, Some(high)) if low == high => Some(low),
+        _ => None,
+    }
+}
+
 /// A source that reads an iterator lazily.
 pub(crate) struct IterSource<I> {
     items: I,

@@ -10,6 +10,8 @@ use std::ops::Range;
 
 use crate::engine::chunker::Sizer;
 use crate::engine::ends::{ApplyStream, Sink, Source};
+use crate::engine::progress::Bar;
+use crate::engine::stats::Tally;
 use crate::error::{CodecError, Error, ErrorPolicy, Result};
 use crate::shared::region::Pins;
 use crate::wire::protocol::{self, ChunkHeader, Request, TaskRef};
@@ -329,6 +331,12 @@ pub(crate) struct Job {
     pub(crate) outcome: Option<Result<()>>,
     /// A fold job's record of what each worker has folded and not yet flushed.
     pub(crate) fold: Option<FoldLedger>,
+    /// What the job has cost so far.
+    pub(crate) tally: Tally,
+    /// How many items its input holds, when that is known (for a progress bar).
+    pub(crate) total: Option<usize>,
+    /// Its progress bar, when the pool draws them.
+    pub(crate) bar: Option<Bar>,
 }
 
 /// What the workers of a fold job hold: the chunks each has folded into its
@@ -403,6 +411,9 @@ impl Job {
             ready_bytes: 0,
             outcome: None,
             fold: None,
+            tally: Tally::new(0, Vec::new()),
+            total: None,
+            bar: None,
         }
     }
 

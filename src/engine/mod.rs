@@ -7,5 +7,8 @@ pub(crate) mod driver;
 pub(crate) mod ends;
 pub(crate) mod job;
 pub(crate) mod outcome;
+pub(crate) mod progress;
 pub(crate) mod scheduler;
+pub(crate) mod stats;
 pub(crate) mod supervisor;
+pub(crate) mod trace;

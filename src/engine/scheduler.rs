@@ -22,7 +22,10 @@ use crate::engine::backend::Event;
 use crate::engine::ends::Complete;
 use crate::engine::job::{Ending, InFlight, Job, JobId, Kind, Local, Ready};
 use crate::engine::outcome::{describe, describe_init, exit_description};
+use crate::engine::progress::Bars;
+use crate::engine::stats::{JobStats, Tally};
 use crate::engine::supervisor::{CREDIT, Supervisor};
+use crate::engine::trace::{Arg, Track};
 use crate::error::{Error, Result};
 use crate::shared::region;
 use crate::wire::protocol::{self, ContextPayload, INIT_JOB, Reply, Request, TaskRef};
@@ -107,6 +110,17 @@ pub(crate) struct Engine {
     /// Why an attempt to replace workers failed in this drive; not retried until
     /// the next one, so a failing spawn does not run once per chunk.
     revive_failed: Option<Error>,
+    /// The figures of every job that has ended, summed, and how many ended.
+    pub(crate) totals: JobStats,
+    pub(crate) jobs_ended: u64,
+    /// The figures of the job that ended last (apply streams never end).
+    pub(crate) last_stats: Option<JobStats>,
+    /// Where this pool's timeline is written, if anywhere.
+    pub(crate) trace: Option<Track>,
+    /// Where its jobs' progress bars are drawn, if anywhere.
+    pub(crate) bars: Option<Bars>,
+    /// What its jobs are called on their bars (`job 3`, or a pipeline's stage).
+    pub(crate) label: Option<String>,
 }
 
 impl Engine {
@@ -128,6 +142,12 @@ impl Engine {
             completed: false,
             terminated: false,
             revive_failed: None,
+            totals: JobStats::default(),
+            jobs_ended: 0,
+            last_stats: None,
+            trace: None,
+            bars: None,
+            label: None,
         }
     }
 
@@ -170,11 +190,78 @@ impl Engine {
         usize::try_from(self.window).unwrap_or(usize::MAX).max(1)
     }
 
-    /// Puts a job in the table.
-    pub(crate) fn add(&mut self, job: Job) -> JobId {
+    /// Puts a job in the table; its clock and counters start now.
+    pub(crate) fn add(&mut self, mut job: Job) -> JobId {
         let id = job.id;
+        job.tally = Tally::new(self.workers.started, self.workers.starting().to_vec());
+        tracing::debug!(job = id.0, items = job.total, "job started");
+        if let Some(bars) = self.bars.as_ref().filter(|b| !b.hidden())
+            && !job.kind.items_stand_alone()
+        {
+            let label = self
+                .label
+                .clone()
+                .unwrap_or_else(|| format!("job {}", id.0));
+            job.bar = Some(bars.bar(&label, job.total));
+        }
         self.jobs.insert(id, job);
         id
+    }
+
+    /// A job's figures so far.
+    fn job_stats(&self, job: &Job) -> JobStats {
+        job.tally.snapshot(
+            self.workers.slots(),
+            self.workers.started,
+            self.workers.starting(),
+        )
+    }
+
+    /// Records the figures of a job that leaves the table.
+    fn record_end(&mut self, job: &Job) {
+        let stats = self.job_stats(job);
+        let ok = matches!(job.outcome, Some(Ok(())));
+        if let Some(trace) = &self.trace {
+            trace.job(job.id.0, job.tally.started, stats.items, stats.chunks, ok);
+        }
+        if let Some(bar) = &job.bar {
+            let outcome = match &job.outcome {
+                Some(Ok(())) => "done",
+                Some(Err(_)) => "failed",
+                None => "stopped",
+            };
+            bar.finish(stats.items, stats.wall, outcome);
+        }
+        tracing::debug!(
+            job = job.id.0,
+            ok,
+            items = stats.items,
+            chunks = stats.chunks,
+            wall_ms = stats.wall.as_secs_f64() * 1e3,
+            "job ended"
+        );
+        self.totals.add(&stats);
+        self.jobs_ended += 1;
+        self.last_stats = Some(stats);
+    }
+
+    /// The figures of every job so far: those that ended, and the live ones as
+    /// they stand.
+    pub(crate) fn all_stats(&self) -> (u64, JobStats) {
+        let mut totals = self.totals.clone();
+        for job in self.jobs.values() {
+            totals.add(&self.job_stats(job));
+        }
+        // Start-up is the pool's, not the jobs': the pool's own start and every
+        // replacement, whether or not a job was running.
+        for (worker, &starting) in self.workers.starting().iter().enumerate() {
+            totals.worker_mut(worker).starting = starting;
+        }
+        totals.restarts = self
+            .workers
+            .started
+            .saturating_sub(self.workers.slots() as u64);
+        (self.jobs_ended, totals)
     }
 
     pub(crate) fn job(&self, id: JobId) -> Option<&Job> {
@@ -187,6 +274,7 @@ impl Engine {
     /// `stop_abandoned`), so the pool is usable at once.
     pub(crate) fn remove(&mut self, id: JobId) -> Option<Result<()>> {
         let job = self.jobs.remove(&id)?;
+        self.record_end(&job);
         if job.context.is_some() {
             self.workers.forget_context(id);
         }
@@ -275,6 +363,7 @@ impl Engine {
                 self.terminate();
             }
             self.dispatch(local.as_deref_mut());
+            self.note_starts();
             if self.completed {
                 self.completed = false;
                 hooks.notify();
@@ -313,6 +402,22 @@ impl Engine {
                 }
                 Event::Woken => {}
                 event => self.handle(event, local.as_deref_mut()),
+            }
+        }
+    }
+
+    /// Reports the worker processes started since the last call: a log line each,
+    /// and a start-up slice on the trace.
+    pub(crate) fn note_starts(&mut self) {
+        for start in self.workers.take_starts() {
+            tracing::info!(
+                worker = start.worker,
+                pid = start.pid,
+                took_ms = start.took.as_secs_f64() * 1e3,
+                "worker started"
+            );
+            if let Some(trace) = &self.trace {
+                trace.started(start.worker, start.at, start.took, start.pid);
             }
         }
     }
@@ -384,6 +489,11 @@ impl Engine {
                 let Some((chunks, front_started)) = self.workers.lost(worker, generation) else {
                     return;
                 };
+                let cause = exit_description(status);
+                tracing::warn!(worker, %cause, last_item, chunks = chunks.len(), "worker lost");
+                if let Some(trace) = &self.trace {
+                    trace.instant(Some(worker), "worker lost", &[("cause", Arg::Str(&cause))]);
+                }
                 let mut local = local;
                 for (at, flight) in chunks.into_iter().enumerate() {
                     if flight.job.0 == INIT_JOB {
@@ -426,6 +536,36 @@ impl Engine {
             return; // the job was cancelled: its late replies are ignored
         };
         job.in_flight = job.in_flight.saturating_sub(1);
+        match &reply {
+            Reply::Done { timing, nanos, .. } => {
+                job.tally
+                    .answered(worker, flight.items.len(), *timing, payload.len());
+                if let Some(trace) = &self.trace {
+                    let took = std::time::Duration::from_nanos(*nanos);
+                    let (sent, got) = (flight.frame.body_len(), payload.len());
+                    trace.chunk(
+                        worker,
+                        id.0,
+                        flight.chunk,
+                        flight.items.clone(),
+                        took,
+                        sent,
+                        got,
+                        false,
+                    );
+                }
+            }
+            Reply::Failed { .. } => {
+                if let Some(trace) = &self.trace {
+                    let items = format!("{}..{}", flight.items.start, flight.items.end);
+                    trace.instant(
+                        Some(worker),
+                        "chunk failed",
+                        &[("job", Arg::Num(id.0 as f64)), ("items", Arg::Str(&items))],
+                    );
+                }
+            }
+        }
         if job.ended() {
             self.workers.return_frame(flight.frame);
             return;
@@ -439,6 +579,7 @@ impl Engine {
                 job.sizer.observe(nanos, items.len());
                 if let Some(handles) = job.kind.handles() {
                     let live: Vec<usize> = flight.live_items().collect();
+                    job.tally.stats.items += live.len() as u64;
                     if let Err(reason) = handles.complete_outcomes(worker, &live, &payload) {
                         handles.fail_items(live, |_| Error::Protocol {
                             worker,
@@ -592,6 +733,12 @@ impl Engine {
         };
         job.delivered += 1;
         job.items_delivered += ready.items.len();
+        job.tally.stats.items += ready.items.len() as u64;
+        job.tally.stats.failed += ready.failed.len() as u64;
+        if let Some(bar) = &job.bar {
+            let stats = &job.tally.stats;
+            bar.update(stats.items, stats.failed, stats.retries);
+        }
         let start = ready.items.start;
         let Ready {
             worker,
@@ -599,10 +746,12 @@ impl Engine {
             payload,
             failed,
         } = ready;
-        match job
+        let delivering = Instant::now();
+        let delivered = job
             .kind
-            .deliver(id, local.as_deref_mut(), worker, items, payload, failed)
-        {
+            .deliver(id, local.as_deref_mut(), worker, items, payload, failed);
+        job.tally.stats.output += delivering.elapsed();
+        match delivered {
             Ok(()) => true,
             Err(e) => {
                 self.fail_job(id, start, e, local);
@@ -630,6 +779,7 @@ impl Engine {
             }
             Ending::Leaves => {
                 let job = self.jobs.remove(&id).expect("found above");
+                self.record_end(&job);
                 if job.context.is_some() {
                     self.workers.forget_context(id);
                 }

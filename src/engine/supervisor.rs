@@ -57,16 +57,42 @@ pub(crate) struct Supervisor {
     frames: Vec<FrameBuf>,
     /// Workers started since the pool was built (replacements included).
     pub(crate) started: u64,
+    /// Time spent starting processes, by slot (the pool's own start included).
+    starting: Vec<Duration>,
+    /// Processes started and not yet reported: slot, when, how long it took.
+    starts: Vec<Start>,
+}
+
+/// A worker process started: its slot, when starting began, how long it took.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Start {
+    pub(crate) worker: usize,
+    pub(crate) at: Instant,
+    pub(crate) took: Duration,
+    pub(crate) pid: Option<u32>,
 }
 
 impl Supervisor {
+    /// The supervisor of workers that `backend` started, beginning at `began`.
     pub(crate) fn new(
         backend: Backend,
         max_tasks: Option<usize>,
         init: Option<(TaskRef, Vec<u8>, Vec<RegionHandle>)>,
+        began: Instant,
     ) -> Self {
         let workers = backend.slots();
+        let took = began.elapsed();
+        let pids = backend.pids();
         let mut supervisor = Self {
+            starting: vec![took; workers],
+            starts: (0..workers)
+                .map(|worker| Start {
+                    worker,
+                    at: began,
+                    took,
+                    pid: pids.get(worker).copied().flatten(),
+                })
+                .collect(),
             slots: (0..workers).map(|_| SlotState::default()).collect(),
             backend,
             workers,
@@ -144,14 +170,43 @@ impl Supervisor {
             if worker == self.slots.len() {
                 self.slots.push(SlotState::default());
             }
-            let generation = self.backend.restart(worker)?;
-            self.started += 1;
+            let generation = self.restart(worker)?;
             self.slots[worker] = SlotState {
                 generation: Some(generation),
                 ..SlotState::default()
             };
             self.send_init(worker);
         }
+    }
+
+    /// Starts a process in slot `worker`, timing it.
+    fn restart(&mut self, worker: usize) -> Result<u64> {
+        let at = Instant::now();
+        let generation = self.backend.restart(worker)?;
+        let took = at.elapsed();
+        self.started += 1;
+        if self.starting.len() <= worker {
+            self.starting.resize(worker + 1, Duration::ZERO);
+        }
+        self.starting[worker] += took;
+        let pid = self.backend.pids().get(worker).copied().flatten();
+        self.starts.push(Start {
+            worker,
+            at,
+            took,
+            pid,
+        });
+        Ok(generation)
+    }
+
+    /// Time spent starting processes so far, by slot.
+    pub(crate) fn starting(&self) -> &[Duration] {
+        &self.starting
+    }
+
+    /// The processes started since the last call.
+    pub(crate) fn take_starts(&mut self) -> Vec<Start> {
+        std::mem::take(&mut self.starts)
     }
 
     /// Sends the initializer (if the pool has one) as the first request of a new
@@ -238,8 +293,7 @@ impl Supervisor {
     /// same slot, its initializer sent.
     pub(crate) fn replace(&mut self, worker: usize) -> Result<()> {
         debug_assert!(self.slots[worker].in_flight.is_empty());
-        let generation = self.backend.restart(worker)?;
-        self.started += 1;
+        let generation = self.restart(worker)?;
         self.slots[worker] = SlotState {
             generation: Some(generation),
             ..SlotState::default()

@@ -83,14 +83,32 @@ pub(crate) struct ContextPayload<'a> {
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum Reply {
     /// The payload is the chunk's results (one per item, or one outcome per item),
-    /// or its partial result.
-    Done { job: u64, chunk: u64, nanos: u64 },
+    /// or its partial result. `nanos` is the time the worker spent on the chunk's
+    /// items (decoding, running, encoding); `timing` says how it divides.
+    Done {
+        job: u64,
+        chunk: u64,
+        nanos: u64,
+        timing: Timing,
+    },
     /// The chunk failed; the payload is empty.
     Failed {
         job: u64,
         chunk: u64,
         failure: Failure,
     },
+}
+
+/// Where a worker's time went for one reply, in nanoseconds: waiting for the
+/// request (blocked on its channel), and the split of its work into decoding items,
+/// running the task and encoding results. The split is measured on a sample of
+/// items and scaled to the chunk's measured total (see `worker/task.rs`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Timing {
+    pub(crate) wait: u64,
+    pub(crate) decode: u64,
+    pub(crate) task: u64,
+    pub(crate) encode: u64,
 }
 
 /// Why a worker could not finish a chunk.
@@ -194,6 +212,7 @@ mod tests {
             job: 3,
             chunk: 9,
             nanos: 1,
+            timing: Timing::default(),
         };
         seal(&mut frame, &reply).unwrap();
         let body = &frame.body()[10..];
@@ -204,7 +223,8 @@ mod tests {
             Reply::Done {
                 job: 3,
                 chunk: 9,
-                nanos: 1
+                nanos: 1,
+                ..
             }
         ));
     }
@@ -315,7 +335,19 @@ mod properties {
 
     fn reply() -> impl Strategy<Value = Reply> {
         prop_oneof![
-            any::<[u64; 3]>().prop_map(|[job, chunk, nanos]| Reply::Done { job, chunk, nanos }),
+            any::<[u64; 7]>().prop_map(|[job, chunk, nanos, wait, decode, task, encode]| {
+                Reply::Done {
+                    job,
+                    chunk,
+                    nanos,
+                    timing: Timing {
+                        wait,
+                        decode,
+                        task,
+                        encode,
+                    },
+                }
+            }),
             (any::<u64>(), any::<u64>(), failure()).prop_map(|(job, chunk, failure)| {
                 Reply::Failed {
                     job,

@@ -6,9 +6,9 @@ use std::time::Instant;
 
 use crate::os::spawn::{START_FAILED, WORKER_ARG, WORKER_ENV};
 use crate::shared::region;
-use crate::wire::protocol::{self, Reply, Request};
+use crate::wire::protocol::{self, Reply, Request, Timing};
 use crate::wire::transport::{Frame, FrameBuf, WorkerLink};
-use crate::worker::state::WorkerState;
+use crate::worker::state::{Sample, WorkerState};
 use crate::worker::task;
 
 /// Set once this process has become a worker in [`init`].
@@ -136,7 +136,12 @@ pub(crate) fn serve(link: &impl Link) -> io::Result<()> {
     task::install_panic_hook();
     let mut state = WorkerState::default();
     let mut out = FrameBuf::with_capacity(64 * 1024);
-    while let Some(frame) = link.recv()? {
+    loop {
+        let waiting = Instant::now();
+        let Some(frame) = link.recv()? else {
+            break;
+        };
+        let wait = nanos_since(waiting);
         let (request, payload) = protocol::open::<Request>(&frame)
             .map_err(|reason| io::Error::new(io::ErrorKind::InvalidData, reason))?;
         match request {
@@ -150,11 +155,19 @@ pub(crate) fn serve(link: &impl Link) -> io::Result<()> {
                 out.clear();
                 let started = Instant::now();
                 let reply = match task::flush_fold(&mut state, job, out.body()) {
-                    Ok(()) => Reply::Done {
-                        job,
-                        chunk,
-                        nanos: u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
-                    },
+                    Ok(()) => {
+                        let nanos = nanos_since(started);
+                        let sample = Sample {
+                            finish: nanos,
+                            ..Sample::default()
+                        };
+                        Reply::Done {
+                            job,
+                            chunk,
+                            nanos,
+                            timing: split(wait, nanos, sample),
+                        }
+                    }
                     Err(failure) => {
                         out.clear();
                         Reply::Failed {
@@ -171,17 +184,22 @@ pub(crate) fn serve(link: &impl Link) -> io::Result<()> {
             Request::Chunk(header) => {
                 out.clear();
                 let started = Instant::now();
+                state.sample = Sample::default();
                 // The chunk's items (and the task) may map the parent's `map_file`
                 // slices the header lists, and no other handle without its seals.
                 let run = region::with_unsealed(&header.unsealed, || {
                     header.task.run(&mut state, &header, payload, out.body())
                 });
                 let reply = match run {
-                    Ok(()) => Reply::Done {
-                        job: header.job,
-                        chunk: header.chunk,
-                        nanos: u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
-                    },
+                    Ok(()) => {
+                        let nanos = nanos_since(started);
+                        Reply::Done {
+                            job: header.job,
+                            chunk: header.chunk,
+                            nanos,
+                            timing: split(wait, nanos, state.sample),
+                        }
+                    }
                     Err(failure) => {
                         out.clear();
                         Reply::Failed {
@@ -201,6 +219,36 @@ pub(crate) fn serve(link: &impl Link) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+fn nanos_since(start: Instant) -> u64 {
+    u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Divides a chunk's measured `total` into decoding, task and encoding in the
+/// proportions its sampled items showed; the closing step (`sample.finish`, a
+/// partial result encoded once) was measured whole and is encoding.
+fn split(wait: u64, total: u64, sample: Sample) -> Timing {
+    let finish = sample.finish.min(total);
+    let rest = total - finish;
+    let sampled = sample.decode + sample.task + sample.encode;
+    if sampled == 0 {
+        return Timing {
+            wait,
+            decode: 0,
+            task: rest,
+            encode: finish,
+        };
+    }
+    let share = |part: u64| (u128::from(rest) * u128::from(part) / u128::from(sampled)) as u64;
+    let decode = share(sample.decode);
+    let encode = share(sample.encode);
+    Timing {
+        wait,
+        decode,
+        task: rest - decode - encode,
+        encode: encode + finish,
+    }
 }
 
 #[cfg(test)]
@@ -258,6 +306,33 @@ mod tests {
         };
         let _ = serve(&link);
         link.replies.into_inner()
+    }
+
+    #[test]
+    fn a_chunk_total_is_split_in_the_sampled_proportions() {
+        let sample = Sample {
+            decode: 10,
+            task: 30,
+            encode: 10,
+            finish: 0,
+        };
+        let timing = split(5, 1_000, sample);
+        assert_eq!(
+            timing,
+            Timing {
+                wait: 5,
+                decode: 200,
+                task: 600,
+                encode: 200
+            }
+        );
+        // A partial result's encoding is measured whole; nothing sampled is task.
+        let closing = Sample {
+            finish: 100,
+            ..Sample::default()
+        };
+        assert_eq!(split(0, 1_000, closing).task, 900);
+        assert_eq!(split(0, 1_000, closing).encode, 100);
     }
 
     #[test]

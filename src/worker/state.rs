@@ -20,6 +20,19 @@ pub(crate) struct WorkerState {
     folds: HashMap<u64, Accumulator>,
     /// What the initializer built, or why there is nothing.
     user: Option<Result<Box<dyn Any>, String>>,
+    /// What the last chunk's sampled items measured (see `task.rs`).
+    pub(crate) sample: Sample,
+}
+
+/// Nanoseconds measured on a sample of one chunk's items, phase by phase, and on
+/// the chunk's closing step; `serve.rs` scales them to the chunk's measured total.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Sample {
+    pub(crate) decode: u64,
+    pub(crate) task: u64,
+    pub(crate) encode: u64,
+    /// Encoding a partial result or an accumulator once, after the items.
+    pub(crate) finish: u64,
 }
 
 /// A fold job's accumulator, kept across the job's chunks until a flush.

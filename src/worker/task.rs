@@ -18,6 +18,7 @@ use std::marker::PhantomData;
 use std::ops::Range;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::{Once, OnceLock};
+use std::time::Instant;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -25,7 +26,39 @@ use serde::de::DeserializeOwned;
 use crate::error::{CodecError, TaskPanic};
 use crate::wire::codec::{self, Reader};
 use crate::wire::protocol::{ChunkHeader, Failure, TaskRef};
-use crate::worker::state::{Accumulator, WorkerState};
+use crate::worker::state::{Accumulator, Sample, WorkerState};
+
+/// Items of a chunk timed phase by phase (decode, task, encode), spread evenly over
+/// it. Each costs four clock reads, so a chunk of tiny items pays well under 1%;
+/// the phases' shares of the chunk's measured total come from these.
+const SAMPLED_ITEMS: u64 = 8;
+
+/// What one clock read costs here, subtracted from each timed phase so that phases
+/// of a few nanoseconds are not measured as the clock's own cost.
+fn clock_cost() -> u64 {
+    static COST: OnceLock<u64> = OnceLock::new();
+    *COST.get_or_init(|| {
+        (0..64)
+            .map(|_| {
+                let start = Instant::now();
+                let _ = std::hint::black_box(Instant::now());
+                start.elapsed().as_nanos()
+            })
+            .min()
+            .map_or(0, |n| u64::try_from(n / 2).unwrap_or(0))
+    })
+}
+
+/// Nanoseconds from `from` to `to` less one clock read.
+fn phase(from: Instant, to: Instant) -> u64 {
+    let nanos = u64::try_from(to.duration_since(from).as_nanos()).unwrap_or(u64::MAX);
+    nanos.saturating_sub(clock_cost())
+}
+
+/// Which items of a chunk of `count` are timed: every `stride`-th from the first.
+fn sample_stride(count: u64) -> u64 {
+    (count / SAMPLED_ITEMS).max(1)
+}
 
 /// Runs one chunk: decodes its items from the payload, runs the task, appends the
 /// encoded results (or the partial result) to `out`.
@@ -443,6 +476,9 @@ where
     // Everything from here runs user code (`Deserialize`, the task, `Serialize`,
     // identity and reduce), so every step is guarded: a panic names its item.
     let _capturing = Capturing::start();
+    let mut sample = Sample::default();
+    let stride = sample_stride(u64::from(header.count));
+    let mut next_sample = 0;
     let mut env = guarded(first, || M::env(state, header.job))??;
     let mut reader = Reader::new(payload);
     let mut sink = guarded(first, S::start)?;
@@ -461,7 +497,12 @@ where
             continue;
         }
         let before = out.len();
-        let outcome = run_item::<T, U, M, S>(item, &mut env, &mut reader, &mut sink, out);
+        let outcome = if i >= next_sample {
+            next_sample += stride;
+            run_item_timed::<T, U, M, S>(item, &mut env, &mut reader, &mut sink, out, &mut sample)
+        } else {
+            run_item::<T, U, M, S>(item, &mut env, &mut reader, &mut sink, out)
+        };
         match outcome {
             Ok(()) => {}
             Err(failure) if S::OUTCOMES => {
@@ -497,11 +538,17 @@ where
     }
     let last = first.wrapping_add(u64::from(header.count).saturating_sub(1));
     let before = out.len();
+    let finishing = Instant::now();
     guarded(last, || sink.finish(out))?
         .map_err(|error| Failure::EncodeResult { item: None, error })?;
+    if !S::ENCODES_EACH {
+        sample.finish = phase(finishing, Instant::now());
+    }
     if first == 0 && !S::ENCODES_EACH {
         round_trip::<U>(last, &out[before..], None)?;
     }
+    drop(env);
+    state.sample = sample;
     Ok(())
 }
 
@@ -536,19 +583,30 @@ where
     let mut reader = Reader::new(payload);
     let progress = crate::wire::transport::progress();
     let mut skip = header.skip.iter().copied().peekable();
+    let mut sample = Sample::default();
+    let stride = sample_stride(u64::from(header.count));
+    let mut next_sample = 0;
     for i in 0..u64::from(header.count) {
         let item = first.wrapping_add(i);
         if let Some(progress) = progress {
             progress.store(item.wrapping_add(1), std::sync::atomic::Ordering::Relaxed);
         }
+        let timed = i >= next_sample;
+        let started = timed.then(Instant::now);
         let value = guarded(item, || reader.decode::<T>())?
             .map_err(|error| Failure::DecodeItem { item, error })?;
         if skip.next_if(|&offset| u64::from(offset) == i).is_some() {
             continue;
         }
+        let decoded = timed.then(Instant::now);
         // A panic loses the accumulator with the item: the job fails (fold jobs stop
         // at their first failure), so nothing folded is delivered in part.
         acc = guarded(item, || conjure::<F>()(acc, value))?;
+        if let (Some(started), Some(decoded)) = (started, decoded) {
+            next_sample += stride;
+            sample.decode += phase(started, decoded);
+            sample.task += phase(decoded, Instant::now());
+        }
     }
     if !reader.is_empty() {
         return Err(Failure::Malformed {
@@ -566,6 +624,7 @@ where
             encode: encode_accumulator::<A>,
         },
     );
+    state.sample = sample;
     Ok(())
 }
 
@@ -623,6 +682,44 @@ where
         item: Some(item),
         error,
     })
+}
+
+/// [`run_item`], timing each phase into `sample`. A result folded into a partial
+/// (a `map_reduce` chunk) is the task's work, not encoding.
+#[inline(never)]
+fn run_item_timed<T, U, M, S>(
+    item: u64,
+    env: &mut M::Env<'_>,
+    reader: &mut Reader<'_>,
+    sink: &mut S,
+    out: &mut Vec<u8>,
+    sample: &mut Sample,
+) -> Result<(), Failure>
+where
+    T: DeserializeOwned,
+    U: Serialize + DeserializeOwned,
+    M: Mapper<T, U>,
+    S: Answer<U>,
+{
+    let started = Instant::now();
+    let value: T =
+        guarded(item, || reader.decode())?.map_err(|error| Failure::DecodeItem { item, error })?;
+    let decoded = Instant::now();
+    let result = guarded(item, || M::call(env, value))?;
+    let ran = Instant::now();
+    let pushed = guarded(item, || sink.push(result, out))?.map_err(|error| Failure::EncodeResult {
+        item: Some(item),
+        error,
+    });
+    let end = Instant::now();
+    sample.decode += phase(started, decoded);
+    sample.task += phase(decoded, ran);
+    if S::ENCODES_EACH {
+        sample.encode += phase(ran, end);
+    } else {
+        sample.task += phase(ran, end);
+    }
+    pushed
 }
 
 /// The runner of an initializer: decodes its argument, builds the state and keeps

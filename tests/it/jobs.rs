@@ -292,7 +292,7 @@ fn close_refuses_new_work_and_join_waits_for_the_rest() {
     pool.join().unwrap();
     assert!(handles.iter().all(|h| h.ready()));
     let sum: u64 = handles.into_iter().map(|h| h.get().unwrap()).sum();
-    assert_eq!(sum, (0..50u64).map(|x| x + 1).sum());
+    assert_eq!(sum, (0..50u64).map(|x| x + 1).sum::<u64>());
     assert!(
         pool.worker_pids().unwrap().is_empty(),
         "join stops the workers"

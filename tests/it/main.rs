@@ -8,6 +8,7 @@ mod deadlines;
 mod faults;
 mod hardening;
 mod helpers;
+mod insights;
 mod jobs;
 mod par_map;
 mod pipe;

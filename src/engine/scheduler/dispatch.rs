@@ -1,6 +1,8 @@
 //! Dispatch: which job gets the next free credit, and the encoding and sending of
 //! its next chunk (or of a chunk sent again), context value first.
 
+use std::time::Instant;
+
 use super::{Engine, READY_BYTES_CAP};
 use crate::engine::chunker::target_chunk_bytes;
 use crate::engine::job::{InFlight, Job, JobId, Local};
@@ -117,6 +119,7 @@ impl Engine {
             .expect("dispatchable jobs are in the table");
         if let Some(flight) = job.retry.pop_front() {
             job.in_flight += 1;
+            job.tally.stats.bytes_sent += flight.frame.body_len() as u64;
             let first = flight.items.start;
             if let Err(source) = self.workers.send_chunk(worker, flight) {
                 self.send_failed(worker, id, first, source, local);
@@ -151,7 +154,9 @@ impl Engine {
             target_chunk_bytes()
         };
         // Shared inputs the items name stay alive with the chunk, whoever owned them.
+        let reading = Instant::now();
         let (filled, pins) = region::pin_while(|| source.fill(first, size, byte_cap, frame.body()));
+        job.tally.stats.input += reading.elapsed();
         let filled = match filled {
             Ok(filled) => filled,
             Err(e) => {
@@ -193,6 +198,7 @@ impl Engine {
         job.next_item += filled.count;
         job.next_chunk += 1;
         job.in_flight += 1;
+        job.tally.stats.bytes_sent += frame.body_len() as u64;
         let items = first..first + filled.count;
         let mut flight = InFlight::new(id, chunk, items, frame);
         flight.pins = pins;

@@ -8,6 +8,7 @@ use std::process::ExitStatus;
 use super::Engine;
 use crate::engine::job::{InFlight, Job, JobId, Local};
 use crate::engine::outcome::{died_of_memory, is_hang_up};
+use crate::engine::trace::Arg;
 use crate::error::Error;
 use crate::wire::protocol::INIT_JOB;
 use crate::wire::transport::Payload;
@@ -33,6 +34,24 @@ impl Engine {
                 self.workers.return_frame(flight.frame);
                 continue;
             };
+            job.tally.stats.timeouts += 1;
+            tracing::warn!(
+                job = id.0,
+                item,
+                worker,
+                ?timeout,
+                "task timed out; its worker is killed"
+            );
+            if let Some(trace) = &self.trace {
+                trace.instant(
+                    Some(worker),
+                    "task timeout",
+                    &[
+                        ("job", Arg::Num(id.0 as f64)),
+                        ("item", Arg::Num(item as f64)),
+                    ],
+                );
+            }
             let error = |item| Error::TimedOut {
                 item,
                 worker,
@@ -128,6 +147,18 @@ impl Engine {
             }
             Ok(()) => {
                 self.retried += 1;
+                job.tally.stats.retries += 1;
+                tracing::debug!(job = id.0, item, "chunk sent again without its failed item");
+                if let Some(trace) = &self.trace {
+                    trace.instant(
+                        Some(worker),
+                        "chunk sent again",
+                        &[
+                            ("job", Arg::Num(id.0 as f64)),
+                            ("without", Arg::Num(item as f64)),
+                        ],
+                    );
+                }
                 job.retry.push_front(flight);
             }
             Err(source) => {
@@ -158,6 +189,9 @@ impl Engine {
             return;
         };
         job.in_flight = job.in_flight.saturating_sub(1);
+        if loss.started {
+            job.tally.stats.deaths += 1;
+        }
         if job.ended() {
             self.workers.return_frame(flight.frame);
             return;
@@ -178,10 +212,44 @@ impl Engine {
         let error = |items: Range<usize>| loss.error(items, self.memory_limit);
         match running {
             Some(item) => {
-                if flight.died_running(item) <= self.retries {
+                let deaths = flight.died_running(item);
+                if deaths <= self.retries {
                     self.retried += 1;
+                    job.tally.stats.retries += 1;
+                    tracing::info!(
+                        job = id.0,
+                        item,
+                        deaths,
+                        "chunk sent again after its worker was lost"
+                    );
+                    if let Some(trace) = &self.trace {
+                        trace.instant(
+                            Some(loss.worker),
+                            "chunk sent again",
+                            &[
+                                ("job", Arg::Num(id.0 as f64)),
+                                ("item", Arg::Num(item as f64)),
+                            ],
+                        );
+                    }
                     job.retry.push_back(flight);
                     return;
+                }
+                tracing::warn!(
+                    job = id.0,
+                    item,
+                    deaths,
+                    "poison item: it killed its worker every time it ran"
+                );
+                if let Some(trace) = &self.trace {
+                    trace.instant(
+                        Some(loss.worker),
+                        "poison item",
+                        &[
+                            ("job", Arg::Num(id.0 as f64)),
+                            ("item", Arg::Num(item as f64)),
+                        ],
+                    );
                 }
                 if !goes_on {
                     self.workers.return_frame(flight.frame);
@@ -202,6 +270,22 @@ impl Engine {
             }
             None if flight.attempts < self.retries => {
                 self.retried += 1;
+                job.tally.stats.retries += 1;
+                tracing::info!(
+                    job = id.0,
+                    chunk = flight.chunk,
+                    "chunk sent again after its worker was lost"
+                );
+                if let Some(trace) = &self.trace {
+                    trace.instant(
+                        Some(loss.worker),
+                        "chunk sent again",
+                        &[
+                            ("job", Arg::Num(id.0 as f64)),
+                            ("chunk", Arg::Num(flight.chunk as f64)),
+                        ],
+                    );
+                }
                 flight.attempts += 1;
                 job.retry.push_back(flight);
             }
