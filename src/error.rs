@@ -376,6 +376,44 @@ pub enum Error {
     /// panicked; the task's own result is lost with it.
     #[error("the callback panicked: {0}")]
     CallbackPanicked(TaskPanic),
+    /// A checkpoint file ([`Pool::checkpoint`](crate::Pool::checkpoint)) could not
+    /// be used: it cannot be read or written, it is not a checkpoint, or a record
+    /// before its last one is damaged. (A damaged *last* record, left by a crash
+    /// while it was written, is no error: it is dropped and its items run again.)
+    #[error("checkpoint {path:?}: {reason}")]
+    Checkpoint {
+        /// The checkpoint file.
+        path: std::path::PathBuf,
+        /// What is wrong, in words.
+        reason: String,
+        /// The operating system's error, if there was one.
+        #[source]
+        source: Option<std::io::Error>,
+    },
+    /// A checkpoint file was written by another job: another kind of call, or a
+    /// task, item or result of other types. Nothing was run or recorded.
+    #[error(
+        "checkpoint {path:?} was written by another job ({found}), not by this one ({expected})"
+    )]
+    CheckpointOfAnotherJob {
+        /// The checkpoint file.
+        path: std::path::PathBuf,
+        /// The job named in the file's header.
+        found: String,
+        /// This job.
+        expected: String,
+    },
+    /// The input items of a recorded range differ from those the checkpoint was
+    /// written for (their encodings do not match the record's checksum), or the
+    /// input ends before the items the checkpoint records. The recorded results
+    /// would belong to another input, so none is used.
+    #[error("input items {items:?} differ from those recorded in checkpoint {path:?}")]
+    CheckpointInputDiffers {
+        /// The checkpoint file.
+        path: std::path::PathBuf,
+        /// The recorded items whose input differs (or is missing).
+        items: Range<usize>,
+    },
     /// Under [`ErrorPolicy::Collect`] or [`ErrorPolicy::Skip`], a call whose result
     /// has no place for a failed item (`map`, `map_reduce`) ran every item, and some
     /// failed: each with its index and its own error, ascending.

@@ -121,6 +121,7 @@ compile_error!(
 
 mod builder;
 mod channels;
+mod checkpoint;
 mod engine;
 mod error;
 mod fuzzing;
@@ -138,6 +139,7 @@ mod worker;
 pub use crate::builder::PoolBuilder;
 pub use crate::channels::pipe::Pipe;
 pub use crate::channels::queue::Queue;
+pub use crate::checkpoint::Checkpointed;
 pub use crate::engine::stats::{JobStats, WorkerStats};
 pub use crate::error::{CodecError, Error, ErrorPolicy, Result, TaskPanic};
 pub use crate::handle::{AsyncResult, Imap, ImapUnordered};
@@ -168,6 +170,13 @@ pub mod __private {
     pub fn shared_slice_seals<T: bytemuck::Pod>(slice: &crate::SharedSlice<T>) -> (i32, i32) {
         let region = slice.region();
         (region.seals().unwrap_or(-1), region.raw_fd())
+    }
+
+    /// The items a checkpoint file records, ascending, whatever job wrote it.
+    pub fn checkpoint_records(
+        path: &std::path::Path,
+    ) -> crate::Result<Vec<std::ops::Range<usize>>> {
+        crate::checkpoint::recorded_items(path)
     }
 
     /// Fuzzing entry: what the parent does with one reply frame from a worker.

@@ -936,7 +936,7 @@ pub struct PoolStats {
 }
 
 /// Names the runner for a job, or says why a worker could not find it.
-fn task_ref<T, U, M, S, F: Copy>(task: F) -> Result<TaskRef>
+pub(crate) fn task_ref<T, U, M, S, F: Copy>(task: F) -> Result<TaskRef>
 where
     T: DeserializeOwned,
     U: Serialize + DeserializeOwned,

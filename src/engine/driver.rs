@@ -22,7 +22,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::engine::backend::Waker;
-use crate::engine::ends::{IterSource, Sink, exact_len};
+use crate::engine::ends::{IterSource, Sink, Source, exact_len};
 use crate::engine::job::{FoldLedger, Job, Kind, Local};
 use crate::engine::scheduler::{Drive, Engine, Hooks, Submission};
 use crate::error::{Error, ErrorPolicy, Result};
@@ -611,6 +611,20 @@ impl Core {
         I: Iterator<Item = T>,
         T: Serialize + DeserializeOwned,
     {
+        let total = exact_len(&items);
+        self.run_lent_source(call, total, &mut IterSource::new(items), sink)
+    }
+
+    /// [`Core::run_lent`] with a source of the caller's own (a checkpoint's, which
+    /// passes over the items it holds); `total` is how many items it yields, when
+    /// known (for progress bars).
+    pub(crate) fn run_lent_source(
+        &self,
+        call: LentCall<'_>,
+        total: Option<usize>,
+        source: &mut dyn Source,
+        sink: &mut dyn Sink,
+    ) -> Result<()> {
         let LentCall {
             task,
             context,
@@ -640,12 +654,11 @@ impl Core {
             .new_job(task, Kind::Lent, ordered, context)?;
         job.policy = policy;
         job.fold = fold;
-        job.total = exact_len(&items);
+        job.total = total;
         let id = driving.engine().add(job);
-        let mut source = IterSource::new(items);
         let mut local = Local {
             job: id,
-            source: Some(&mut source),
+            source: Some(source),
             sink: Some(sink),
         };
         let mut until = |engine: &Engine| {

@@ -28,13 +28,18 @@ pub(crate) struct Filled {
     pub(crate) count: usize,
     /// The source has no more items.
     pub(crate) exhausted: bool,
+    /// Items the source passed over before the first one it encoded (a resumed
+    /// checkpoint's recorded items): the chunk starts at `first + skipped`.
+    pub(crate) skipped: usize,
 }
 
 /// Where a job's items come from.
 pub(crate) trait Source {
     /// Appends up to `max_items` encoded items to `body`, stopping once it holds
-    /// `byte_cap` bytes. `first` is the index of the first item. An item that fails
-    /// to encode is an error naming it.
+    /// `byte_cap` bytes. `first` is the index of the next item; a source may pass
+    /// over items first ([`Filled::skipped`]), and the chunk's items are then
+    /// indexed from `first + skipped`. An item that fails to encode is an error
+    /// naming it.
     fn fill(
         &mut self,
         first: usize,
@@ -86,6 +91,7 @@ where
                 return Ok(Filled {
                     count,
                     exhausted: true,
+                    skipped: 0,
                 });
             };
             let index = first + count;
@@ -95,6 +101,7 @@ where
         Ok(Filled {
             count,
             exhausted: false,
+            skipped: 0,
         })
     }
 
@@ -308,6 +315,7 @@ impl Source for ApplyStream {
         Ok(Filled {
             count,
             exhausted: false,
+            skipped: 0,
         })
     }
 

@@ -61,6 +61,8 @@ fn play(role: &OsStr) {
         crate::insights::helper_progress(true);
     } else if role == "progress-unasked" {
         crate::insights::helper_progress(false);
+    } else if role == "checkpointed-map" {
+        crate::checkpoint::helper_checkpointed_map();
     } else if role == "recycled" {
         crate::jobs::helper_recycled();
     } else if role == "pool-size" {

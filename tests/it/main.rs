@@ -2,6 +2,7 @@
 
 multiproc::enable_test_support!();
 
+mod checkpoint;
 mod concurrency;
 mod deadlines;
 mod faults;

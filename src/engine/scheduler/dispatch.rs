@@ -167,6 +167,9 @@ impl Engine {
             }
         };
         job.exhausted |= filled.exhausted;
+        // Items a resumed checkpoint holds keep their indices without a chunk.
+        job.next_item += filled.skipped;
+        let first = first + filled.skipped;
         if filled.count == 0 {
             self.workers.return_frame(frame);
             self.settle(id, local);

@@ -1,0 +1,903 @@
+//! Checkpoints: a `map`'s or `map_reduce`'s completed chunks recorded in a file, so
+//! that a run stopped part way resumes where it stopped.
+//!
+//! The file is append-only:
+//!
+//! ```text
+//! header  b"mpckpt\0\x01" | job length (u32) | job (UTF-8) | checksum (u64)
+//! record  b"rec1" | first item (u64) | end item (u64, exclusive) | input checksum (u64)
+//!         | payload length (u64) | checksum of the fields (u64) | payload
+//!         | checksum of the fields and payload (u64)
+//! ```
+//!
+//! Integers are little-endian. The job names the kind of call and the type names of
+//! the items, the results and the functions. A record covers one chunk: the
+//! original indices of its items, the checksum of their encodings (so a different
+//! input is seen when its items are read), and the chunk's reply as the worker sent
+//! it (its results back to back, or its partial reduction). The fields have a
+//! checksum of their own, so a damaged length is never trusted: a record that is
+//! cut short with intact fields, or fails only its last checksum at the end of the
+//! file, is a torn last record (a crash while it was written); anything else that
+//! fails is damage. Each record is written with one
+//! `write(2)` as its chunk is delivered, and the file is `fsync`ed
+//! (`File::sync_data`) every [`SYNC_RECORDS`] records or [`SYNC_INTERVAL`],
+//! whichever comes first, and when the call ends.
+
+use std::any::type_name;
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::engine::driver::LentCall;
+use crate::engine::ends::{Filled, Sink, Source, encode_item, exact_len};
+use crate::error::{Error, Result};
+use crate::pool::{Pool, task_ref};
+use crate::sink::{CollectSink, FoldSink, items_failed};
+use crate::wire::codec;
+use crate::wire::protocol::TaskRef;
+use crate::wire::transport::{Frame, Payload};
+use crate::worker::task::{self, Collect, Fold, Plain};
+
+/// The file's first bytes; the last one is the format's version.
+const MAGIC: &[u8; 8] = b"mpckpt\0\x01";
+/// The first bytes of every record.
+const RECORD_TAG: &[u8; 4] = b"rec1";
+/// A record's bytes before its payload: tag, four fields, their checksum.
+const RECORD_FIXED: usize = 4 + 5 * 8;
+/// Records written between two `fsync`s, at most.
+pub(crate) const SYNC_RECORDS: usize = 64;
+/// The longest a written record waits for its `fsync` (checked as records come).
+pub(crate) const SYNC_INTERVAL: Duration = Duration::from_millis(100);
+
+impl Pool {
+    /// A view of the pool whose [`map`](Checkpointed::map) and
+    /// [`map_reduce`](Checkpointed::map_reduce) record each completed chunk in the
+    /// checkpoint file at `path` and, run again with the same file, skip what it
+    /// records: a job stopped part way (killed, crashed, interrupted, failed)
+    /// resumes where it stopped and returns exactly what one uninterrupted run
+    /// returns.
+    ///
+    /// The file is created if it does not exist (its directory must), and kept
+    /// after the job: run again, the same job reads its input, checks it, and
+    /// returns at once from the file. Delete it to start afresh.
+    ///
+    /// - Records name the items they cover by their index in the input, so chunk
+    ///   sizes may differ between runs. The input is read in order each time;
+    ///   recorded items are encoded and checked against the record's checksum but
+    ///   not sent to workers, and a chunk never spans a recorded item.
+    /// - The file's header names the job: `map` or `map_reduce` and the type names
+    ///   of the items, the results, the task (and `identity`, `reduce`). A file of
+    ///   another job is refused ([`Error::CheckpointOfAnotherJob`]) before anything
+    ///   runs; recorded items whose input differs are refused as they are read
+    ///   ([`Error::CheckpointInputDiffers`]). Two closures in one function have the
+    ///   same type name: name tasks with `fn` items to tell them apart.
+    /// - Each record has a checksum. The file is written append-only, one write per
+    ///   chunk as it is delivered, and `fsync`ed every 64 records or 100 ms,
+    ///   whichever comes first, and when the call returns: a killed process loses
+    ///   nothing it delivered, a machine that crashes at most the last 100 ms. A
+    ///   record torn by a crash while it was written (the last one) is dropped and
+    ///   its items run again; a damaged record before the last is an error
+    ///   ([`Error::Checkpoint`]), never skipped.
+    /// - A chunk with failed items (under [`ErrorPolicy::Collect`](crate::ErrorPolicy::Collect) or
+    ///   [`ErrorPolicy::Skip`](crate::ErrorPolicy::Skip)) is not recorded, so a later run runs it again.
+    /// - Items are checked by their encoding, so an item holding a [`SharedSlice`](crate::SharedSlice),
+    ///   [`Shared`](crate::Shared), [`Queue`](crate::Queue) or [`Pipe`](crate::Pipe)
+    ///   (encoded as a handle naming this process) does not match in another run.
+    /// - One run at a time per file: the file is not locked.
+    ///
+    /// # Examples
+    ///
+    /// ```standalone_crate
+    /// fn square(x: u64) -> u64 {
+    ///     x * x
+    /// }
+    ///
+    /// fn main() -> multiproc::Result<()> {
+    ///     multiproc::init(); // in a worker process this call serves tasks and never returns
+    ///     let dir = std::env::temp_dir().join(format!("multiproc-doc-{}", std::process::id()));
+    ///     std::fs::create_dir_all(&dir).expect("a temporary directory");
+    ///     let path = dir.join("squares.ckpt");
+    ///     let pool = multiproc::Pool::builder().workers(2).build()?;
+    ///     let squares: Vec<u64> = pool.checkpoint(&path).map(0..1_000u64, square)?;
+    ///     // Run again (after a crash, say): everything comes from the file.
+    ///     let again: Vec<u64> = pool.checkpoint(&path).map(0..1_000u64, square)?;
+    ///     assert_eq!(squares, again);
+    ///     // A checkpoint of another job is refused.
+    ///     let other = pool.checkpoint(&path).map(0..1_000u64, |x: u64| x + 1);
+    ///     assert!(matches!(other, Err(multiproc::Error::CheckpointOfAnotherJob { .. })));
+    ///     std::fs::remove_dir_all(&dir).expect("removed");
+    ///     Ok(())
+    /// }
+    /// ```
+    pub fn checkpoint(&self, path: impl AsRef<Path>) -> Checkpointed<'_> {
+        Checkpointed::new(self, path.as_ref().to_owned())
+    }
+}
+
+/// A view of a [`Pool`] whose `map` and `map_reduce` record each completed chunk in
+/// a checkpoint file and, run again with the same file, skip what it records.
+///
+/// Made by [`Pool::checkpoint`]; see there for the guarantees and an example.
+#[derive(Debug)]
+pub struct Checkpointed<'p> {
+    pool: &'p Pool,
+    path: PathBuf,
+}
+
+impl<'p> Checkpointed<'p> {
+    pub(crate) fn new(pool: &'p Pool, path: PathBuf) -> Self {
+        Self { pool, path }
+    }
+
+    /// The checkpoint file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// [`Pool::map`], resumed from the checkpoint and recording into it.
+    ///
+    /// Returns exactly what an uninterrupted [`Pool::map`] returns. The input is
+    /// read in order: items the checkpoint records are encoded and checked against
+    /// it but not sent to workers, their results come from the file; the others
+    /// run, and each chunk's results are recorded once delivered.
+    ///
+    /// # Errors
+    ///
+    /// As [`Pool::map`] (item indices are those of the whole input), and before
+    /// anything runs: [`Error::CheckpointOfAnotherJob`] for a file written by another
+    /// job, [`Error::Checkpoint`] for a file that is not a checkpoint, is damaged
+    /// before its last record, or cannot be read or written. While the input is
+    /// read: [`Error::CheckpointInputDiffers`] when recorded items differ from the
+    /// input's. What was recorded before a failure stays in the file.
+    pub fn map<I, T, U, F>(&self, items: I, task: F) -> Result<Vec<U>>
+    where
+        I: IntoIterator<Item = T>,
+        T: Serialize + DeserializeOwned,
+        U: Serialize + DeserializeOwned,
+        F: Fn(T) -> U + Copy + Send + Sync,
+    {
+        let task = task_ref::<T, U, Plain<F>, Collect, _>(task)?;
+        let job = format!(
+            "map of {} to {} by {}",
+            type_name::<T>(),
+            type_name::<U>(),
+            type_name::<F>()
+        );
+        let items = items.into_iter();
+        let mut sink = CollectSink {
+            results: Vec::with_capacity(items.size_hint().0.min(1 << 20)),
+            failed: Vec::new(),
+        };
+        self.run(&job, items, task, &mut sink)?;
+        items_failed(sink.failed)?;
+        Ok(sink.results)
+    }
+
+    /// [`Pool::map_reduce`], resumed from the checkpoint and recording into it.
+    ///
+    /// Each chunk's partial reduction is recorded; the parent folds the recorded
+    /// and the new partials in input order, so the result equals an uninterrupted
+    /// run's for an associative `reduce` with `identity()` its neutral element (as
+    /// [`Pool::map_reduce`] asks), commutative or not.
+    ///
+    /// # Errors
+    ///
+    /// As [`Pool::map_reduce`] and [`Checkpointed::map`].
+    pub fn map_reduce<I, T, U, F, Id, R>(
+        &self,
+        items: I,
+        task: F,
+        identity: Id,
+        reduce: R,
+    ) -> Result<U>
+    where
+        I: IntoIterator<Item = T>,
+        T: Serialize + DeserializeOwned,
+        U: Serialize + DeserializeOwned,
+        F: Fn(T) -> U + Copy + Send + Sync,
+        Id: Fn() -> U + Copy + Send + Sync,
+        R: Fn(U, U) -> U + Copy + Send + Sync,
+    {
+        task::assert_zero_sized::<Id>();
+        task::assert_zero_sized::<R>();
+        let task = task_ref::<T, U, Plain<F>, Fold<U, Id, R>, _>(task)?;
+        let job = format!(
+            "map_reduce of {} to {} by {}, identity {}, reduce {}",
+            type_name::<T>(),
+            type_name::<U>(),
+            type_name::<F>(),
+            type_name::<Id>(),
+            type_name::<R>()
+        );
+        let mut sink = FoldSink {
+            acc: Some(identity()),
+            reduce,
+            failed: Vec::new(),
+        };
+        self.run(&job, items.into_iter(), task, &mut sink)?;
+        items_failed(sink.failed)?;
+        Ok(sink.acc.expect("acc is refilled after every fold"))
+    }
+
+    /// Runs one job through the checkpoint: recorded chunks replayed into `sink`
+    /// in input order, the others run and recorded.
+    fn run<I, T>(&self, job: &str, items: I, task: TaskRef, sink: &mut dyn Sink) -> Result<()>
+    where
+        I: Iterator<Item = T>,
+        T: Serialize + DeserializeOwned,
+    {
+        let (file, recorded) = open(&self.path, job)?;
+        // Progress bars count the items that run.
+        let held: usize = recorded.iter().map(|r| r.items.len()).sum();
+        let total = exact_len(&items).map(|len| len.saturating_sub(held));
+        let filled = RefCell::new(VecDeque::new());
+        let mut source = ResumingSource {
+            items,
+            position: 0,
+            recorded: &recorded,
+            next_record: 0,
+            filled: &filled,
+            path: &self.path,
+            scratch: Vec::new(),
+        };
+        let mut recording = RecordingSink {
+            inner: sink,
+            log: Log::new(file, &self.path),
+            recorded: &recorded,
+            next_replay: 0,
+            filled: &filled,
+        };
+        let pool = self.pool;
+        let call = LentCall {
+            task,
+            context: None,
+            policy: pool.error_policy,
+            fold: None,
+            interrupt: pool.interrupt,
+            call_timeout: pool.call_timeout,
+        };
+        let outcome = pool
+            .core
+            .run_lent_source(call, total, &mut source, &mut recording)
+            .and_then(|()| recording.replay_before(usize::MAX));
+        // What was recorded is kept durably whatever the outcome.
+        let synced = recording.log.sync();
+        outcome?;
+        synced
+    }
+}
+
+/// A record found in the file: which items it covers, and where its payload is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Recorded {
+    items: Range<usize>,
+    input: u64,
+    offset: u64,
+    len: usize,
+}
+
+/// Opens (or creates) the checkpoint at `path` for `job`: the file positioned for
+/// appending, and its records sorted by first item. A torn last record is cut off.
+fn open(path: &Path, job: &str) -> Result<(File, Vec<Recorded>)> {
+    let fail = |reason: &str| {
+        let reason = reason.to_owned();
+        move |source| Error::Checkpoint {
+            path: path.to_owned(),
+            reason,
+            source: Some(source),
+        }
+    };
+    let created = !path.exists();
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(fail("could not open"))?;
+    let header = header(job);
+    let len = file.metadata().map_err(fail("could not read"))?.len();
+    let mut existing = Vec::new();
+    (&file)
+        .take(header.len() as u64)
+        .read_to_end(&mut existing)
+        .map_err(fail("could not read"))?;
+    if existing.len() < header.len() && header.starts_with(&existing) {
+        // New, or its header was torn by a crash as it was written: nothing recorded.
+        file.set_len(0).map_err(fail("could not truncate"))?;
+        file.write_all_at(&header, 0)
+            .map_err(fail("could not write"))?;
+        file.sync_data().map_err(fail("could not sync"))?;
+        if created {
+            sync_parent(path).map_err(fail("could not sync the directory holding"))?;
+        }
+        file.seek(SeekFrom::End(0))
+            .map_err(fail("could not seek"))?;
+        return Ok((file, Vec::new()));
+    }
+    check_header(path, &file, &existing, job)?;
+    let mut reader = BufReader::new(&file);
+    reader
+        .seek(SeekFrom::Start(header.len() as u64))
+        .map_err(fail("could not seek"))?;
+    let (mut recorded, valid_end) = read_records(path, &mut reader, header.len() as u64, len)?;
+    drop(reader);
+    if valid_end < len {
+        // A torn last record: drop it, so the next record follows the last good one.
+        file.set_len(valid_end)
+            .map_err(fail("could not cut the torn last record of"))?;
+        file.sync_data().map_err(fail("could not sync"))?;
+    }
+    file.seek(SeekFrom::Start(valid_end))
+        .map_err(fail("could not seek"))?;
+    recorded.sort_by_key(|r| r.items.start);
+    if let Some(pair) = recorded
+        .windows(2)
+        .find(|pair| pair[0].items.end > pair[1].items.start)
+    {
+        return Err(Error::Checkpoint {
+            path: path.to_owned(),
+            reason: format!(
+                "records of items {:?} and {:?} overlap",
+                pair[0].items, pair[1].items
+            ),
+            source: None,
+        });
+    }
+    Ok((file, recorded))
+}
+
+/// The header a checkpoint of `job` starts with.
+fn header(job: &str) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(MAGIC.len() + 4 + job.len() + 8);
+    bytes.extend_from_slice(MAGIC);
+    let len = u32::try_from(job.len()).expect("a job's name is shorter than 4 GiB");
+    bytes.extend_from_slice(&len.to_le_bytes());
+    bytes.extend_from_slice(job.as_bytes());
+    let sum = checksum(&[&bytes]);
+    bytes.extend_from_slice(&sum.to_le_bytes());
+    bytes
+}
+
+/// Refuses a file that is not a checkpoint, or is one of another job. `start` holds
+/// the file's first bytes, as many as this job's header has (fewer if it is short).
+fn check_header(path: &Path, file: &File, start: &[u8], job: &str) -> Result<()> {
+    let not_checkpoint = |reason: &str| Error::Checkpoint {
+        path: path.to_owned(),
+        reason: format!("not a multiproc checkpoint ({reason})"),
+        source: None,
+    };
+    if start.len() < MAGIC.len() + 4 || &start[..MAGIC.len()] != MAGIC {
+        return Err(not_checkpoint("its first bytes are not a checkpoint's"));
+    }
+    let len = u32::from_le_bytes(start[8..12].try_into().expect("4 bytes")) as usize;
+    // The other job's header may be longer than ours: read what it claims.
+    let mut found = vec![0; len];
+    let mut sum = [0; 8];
+    let read = file
+        .read_exact_at(&mut found, 12)
+        .and_then(|()| file.read_exact_at(&mut sum, 12 + len as u64));
+    if read.is_err() {
+        return Err(not_checkpoint("its header is cut short"));
+    }
+    let mut bytes = start[..12].to_vec();
+    bytes.extend_from_slice(&found);
+    if checksum(&[&bytes]) != u64::from_le_bytes(sum) {
+        return Err(not_checkpoint("its header fails its checksum"));
+    }
+    if found != job.as_bytes() {
+        return Err(Error::CheckpointOfAnotherJob {
+            path: path.to_owned(),
+            found: String::from_utf8_lossy(&found).into_owned(),
+            expected: job.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Reads every record from `at` to the file's end (`len`). Returns them and where
+/// the last good one ends: before `len` when the last record is torn (cut short,
+/// failing its checksum, or zeros), which is dropped. A bad record followed by
+/// anything else is an error.
+fn read_records(
+    path: &Path,
+    reader: &mut impl Read,
+    mut at: u64,
+    len: u64,
+) -> Result<(Vec<Recorded>, u64)> {
+    let damaged = |at: u64, reason: &str| Error::Checkpoint {
+        path: path.to_owned(),
+        reason: format!("the record at byte {at} is damaged ({reason}) and more follows it"),
+        source: None,
+    };
+    let io_error = |source| Error::Checkpoint {
+        path: path.to_owned(),
+        reason: "could not read".into(),
+        source: Some(source),
+    };
+    let mut recorded = Vec::new();
+    let mut payload = Vec::new();
+    while at < len {
+        let left = len - at;
+        if left < (RECORD_FIXED + 8) as u64 {
+            return Ok((recorded, at));
+        }
+        let mut fixed = [0; RECORD_FIXED];
+        reader.read_exact(&mut fixed).map_err(io_error)?;
+        let word = |i: usize| {
+            u64::from_le_bytes(fixed[4 + 8 * i..12 + 8 * i].try_into().expect("8 bytes"))
+        };
+        let (first, end, input, size) = (word(0), word(1), word(2), word(3));
+        if &fixed[..4] != RECORD_TAG || checksum(&[&fixed[..RECORD_FIXED - 8]]) != word(4) {
+            // A crash of the machine can leave zeros where the last writes were.
+            let mut rest = Vec::new();
+            reader.read_to_end(&mut rest).map_err(io_error)?;
+            if fixed.iter().chain(&rest).all(|&b| b == 0) {
+                return Ok((recorded, at));
+            }
+            return Err(damaged(at, "its fields fail their checksum"));
+        }
+        let total = (RECORD_FIXED as u64 + 8).saturating_add(size);
+        if total > left {
+            return Ok((recorded, at));
+        }
+        let size = usize::try_from(size).expect("the payload fits in the file");
+        payload.clear();
+        payload.resize(size, 0);
+        let mut sum = [0; 8];
+        reader
+            .read_exact(&mut payload)
+            .and_then(|()| reader.read_exact(&mut sum))
+            .map_err(io_error)?;
+        let next = at + total;
+        if checksum(&[&fixed, &payload]) != u64::from_le_bytes(sum) {
+            if next == len {
+                return Ok((recorded, at));
+            }
+            return Err(damaged(at, "it fails its checksum"));
+        }
+        if first >= end {
+            return Err(damaged(at, "it covers no items"));
+        }
+        recorded.push(Recorded {
+            items: first as usize..end as usize,
+            input,
+            offset: at + RECORD_FIXED as u64,
+            len: size,
+        });
+        at = next;
+    }
+    Ok((recorded, at))
+}
+
+/// Makes a new file's name durable: `fsync` of the directory holding it.
+fn sync_parent(path: &Path) -> io::Result<()> {
+    let parent = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    File::open(parent)?.sync_all()
+}
+
+/// The checksum of records, headers and a record's input (its items' encodings end
+/// to end): 64 bits, 8 bytes a step.
+///
+/// Each step (xor a word, multiply by an odd constant, rotate) is a bijection of the
+/// state, so changing any one word (or byte) always changes the sum; each part's
+/// length is mixed in after it. Not cryptographic: it finds damage, not forgery.
+fn checksum(parts: &[&[u8]]) -> u64 {
+    let mut hash = SEED;
+    for part in parts {
+        let mut words = part.chunks_exact(8);
+        for word in &mut words {
+            hash = mix(hash, u64::from_le_bytes(word.try_into().expect("8 bytes")));
+        }
+        let mut tail = [0; 8];
+        tail[..words.remainder().len()].copy_from_slice(words.remainder());
+        hash = mix(hash, u64::from_le_bytes(tail));
+        hash = mix(hash, part.len() as u64);
+    }
+    hash
+}
+
+const SEED: u64 = 0xcbf2_9ce4_8422_2325;
+
+fn mix(hash: u64, word: u64) -> u64 {
+    (hash ^ word)
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        .rotate_left(27)
+}
+
+/// The chunks a [`ResumingSource`] filled and its [`RecordingSink`] has not yet
+/// recorded: their items and their input checksum, in chunk order.
+type FilledChunks = RefCell<VecDeque<(Range<usize>, u64)>>;
+
+/// The job's source: reads the input in order, passes over (and checks) the items
+/// the checkpoint records, and ends each chunk before the next recorded item, so a
+/// chunk's items are contiguous in the input.
+struct ResumingSource<'a, I> {
+    items: I,
+    /// Index of the next item the iterator yields.
+    position: usize,
+    recorded: &'a [Recorded],
+    /// The first record not yet passed over.
+    next_record: usize,
+    filled: &'a FilledChunks,
+    path: &'a Path,
+    scratch: Vec<u8>,
+}
+
+impl<I, T> ResumingSource<'_, I>
+where
+    I: Iterator<Item = T>,
+    T: Serialize,
+{
+    /// Reads past the records that start here; how many items they held.
+    fn pass_recorded(&mut self) -> Result<usize> {
+        let mut passed = 0;
+        while let Some(record) = self.recorded.get(self.next_record) {
+            if record.items.start != self.position {
+                break;
+            }
+            // Encoded end to end, as in a chunk: the sum does not depend on how
+            // items were grouped into chunks when it was recorded.
+            self.scratch.clear();
+            for index in record.items.clone() {
+                let Some(item) = self.items.next() else {
+                    return Err(self.differs(record.items.clone()));
+                };
+                codec::encode_into(&item, &mut self.scratch).map_err(|source| {
+                    Error::EncodeItem {
+                        item: index,
+                        source,
+                    }
+                })?;
+                self.position += 1;
+            }
+            if checksum(&[&self.scratch]) != record.input {
+                return Err(self.differs(record.items.clone()));
+            }
+            passed += record.items.len();
+            self.next_record += 1;
+        }
+        Ok(passed)
+    }
+
+    fn differs(&self, items: Range<usize>) -> Error {
+        Error::CheckpointInputDiffers {
+            path: self.path.to_owned(),
+            items,
+        }
+    }
+}
+
+impl<I, T> Source for ResumingSource<'_, I>
+where
+    I: Iterator<Item = T>,
+    T: Serialize + DeserializeOwned,
+{
+    fn fill(
+        &mut self,
+        first: usize,
+        max_items: usize,
+        byte_cap: usize,
+        body: &mut Vec<u8>,
+    ) -> Result<Filled> {
+        debug_assert_eq!(
+            first, self.position,
+            "the engine counts the items passed over"
+        );
+        let skipped = self.pass_recorded()?;
+        let start = self.position;
+        let stop = self
+            .recorded
+            .get(self.next_record)
+            .map_or(usize::MAX, |record| record.items.start);
+        let start_len = body.len();
+        let mut exhausted = false;
+        while self.position - start < max_items
+            && body.len() - start_len < byte_cap
+            && self.position < stop
+        {
+            let Some(item) = self.items.next() else {
+                exhausted = true;
+                break;
+            };
+            encode_item(&item, self.position, body)?;
+            self.position += 1;
+        }
+        if exhausted && let Some(record) = self.recorded.get(self.next_record) {
+            // The input ends before items the checkpoint holds: another input.
+            return Err(self.differs(record.items.clone()));
+        }
+        if self.position > start {
+            let input = checksum(&[&body[start_len..]]);
+            self.filled
+                .borrow_mut()
+                .push_back((start..self.position, input));
+        }
+        Ok(Filled {
+            count: self.position - start,
+            exhausted,
+            skipped,
+        })
+    }
+
+    fn remaining_hint(&self) -> usize {
+        let recorded: usize = self.recorded[self.next_record..]
+            .iter()
+            .map(|record| record.items.len())
+            .sum();
+        self.items.size_hint().0.saturating_sub(recorded)
+    }
+}
+
+/// The job's sink: before each chunk, the recorded chunks that come before it go to
+/// the caller's sink (from the file); then the chunk itself, which is recorded.
+struct RecordingSink<'a> {
+    inner: &'a mut dyn Sink,
+    log: Log,
+    recorded: &'a [Recorded],
+    /// The first record not yet replayed.
+    next_replay: usize,
+    filled: &'a FilledChunks,
+}
+
+impl RecordingSink<'_> {
+    /// Hands the caller's sink every recorded chunk before item `item`.
+    fn replay_before(&mut self, item: usize) -> Result<()> {
+        while let Some(record) = self.recorded.get(self.next_replay) {
+            if record.items.start >= item {
+                break;
+            }
+            let bytes = self.log.read(record)?;
+            let len = bytes.len();
+            self.inner
+                .deliver(
+                    0,
+                    record.items.clone(),
+                    Payload::new(Frame::Inline(bytes), len),
+                )
+                .map_err(|error| Error::Checkpoint {
+                    path: self.log.path.clone(),
+                    reason: format!(
+                        "the recorded results of items {:?} do not decode: {error}",
+                        record.items
+                    ),
+                    source: None,
+                })?;
+            self.next_replay += 1;
+        }
+        Ok(())
+    }
+
+    /// The input checksum of the chunk of `items`, the next one delivered.
+    fn take_filled(&mut self, items: &Range<usize>) -> u64 {
+        let (filled, input) = self
+            .filled
+            .borrow_mut()
+            .pop_front()
+            .expect("every delivered chunk was filled by the job's source");
+        assert_eq!(
+            &filled, items,
+            "an ordered job delivers its chunks in order"
+        );
+        input
+    }
+}
+
+impl Sink for RecordingSink<'_> {
+    fn deliver(&mut self, worker: usize, items: Range<usize>, payload: Payload) -> Result<()> {
+        self.replay_before(items.start)?;
+        let input = self.take_filled(&items);
+        // Recorded only once the caller's sink took it: a payload that does not
+        // decode is never recorded.
+        self.log.stage(&items, input, &payload);
+        self.inner.deliver(worker, items, payload)?;
+        self.log.commit()
+    }
+
+    fn deliver_partial(
+        &mut self,
+        worker: usize,
+        items: Range<usize>,
+        payload: Payload,
+        failed: Vec<(usize, Error)>,
+    ) -> Result<()> {
+        // A chunk with failed items is not recorded: a later run runs it again.
+        self.replay_before(items.start)?;
+        self.take_filled(&items);
+        self.inner.deliver_partial(worker, items, payload, failed)
+    }
+
+    fn finish(&mut self, outcome: Result<()>) {
+        self.inner.finish(outcome);
+    }
+
+    fn taken(&self) -> Option<u64> {
+        self.inner.taken()
+    }
+}
+
+/// The file being appended to, and when it was last synced.
+struct Log {
+    file: File,
+    path: PathBuf,
+    /// The record being written.
+    staged: Vec<u8>,
+    unsynced: usize,
+    synced_at: Instant,
+}
+
+impl Log {
+    fn new(file: File, path: &Path) -> Self {
+        Self {
+            file,
+            path: path.to_owned(),
+            staged: Vec::new(),
+            unsynced: 0,
+            synced_at: Instant::now(),
+        }
+    }
+
+    /// Encodes the record of a chunk, to be written by [`Log::commit`].
+    fn stage(&mut self, items: &Range<usize>, input: u64, payload: &[u8]) {
+        let staged = &mut self.staged;
+        staged.clear();
+        staged.extend_from_slice(RECORD_TAG);
+        for word in [
+            items.start as u64,
+            items.end as u64,
+            input,
+            payload.len() as u64,
+        ] {
+            staged.extend_from_slice(&word.to_le_bytes());
+        }
+        let fields = checksum(&[&staged[..]]);
+        staged.extend_from_slice(&fields.to_le_bytes());
+        staged.extend_from_slice(payload);
+        let sum = checksum(&[&staged[..RECORD_FIXED], &staged[RECORD_FIXED..]]);
+        staged.extend_from_slice(&sum.to_le_bytes());
+    }
+
+    /// Writes the staged record; syncs when the batch is full or old enough.
+    fn commit(&mut self) -> Result<()> {
+        self.file
+            .write_all(&self.staged)
+            .map_err(|source| self.error("could not write", source))?;
+        self.unsynced += 1;
+        if self.unsynced >= SYNC_RECORDS || self.synced_at.elapsed() >= SYNC_INTERVAL {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        if self.unsynced > 0 {
+            self.file
+                .sync_data()
+                .map_err(|source| self.error("could not sync", source))?;
+            self.unsynced = 0;
+        }
+        self.synced_at = Instant::now();
+        Ok(())
+    }
+
+    /// A record's payload, read back from the file.
+    fn read(&self, record: &Recorded) -> Result<Vec<u8>> {
+        let mut bytes = vec![0; record.len];
+        self.file
+            .read_exact_at(&mut bytes, record.offset)
+            .map_err(|source| self.error("could not read", source))?;
+        Ok(bytes)
+    }
+
+    fn error(&self, reason: &str, source: io::Error) -> Error {
+        Error::Checkpoint {
+            path: self.path.clone(),
+            reason: reason.to_owned(),
+            source: Some(source),
+        }
+    }
+}
+
+/// The items a checkpoint file records, ascending, whatever its job (for tests).
+pub(crate) fn recorded_items(path: &Path) -> Result<Vec<Range<usize>>> {
+    let error = |source| Error::Checkpoint {
+        path: path.to_owned(),
+        reason: "could not read".into(),
+        source: Some(source),
+    };
+    let file = File::open(path).map_err(error)?;
+    let len = file.metadata().map_err(error)?.len();
+    let mut start = [0; MAGIC.len() + 4];
+    file.read_exact_at(&mut start, 0).map_err(error)?;
+    let job_len = u64::from(u32::from_le_bytes(start[8..].try_into().expect("4 bytes")));
+    let at = start.len() as u64 + job_len + 8;
+    let mut reader = BufReader::new(&file);
+    reader.seek(SeekFrom::Start(at)).map_err(error)?;
+    let (mut recorded, _) = read_records(path, &mut reader, at, len)?;
+    recorded.sort_by_key(|r| r.items.start);
+    Ok(recorded.into_iter().map(|r| r.items).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(items: Range<usize>, payload: &[u8]) -> Vec<u8> {
+        let file = tempfile::tempfile().expect("a temporary file");
+        let mut log = Log::new(file, Path::new("unused"));
+        log.stage(&items, 7, payload);
+        log.staged.clone()
+    }
+
+    fn read(bytes: &[u8]) -> Result<(Vec<Recorded>, u64)> {
+        read_records(Path::new("x"), &mut &bytes[..], 0, bytes.len() as u64)
+    }
+
+    #[test]
+    fn a_torn_or_zeroed_tail_is_dropped_and_damage_before_it_is_refused() {
+        let mut bytes = record(0..3, b"abc");
+        let first = bytes.len() as u64;
+        bytes.extend(record(3..5, b"defgh"));
+        let (recorded, end) = read(&bytes).unwrap();
+        assert_eq!(recorded.len(), 2);
+        assert_eq!(end, bytes.len() as u64);
+        for cut in 1..bytes.len() - first as usize {
+            let (recorded, end) = read(&bytes[..bytes.len() - cut]).unwrap();
+            assert_eq!((recorded.len(), end), (1, first), "cut {cut}");
+        }
+        let mut zeroed = bytes.clone();
+        zeroed[first as usize..].fill(0);
+        assert_eq!(read(&zeroed).unwrap().1, first);
+        // The last record's payload damaged: torn. The first's: damage.
+        let mut last = bytes.clone();
+        *last.last_mut().unwrap() ^= 1;
+        assert_eq!(read(&last).unwrap().1, first);
+        for at in [0, 5, RECORD_FIXED + 1] {
+            let mut damaged = bytes.clone();
+            damaged[at] ^= 1;
+            assert!(
+                matches!(read(&damaged), Err(Error::Checkpoint { .. })),
+                "byte {at}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_header_torn_as_it_was_written_starts_afresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("torn.ckpt");
+        let full = header("map of a to b by c");
+        std::fs::write(&path, &full[..full.len() - 3]).unwrap();
+        let (_, recorded) = open(&path, "map of a to b by c").unwrap();
+        assert!(recorded.is_empty());
+        assert_eq!(std::fs::read(&path).unwrap(), full);
+        let error = open(&path, "map of a to b by d").unwrap_err();
+        assert!(
+            matches!(error, Error::CheckpointOfAnotherJob { .. }),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn the_checksum_sees_every_changed_byte() {
+        let bytes: Vec<u8> = (0..37).collect();
+        let sum = checksum(&[&bytes]);
+        for at in 0..bytes.len() {
+            let mut changed = bytes.clone();
+            changed[at] ^= 0x80;
+            assert_ne!(checksum(&[&changed]), sum, "byte {at}");
+        }
+        assert_ne!(checksum(&[&bytes[..8], &bytes[8..]]), sum);
+    }
+}

@@ -1,0 +1,351 @@
+//! Checkpoints: a job stopped part way resumes from its file, recomputes only what
+//! the file does not hold, and a file of another job or input is refused.
+
+use std::collections::BTreeSet;
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::ops::Range;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+
+use multiproc::{Error, ErrorPolicy, Pool};
+use tempfile::TempDir;
+
+use crate::helpers::helper_command;
+use crate::support::{pool_with_chunks, random_u64s, splitmix64};
+
+/// An item: its index, a seeded value, whether the task panics on it, and the file
+/// the task appends the index to when it runs (so a test sees which items ran).
+type Item = (u64, u64, bool, String);
+
+fn items(len: usize, log: &Path, poison: Option<u64>) -> Vec<Item> {
+    let log = log.to_str().expect("a text path").to_owned();
+    random_u64s(len, 11)
+        .into_iter()
+        .zip(0..)
+        .map(|(value, index)| (index, value, poison == Some(index), log.clone()))
+        .collect()
+}
+
+fn note_run(index: u64, log: &str) {
+    // One small write to a file opened for appending: lines of concurrent
+    // workers do not mix.
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("the log opens");
+    file.write_all(format!("{index}\n").as_bytes())
+        .expect("the log takes a line");
+}
+
+fn logged((index, value, poison, log): Item) -> u64 {
+    assert!(!poison, "item {index} is poisoned");
+    note_run(index, &log);
+    splitmix64(value)
+}
+
+fn logged_digits((index, _, poison, log): Item) -> String {
+    assert!(!poison, "item {index} is poisoned");
+    note_run(index, &log);
+    format!("{index},")
+}
+
+fn empty() -> String {
+    String::new()
+}
+
+/// Associative, not commutative: the order of the partials shows.
+fn concat(a: String, b: String) -> String {
+    a + &b
+}
+
+fn unlogged((_, value, _, _): Item) -> u64 {
+    splitmix64(value)
+}
+
+/// The items the task ran since the log was last taken, each once; empties the log.
+fn take_log(log: &Path) -> Vec<u64> {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    fs::write(log, "").expect("the log empties");
+    let mut ran: Vec<u64> = text.lines().map(|l| l.parse().expect("a number")).collect();
+    ran.sort_unstable();
+    ran
+}
+
+fn indices(ranges: &[Range<usize>]) -> BTreeSet<u64> {
+    ranges
+        .iter()
+        .flat_map(|r| r.clone())
+        .map(|i| i as u64)
+        .collect()
+}
+
+const KILLED_LEN: usize = 1000;
+const KILL_AT: u64 = 600;
+
+/// For `a_job_whose_parent_is_killed_resumes_and_recomputes_only_unrecorded_chunks`:
+/// a checkpointed map of 1000 items in chunks of 50 on 2 workers. With `KILL_AT`
+/// set, this process SIGKILLs itself when its input yields that item (while it is
+/// filling a chunk); otherwise it prints the results, one a line.
+pub(crate) fn helper_checkpointed_map() {
+    let var = |name| std::env::var(name).expect("the test sets it");
+    let (checkpoint, log) = (var("CHECKPOINT"), var("LOG"));
+    let kill_at: Option<u64> = std::env::var("KILL_AT").ok().map(|v| v.parse().unwrap());
+    let pool = pool_with_chunks(2, 50);
+    let input = items(KILLED_LEN, Path::new(&log), None)
+        .into_iter()
+        .inspect(move |item| {
+            if Some(item.0) == kill_at {
+                // SAFETY: kill(2) with this process's own pid and a valid signal;
+                // nothing of this process runs after it.
+                unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+            }
+        });
+    let results = pool.checkpoint(&checkpoint).map(input, logged).unwrap();
+    let lines: Vec<String> = results.iter().map(u64::to_string).collect();
+    println!("{}", lines.join("\n"));
+}
+
+fn run_helper(checkpoint: &Path, log: &Path, kill_at: Option<u64>) -> std::process::Output {
+    let mut command = helper_command("checkpointed-map");
+    command.env("CHECKPOINT", checkpoint).env("LOG", log);
+    match kill_at {
+        Some(at) => command.env("KILL_AT", at.to_string()),
+        None => command.env_remove("KILL_AT"),
+    };
+    command.output().expect("the helper runs")
+}
+
+#[test]
+fn a_job_whose_parent_is_killed_resumes_and_recomputes_only_unrecorded_chunks() {
+    let dir = TempDir::new().unwrap();
+    let (checkpoint, log) = (dir.path().join("map.ckpt"), dir.path().join("ran.log"));
+    let expected: Vec<u64> = items(KILLED_LEN, &log, None)
+        .into_iter()
+        .map(unlogged)
+        .collect();
+
+    let killed = run_helper(&checkpoint, &log, Some(KILL_AT));
+    assert_eq!(killed.status.signal(), Some(libc::SIGKILL), "{killed:?}");
+    let recorded = indices(&multiproc::__private::checkpoint_records(&checkpoint).unwrap());
+    // Chunks of 50, each worker given at most 2 at a time: the chunk of item 600
+    // (the 13th) is filled only once 9 chunks were answered, chunk 0 among them, so
+    // some were delivered and recorded; the chunk of item 600 was never sent.
+    assert!(!recorded.is_empty(), "nothing recorded before the kill");
+    assert!(recorded.iter().all(|&i| i < KILL_AT), "{recorded:?}");
+    take_log(&log);
+
+    let resumed = run_helper(&checkpoint, &log, None);
+    assert!(resumed.status.success(), "{resumed:?}");
+    let results: Vec<u64> = String::from_utf8(resumed.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    assert_eq!(results, expected, "the resumed run's output");
+    // Exactly the items not recorded ran, each once.
+    let unrecorded: Vec<u64> = (0..KILLED_LEN as u64)
+        .filter(|i| !recorded.contains(i))
+        .collect();
+    let ran = take_log(&log);
+    assert_eq!(ran, unrecorded);
+    assert_eq!(ran.len(), KILLED_LEN - recorded.len());
+    let all = indices(&multiproc::__private::checkpoint_records(&checkpoint).unwrap());
+    assert_eq!(
+        all.len(),
+        KILLED_LEN,
+        "the finished checkpoint records everything"
+    );
+
+    // Once complete, a run takes everything from the file.
+    let again = run_helper(&checkpoint, &log, None);
+    assert!(again.status.success(), "{again:?}");
+    assert_eq!(
+        String::from_utf8(again.stdout).unwrap().lines().count(),
+        KILLED_LEN
+    );
+    assert_eq!(take_log(&log), Vec::<u64>::new(), "nothing ran again");
+}
+
+#[test]
+fn a_checkpoint_with_a_truncated_last_record_is_recovered() {
+    let dir = TempDir::new().unwrap();
+    let (path, log) = (dir.path().join("map.ckpt"), dir.path().join("ran.log"));
+    let input = items(200, &log, None);
+    let expected: Vec<u64> = input.iter().cloned().map(unlogged).collect();
+    let pool = pool_with_chunks(2, 7);
+    assert_eq!(
+        pool.checkpoint(&path).map(input.clone(), logged).unwrap(),
+        expected
+    );
+    assert_eq!(take_log(&log).len(), 200);
+    let whole = fs::read(&path).unwrap();
+
+    // A crash while the last record (items 196..200: 200 = 28 * 7 + 4) was written.
+    for cut in [1, 9, 30] {
+        fs::write(&path, &whole[..whole.len() - cut]).unwrap();
+        assert_eq!(
+            pool.checkpoint(&path).map(input.clone(), logged).unwrap(),
+            expected
+        );
+        assert_eq!(
+            take_log(&log),
+            (196..200).collect::<Vec<u64>>(),
+            "cut {cut}"
+        );
+        // The same chunk again: the file is as it was.
+        assert_eq!(fs::read(&path).unwrap(), whole, "cut {cut}");
+    }
+
+    // Damage before the last record is an error naming the file, never skipped.
+    let mut damaged = whole.clone();
+    let middle = damaged.len() / 2;
+    damaged[middle] ^= 0x40;
+    fs::write(&path, &damaged).unwrap();
+    let error = pool
+        .checkpoint(&path)
+        .map(input.clone(), logged)
+        .unwrap_err();
+    assert!(matches!(error, Error::Checkpoint { .. }), "{error:?}");
+    let message = error.to_string();
+    assert!(
+        message.contains("map.ckpt") && message.contains("damaged"),
+        "{message}"
+    );
+    assert_eq!(take_log(&log), Vec::<u64>::new(), "nothing ran");
+}
+
+#[test]
+fn a_checkpoint_of_another_job_or_input_is_refused() {
+    let dir = TempDir::new().unwrap();
+    let (path, log) = (dir.path().join("job.ckpt"), dir.path().join("ran.log"));
+    let input = items(100, &log, None);
+    let pool = pool_with_chunks(2, 10);
+    pool.checkpoint(&path).map(input.clone(), logged).unwrap();
+    take_log(&log);
+    let written = fs::read(&path).unwrap();
+
+    // Another task, another kind of call: refused before anything runs.
+    let error = pool
+        .checkpoint(&path)
+        .map(input.clone(), unlogged)
+        .unwrap_err();
+    let Error::CheckpointOfAnotherJob {
+        path: named,
+        found,
+        expected,
+    } = &error
+    else {
+        panic!("{error:?}");
+    };
+    assert_eq!(named, &path);
+    assert!(
+        found.contains("logged") && expected.contains("unlogged"),
+        "{error}"
+    );
+    let error = pool
+        .checkpoint(&path)
+        .map_reduce(input.clone(), logged_digits, empty, concat)
+        .unwrap_err();
+    assert!(
+        matches!(error, Error::CheckpointOfAnotherJob { .. }),
+        "{error:?}"
+    );
+
+    // The same job on another input: the first recorded range that differs is named.
+    let mut other = input.clone();
+    other[42].1 ^= 1;
+    let error = pool.checkpoint(&path).map(other, logged).unwrap_err();
+    let Error::CheckpointInputDiffers { items, .. } = &error else {
+        panic!("{error:?}");
+    };
+    assert_eq!(items, &(40..50));
+    // A shorter input ends before recorded items.
+    let error = pool
+        .checkpoint(&path)
+        .map(input[..55].to_vec(), logged)
+        .unwrap_err();
+    assert!(
+        matches!(&error, Error::CheckpointInputDiffers { items, .. } if *items == (50..60)),
+        "{error:?}"
+    );
+    assert_eq!(
+        fs::read(&path).unwrap(),
+        written,
+        "a refused run records nothing"
+    );
+
+    // A file that is not a checkpoint.
+    let text = dir.path().join("notes.txt");
+    fs::write(&text, "these are notes, not a checkpoint\n").unwrap();
+    let error = pool.checkpoint(&text).map(input, logged).unwrap_err();
+    assert!(matches!(error, Error::Checkpoint { .. }), "{error:?}");
+    assert!(
+        error.to_string().contains("not a multiproc checkpoint"),
+        "{error}"
+    );
+    assert_eq!(take_log(&log), Vec::<u64>::new(), "nothing ran");
+}
+
+#[test]
+fn a_map_reduce_resumes_around_a_failed_chunk_in_input_order_with_other_chunk_sizes() {
+    let dir = TempDir::new().unwrap();
+    let (path, log) = (dir.path().join("reduce.ckpt"), dir.path().join("ran.log"));
+    let expected: String = (0..300).map(|i| format!("{i},")).collect();
+    let collect = |chunk_size| {
+        Pool::builder()
+            .workers(2)
+            .chunk_size(chunk_size)
+            .error_policy(ErrorPolicy::Collect)
+            .inherit_output(false)
+            .build()
+            .unwrap()
+    };
+
+    // Item 130 fails: every other chunk runs and is recorded, the chunk of 130
+    // (130..140) is not.
+    let first = collect(10).checkpoint(&path).map_reduce(
+        items(300, &log, Some(130)),
+        logged_digits,
+        empty,
+        concat,
+    );
+    assert!(matches!(first, Err(Error::ItemsFailed { .. })), "{first:?}");
+    assert_eq!(take_log(&log).len(), 299);
+    let recorded = multiproc::__private::checkpoint_records(&path).unwrap();
+    assert_eq!(recorded.len(), 29, "{recorded:?}");
+    assert!(!recorded.iter().any(|r| r.contains(&130)));
+
+    // Fixed, and with other chunk sizes: only the missing chunk runs, in its place.
+    let pool = collect(64);
+    let resumed = pool
+        .checkpoint(&path)
+        .map_reduce(items(300, &log, None), logged_digits, empty, concat)
+        .unwrap();
+    assert_eq!(resumed, expected);
+    assert_eq!(take_log(&log), (130..140).collect::<Vec<u64>>());
+    let again = pool
+        .checkpoint(&path)
+        .map_reduce(items(300, &log, None), logged_digits, empty, concat)
+        .unwrap();
+    assert_eq!(again, expected);
+    assert_eq!(take_log(&log), Vec::<u64>::new());
+}
+
+#[test]
+fn a_checkpointed_map_on_the_inline_backend_matches_a_plain_map() {
+    let dir = TempDir::new().unwrap();
+    let (path, log) = (dir.path().join("inline.ckpt"), dir.path().join("ran.log"));
+    let pool = Pool::builder().workers(2).inline(true).build().unwrap();
+    for len in [0, 1, 7, 1000] {
+        let input = items(len, &log, None);
+        let plain = pool.map(input.clone(), unlogged).unwrap();
+        let _ = fs::remove_file(&path);
+        assert_eq!(
+            pool.checkpoint(&path).map(input.clone(), unlogged).unwrap(),
+            plain
+        );
+        assert_eq!(pool.checkpoint(&path).map(input, unlogged).unwrap(), plain);
+    }
+}
