@@ -75,6 +75,51 @@ fn w1_tiny(c: &mut Criterion, pool: &multiproc::Pool) {
     bench_sum(c, pool, workload);
 }
 
+/// W1 watched: the same job with a progress bar and with a trace file, beside the
+/// plain pool (measuring itself is always on). Run it under a terminal (or
+/// `script -qfec`) for the bar to be drawn; elsewhere it is hidden, as a user's is.
+fn w1_watched(c: &mut Criterion, pool: &multiproc::Pool) {
+    let items = 10_000_000u64;
+    let trace = std::env::temp_dir().join(format!("w1-trace-{}.json", std::process::id()));
+    let with_bar = multiproc::Pool::builder()
+        .workers(2)
+        .progress(true)
+        .build()
+        .expect("pool starts");
+    let traced = multiproc::Pool::builder()
+        .workers(2)
+        .trace(&trace)
+        .build()
+        .expect("pool starts");
+    let run = |pool: &multiproc::Pool| {
+        pool.map_reduce(0..black_box(items), sm, || 0, u64::wrapping_add)
+            .expect("the workload runs")
+    };
+    assert_eq!(run(&with_bar), 0x7f71_50bd_29b4_988b);
+    let mut group = c.benchmark_group("w1_watched");
+    group.throughput(Throughput::Elements(items));
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(8));
+    let id = |name: &str| BenchmarkId::new(name, "10M_u64_items");
+    group.bench_function(id("sequential"), |b| {
+        b.iter(|| (0..black_box(items)).map(sm).fold(0, u64::wrapping_add))
+    });
+    group.bench_function(id("rayon"), |b| {
+        b.iter(|| {
+            (0..black_box(items))
+                .into_par_iter()
+                .map(sm)
+                .reduce(|| 0, u64::wrapping_add)
+        })
+    });
+    group.bench_function(id("multiproc"), |b| b.iter(|| run(pool)));
+    group.bench_function(id("multiproc_progress_bar"), |b| b.iter(|| run(&with_bar)));
+    group.bench_function(id("multiproc_trace"), |b| b.iter(|| run(&traced)));
+    group.finish();
+    drop(traced);
+    let _ = std::fs::remove_file(&trace);
+}
+
 const W2_ROUNDS: u64 = 1_500_000;
 
 fn chain(i: u64) -> u64 {
@@ -179,6 +224,7 @@ fn main() {
         .build()
         .expect("pool starts");
     w1_tiny(&mut c, &pool);
+    w1_watched(&mut c, &pool);
     w2_cpu(&mut c, &pool);
     w5_start(&mut c);
     w5_round_trip(&mut c, &pool);
