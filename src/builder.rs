@@ -12,7 +12,7 @@ use crate::engine::backend::{Backend, StartOptions};
 use crate::engine::chunker;
 use crate::engine::driver::Core;
 use crate::engine::ends::encode_item;
-use crate::engine::progress::Bars;
+use crate::engine::progress::{Bars, Relay};
 use crate::engine::scheduler::{Engine, Hooks, Submission};
 use crate::engine::supervisor::Supervisor;
 use crate::engine::trace::Trace;
@@ -143,9 +143,9 @@ impl PoolBuilder {
     /// second, even when stderr is not a terminal); `MULTIPROC_PROGRESS=0` turns
     /// them off. Off by default; `apply_async` submissions have no bar.
     ///
-    /// Workers that print to the same terminal while a bar is drawn write over
-    /// its line: give such output to the parent, or build the pool with
-    /// `inherit_output(false)`.
+    /// While bars are drawn, what worker processes print to stdout and stderr
+    /// comes through the parent a line at a time, written above the bars, so it
+    /// never lands on a bar's line (threads of the inline backend print directly).
     pub fn progress(mut self, on: bool) -> Self {
         self.progress = on;
         self
@@ -464,9 +464,29 @@ impl PoolBuilder {
                 ..
             }) => return Err(Error::Initializer { worker: 0, reason }),
         };
+        let wanted = match progress {
+            Some(forced) => forced,
+            None => self.progress,
+        };
+        let (bars, label) = match self.bars {
+            _ if !wanted => (None, None),
+            Some((bars, label)) => (Some(bars), Some(label)),
+            None => (Some(Bars::new(progress == Some(true))), None),
+        };
+        // Workers' output goes past drawn bars through the parent, never over them.
+        let (relay, writers) = match &bars {
+            Some(bars) if self.inherit_output && !inline => {
+                match Relay::start(bars).map_err(|source| Error::Spawn { worker: 0, source })? {
+                    Some((relay, writers)) => (Some(relay), Some(Arc::new(writers))),
+                    None => (None, None),
+                }
+            }
+            _ => (None, None),
+        };
         let options = StartOptions {
             spawn: SpawnOptions {
                 inherit_output: self.inherit_output,
+                relay: writers,
                 memory_limit: self.memory_limit,
                 announce_parent_pid: self.announce_parent_pid,
                 #[cfg(test)]
@@ -496,19 +516,9 @@ impl PoolBuilder {
             Some(TraceTo::Shared(trace, name)) => Some(trace.track(&name)),
         };
         engine.note_starts();
-        let wanted = match progress {
-            Some(forced) => forced,
-            None => self.progress,
-        };
-        if wanted {
-            match self.bars {
-                Some((bars, label)) => {
-                    engine.bars = Some(bars);
-                    engine.label = Some(label);
-                }
-                None => engine.bars = Some(Bars::new(progress == Some(true))),
-            }
-        }
+        engine.bars = bars;
+        engine.label = label;
+        engine.relay = relay;
         if engine.workers.initializing() {
             engine.drive(&Starting, None, &mut |e| !e.workers.initializing(), None)?;
         }

@@ -71,6 +71,34 @@
 //!   the input. A context whose encoding exceeds
 //!   [`PoolBuilder::share_contexts_above`] (1 MiB) is shared the same way, unasked.
 //!
+//! # Watching a job
+//!
+//! Every job measures itself, per chunk, never per item (its cost on W1 is in
+//! `BENCHMARKS.md`):
+//! [`Pool::last_job_stats`] gives the last job's [`JobStats`] (items, chunks,
+//! bytes, faults, the parent's share, and each worker's waiting, decoding, running,
+//! encoding and start-up time), [`PoolStats::totals`] sums the pool's jobs, and
+//! [`JobStats::summary`] says where the time went and what to change.
+//! [`PoolBuilder::progress`] draws a bar per job, [`PoolBuilder::trace`] writes a
+//! timeline for Perfetto, and the engine's events (workers started and lost,
+//! retries, poison items, timeouts, jobs) are [`tracing`](https://docs.rs/tracing)
+//! events, silent unless the program installs a subscriber.
+//! [`Pool::checkpoint`] makes a `map` or `map_reduce` resumable after a crash.
+//!
+//! ```standalone_crate
+//! fn main() -> multiproc::Result<()> {
+//!     multiproc::init();
+//!     let pool = multiproc::Pool::builder().workers(2).progress(true).build()?;
+//!     let lines = vec!["a b".to_string(), "c d e".to_string()];
+//!     let words = pool.map(lines, |s: String| s.split(' ').count())?;
+//!     assert_eq!(words, [2, 3]);
+//!     let stats = pool.last_job_stats()?.expect("one job ended");
+//!     assert_eq!((stats.items, stats.workers.len()), (2, 2));
+//!     assert!(stats.summary().contains("running tasks"));
+//!     Ok(())
+//! }
+//! ```
+//!
 //! # Configuration
 //!
 //! Every option of [`PoolBuilder`], with its default. A value set on the builder
@@ -93,6 +121,8 @@
 //! | [`inherit_output`](PoolBuilder::inherit_output) | `true` | - |
 //! | [`start_timeout`](PoolBuilder::start_timeout) | 30 s | - |
 //! | [`share_contexts_above`](PoolBuilder::share_contexts_above) | 1 MiB | - |
+//! | [`progress`](PoolBuilder::progress) | `false`; drawn only when stderr is a terminal | `MULTIPROC_PROGRESS=1` (on, drawn anywhere) or `0` (off) |
+//! | [`trace`](PoolBuilder::trace) | none | - |
 //!
 //! A variable that holds a value the pool cannot use makes [`PoolBuilder::build`]
 //! fail with [`Error::Environment`], naming it. [`par_map`] and [`par_map_reduce`]

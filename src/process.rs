@@ -108,6 +108,7 @@ impl ProcessBuilder {
             .map_err(|source| Error::EncodeItem { item: 0, source })?;
         let options = SpawnOptions {
             inherit_output: self.inherit_output,
+            relay: None,
             memory_limit: None,
             announce_parent_pid: None,
             #[cfg(test)]

@@ -8,8 +8,12 @@
 
 use std::cell::Cell;
 use std::fmt;
-use std::io;
+use std::io::{self, BufRead, BufReader, Write};
+use std::sync::mpsc;
+use std::thread;
 use std::time::{Duration, Instant};
+
+use crate::os::spawn::RelayWriters;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 
@@ -175,5 +179,82 @@ fn rate(per_sec: f64) -> String {
         format!("{:.0} k", per_sec / 1e3)
     } else {
         format!("{per_sec:.0}")
+    }
+}
+
+/// Copies the workers' output to this process's stdout and stderr a line at a
+/// time, taking the bars down while each line is written, so that no output lands
+/// on a bar's line. Made only while bars are drawn on a terminal.
+pub(crate) struct Relay {
+    /// One message per copying thread, when it has seen the end of its pipe.
+    done: mpsc::Receiver<()>,
+    threads: usize,
+}
+
+/// How long dropping a pool waits for the last of its workers' output.
+const RELAY_DRAIN: Duration = Duration::from_millis(200);
+
+impl Relay {
+    /// A relay for `bars`, and the pipes a pool's workers are to write to; `None`
+    /// when the bars are not drawn (output then goes straight to the terminal).
+    pub(crate) fn start(bars: &Bars) -> io::Result<Option<(Relay, RelayWriters)>> {
+        let Bars::Drawn(multi) = bars else {
+            return Ok(None);
+        };
+        if multi.is_hidden() {
+            return Ok(None);
+        }
+        let (out_reader, out) = io::pipe()?;
+        let (err_reader, err) = io::pipe()?;
+        let (tx, done) = mpsc::channel();
+        for (reader, to_stderr) in [(out_reader, false), (err_reader, true)] {
+            let multi = multi.clone();
+            let tx = tx.clone();
+            thread::Builder::new()
+                .name("multiproc-output".into())
+                .spawn(move || {
+                    copy_lines(reader, &multi, to_stderr);
+                    let _ = tx.send(());
+                })?;
+        }
+        Ok(Some((
+            Relay { done, threads: 2 },
+            RelayWriters { out, err },
+        )))
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        // The pool's workers have been reaped and its write ends closed: the copies
+        // end as soon as the pipes are drained, unless a process a task started
+        // still holds them; that is not waited for.
+        let deadline = Instant::now() + RELAY_DRAIN;
+        for _ in 0..self.threads {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self.done.recv_timeout(left).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn copy_lines(reader: io::PipeReader, multi: &MultiProgress, to_stderr: bool) {
+    let mut reader = BufReader::new(reader);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => multi.suspend(|| {
+                // Nowhere to report a failed write of the workers' own output.
+                let _ = if to_stderr {
+                    io::stderr().lock().write_all(&line)
+                } else {
+                    let mut out = io::stdout().lock();
+                    out.write_all(&line).and_then(|()| out.flush())
+                };
+            }),
+        }
     }
 }

@@ -22,7 +22,7 @@ use crate::engine::backend::Event;
 use crate::engine::ends::Complete;
 use crate::engine::job::{Ending, InFlight, Job, JobId, Kind, Local, Ready};
 use crate::engine::outcome::{describe, describe_init, exit_description};
-use crate::engine::progress::Bars;
+use crate::engine::progress::{Bars, Relay};
 use crate::engine::stats::{JobStats, Tally};
 use crate::engine::supervisor::{CREDIT, Supervisor};
 use crate::engine::trace::{Arg, Track};
@@ -121,6 +121,9 @@ pub(crate) struct Engine {
     pub(crate) bars: Option<Bars>,
     /// What its jobs are called on their bars (`job 3`, or a pipeline's stage).
     pub(crate) label: Option<String>,
+    /// The copying of the workers' output past the bars, when they are drawn.
+    /// Last, so it is dropped after the workers.
+    pub(crate) relay: Option<Relay>,
 }
 
 impl Engine {
@@ -148,6 +151,7 @@ impl Engine {
             trace: None,
             bars: None,
             label: None,
+            relay: None,
         }
     }
 

@@ -38,6 +38,9 @@ pub(crate) const START_FAILED: i32 = 70;
 pub(crate) struct SpawnOptions {
     /// Whether the child writes to this process's stdout and stderr, or to /dev/null.
     pub(crate) inherit_output: bool,
+    /// Pipes the child writes its stdout and stderr to instead, when this process
+    /// relays them (so they do not write over a progress bar).
+    pub(crate) relay: Option<Arc<RelayWriters>>,
     /// The child's address-space limit in bytes, if any.
     pub(crate) memory_limit: Option<u64>,
     /// Test-only fault injection: the worker started with this index announces its
@@ -48,6 +51,13 @@ pub(crate) struct SpawnOptions {
     /// start-up failures are reported.
     #[cfg(test)]
     pub(crate) program: Option<PathBuf>,
+}
+
+/// The write ends of the pipes a pool's workers write their output to.
+#[derive(Debug)]
+pub(crate) struct RelayWriters {
+    pub(crate) out: std::io::PipeWriter,
+    pub(crate) err: std::io::PipeWriter,
 }
 
 /// Asks a spawner thread to start this executable as worker `index`, connecting
@@ -72,6 +82,10 @@ pub(crate) fn launch(
         .stdin(Stdio::null());
     if !options.inherit_output {
         command.stdout(Stdio::null()).stderr(Stdio::null());
+    } else if let Some(relay) = &options.relay {
+        command
+            .stdout(Stdio::from(relay.out.try_clone()?))
+            .stderr(Stdio::from(relay.err.try_clone()?));
     }
     if let Some(limit) = options.memory_limit {
         command.env(MEMORY_LIMIT_ENV, limit.to_string());
@@ -317,6 +331,7 @@ mod tests {
     fn a_child_started_after_its_requester_gave_up_is_reaped() {
         let options = SpawnOptions {
             inherit_output: false,
+            relay: None,
             memory_limit: None,
             announce_parent_pid: None,
             // Any program will do: it is killed as soon as it starts.

@@ -346,3 +346,74 @@ fn bars_are_hidden_off_a_terminal_and_can_be_turned_off() {
         "{stderr}"
     );
 }
+
+fn prints_its_item(x: u64) -> u64 {
+    // A slow item, so the bar is drawn between the lines.
+    let mut acc = x;
+    for i in 0..200_000u64 {
+        acc = splitmix64(acc ^ i);
+    }
+    println!("item {x} done");
+    acc
+}
+
+/// For `workers_output_never_lands_on_a_bar`: a pool with a bar whose workers
+/// print a line per item.
+pub(crate) fn helper_progress_printing() {
+    let pool = Pool::builder()
+        .workers(2)
+        .chunk_size(1)
+        .progress(true)
+        .build()
+        .unwrap();
+    pool.map(0..40u64, prints_its_item).unwrap();
+}
+
+#[test]
+fn workers_output_never_lands_on_a_bar() {
+    // Under a pseudo-terminal, so the bar is drawn; every line a worker printed
+    // must start a line of the screen, never follow a bar's text.
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new("script")
+        .args([
+            "-qfec",
+            &format!("{} --nocapture", exe.display()),
+            "/dev/null",
+        ])
+        .env("MULTIPROC_TEST_HELPER_ROLE", "progress-printing")
+        .env_remove("MULTIPROC_PROGRESS")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("script(1) runs (util-linux)");
+    assert!(out.status.success(), "{out:?}");
+    let screen = String::from_utf8_lossy(&out.stdout);
+    let mut plain = String::new();
+    let mut chars = screen.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // An escape sequence: ESC [ params letter.
+            if chars.next_if_eq(&'[').is_some() {
+                while chars.next().is_some_and(|c| !c.is_ascii_alphabetic()) {}
+            }
+            plain.push('\n');
+        } else {
+            plain.push(c);
+        }
+    }
+    let segments: Vec<&str> = plain
+        .split(['\r', '\n'])
+        .filter(|s| s.contains("done"))
+        .collect();
+    let printed: Vec<&&str> = segments.iter().filter(|s| s.contains("item ")).collect();
+    assert_eq!(printed.len(), 40, "{segments:#?}");
+    for line in printed {
+        assert!(
+            line.trim_start().starts_with("item "),
+            "a worker's line on a bar: {line:?}"
+        );
+    }
+    assert!(
+        segments.iter().any(|s| s.contains("job 1 done: 40 items")),
+        "{segments:#?}"
+    );
+}

@@ -593,6 +593,7 @@ mod tests {
         StartOptions {
             spawn: spawn::SpawnOptions {
                 inherit_output: false,
+                relay: None,
                 memory_limit: None,
                 announce_parent_pid: None,
                 program: program.map(Into::into),
