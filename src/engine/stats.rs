@@ -16,8 +16,9 @@ use crate::wire::protocol::Timing;
 /// Times of workers are measured by the workers, per chunk: `waiting` is the time a
 /// worker sat idle on its channel during the job; `decoding`, `running` and
 /// `encoding` split the time it spent on the job's items (timed whole per chunk,
-/// divided in the proportions measured on a sample of eight items per chunk, so a
-/// task of nanoseconds is not drowned by the clock); `starting` is the time spent
+/// divided in the proportions measured phase by phase on the first eight items of
+/// one chunk in eight; timing every item would cost more than a task of
+/// nanoseconds); `starting` is the time spent
 /// starting its process (replacements and recycling during the job). What the
 /// worker times do not cover of `wall` is transport and scheduling.
 ///

@@ -487,8 +487,9 @@ impl<'a> Reader<'a> {
     /// Every length in the value is bounded by the bytes left in this reader: the
     /// decoder's limit is pre-claimed down to `self.remaining()`, and bincode checks
     /// each claim (every primitive, and a string's or byte buffer's length before it
-    /// allocates) against what is left of it.
-    #[inline]
+    /// allocates) against what is left of it. Always inlined: it is on every
+    /// item's path, in generic callers.
+    #[inline(always)]
     pub(crate) fn decode<T: DeserializeOwned>(&mut self) -> Result<T, CodecError> {
         let source = SliceSource { bytes: self.bytes };
         let mut decoder = DecoderImpl::new(source, CONFIG, ());

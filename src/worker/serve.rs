@@ -136,6 +136,7 @@ pub(crate) fn serve(link: &impl Link) -> io::Result<()> {
     task::install_panic_hook();
     let mut state = WorkerState::default();
     let mut out = FrameBuf::with_capacity(64 * 1024);
+    let mut sampled = LastSample::default();
     loop {
         let waiting = Instant::now();
         let Some(frame) = link.recv()? else {
@@ -197,7 +198,7 @@ pub(crate) fn serve(link: &impl Link) -> io::Result<()> {
                             job: header.job,
                             chunk: header.chunk,
                             nanos,
-                            timing: split(wait, nanos, state.sample),
+                            timing: split(wait, nanos, sampled.of(header.job, state.sample)),
                         }
                     }
                     Err(failure) => {
@@ -219,6 +220,31 @@ pub(crate) fn serve(link: &impl Link) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The last sample taken of a job's chunks, for the job's chunks not sampled
+/// (see `task::SAMPLE_EVERY`).
+#[derive(Default)]
+struct LastSample {
+    job: Option<u64>,
+    sample: Sample,
+}
+
+impl LastSample {
+    /// What to split a chunk of `job` by: its own sample when it was sampled
+    /// (remembered), else the job's last one (none yet: all of it is the task's).
+    fn of(&mut self, job: u64, taken: Sample) -> Sample {
+        if taken != Sample::default() {
+            self.job = Some(job);
+            self.sample = taken;
+            return taken;
+        }
+        if self.job == Some(job) {
+            self.sample
+        } else {
+            Sample::default()
+        }
+    }
 }
 
 fn nanos_since(start: Instant) -> u64 {
@@ -333,6 +359,22 @@ mod tests {
         };
         assert_eq!(split(0, 1_000, closing).task, 900);
         assert_eq!(split(0, 1_000, closing).encode, 100);
+    }
+
+    #[test]
+    fn chunks_not_sampled_are_split_by_their_jobs_last_sample() {
+        let mut last = LastSample::default();
+        let sample = Sample {
+            decode: 1,
+            task: 2,
+            encode: 1,
+            finish: 0,
+        };
+        assert_eq!(last.of(3, Sample::default()), Sample::default());
+        assert_eq!(last.of(3, sample), sample);
+        assert_eq!(last.of(3, Sample::default()), sample);
+        // Another job's chunk is not split by this job's sample.
+        assert_eq!(last.of(4, Sample::default()), Sample::default());
     }
 
     #[test]

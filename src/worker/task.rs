@@ -28,9 +28,15 @@ use crate::wire::codec::{self, Reader};
 use crate::wire::protocol::{ChunkHeader, Failure, TaskRef};
 use crate::worker::state::{Accumulator, Sample, WorkerState};
 
-/// Items of a chunk timed phase by phase (decode, task, encode), spread evenly over
-/// it. Each costs four clock reads, so a chunk of tiny items pays well under 1%;
-/// the phases' shares of the chunk's measured total come from these.
+/// One chunk in this many (by chunk number, the first included) is sampled: its
+/// first items are timed phase by phase, and the worker splits the time of the
+/// job's other chunks in the proportions that sample showed.
+pub(crate) const SAMPLE_EVERY: u64 = 8;
+
+/// Items at the start of a sampled chunk timed phase by phase (decode, task, encode).
+/// Each costs four clock reads (about 0.1 us here), so a chunk of tiny items pays
+/// well under 1%; the phases' shares of the chunk's measured total come from these.
+/// The items after them run in the same loop as with no timing at all.
 const SAMPLED_ITEMS: u64 = 8;
 
 /// What one clock read costs here, subtracted from each timed phase so that phases
@@ -53,11 +59,6 @@ fn clock_cost() -> u64 {
 fn phase(from: Instant, to: Instant) -> u64 {
     let nanos = u64::try_from(to.duration_since(from).as_nanos()).unwrap_or(u64::MAX);
     nanos.saturating_sub(clock_cost())
-}
-
-/// Which items of a chunk of `count` are timed: every `stride`-th from the first.
-fn sample_stride(count: u64) -> u64 {
-    (count / SAMPLED_ITEMS).max(1)
 }
 
 /// Runs one chunk: decodes its items from the payload, runs the task, appends the
@@ -454,55 +455,27 @@ where
     }
 }
 
-/// The monomorphised runner a [`TaskRef`] names.
-fn run_chunk<T, U, M, S>(
-    state: &mut WorkerState,
-    header: &ChunkHeader,
-    payload: &[u8],
-    out: &mut Vec<u8>,
-) -> Result<(), Failure>
-where
-    T: DeserializeOwned,
-    U: Serialize + DeserializeOwned,
-    M: Mapper<T, U>,
-    S: Answer<U>,
-{
-    if header.task.fingerprint != fingerprint::<(T, U, M, S)>() {
-        return Err(Failure::Malformed {
-            reason: "task fingerprint does not match the function at its offset".into(),
-        });
-    }
-    let first = header.first_item;
-    // Everything from here runs user code (`Deserialize`, the task, `Serialize`,
-    // identity and reduce), so every step is guarded: a panic names its item.
-    let _capturing = Capturing::start();
-    let mut sample = Sample::default();
-    let stride = sample_stride(u64::from(header.count));
-    let mut next_sample = 0;
-    let mut env = guarded(first, || M::env(state, header.job))??;
-    let mut reader = Reader::new(payload);
-    let mut sink = guarded(first, S::start)?;
-    let progress = crate::wire::transport::progress();
-    let mut skip = header.skip.iter().copied().peekable();
-    for i in 0..u64::from(header.count) {
-        let item = first.wrapping_add(i);
-        if let Some(progress) = progress {
+/// One item of a chunk, in [`run_chunk`] and [`timed_items`]: `$run` runs it
+/// (timed or not), or it is read past when it is on the skip list. A macro, so that
+/// the untimed loop is exactly the loop of a worker that times nothing.
+macro_rules! chunk_item {
+    ($first:expr, $i:expr, $progress:expr, $skip:expr, $env:expr, $reader:expr, $sink:expr,
+     $out:expr, $run:ident $(, $sample:expr)?) => {{
+        let i = $i;
+        let item = $first.wrapping_add(i);
+        if let Some(progress) = $progress {
             // If this item kills the process, the parent reads which one it was.
             progress.store(item.wrapping_add(1), std::sync::atomic::Ordering::Relaxed);
         }
-        if skip.next_if(|&offset| u64::from(offset) == i).is_some() {
+        if $skip.next_if(|&offset| u64::from(offset) == i).is_some() {
             // Reported failed already: read past it, run nothing, write nothing.
-            guarded(item, || reader.decode::<T>().map(drop))?
+            guarded(item, || $reader.decode::<T>().map(drop))?
                 .map_err(|error| Failure::DecodeItem { item, error })?;
             continue;
         }
+        let out: &mut Vec<u8> = $out;
         let before = out.len();
-        let outcome = if i >= next_sample {
-            next_sample += stride;
-            run_item_timed::<T, U, M, S>(item, &mut env, &mut reader, &mut sink, out, &mut sample)
-        } else {
-            run_item::<T, U, M, S>(item, &mut env, &mut reader, &mut sink, out)
-        };
+        let outcome = $run::<T, U, M, S>(item, $env, $reader, $sink, out $(, $sample)?);
         match outcome {
             Ok(()) => {}
             Err(failure) if S::OUTCOMES => {
@@ -526,6 +499,191 @@ where
             let skip = if S::OUTCOMES { OUTCOME_PREFIX } else { 0 };
             round_trip::<U>(item, &out[before + skip..], Some(item))?;
         }
+    }};
+}
+
+/// The skip list of a chunk as [`run_chunk`] walks it.
+type SkipList<'h> = std::iter::Peekable<std::iter::Copied<std::slice::Iter<'h, u32>>>;
+
+/// What [`run_chunk`] walks a chunk with: the task's environment, the items'
+/// reader, the results' sink and the skip list.
+type Walk<'e, 'r, 'h, E, S> = (E, Reader<'r>, S, SkipList<'h>);
+
+/// The first `count` items of a chunk, each timed phase by phase into `sample`;
+/// gives back what it walked them with.
+#[inline(never)]
+fn timed_items<'e, 'r, 'h, T, U, M, S>(
+    first: u64,
+    count: u64,
+    walk: Walk<'e, 'r, 'h, M::Env<'e>, S>,
+    progress: Option<&std::sync::atomic::AtomicU64>,
+    out: &mut Vec<u8>,
+    sample: &mut Sample,
+) -> Result<Walk<'e, 'r, 'h, M::Env<'e>, S>, Failure>
+where
+    T: DeserializeOwned,
+    U: Serialize + DeserializeOwned,
+    M: Mapper<T, U>,
+    S: Answer<U>,
+{
+    let (mut env, mut reader, mut sink, mut skip) = walk;
+    for i in 0..count {
+        chunk_item!(
+            first,
+            i,
+            progress,
+            skip,
+            &mut env,
+            &mut reader,
+            &mut sink,
+            &mut *out,
+            run_item_timed,
+            sample
+        );
+    }
+    Ok((env, reader, sink, skip))
+}
+
+/// The monomorphised runner a [`TaskRef`] names.
+fn run_chunk<T, U, M, S>(
+    state: &mut WorkerState,
+    header: &ChunkHeader,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), Failure>
+where
+    T: DeserializeOwned,
+    U: Serialize + DeserializeOwned,
+    M: Mapper<T, U>,
+    S: Answer<U>,
+{
+    if header.task.fingerprint != fingerprint::<(T, U, M, S)>() {
+        return Err(Failure::Malformed {
+            reason: "task fingerprint does not match the function at its offset".into(),
+        });
+    }
+    if header.chunk.is_multiple_of(SAMPLE_EVERY) {
+        return run_chunk_sampled::<T, U, M, S>(state, header, payload, out);
+    }
+    let first = header.first_item;
+    // Everything from here runs user code (`Deserialize`, the task, `Serialize`,
+    // identity and reduce), so every step is guarded: a panic names its item.
+    let _capturing = Capturing::start();
+    let mut env = guarded(first, || M::env(state, header.job))??;
+    let mut reader = Reader::new(payload);
+    let mut sink = guarded(first, S::start)?;
+    let progress = crate::wire::transport::progress();
+    let mut skip = header.skip.iter().copied().peekable();
+    for i in 0..u64::from(header.count) {
+        let item = first.wrapping_add(i);
+        if let Some(progress) = progress {
+            // If this item kills the process, the parent reads which one it was.
+            progress.store(item.wrapping_add(1), std::sync::atomic::Ordering::Relaxed);
+        }
+        if skip.next_if(|&offset| u64::from(offset) == i).is_some() {
+            // Reported failed already: read past it, run nothing, write nothing.
+            guarded(item, || reader.decode::<T>().map(drop))?
+                .map_err(|error| Failure::DecodeItem { item, error })?;
+            continue;
+        }
+        let before = out.len();
+        let outcome = run_item::<T, U, M, S>(item, &mut env, &mut reader, &mut sink, out);
+        match outcome {
+            Ok(()) => {}
+            Err(failure) if S::OUTCOMES => {
+                // The item's bytes were consumed or are lost with the failure: a
+                // decode failure leaves the reader where it cannot find the next
+                // item, so only a failure after decoding lets the chunk go on.
+                out.truncate(before);
+                let decoded = !matches!(failure, Failure::DecodeItem { .. });
+                out.push(OUTCOME_FAILED);
+                codec::encode_into(&failure, out).map_err(|error| Failure::EncodeResult {
+                    item: Some(item),
+                    error,
+                })?;
+                if !decoded {
+                    return Err(failure);
+                }
+            }
+            Err(failure) => return Err(failure),
+        }
+        if item == 0 && S::ENCODES_EACH && (!S::OUTCOMES || out.get(before) == Some(&OUTCOME_OK)) {
+            let skip = if S::OUTCOMES { OUTCOME_PREFIX } else { 0 };
+            round_trip::<U>(item, &out[before + skip..], Some(item))?;
+        }
+    }
+    if !reader.is_empty() {
+        return Err(Failure::Malformed {
+            reason: format!(
+                "{} bytes left after the chunk's {} items",
+                reader.remaining(),
+                header.count
+            ),
+        });
+    }
+    let last = first.wrapping_add(u64::from(header.count).saturating_sub(1));
+    let before = out.len();
+    guarded(last, || sink.finish(out))?
+        .map_err(|error| Failure::EncodeResult { item: None, error })?;
+    if first == 0 && !S::ENCODES_EACH {
+        round_trip::<U>(last, &out[before..], None)?;
+    }
+    Ok(())
+}
+
+/// [`run_chunk`] for a sampled chunk: its first items are timed phase by phase
+/// into `state.sample`. Kept out of `run_chunk`, whose per-item loop is then the
+/// same as if nothing were measured (timing code beside that loop, even code that
+/// never runs, was measured to cost it 5 to 12 instructions an item).
+#[inline(never)]
+fn run_chunk_sampled<T, U, M, S>(
+    state: &mut WorkerState,
+    header: &ChunkHeader,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), Failure>
+where
+    T: DeserializeOwned,
+    U: Serialize + DeserializeOwned,
+    M: Mapper<T, U>,
+    S: Answer<U>,
+{
+    let first = header.first_item;
+    // Everything from here runs user code (`Deserialize`, the task, `Serialize`,
+    // identity and reduce), so every step is guarded: a panic names its item.
+    let _capturing = Capturing::start();
+    let mut sample = Sample::default();
+    let count = u64::from(header.count);
+    let env = guarded(first, || M::env(state, header.job))??;
+    let reader = Reader::new(payload);
+    let sink = guarded(first, S::start)?;
+    let progress = crate::wire::transport::progress();
+    let skip = header.skip.iter().copied().peekable();
+    // The chunk's first items are timed phase by phase, in a function of their
+    // own; the rest run in the very loop of a worker that times nothing.
+    let timed = count.min(SAMPLED_ITEMS);
+    // Moved in and out, not lent: a local whose address escaped to a call would
+    // stay in memory through the loop below, costing loads and stores per item.
+    let (mut env, mut reader, mut sink, mut skip) = timed_items::<T, U, M, S>(
+        first,
+        timed,
+        (env, reader, sink, skip),
+        progress,
+        out,
+        &mut sample,
+    )?;
+    for i in timed..count {
+        chunk_item!(
+            first,
+            i,
+            progress,
+            skip,
+            &mut env,
+            &mut reader,
+            &mut sink,
+            &mut *out,
+            run_item
+        );
     }
     if !reader.is_empty() {
         return Err(Failure::Malformed {
@@ -584,14 +742,12 @@ where
     let progress = crate::wire::transport::progress();
     let mut skip = header.skip.iter().copied().peekable();
     let mut sample = Sample::default();
-    let stride = sample_stride(u64::from(header.count));
-    let mut next_sample = 0;
     for i in 0..u64::from(header.count) {
         let item = first.wrapping_add(i);
         if let Some(progress) = progress {
             progress.store(item.wrapping_add(1), std::sync::atomic::Ordering::Relaxed);
         }
-        let timed = i >= next_sample;
+        let timed = i < SAMPLED_ITEMS;
         let started = timed.then(Instant::now);
         let value = guarded(item, || reader.decode::<T>())?
             .map_err(|error| Failure::DecodeItem { item, error })?;
@@ -603,7 +759,6 @@ where
         // at their first failure), so nothing folded is delivered in part.
         acc = guarded(item, || conjure::<F>()(acc, value))?;
         if let (Some(started), Some(decoded)) = (started, decoded) {
-            next_sample += stride;
             sample.decode += phase(started, decoded);
             sample.task += phase(decoded, Instant::now());
         }
@@ -660,8 +815,10 @@ pub(crate) fn flush_fold(
     })
 }
 
-/// Decodes one item, runs the task on it and hands the result to the sink.
-#[inline]
+/// Decodes one item, runs the task on it and hands the result to the sink. Always
+/// inlined: it is the body of the per-item loop, and without LTO a generic caller
+/// otherwise decides differently from build to build.
+#[inline(always)]
 fn run_item<T, U, M, S>(
     item: u64,
     env: &mut M::Env<'_>,
@@ -836,7 +993,7 @@ impl Drop for Capturing {
 
 /// Runs user code, turning a panic into [`Failure::Panicked`] for `item`. Callers
 /// hold a [`Capturing`] so the panic's message and location are recorded.
-#[inline]
+#[inline(always)]
 fn guarded<R>(item: u64, f: impl FnOnce() -> R) -> Result<R, Failure> {
     let result = panic::catch_unwind(AssertUnwindSafe(f));
     result.map_err(|payload| {
