@@ -241,7 +241,7 @@ impl Engine {
             ok,
             items = stats.items,
             chunks = stats.chunks,
-            wall_ms = stats.wall.as_secs_f64() * 1e3,
+            wall = ?stats.wall,
             "job ended"
         );
         self.totals.add(&stats);
@@ -417,7 +417,7 @@ impl Engine {
             tracing::info!(
                 worker = start.worker,
                 pid = start.pid,
-                took_ms = start.took.as_secs_f64() * 1e3,
+                took = ?start.took,
                 "worker started"
             );
             if let Some(trace) = &self.trace {

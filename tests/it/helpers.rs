@@ -59,6 +59,8 @@ fn play(role: &OsStr) {
         crate::hardening::helper_refused_pid();
     } else if role == "progress-asked" {
         crate::insights::helper_progress(true);
+    } else if role == "logs" {
+        crate::insights::helper_logs();
     } else if role == "progress-printing" {
         crate::insights::helper_progress_printing();
     } else if role == "progress-unasked" {

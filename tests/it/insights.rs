@@ -417,3 +417,55 @@ fn workers_output_never_lands_on_a_bar() {
         "{segments:#?}"
     );
 }
+
+/// For `the_engine_logs_through_tracing`: a subscriber on stdout, a job whose
+/// worker dies once on item 13, then the pool dropped.
+pub(crate) fn helper_logs() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stdout)
+        .with_ansi(false)
+        .with_max_level(tracing::Level::DEBUG)
+        .init();
+    let dir = tempfile::tempdir().unwrap();
+    let pool = Pool::builder()
+        .workers(2)
+        .chunk_size(10)
+        .inherit_output(false)
+        .build()
+        .unwrap();
+    let context = dir.path().to_string_lossy().into_owned();
+    pool.map_with(0..100u64, &context, dies_once_on_13).unwrap();
+}
+
+#[test]
+fn the_engine_logs_through_tracing() {
+    let out = crate::helpers::helper_command("logs").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let logs = String::from_utf8_lossy(&out.stdout);
+    let lines = |what: &str| logs.lines().filter(|l| l.contains(what)).count();
+    // Two workers at the start and the replacement, each with its pid.
+    assert_eq!(lines("worker started"), 3, "{logs}");
+    assert!(
+        logs.lines()
+            .filter(|l| l.contains("worker started"))
+            .all(|l| l.contains(" pid=")),
+        "{logs}"
+    );
+    assert_eq!(lines("worker lost"), 1, "{logs}");
+    assert!(logs.contains("SIGKILL"), "{logs}");
+    assert!(lines("chunk sent again") >= 1, "{logs}");
+    assert!(
+        lines("job started") >= 1 && lines("job ended") >= 1,
+        "{logs}"
+    );
+}
+
+#[test]
+fn without_a_subscriber_the_engine_is_silent() {
+    // The same job in a helper that installs nothing writes nothing of its own.
+    let out = crate::helpers::helper_command("progress-asked")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(out.stdout.is_empty() && out.stderr.is_empty(), "{out:?}");
+}
