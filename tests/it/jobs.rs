@@ -391,9 +391,21 @@ pub(crate) fn helper_recycled() {
         assert_eq!(mapped, (1..1_001).collect::<Vec<_>>());
         assert!(pool.stats().unwrap().workers_started >= 200);
     }
-    // Every descriptor and child this pool opened is gone.
-    let fds_after = open_fds();
-    assert_eq!(fds_after, fds_before, "descriptors before and after");
+    // Every descriptor and child this pool opened is gone. A worker given its
+    // last task is reaped by a background thread once it exits, which holds its
+    // channel until then: wait for that, within a deadline, and say what is left.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while (open_fds() != fds_before || children_of_this_process() != children_before)
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let links: Vec<String> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|p| p.display().to_string())
+        .collect();
+    assert_eq!(open_fds(), fds_before, "descriptors left: {links:?}");
     let left = children_of_this_process();
     assert_eq!(
         left, children_before,
