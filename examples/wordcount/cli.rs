@@ -48,6 +48,12 @@ pub(crate) struct Args {
     /// https://ui.perfetto.dev or chrome://tracing.
     #[arg(long, value_name = "FILE")]
     pub(crate) trace: Option<PathBuf>,
+    /// Make the count resumable: record each counted chunk in FILE, and skip what
+    /// FILE records when run again on the same tree (after a kill, say). Counts in
+    /// a checkpointed map_reduce instead of the fold stage (slower: one partial map
+    /// per chunk). Delete FILE to count afresh.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) checkpoint: Option<PathBuf>,
 }
 
 /// The value of `--workers`: a number of processes, at least 1. (clap's ranged

@@ -586,6 +586,42 @@ pub(crate) fn count_tree_watched(
     Ok((tally, stats))
 }
 
+/// Reads and counts one batch into a tally of its own (the checkpointed count's
+/// task: one partial per chunk, recorded).
+pub(crate) fn read_and_count(pieces: Vec<Piece>) -> Tally {
+    read_and_count_into(Tally::default(), pieces)
+}
+
+/// [`count_tree`] as a resumable job: a checkpointed `map_reduce` over the batches
+/// (each chunk read and counted in a worker, its partial tally recorded in the
+/// file at `checkpoint` as it is merged), so a count that is killed resumes where
+/// it stopped. Slower than the fold stage, which sends one map per worker instead
+/// of one per chunk. Also returns the job's figures.
+pub(crate) fn count_tree_checkpointed(
+    root: &Path,
+    shape: Shape,
+    watch: &Watch,
+    checkpoint: &Path,
+) -> multiproc::Result<(Tally, Option<multiproc::JobStats>)> {
+    let errors = Rc::new(RefCell::new(Vec::new()));
+    let listing = Listing::new(root, shape.batch_bytes, Rc::clone(&errors));
+    let mut builder = multiproc::Pool::builder()
+        .workers(shape.count_workers)
+        .inherit_output(shape.inherit_output)
+        .progress(watch.progress);
+    if let Some(path) = &watch.trace {
+        builder = builder.trace(path);
+    }
+    let pool = builder.build()?;
+    let mut tally = pool
+        .checkpoint(checkpoint)
+        .map_reduce(listing, read_and_count, Tally::default, Tally::merge)?
+        .finish();
+    tally.unreadable.append(&mut errors.borrow_mut());
+    name_each_once(&mut tally.unreadable);
+    Ok((tally, pool.last_job_stats()?))
+}
+
 /// [`count_tree`] with reading and counting as two stages: `read_workers` read
 /// each batch, the parent relays its text to the fold stage that counts it. Kept
 /// for the bench.

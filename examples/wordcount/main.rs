@@ -6,6 +6,7 @@
 //! cargo run --release --example wordcount -- ~/src      # on a tree of your own
 //! cargo run --release --example wordcount -- --json DIR # one JSON object
 //! cargo run --release --example wordcount -- --stats --trace /tmp/wc.json  # where the time went
+//! cargo run --release --example wordcount -- --checkpoint /tmp/wc.ckpt     # resumable
 //! ```
 //!
 //! The parent lists the files (symlinks are not followed) and cuts them into batches
@@ -62,12 +63,29 @@ fn run(args: &Args) -> Result<ExitCode, String> {
         trace: args.trace.clone(),
     };
     let started = Instant::now();
-    let (tally, stats) = count::count_tree_watched(&dir, shape, &watch)
-        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    let (tally, figures) = match &args.checkpoint {
+        Some(file) => {
+            let (tally, stats) = count::count_tree_checkpointed(&dir, shape, &watch, file)
+                .map_err(|e| format!("{}: {e}", dir.display()))?;
+            (
+                tally,
+                stats.map(|s| vec![("the checkpointed count".to_string(), s)]),
+            )
+        }
+        None => {
+            let (tally, stats) = count::count_tree_watched(&dir, shape, &watch)
+                .map_err(|e| format!("{}: {e}", dir.display()))?;
+            let stages = stats.stages().into_iter();
+            (
+                tally,
+                Some(stages.map(|(n, s)| (format!("stage {n}"), s)).collect()),
+            )
+        }
+    };
     let seconds = started.elapsed().as_secs_f64();
     if args.stats {
-        for (stage, figures) in stats.stages() {
-            eprintln!("stage {stage}:\n{}", figures.summary());
+        for (name, stats) in figures.unwrap_or_default() {
+            eprintln!("{name}:\n{}", stats.summary());
         }
     }
 

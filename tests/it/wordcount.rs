@@ -149,6 +149,25 @@ fn wordcount_on_a_fixed_tree_gives_the_expected_counts() {
         let tally = count::count_tree(&root, shape(batch_bytes)).unwrap();
         check(&format!("pipeline, batches of {batch_bytes} bytes"), &tally);
     }
+    // Resumable: the checkpointed count agrees, and run again it reads everything
+    // from its file, which it leaves as it was.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("count.ckpt");
+    let watch = count::Watch::default();
+    for run in ["first", "resumed"] {
+        let (tally, stats) =
+            count::count_tree_checkpointed(&root, shape(7), &watch, &file).unwrap();
+        check(&format!("checkpointed count, {run} run"), &tally);
+        let stats = stats.expect("the job ended");
+        let recorded = multiproc::__private::checkpoint_records(&file).unwrap();
+        let items: usize = recorded.iter().map(|r| r.len()).sum();
+        if run == "first" {
+            assert!(stats.chunks > 0);
+            assert_eq!(items as u64, stats.items, "every batch recorded");
+        } else {
+            assert_eq!(stats.chunks, 0, "nothing ran again");
+        }
+    }
     check("sequential", &count::count_tree_sequential(&root, 1 << 20));
 
     let top = count::top(&count::count_tree(&root, shape(1 << 20)).unwrap().counts, 4);
