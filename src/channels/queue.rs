@@ -4,7 +4,9 @@
 //! process use them directly; a handle that crossed to another process (inside a
 //! `Process` argument, a pool item, another queue's item) connects to the creator's
 //! rendezvous (`broker.rs`) on first use, and a thread there serves its requests.
-//! Each request is one frame: `length (u32) | tag (u8) | wait (u64) | payload`.
+//! Each request is one frame: `length (u32) | tag (u8) | wait (u64) | descriptors
+//! (u16) | payload`, then, for an item naming shared inputs, one byte carrying
+//! copies of their descriptors (SCM_RIGHTS): the queue keeps them with the item.
 //! An item answered to a `get` stays with the connection's server thread until the
 //! client's next frame (an `ACK`, written as soon as the item is read), and goes
 //! back to the front of the queue if the connection drops before.
@@ -19,6 +21,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::marker::PhantomData;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
@@ -28,8 +31,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::channels::broker::{self, Address};
-use crate::error::{Error, Result};
+use crate::error::{CodecError, Error, Result};
 use crate::os::{poll, signals, socket};
+use crate::shared::region;
 use crate::wire::codec;
 
 // Requests.
@@ -89,6 +93,14 @@ const IDLE_CONNECTIONS: usize = 16;
 /// The items are kept in the process that created the queue. Keep a handle there
 /// (the creator's own `Queue`) until the other processes are done with it: when
 /// the creator's last handle and last connection are gone, the queue is gone.
+///
+/// A [`SharedSlice`](crate::SharedSlice) or [`Shared`](crate::Shared) inside an
+/// item stays valid however long the item waits and whoever takes it, even once
+/// the producer dropped its handle or exited: the queue keeps copies of the
+/// descriptors of the inputs an item names, with the item, until it is taken (and
+/// acknowledged). A [`SharedSlice::map_file`](crate::SharedSlice::map_file) slice is
+/// refused by [`put`](Queue::put) with [`Error::EncodeItem`] (its file is not
+/// sealed, so only its pool's workers may map it).
 ///
 /// Only processes of the same user that descend from the creator can connect, and
 /// only with the secret inside a handle. Nothing is left on disk.
@@ -216,7 +228,15 @@ struct Entry {
     /// Rendezvous only: the number of the offer whose producer waits for this item
     /// to be taken; `None` for an item nobody waits for.
     offer: Option<u64>,
+    item: Item,
+}
+
+/// An item as the queue holds it: its encoding, and copies of the descriptors of
+/// the shared inputs it names, so that it decodes wherever and whenever it is
+/// taken, whether or not its producer still holds them.
+struct Item {
     bytes: Vec<u8>,
+    fds: Vec<OwnedFd>,
 }
 
 /// The queues of this process that other processes may reach.
@@ -237,7 +257,7 @@ impl State {
 
     fn put(
         &self,
-        item: Vec<u8>,
+        item: Item,
         wait: Wait,
         alive: &dyn Fn() -> bool,
     ) -> std::result::Result<(), Refusal> {
@@ -252,10 +272,7 @@ impl State {
                 return Err(Refusal::Closed);
             }
             if self.capacity.is_none_or(|cap| inner.held() < cap) {
-                inner.items.push_back(Entry {
-                    offer: None,
-                    bytes: item,
-                });
+                inner.items.push_back(Entry { offer: None, item });
                 drop(inner);
                 self.not_empty.notify_one();
                 return Ok(());
@@ -279,7 +296,7 @@ impl State {
     /// exactly when the put returns `Ok`.
     fn hand_over(
         &self,
-        item: Vec<u8>,
+        item: Item,
         wait: Wait,
         alive: &dyn Fn() -> bool,
     ) -> std::result::Result<(), Refusal> {
@@ -296,7 +313,7 @@ impl State {
         inner.next_offer += 1;
         inner.items.push_back(Entry {
             offer: Some(offer),
-            bytes: item,
+            item,
         });
         self.not_empty.notify_one();
         let position = |inner: &Inner| inner.items.iter().position(|e| e.offer == Some(offer));
@@ -352,7 +369,7 @@ impl State {
         wait: Wait,
         alive: &dyn Fn() -> bool,
         hand: bool,
-    ) -> std::result::Result<Vec<u8>, Refusal> {
+    ) -> std::result::Result<Item, Refusal> {
         // A rendezvous `try_put` hands its item only to a consumer that waits.
         let counted = self.capacity == Some(0) && !matches!(wait, Wait::Try);
         if counted {
@@ -371,7 +388,7 @@ impl State {
         wait: Wait,
         alive: &dyn Fn() -> bool,
         hand: bool,
-    ) -> std::result::Result<Vec<u8>, Refusal> {
+    ) -> std::result::Result<Item, Refusal> {
         let deadline = deadline(wait);
         let mut polled = false;
         let mut inner = self.lock();
@@ -396,7 +413,7 @@ impl State {
                     // A handed item keeps its place until it is acknowledged.
                     self.not_full.notify_one();
                 }
-                return Ok(entry.bytes);
+                return Ok(entry.item);
             }
             // An item handed over may still come back: a closed queue is drained
             // only once none is out.
@@ -440,14 +457,11 @@ impl State {
 
     /// An item handed over was not read (its consumer's connection dropped, or the
     /// answer could not be written): it goes back to the front, the next one taken.
-    fn give_back(&self, item: Vec<u8>) {
+    fn give_back(&self, item: Item) {
         let closed = {
             let mut inner = self.lock();
             inner.handed -= 1;
-            inner.items.push_front(Entry {
-                offer: None,
-                bytes: item,
-            });
+            inner.items.push_front(Entry { offer: None, item });
             inner.closed
         };
         self.settled(closed, true);
@@ -641,40 +655,53 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
                 state.close();
                 Ok(())
             }
-            Route::Remote { .. } => self.request(CLOSE, Wait::Try, &[], |_| ()),
+            Route::Remote { .. } => self.request(CLOSE, Wait::Try, &Item::none(), |_| ()),
         }
     }
 
     fn put_with(&self, item: T, wait: Wait) -> Result<()> {
         let mut bytes = Vec::new();
-        codec::encode_into(&item, &mut bytes)
-            .map_err(|source| Error::EncodeItem { item: 0, source })?;
+        let (encoded, pins) = region::pin_while(|| codec::encode_into(&item, &mut bytes));
+        encoded.map_err(|source| Error::EncodeItem { item: 0, source })?;
+        // The shared inputs the item names travel with it, so it decodes after the
+        // producer dropped them, in whichever process takes it.
+        let fds = if pins.is_empty() {
+            Vec::new()
+        } else {
+            pins.carried().map_err(|fault| Error::EncodeItem {
+                item: 0,
+                source: CodecError(format!("the item cannot go through a queue: {fault}")),
+            })?
+        };
+        let item = Item { bytes, fds };
         match &self.route {
             Route::Local { state, .. } => state
-                .put(bytes, wait, &|| true)
+                .put(item, wait, &|| true)
                 .map_err(|r| refusal(r, wait)),
-            Route::Remote { .. } => self.request(PUT, wait, &bytes, |_| ()),
+            Route::Remote { .. } => self.request(PUT, wait, &item, |_| ()),
         }
     }
 
     fn get_with(&self, wait: Wait) -> Result<T> {
-        let decode = |bytes: &[u8]| {
-            codec::decode(bytes).map_err(|source| Error::DecodeItem {
-                item: 0,
-                worker: None,
-                source,
+        let decode = |item: &Item| {
+            region::with_carried(&item.fds, || codec::decode(&item.bytes)).map_err(|source| {
+                Error::DecodeItem {
+                    item: 0,
+                    worker: None,
+                    source,
+                }
             })
         };
         match &self.route {
             Route::Local { state, .. } => {
-                let bytes = state
+                let item = state
                     .get(wait, &|| true, false)
                     .map_err(|r| refusal(r, wait))?;
-                decode(&bytes)
+                decode(&item)
             }
             // Decoded before the acknowledgement, so the item is acknowledged only
             // once nothing but the return stands between it and the caller.
-            Route::Remote { .. } => self.request(GET, wait, &[], decode)?,
+            Route::Remote { .. } => self.request(GET, wait, &Item::none(), decode)?,
         }
     }
 
@@ -685,8 +712,8 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
         &self,
         tag: u8,
         wait: Wait,
-        payload: &[u8],
-        open: impl FnOnce(&[u8]) -> R,
+        payload: &Item,
+        open: impl FnOnce(&Item) -> R,
     ) -> Result<R> {
         let Route::Remote { address, id, idle } = &self.route else {
             return Err(Error::Config("a local queue has no connection"));
@@ -711,16 +738,16 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
             signals::kill_self();
         }
         poll_readable(&stream);
-        let (answer, _, bytes) = read_frame(&mut stream).map_err(lost)?;
+        let (answer, _, got) = read_frame(&mut stream).map_err(lost)?;
         let answer = match answer {
-            OK => Ok(open(&bytes)),
+            OK => Ok(open(&got)),
             ITEM => {
-                let item = open(&bytes);
+                let item = open(&got);
                 // One small write, no answer awaited. Its broker thread waits for
                 // it and leaves only with the queue's process, so if it fails
                 // nobody else can get the item: the caller keeps it, and the
                 // connection is dropped.
-                if write_frame(&mut stream, ACK, 0, &[]).is_err() {
+                if write_frame(&mut stream, ACK, 0, &Item::none()).is_err() {
                     return Ok(item);
                 }
                 Ok(item)
@@ -798,7 +825,7 @@ fn serve(id: u64, mut stream: UnixStream) {
         let wait = Wait::decode(wait);
         let sent = match tag {
             PUT => match state.put(payload, wait, &alive) {
-                Ok(()) => write_frame(&mut stream, OK, 0, &[]),
+                Ok(()) => write_frame(&mut stream, OK, 0, &Item::none()),
                 Err(r) => write_refusal(&mut stream, r),
             },
             GET => match state.get(wait, &alive, true) {
@@ -812,7 +839,7 @@ fn serve(id: u64, mut stream: UnixStream) {
             },
             CLOSE => {
                 state.close();
-                write_frame(&mut stream, OK, 0, &[])
+                write_frame(&mut stream, OK, 0, &Item::none())
             }
             _ => return,
         };
@@ -825,7 +852,7 @@ fn serve(id: u64, mut stream: UnixStream) {
 /// The item a connection's consumer was handed and has not acknowledged.
 struct Handed<'a> {
     state: &'a State,
-    item: Option<Vec<u8>>,
+    item: Option<Item>,
 }
 
 impl Drop for Handed<'_> {
@@ -859,7 +886,7 @@ fn write_refusal(stream: &mut UnixStream, refusal: Refusal) -> io::Result<()> {
             return Err(io::Error::new(io::ErrorKind::BrokenPipe, "peer gone"));
         }
     };
-    write_frame(stream, tag, 0, &[])
+    write_frame(stream, tag, 0, &Item::none())
 }
 
 /// Whether the process at the other end of `stream` still holds it open (it has
@@ -871,32 +898,78 @@ fn peer_alive(stream: &UnixStream) -> bool {
     )
 }
 
-fn write_frame(stream: &mut UnixStream, tag: u8, wait: u64, payload: &[u8]) -> io::Result<()> {
+/// Writes one frame: `length (u32) | tag (u8) | wait (u64) | descriptors (u16) |
+/// payload`, then, when the item carries descriptors, one byte with them attached
+/// (SCM_RIGHTS). The reader reads exactly the frame's bytes before it receives
+/// that byte, so a plain read never swallows the descriptors.
+fn write_frame(stream: &mut UnixStream, tag: u8, wait: u64, item: &Item) -> io::Result<()> {
+    let payload = &item.bytes;
     let len = u32::try_from(payload.len())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "item larger than 4 GiB"))?;
-    let mut header = [0u8; 13];
+    let fds = u16::try_from(item.fds.len())
+        .ok()
+        .filter(|&n| usize::from(n) <= socket::MAX_FDS)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "too many descriptors"))?;
+    let mut header = [0u8; HEADER];
     header[..4].copy_from_slice(&len.to_le_bytes());
     header[4] = tag;
-    header[5..].copy_from_slice(&wait.to_le_bytes());
+    header[5..13].copy_from_slice(&wait.to_le_bytes());
+    header[13..].copy_from_slice(&fds.to_le_bytes());
     if payload.len() <= 4096 {
-        let mut frame = Vec::with_capacity(13 + payload.len());
+        let mut frame = Vec::with_capacity(HEADER + payload.len());
         frame.extend_from_slice(&header);
         frame.extend_from_slice(payload);
-        stream.write_all(&frame)
+        stream.write_all(&frame)?;
     } else {
         stream.write_all(&header)?;
-        stream.write_all(payload)
+        stream.write_all(payload)?;
     }
+    if fds > 0 {
+        let raw: Vec<RawFd> = item.fds.iter().map(AsRawFd::as_raw_fd).collect();
+        socket::send_fds(stream, 0, &raw)?;
+    }
+    Ok(())
 }
 
-fn read_frame(stream: &mut UnixStream) -> io::Result<(u8, u64, Vec<u8>)> {
-    let mut header = [0u8; 13];
+fn read_frame(stream: &mut UnixStream) -> io::Result<(u8, u64, Item)> {
+    let mut header = [0u8; HEADER];
     stream.read_exact(&mut header)?;
     let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
-    let wait = u64::from_le_bytes(header[5..].try_into().expect("8 bytes"));
-    let mut payload = vec![0u8; len];
-    stream.read_exact(&mut payload)?;
-    Ok((header[4], wait, payload))
+    let wait = u64::from_le_bytes(header[5..13].try_into().expect("8 bytes"));
+    let count = usize::from(u16::from_le_bytes(
+        header[13..].try_into().expect("2 bytes"),
+    ));
+    let mut bytes = vec![0u8; len];
+    stream.read_exact(&mut bytes)?;
+    let fds = if count > 0 {
+        let (_, fds) = socket::recv_fds(stream)?;
+        if fds.len() != count {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} descriptors came where the frame announced {count}",
+                    fds.len()
+                ),
+            ));
+        }
+        fds
+    } else {
+        Vec::new()
+    };
+    Ok((header[4], wait, Item { bytes, fds }))
+}
+
+/// The length of a frame's header.
+const HEADER: usize = 15;
+
+impl Item {
+    /// No payload (a request or an answer that carries no item).
+    fn none() -> Self {
+        Item {
+            bytes: Vec::new(),
+            fds: Vec::new(),
+        }
+    }
 }
 
 impl<T> Clone for Queue<T> {
@@ -1109,7 +1182,7 @@ mod tests {
         };
         let address = broker::address(Some(serve)).unwrap();
         let mut stream = broker::connect(&address, *id).unwrap();
-        write_frame(&mut stream, GET, FOREVER, &[]).unwrap();
+        write_frame(&mut stream, GET, FOREVER, &Item::none()).unwrap();
         let answered = socket::wait_readable(&stream, Some(Duration::from_secs(30))).unwrap();
         assert!(answered, "the item was never sent");
         stream
@@ -1160,8 +1233,8 @@ mod tests {
         let mut unread = ask_without_reading(&queue);
         assert!(matches!(queue.try_put(2), Err(Error::QueueFull)));
         let (tag, _, item) = read_frame(&mut unread).unwrap();
-        assert_eq!((tag, codec::decode::<u64>(&item).unwrap()), (ITEM, 1));
-        write_frame(&mut unread, ACK, 0, &[]).unwrap();
+        assert_eq!((tag, codec::decode::<u64>(&item.bytes).unwrap()), (ITEM, 1));
+        write_frame(&mut unread, ACK, 0, &Item::none()).unwrap();
         drop(until(&queue, |inner| inner.handed == 0));
         queue.try_put(2).unwrap();
         // Acknowledged: closing its connection does not bring it back.
