@@ -48,6 +48,17 @@ fn fill_queue((queue, size, count): (Queue<Blob>, usize, u64)) {
     }
 }
 
+/// Takes one item, then `count` more; returns how long the `count` took, in
+/// nanoseconds (the consumer is the process that measures).
+fn drain_queue((queue, count): (Queue<Blob>, u64)) -> u64 {
+    black_box(queue.get().unwrap());
+    let started = Instant::now();
+    for _ in 0..count {
+        black_box(queue.get().unwrap());
+    }
+    u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
 fn fill_pipe((end, size, count): (Pipe<Blob, ()>, usize, u64)) {
     for i in 0..count {
         end.send(Blob(vec![i as u8; size])).unwrap();
@@ -114,6 +125,18 @@ fn queue_throughput(c: &mut Criterion) {
                 let elapsed = started.elapsed();
                 child.join().unwrap();
                 elapsed
+            })
+        });
+        // The other way: the consumer is the child, so each item is handed over a
+        // connection and acknowledged.
+        group.bench_function(BenchmarkId::new("put_remote_get", name), |b| {
+            b.iter_custom(|iters| {
+                let queue = Queue::<Blob>::bounded(64);
+                let child = Process::spawn((queue.clone(), iters), drain_queue).unwrap();
+                for i in 0..=iters {
+                    queue.put(Blob(vec![i as u8; size])).unwrap();
+                }
+                Duration::from_nanos(child.join().unwrap())
             })
         });
     }

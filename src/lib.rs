@@ -202,6 +202,14 @@ pub mod __private {
         (region.seals().unwrap_or(-1), region.raw_fd())
     }
 
+    /// Makes this process die by SIGKILL in its next `get` on a queue created in
+    /// another process, after the creator sent the item and before a byte of it is
+    /// read: the moment a consumer's death would lose the item without
+    /// acknowledgements.
+    pub fn queue_die_before_reading_next_item() {
+        crate::channels::queue::die_before_reading_next_item();
+    }
+
     /// The items a checkpoint file records, ascending, whatever job wrote it.
     pub fn checkpoint_records(
         path: &std::path::Path,

@@ -1,7 +1,10 @@
 //! Pipe: two typed ends of a socket pair, Python's `multiprocessing.Pipe`.
 //!
 //! An end is a connected Unix stream socket. Values cross as frames:
-//! `length (u64, little endian) | encoded value`. An end sent to another process (by
+//! `length (u64, little endian) | descriptors (u32) | encoded value`, then, when the
+//! value names shared inputs, one byte carrying copies of their descriptors
+//! (SCM_RIGHTS), so the receiver attaches them whether or not the sender still
+//! holds them. An end sent to another process (by
 //! serializing it into a `Process` argument or a pool item) is moved out of this
 //! process: its descriptor is parked at this process's rendezvous (`broker.rs`), the
 //! serialized form names it, and the receiving process claims it with SCM_RIGHTS as
@@ -11,7 +14,7 @@
 use std::io::{self, Read, Write};
 use std::marker::PhantomData;
 use std::net::Shutdown;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -20,8 +23,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::channels::broker::{self, Address};
-use crate::error::{Error, Result};
+use crate::error::{CodecError, Error, Result};
 use crate::os::socket;
+use crate::shared::region;
 use crate::wire::codec;
 
 /// One end of a pipe: it sends `A` and receives `B`.
@@ -36,6 +40,13 @@ use crate::wire::codec;
 ///
 /// One thread at a time uses an end (calls on the same end from several threads
 /// take turns).
+///
+/// A [`SharedSlice`](crate::SharedSlice) or [`Shared`](crate::Shared) inside a value
+/// stays valid for the receiver even once the sender dropped its handle or
+/// exited: copies of the descriptors of the inputs a value names travel with it.
+/// A [`SharedSlice::map_file`](crate::SharedSlice::map_file) slice is refused by
+/// [`send`](Pipe::send) with [`Error::EncodeItem`] (its file is not sealed, so only
+/// its pool's workers may map it).
 ///
 /// ```standalone_crate
 /// fn main() -> multiproc::Result<()> {
@@ -69,11 +80,17 @@ const KEEP_SCRATCH: usize = 8 << 20;
 /// A frame received in part: its header and as much of its body as has come.
 #[derive(Default)]
 struct Incoming {
-    header: [u8; 8],
+    header: [u8; HEADER],
     /// Bytes of the frame (header, then body) received so far.
     got: usize,
     body: Vec<u8>,
+    /// The descriptors the frame announced, once received.
+    fds: Option<Vec<OwnedFd>>,
 }
+
+/// A frame's header: the body's length (u64) and how many descriptors follow it
+/// (u32), little endian.
+const HEADER: usize = 12;
 
 enum End {
     Open(UnixStream),
@@ -189,14 +206,34 @@ impl<A: Serialize, B> Pipe<A, B> {
         let mut scratch = self.scratch();
         let frame = &mut *scratch;
         frame.clear();
-        frame.extend_from_slice(&[0u8; 8]);
-        let sent = codec::encode_into(&value, frame)
+        frame.extend_from_slice(&[0u8; HEADER]);
+        let (encoded, pins) = region::pin_while(|| codec::encode_into(&value, frame));
+        let sent = encoded
             .map_err(|source| Error::EncodeItem { item: 0, source })
             .and_then(|()| {
-                let len = (frame.len() - 8) as u64;
+                // The shared inputs the value names go with it (SCM_RIGHTS), so the
+                // other end attaches them even once this one dropped them.
+                if pins.is_empty() {
+                    Ok(Vec::new())
+                } else {
+                    pins.carried().map_err(|fault| Error::EncodeItem {
+                        item: 0,
+                        source: CodecError(format!("the value cannot go through a pipe: {fault}")),
+                    })
+                }
+            })
+            .and_then(|fds| {
+                let len = (frame.len() - HEADER) as u64;
                 frame[..8].copy_from_slice(&len.to_le_bytes());
+                let count = u32::try_from(fds.len()).expect("at most MAX_CARRIED descriptors");
+                frame[8..HEADER].copy_from_slice(&count.to_le_bytes());
                 let stream = Self::stream(&mut end)?;
-                stream.write_all(frame).map_err(hang_up)
+                stream.write_all(frame).map_err(hang_up)?;
+                if !fds.is_empty() {
+                    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+                    socket::send_fds(stream, 0, &raw).map_err(hang_up)?;
+                }
+                Ok(())
             });
         release(frame);
         sent
@@ -243,13 +280,13 @@ impl<A, B: DeserializeOwned> Pipe<A, B> {
         let incoming = &mut *incoming;
         // The header, then the body; a deadline that passes in between leaves what
         // came in `incoming` for the next call.
-        while incoming.got < 8 {
+        while incoming.got < HEADER {
             let got = incoming.got;
             let n = read_some(stream, &mut incoming.header[got..], deadline, timeout)?;
             incoming.got += n;
-            if incoming.got == 8 {
-                let len = usize::try_from(u64::from_le_bytes(incoming.header))
-                    .map_err(|_| Error::PipeClosed)?;
+            if incoming.got == HEADER {
+                let len = u64::from_le_bytes(incoming.header[..8].try_into().expect("8 bytes"));
+                let len = usize::try_from(len).map_err(|_| Error::PipeClosed)?;
                 incoming.body.clear();
                 if incoming.body.try_reserve_exact(len).is_err() {
                     // The frame cannot be read past: the stream is out of step for
@@ -265,16 +302,36 @@ impl<A, B: DeserializeOwned> Pipe<A, B> {
                 incoming.body.resize(len, 0);
             }
         }
-        while incoming.got < 8 + incoming.body.len() {
-            let got = incoming.got - 8;
+        while incoming.got < HEADER + incoming.body.len() {
+            let got = incoming.got - HEADER;
             let n = read_some(stream, &mut incoming.body[got..], deadline, timeout)?;
             incoming.got += n;
         }
-        let received = codec::decode(&incoming.body).map_err(|source| Error::DecodeItem {
-            item: 0,
-            worker: None,
-            source,
-        });
+        // Then the one byte that carries the frame's descriptors, if it has any.
+        let count = u32::from_le_bytes(incoming.header[8..].try_into().expect("4 bytes"));
+        if count > 0 && incoming.fds.is_none() {
+            wait_for(stream, deadline, timeout)?;
+            let (_, fds) = socket::recv_fds(stream).map_err(hang_up)?;
+            if fds.len() != count as usize {
+                let what = format!("{} descriptors came where {count} were sent", fds.len());
+                *end = End::Broken(what.clone(), io::ErrorKind::InvalidData);
+                *incoming = Incoming::default();
+                return Err(Error::Pipe {
+                    what,
+                    source: io::Error::from(io::ErrorKind::InvalidData),
+                });
+            }
+            incoming.fds = Some(fds);
+        }
+        let fds = incoming.fds.take().unwrap_or_default();
+        let received =
+            region::with_carried(&fds, || codec::decode(&incoming.body)).map_err(|source| {
+                Error::DecodeItem {
+                    item: 0,
+                    worker: None,
+                    source,
+                }
+            });
         incoming.got = 0;
         release(&mut incoming.body);
         received
@@ -291,17 +348,7 @@ fn read_some(
     timeout: Option<Duration>,
 ) -> Result<usize> {
     loop {
-        if let Some(deadline) = deadline {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let ready =
-                socket::wait_readable(stream, Some(left)).map_err(|source| Error::Pipe {
-                    what: "could not wait for input".into(),
-                    source,
-                })?;
-            if !ready {
-                return Err(Error::Timeout(timeout.unwrap_or_default()));
-            }
-        }
+        wait_for(stream, deadline, timeout)?;
         match stream.read(buf) {
             Ok(0) => return Err(Error::PipeClosed),
             Ok(n) => return Ok(n),
@@ -309,6 +356,26 @@ fn read_some(
             Err(e) => return Err(hang_up(e)),
         }
     }
+}
+
+/// Waits for input until `deadline`, if there is one: [`Error::Timeout`] (of
+/// `timeout`) when it passes first.
+fn wait_for(
+    stream: &UnixStream,
+    deadline: Option<Instant>,
+    timeout: Option<Duration>,
+) -> Result<()> {
+    if let Some(deadline) = deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ready = socket::wait_readable(stream, Some(left)).map_err(|source| Error::Pipe {
+            what: "could not wait for input".into(),
+            source,
+        })?;
+        if !ready {
+            return Err(Error::Timeout(timeout.unwrap_or_default()));
+        }
+    }
+    Ok(())
 }
 
 /// A deadline past any wait (a timeout too large to add to now).
@@ -420,6 +487,7 @@ mod tests {
         let mut body = Vec::new();
         codec::encode_into(value, &mut body).unwrap();
         let mut frame = (body.len() as u64).to_le_bytes().to_vec();
+        frame.extend_from_slice(&0u32.to_le_bytes());
         frame.extend_from_slice(&body);
         frame
     }

@@ -4,7 +4,12 @@
 //! process use them directly; a handle that crossed to another process (inside a
 //! `Process` argument, a pool item, another queue's item) connects to the creator's
 //! rendezvous (`broker.rs`) on first use, and a thread there serves its requests.
-//! Each request is one frame: `length (u32) | tag (u8) | wait (u64) | payload`.
+//! Each request is one frame: `length (u32) | tag (u8) | wait (u64) | descriptors
+//! (u16) | payload`, then, for an item naming shared inputs, one byte carrying
+//! copies of their descriptors (SCM_RIGHTS): the queue keeps them with the item.
+//! An item answered to a `get` stays with the connection's server thread until the
+//! client's next frame (an `ACK`, written as soon as the item is read), and goes
+//! back to the front of the queue if the connection drops before.
 //!
 //! A connection carries one request at a time, and a request holds its connection
 //! until the answer comes, which may be a long wait (a `get` on an empty queue). So
@@ -16,7 +21,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::marker::PhantomData;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -24,14 +31,17 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::channels::broker::{self, Address};
-use crate::error::{Error, Result};
-use crate::os::{poll, socket};
+use crate::error::{CodecError, Error, Result};
+use crate::os::{poll, signals, socket};
+use crate::shared::region;
 use crate::wire::codec;
 
 // Requests.
 const PUT: u8 = 1;
 const GET: u8 = 2;
 const CLOSE: u8 = 3;
+/// The consumer has read the item it was handed last on this connection (no answer).
+const ACK: u8 = 4;
 // Answers.
 const OK: u8 = 10;
 const ITEM: u8 = 11;
@@ -39,6 +49,17 @@ const FULL: u8 = 12;
 const EMPTY: u8 = 13;
 const TIMED_OUT: u8 = 14;
 const CLOSED: u8 = 15;
+
+/// Fault injection for tests: the next remote `get` of this process kills it once
+/// its answer is on the way, before reading it.
+static DIE_BEFORE_READING: AtomicBool = AtomicBool::new(false);
+
+/// Makes this process die (SIGKILL) in its next remote `get`, after the creator
+/// sent the answer and before a byte of it is read: the moment an item handed over
+/// would be lost without acknowledgements.
+pub(crate) fn die_before_reading_next_item() {
+    DIE_BEFORE_READING.store(true, Ordering::Relaxed);
+}
 
 /// `wait` value meaning "as long as it takes".
 const FOREVER: u64 = u64::MAX;
@@ -73,12 +94,39 @@ const IDLE_CONNECTIONS: usize = 16;
 /// (the creator's own `Queue`) until the other processes are done with it: when
 /// the creator's last handle and last connection are gone, the queue is gone.
 ///
+/// A [`SharedSlice`](crate::SharedSlice) or [`Shared`](crate::Shared) inside an
+/// item stays valid however long the item waits and whoever takes it, even once
+/// the producer dropped its handle or exited: the queue keeps copies of the
+/// descriptors of the inputs an item names, with the item, until it is taken (and
+/// acknowledged). A [`SharedSlice::map_file`](crate::SharedSlice::map_file) slice is
+/// refused by [`put`](Queue::put) with [`Error::EncodeItem`] (its file is not
+/// sealed, so only its pool's workers may map it).
+///
 /// Only processes of the same user that descend from the creator can connect, and
 /// only with the secret inside a handle. Nothing is left on disk.
 ///
-/// An item is handed to a consumer as soon as it asks; a consumer killed in the
-/// moment between the hand-over and its own read loses that one item (it is not
-/// given to another consumer).
+/// Each item reaches exactly one `get` that returns it, even when consumers die.
+/// The creating process keeps an item it hands to a consumer in another process
+/// until that consumer acknowledges it: the consumer reads and decodes the item,
+/// then writes a small acknowledgement on the same connection before its `get`
+/// returns (no answer is awaited: one small write per item). If the connection
+/// drops first (the consumer's process is killed, or dies, inside the `get`), the
+/// item goes back to the front of the queue and the next `get`, in any process,
+/// takes it: ahead of the items that were behind it, so the order is first in,
+/// first out, except that items other consumers took meanwhile went first. A Unix
+/// socket keeps what was written even when its writer dies at once, so the only
+/// moment left is between that write and the return, where none of the caller's
+/// code runs. What a consumer does with an item once `get` returned is its own: an
+/// item is not given back if its consumer dies while working on it (that would be
+/// at-least-once delivery, with an acknowledgement from the caller's code).
+///
+/// A bounded queue counts the items handed over and not yet acknowledged against
+/// its capacity, so an item that comes back always has its place; a producer
+/// waiting for room is woken by the acknowledgement. After [`close`](Queue::close),
+/// consumers also drain items that come back: while one handed over may still come
+/// back, a [`get`](Queue::get) waits (a [`try_get`](Queue::try_get) says
+/// [`Error::QueueEmpty`], a [`get_timeout`](Queue::get_timeout) times out), and
+/// [`Error::QueueClosed`] comes once none is out.
 ///
 /// ```standalone_crate
 /// fn main() -> multiproc::Result<()> {
@@ -169,17 +217,38 @@ struct Inner {
     waiting_gets: usize,
     /// Rendezvous only: the number of the next offer.
     next_offer: u64,
+    /// Items handed to remote consumers and not yet acknowledged: each is held by
+    /// the broker thread of its connection, and comes back to the front if that
+    /// connection drops first. A bounded queue counts them against its capacity,
+    /// and a closed queue is not drained while one may still come back.
+    handed: usize,
 }
 
 struct Entry {
     /// Rendezvous only: the number of the offer whose producer waits for this item
     /// to be taken; `None` for an item nobody waits for.
     offer: Option<u64>,
+    item: Item,
+}
+
+/// An item as the queue holds it: its encoding, and copies of the descriptors of
+/// the shared inputs it names, so that it decodes wherever and whenever it is
+/// taken, whether or not its producer still holds them.
+struct Item {
     bytes: Vec<u8>,
+    fds: Vec<OwnedFd>,
 }
 
 /// The queues of this process that other processes may reach.
 static QUEUES: Mutex<Option<HashMap<u64, Weak<State>>>> = Mutex::new(None);
+
+impl Inner {
+    /// What a bounded queue counts against its capacity: the items waiting and the
+    /// ones handed over and not yet acknowledged.
+    fn held(&self) -> usize {
+        self.items.len() + self.handed
+    }
+}
 
 impl State {
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -188,7 +257,7 @@ impl State {
 
     fn put(
         &self,
-        item: Vec<u8>,
+        item: Item,
         wait: Wait,
         alive: &dyn Fn() -> bool,
     ) -> std::result::Result<(), Refusal> {
@@ -202,11 +271,8 @@ impl State {
             if inner.closed {
                 return Err(Refusal::Closed);
             }
-            if self.capacity.is_none_or(|cap| inner.items.len() < cap) {
-                inner.items.push_back(Entry {
-                    offer: None,
-                    bytes: item,
-                });
+            if self.capacity.is_none_or(|cap| inner.held() < cap) {
+                inner.items.push_back(Entry { offer: None, item });
                 drop(inner);
                 self.not_empty.notify_one();
                 return Ok(());
@@ -215,7 +281,7 @@ impl State {
                 polled = true;
                 drop(inner);
                 self.poll(|inner| {
-                    inner.closed || self.capacity.is_none_or(|cap| inner.items.len() < cap)
+                    inner.closed || self.capacity.is_none_or(|cap| inner.held() < cap)
                 });
                 inner = self.lock();
                 continue;
@@ -230,7 +296,7 @@ impl State {
     /// exactly when the put returns `Ok`.
     fn hand_over(
         &self,
-        item: Vec<u8>,
+        item: Item,
         wait: Wait,
         alive: &dyn Fn() -> bool,
     ) -> std::result::Result<(), Refusal> {
@@ -247,7 +313,7 @@ impl State {
         inner.next_offer += 1;
         inner.items.push_back(Entry {
             offer: Some(offer),
-            bytes: item,
+            item,
         });
         self.not_empty.notify_one();
         let position = |inner: &Inner| inner.items.iter().position(|e| e.offer == Some(offer));
@@ -296,13 +362,20 @@ impl State {
         }
     }
 
-    fn get(&self, wait: Wait, alive: &dyn Fn() -> bool) -> std::result::Result<Vec<u8>, Refusal> {
+    /// Takes the next item. With `hand`, for a remote consumer, the item counts as
+    /// handed over until [`State::acknowledge`] or [`State::give_back`].
+    fn get(
+        &self,
+        wait: Wait,
+        alive: &dyn Fn() -> bool,
+        hand: bool,
+    ) -> std::result::Result<Item, Refusal> {
         // A rendezvous `try_put` hands its item only to a consumer that waits.
         let counted = self.capacity == Some(0) && !matches!(wait, Wait::Try);
         if counted {
             self.lock().waiting_gets += 1;
         }
-        let got = self.take(wait, alive);
+        let got = self.take(wait, alive, hand);
         if counted {
             self.lock().waiting_gets -= 1;
             self.taken.notify_all();
@@ -310,7 +383,12 @@ impl State {
         got
     }
 
-    fn take(&self, wait: Wait, alive: &dyn Fn() -> bool) -> std::result::Result<Vec<u8>, Refusal> {
+    fn take(
+        &self,
+        wait: Wait,
+        alive: &dyn Fn() -> bool,
+        hand: bool,
+    ) -> std::result::Result<Item, Refusal> {
         let deadline = deadline(wait);
         let mut polled = false;
         let mut inner = self.lock();
@@ -325,15 +403,21 @@ impl State {
                 Some(0)
             };
             if let Some(entry) = next.and_then(|at| inner.items.remove(at)) {
+                if hand {
+                    inner.handed += 1;
+                }
                 drop(inner);
                 if self.capacity == Some(0) {
                     self.taken.notify_all();
-                } else {
+                } else if !hand {
+                    // A handed item keeps its place until it is acknowledged.
                     self.not_full.notify_one();
                 }
-                return Ok(entry.bytes);
+                return Ok(entry.item);
             }
-            if inner.closed {
+            // An item handed over may still come back: a closed queue is drained
+            // only once none is out.
+            if inner.closed && inner.handed == 0 {
                 return Err(Refusal::Closed);
             }
             if !polled && !matches!(wait, Wait::Try) {
@@ -361,13 +445,41 @@ impl State {
         poll::poll_before_blocking(|| ready(&self.lock()).then_some(()));
     }
 
-    /// Puts an item that could not be delivered back at the front.
-    fn unget(&self, item: Vec<u8>) {
-        self.lock().items.push_front(Entry {
-            offer: None,
-            bytes: item,
-        });
-        self.not_empty.notify_one();
+    /// A remote consumer read the item it was handed: its place is free.
+    fn acknowledge(&self) {
+        let closed = {
+            let mut inner = self.lock();
+            inner.handed -= 1;
+            inner.closed
+        };
+        self.settled(closed, false);
+    }
+
+    /// An item handed over was not read (its consumer's connection dropped, or the
+    /// answer could not be written): it goes back to the front, the next one taken.
+    fn give_back(&self, item: Item) {
+        let closed = {
+            let mut inner = self.lock();
+            inner.handed -= 1;
+            inner.items.push_front(Entry { offer: None, item });
+            inner.closed
+        };
+        self.settled(closed, true);
+    }
+
+    /// Wakes whoever waits for a handed item to settle: a producer for its place;
+    /// after `close`, every consumer, since the last one out ends the drain.
+    fn settled(&self, closed: bool, returned: bool) {
+        if closed {
+            self.not_empty.notify_all();
+        } else if returned {
+            self.not_empty.notify_one();
+        }
+        if self.capacity == Some(0) {
+            self.taken.notify_all();
+        } else {
+            self.not_full.notify_one();
+        }
     }
 
     fn close(&self) {
@@ -432,8 +544,9 @@ impl<T> Queue<T> {
     /// user reads `bounded(0)` as crossbeam's rendezvous, and quietly holding one
     /// item instead would let a producer run ahead of every consumer.
     ///
-    /// Taken means handed to the consumer's process: as for any queue, a consumer
-    /// killed between the hand-over and its read loses that item.
+    /// Taken means handed to a consumer: if that consumer dies before it read the
+    /// item, the item comes back to the front and the next consumer gets it, as in
+    /// any queue (the put has returned by then).
     pub fn bounded(capacity: usize) -> Self {
         Self::new(Some(capacity))
     }
@@ -450,6 +563,7 @@ impl<T> Queue<T> {
                 closed: false,
                 waiting_gets: 0,
                 next_offer: 0,
+                handed: 0,
             }),
             not_empty: Condvar::new(),
             not_full: Condvar::new(),
@@ -541,38 +655,66 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
                 state.close();
                 Ok(())
             }
-            Route::Remote { .. } => self.request(CLOSE, Wait::Try, &[]).map(|_| ()),
+            Route::Remote { .. } => self.request(CLOSE, Wait::Try, &Item::none(), |_| ()),
         }
     }
 
     fn put_with(&self, item: T, wait: Wait) -> Result<()> {
         let mut bytes = Vec::new();
-        codec::encode_into(&item, &mut bytes)
-            .map_err(|source| Error::EncodeItem { item: 0, source })?;
+        let (encoded, pins) = region::pin_while(|| codec::encode_into(&item, &mut bytes));
+        encoded.map_err(|source| Error::EncodeItem { item: 0, source })?;
+        // The shared inputs the item names travel with it, so it decodes after the
+        // producer dropped them, in whichever process takes it.
+        let fds = if pins.is_empty() {
+            Vec::new()
+        } else {
+            pins.carried().map_err(|fault| Error::EncodeItem {
+                item: 0,
+                source: CodecError(format!("the item cannot go through a queue: {fault}")),
+            })?
+        };
+        let item = Item { bytes, fds };
         match &self.route {
             Route::Local { state, .. } => state
-                .put(bytes, wait, &|| true)
+                .put(item, wait, &|| true)
                 .map_err(|r| refusal(r, wait)),
-            Route::Remote { .. } => self.request(PUT, wait, &bytes).map(|_| ()),
+            Route::Remote { .. } => self.request(PUT, wait, &item, |_| ()),
         }
     }
 
     fn get_with(&self, wait: Wait) -> Result<T> {
-        let bytes = match &self.route {
-            Route::Local { state, .. } => {
-                state.get(wait, &|| true).map_err(|r| refusal(r, wait))?
-            }
-            Route::Remote { .. } => self.request(GET, wait, &[])?,
+        let decode = |item: &Item| {
+            region::with_carried(&item.fds, || codec::decode(&item.bytes)).map_err(|source| {
+                Error::DecodeItem {
+                    item: 0,
+                    worker: None,
+                    source,
+                }
+            })
         };
-        codec::decode(&bytes).map_err(|source| Error::DecodeItem {
-            item: 0,
-            worker: None,
-            source,
-        })
+        match &self.route {
+            Route::Local { state, .. } => {
+                let item = state
+                    .get(wait, &|| true, false)
+                    .map_err(|r| refusal(r, wait))?;
+                decode(&item)
+            }
+            // Decoded before the acknowledgement, so the item is acknowledged only
+            // once nothing but the return stands between it and the caller.
+            Route::Remote { .. } => self.request(GET, wait, &Item::none(), decode)?,
+        }
     }
 
-    /// One request to the creator's broker; the payload of its answer.
-    fn request(&self, tag: u8, wait: Wait, payload: &[u8]) -> Result<Vec<u8>> {
+    /// One request to the creator's broker; the payload of its answer. A `GET`
+    /// answered with an item is acknowledged (see [`serve`]) once `open` has read
+    /// the item; `open` gives what the call returns.
+    fn request<R>(
+        &self,
+        tag: u8,
+        wait: Wait,
+        payload: &Item,
+        open: impl FnOnce(&Item) -> R,
+    ) -> Result<R> {
         let Route::Remote { address, id, idle } = &self.route else {
             return Err(Error::Config("a local queue has no connection"));
         };
@@ -589,10 +731,27 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
         };
         // On an error the stream may hold half a frame: it is dropped, not kept.
         write_frame(&mut stream, tag, wait.encode(), payload).map_err(lost)?;
+        if tag == GET && DIE_BEFORE_READING.load(Ordering::Relaxed) {
+            // Fault injection: the answer is on its way or here, and this process
+            // dies before reading a byte of it.
+            let _ = socket::wait_readable(&stream, None);
+            signals::kill_self();
+        }
         poll_readable(&stream);
-        let (answer, _, bytes) = read_frame(&mut stream).map_err(lost)?;
+        let (answer, _, got) = read_frame(&mut stream).map_err(lost)?;
         let answer = match answer {
-            OK | ITEM => Ok(bytes),
+            OK => Ok(open(&got)),
+            ITEM => {
+                let item = open(&got);
+                // One small write, no answer awaited. Its broker thread waits for
+                // it and leaves only with the queue's process, so if it fails
+                // nobody else can get the item: the caller keeps it, and the
+                // connection is dropped.
+                if write_frame(&mut stream, ACK, 0, &Item::none()).is_err() {
+                    return Ok(item);
+                }
+                Ok(item)
+            }
             FULL => Err(refusal(Refusal::Full, wait)),
             EMPTY => Err(refusal(Refusal::Empty, wait)),
             TIMED_OUT => Err(refusal(Refusal::TimedOut, wait)),
@@ -643,37 +802,63 @@ fn serve(id: u64, mut stream: UnixStream) {
         Err(_) => return,
     };
     let alive = move || peer_alive(&peer);
+    // The item this connection was handed last, until its consumer acknowledges it;
+    // dropped with the connection (any return below), it goes back to the queue.
+    let mut handed = Handed {
+        state: &state,
+        item: None,
+    };
     loop {
         // A producer or consumer in a loop sends its next request at once.
         poll_readable(&stream);
         let Ok((tag, wait, payload)) = read_frame(&mut stream) else {
             return;
         };
+        // The client reads a whole answer before it writes again, so any frame
+        // after an item says it was read (a live consumer sends `ACK` at once).
+        if handed.item.take().is_some() {
+            state.acknowledge();
+        }
+        if tag == ACK {
+            continue;
+        }
         let wait = Wait::decode(wait);
         let sent = match tag {
             PUT => match state.put(payload, wait, &alive) {
-                Ok(()) => write_frame(&mut stream, OK, 0, &[]),
+                Ok(()) => write_frame(&mut stream, OK, 0, &Item::none()),
                 Err(r) => write_refusal(&mut stream, r),
             },
-            GET => match state.get(wait, &alive) {
-                Ok(item) => match write_frame(&mut stream, ITEM, 0, &item) {
-                    Ok(()) => Ok(()),
-                    Err(e) => {
-                        // Not delivered: the next consumer gets it.
-                        state.unget(item);
-                        Err(e)
-                    }
-                },
+            GET => match state.get(wait, &alive, true) {
+                Ok(item) => {
+                    let sent = write_frame(&mut stream, ITEM, 0, &item);
+                    // Written or not, it is not read yet: held until acknowledged.
+                    handed.item = Some(item);
+                    sent
+                }
                 Err(r) => write_refusal(&mut stream, r),
             },
             CLOSE => {
                 state.close();
-                write_frame(&mut stream, OK, 0, &[])
+                write_frame(&mut stream, OK, 0, &Item::none())
             }
             _ => return,
         };
         if sent.is_err() {
             return;
+        }
+    }
+}
+
+/// The item a connection's consumer was handed and has not acknowledged.
+struct Handed<'a> {
+    state: &'a State,
+    item: Option<Item>,
+}
+
+impl Drop for Handed<'_> {
+    fn drop(&mut self) {
+        if let Some(item) = self.item.take() {
+            self.state.give_back(item);
         }
     }
 }
@@ -701,7 +886,7 @@ fn write_refusal(stream: &mut UnixStream, refusal: Refusal) -> io::Result<()> {
             return Err(io::Error::new(io::ErrorKind::BrokenPipe, "peer gone"));
         }
     };
-    write_frame(stream, tag, 0, &[])
+    write_frame(stream, tag, 0, &Item::none())
 }
 
 /// Whether the process at the other end of `stream` still holds it open (it has
@@ -713,32 +898,78 @@ fn peer_alive(stream: &UnixStream) -> bool {
     )
 }
 
-fn write_frame(stream: &mut UnixStream, tag: u8, wait: u64, payload: &[u8]) -> io::Result<()> {
+/// Writes one frame: `length (u32) | tag (u8) | wait (u64) | descriptors (u16) |
+/// payload`, then, when the item carries descriptors, one byte with them attached
+/// (SCM_RIGHTS). The reader reads exactly the frame's bytes before it receives
+/// that byte, so a plain read never swallows the descriptors.
+fn write_frame(stream: &mut UnixStream, tag: u8, wait: u64, item: &Item) -> io::Result<()> {
+    let payload = &item.bytes;
     let len = u32::try_from(payload.len())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "item larger than 4 GiB"))?;
-    let mut header = [0u8; 13];
+    let fds = u16::try_from(item.fds.len())
+        .ok()
+        .filter(|&n| usize::from(n) <= socket::MAX_FDS)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "too many descriptors"))?;
+    let mut header = [0u8; HEADER];
     header[..4].copy_from_slice(&len.to_le_bytes());
     header[4] = tag;
-    header[5..].copy_from_slice(&wait.to_le_bytes());
+    header[5..13].copy_from_slice(&wait.to_le_bytes());
+    header[13..].copy_from_slice(&fds.to_le_bytes());
     if payload.len() <= 4096 {
-        let mut frame = Vec::with_capacity(13 + payload.len());
+        let mut frame = Vec::with_capacity(HEADER + payload.len());
         frame.extend_from_slice(&header);
         frame.extend_from_slice(payload);
-        stream.write_all(&frame)
+        stream.write_all(&frame)?;
     } else {
         stream.write_all(&header)?;
-        stream.write_all(payload)
+        stream.write_all(payload)?;
     }
+    if fds > 0 {
+        let raw: Vec<RawFd> = item.fds.iter().map(AsRawFd::as_raw_fd).collect();
+        socket::send_fds(stream, 0, &raw)?;
+    }
+    Ok(())
 }
 
-fn read_frame(stream: &mut UnixStream) -> io::Result<(u8, u64, Vec<u8>)> {
-    let mut header = [0u8; 13];
+fn read_frame(stream: &mut UnixStream) -> io::Result<(u8, u64, Item)> {
+    let mut header = [0u8; HEADER];
     stream.read_exact(&mut header)?;
     let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
-    let wait = u64::from_le_bytes(header[5..].try_into().expect("8 bytes"));
-    let mut payload = vec![0u8; len];
-    stream.read_exact(&mut payload)?;
-    Ok((header[4], wait, payload))
+    let wait = u64::from_le_bytes(header[5..13].try_into().expect("8 bytes"));
+    let count = usize::from(u16::from_le_bytes(
+        header[13..].try_into().expect("2 bytes"),
+    ));
+    let mut bytes = vec![0u8; len];
+    stream.read_exact(&mut bytes)?;
+    let fds = if count > 0 {
+        let (_, fds) = socket::recv_fds(stream)?;
+        if fds.len() != count {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} descriptors came where the frame announced {count}",
+                    fds.len()
+                ),
+            ));
+        }
+        fds
+    } else {
+        Vec::new()
+    };
+    Ok((header[4], wait, Item { bytes, fds }))
+}
+
+/// The length of a frame's header.
+const HEADER: usize = 15;
+
+impl Item {
+    /// No payload (a request or an answer that carries no item).
+    fn none() -> Self {
+        Item {
+            bytes: Vec::new(),
+            fds: Vec::new(),
+        }
+    }
 }
 
 impl<T> Clone for Queue<T> {
@@ -941,5 +1172,74 @@ mod tests {
         }
         assert!(matches!(handle.try_get(), Err(Error::QueueEmpty)));
         assert_eq!(idle(&handle), 1);
+    }
+
+    /// A connection to `queue`'s rendezvous that asks for an item and reads
+    /// nothing yet: the item is handed over and sits unread in the socket.
+    fn ask_without_reading(queue: &Queue<u64>) -> UnixStream {
+        let Route::Local { id, .. } = &queue.route else {
+            panic!("not a local queue");
+        };
+        let address = broker::address(Some(serve)).unwrap();
+        let mut stream = broker::connect(&address, *id).unwrap();
+        write_frame(&mut stream, GET, FOREVER, &Item::none()).unwrap();
+        let answered = socket::wait_readable(&stream, Some(Duration::from_secs(30))).unwrap();
+        assert!(answered, "the item was never sent");
+        stream
+    }
+
+    #[test]
+    fn an_item_handed_over_and_not_read_comes_back_to_the_front() {
+        let queue = Queue::<u64>::unbounded();
+        for i in 1..=3 {
+            queue.put(i).unwrap();
+        }
+        let unread = ask_without_reading(&queue);
+        assert_eq!(state(&queue).lock().handed, 1);
+        drop(unread);
+        drop(until(&queue, |inner| inner.handed == 0));
+        let got: Vec<u64> = (0..3).map(|_| queue.try_get().unwrap()).collect();
+        assert_eq!(got, [1, 2, 3]);
+    }
+
+    #[test]
+    fn a_closed_queue_is_drained_of_an_item_that_comes_back_before_it_reports_closed() {
+        let queue = Queue::<u64>::unbounded();
+        queue.put(1).unwrap();
+        queue.put(2).unwrap();
+        let unread = ask_without_reading(&queue);
+        queue.close().unwrap();
+        assert_eq!(queue.try_get().unwrap(), 2);
+        // Item 1 is out and may come back: empty for now, not closed.
+        assert!(matches!(queue.try_get(), Err(Error::QueueEmpty)));
+        assert!(matches!(
+            queue.get_timeout(Duration::from_millis(1)),
+            Err(Error::Timeout(_))
+        ));
+        let waiting = {
+            let queue = queue.clone();
+            std::thread::spawn(move || (queue.get().unwrap(), queue.get()))
+        };
+        drop(unread);
+        let (first, then) = waiting.join().unwrap();
+        assert_eq!(first, 1);
+        assert!(matches!(then, Err(Error::QueueClosed)));
+    }
+
+    #[test]
+    fn a_handed_item_keeps_its_place_in_a_bounded_queue_until_acknowledged() {
+        let queue = Queue::<u64>::bounded(1);
+        queue.put(1).unwrap();
+        let mut unread = ask_without_reading(&queue);
+        assert!(matches!(queue.try_put(2), Err(Error::QueueFull)));
+        let (tag, _, item) = read_frame(&mut unread).unwrap();
+        assert_eq!((tag, codec::decode::<u64>(&item.bytes).unwrap()), (ITEM, 1));
+        write_frame(&mut unread, ACK, 0, &Item::none()).unwrap();
+        drop(until(&queue, |inner| inner.handed == 0));
+        queue.try_put(2).unwrap();
+        // Acknowledged: closing its connection does not bring it back.
+        drop(unread);
+        assert_eq!(queue.get().unwrap(), 2);
+        assert!(matches!(queue.try_get(), Err(Error::QueueEmpty)));
     }
 }

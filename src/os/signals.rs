@@ -35,3 +35,12 @@ pub(crate) fn with_signals_held<R>(f: impl FnOnce() -> R) -> R {
     let _restore = Restore(previous);
     f()
 }
+
+/// Kills this process at once with SIGKILL, as `kill -9` from outside would: no
+/// destructor, no buffered output, no exit handler runs (fault injection for tests).
+pub(crate) fn kill_self() -> ! {
+    // SAFETY: `raise` sends a signal to the calling thread and touches no memory of
+    // ours; SIGKILL cannot be caught, so the process ends here.
+    unsafe { libc::raise(libc::SIGKILL) };
+    unreachable!("SIGKILL cannot be caught or ignored")
+}

@@ -48,17 +48,34 @@ pub(crate) fn own_uid() -> u32 {
     unsafe { libc::getuid() }
 }
 
+/// The most descriptors one message carries (the kernel's `SCM_MAX_FD`).
+pub(crate) const MAX_FDS: usize = 253;
+
+/// Control buffer room for [`MAX_FDS`] descriptors, aligned as `cmsghdr` needs.
+type Control = [u64; 132];
+
 /// Sends one byte `tag` with descriptor `fd` attached.
 pub(crate) fn send_fd(stream: &UnixStream, tag: u8, fd: RawFd) -> io::Result<()> {
+    send_fds(stream, tag, &[fd])
+}
+
+/// Sends one byte `tag` with descriptors `fds` attached (at most [`MAX_FDS`]).
+pub(crate) fn send_fds(stream: &UnixStream, tag: u8, fds: &[RawFd]) -> io::Result<()> {
+    if fds.is_empty() || fds.len() > MAX_FDS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} descriptors in one message (1 to {MAX_FDS})", fds.len()),
+        ));
+    }
     let mut byte = [tag];
     let mut iov = libc::iovec {
         iov_base: byte.as_mut_ptr().cast(),
         iov_len: 1,
     };
-    // Room for one `int` of control data, aligned as `cmsghdr` needs (u64 array).
-    let mut control = [0u64; 8];
+    let mut control: Control = [0; 132];
+    let data = u32::try_from(size_of_val(fds)).expect("at most MAX_FDS descriptors");
     // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE(size_of::<RawFd>() as u32) } as usize;
+    let space = unsafe { libc::CMSG_SPACE(data) } as usize;
     debug_assert!(space <= size_of_val(&control));
     // SAFETY: an all-zero `msghdr` is a valid empty message header.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -68,13 +85,17 @@ pub(crate) fn send_fd(stream: &UnixStream, tag: u8, fd: RawFd) -> io::Result<()>
     msg.msg_controllen = space;
     // SAFETY: `msg` points at `control`, which is at least `space` bytes and aligned
     // for `cmsghdr`, so CMSG_FIRSTHDR returns a pointer inside it (not null, since
-    // `msg_controllen` covers one header), and CMSG_DATA points at room for one fd.
+    // `msg_controllen` covers one header), and CMSG_DATA points at room for
+    // `fds.len()` descriptors (CMSG_SPACE of their size), written unaligned.
     unsafe {
         let cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
         (*cmsg).cmsg_level = libc::SOL_SOCKET;
         (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<RawFd>() as u32) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+        (*cmsg).cmsg_len = libc::CMSG_LEN(data) as usize;
+        let at = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+        for (i, fd) in fds.iter().enumerate() {
+            std::ptr::write_unaligned(at.add(i), *fd);
+        }
     }
     loop {
         // SAFETY: `msg` and everything it points to (`iov`, `byte`, `control`) live
@@ -93,12 +114,19 @@ pub(crate) fn send_fd(stream: &UnixStream, tag: u8, fd: RawFd) -> io::Result<()>
 /// Receives one byte and, if one came with it, a descriptor (owned from now on,
 /// close-on-exec).
 pub(crate) fn recv_fd(stream: &UnixStream) -> io::Result<(u8, Option<OwnedFd>)> {
+    let (tag, fds) = recv_fds(stream)?;
+    Ok((tag, fds.into_iter().next()))
+}
+
+/// Receives one byte and the descriptors that came with it (owned from now on,
+/// close-on-exec).
+pub(crate) fn recv_fds(stream: &UnixStream) -> io::Result<(u8, Vec<OwnedFd>)> {
     let mut byte = [0u8];
     let mut iov = libc::iovec {
         iov_base: byte.as_mut_ptr().cast(),
         iov_len: 1,
     };
-    let mut control = [0u64; 8];
+    let mut control: Control = [0; 132];
     // SAFETY: an all-zero `msghdr` is a valid empty message header.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &raw mut iov;
@@ -106,8 +134,9 @@ pub(crate) fn recv_fd(stream: &UnixStream) -> io::Result<(u8, Option<OwnedFd>)> 
     msg.msg_control = control.as_mut_ptr().cast();
     msg.msg_controllen = size_of_val(&control);
     let received = loop {
-        // SAFETY: `msg` points at `iov` (one writable byte) and `control` (64
-        // writable bytes, aligned for `cmsghdr`), all alive across the call.
+        // SAFETY: `msg` points at `iov` (one writable byte) and `control` (writable,
+        // aligned for `cmsghdr`, its size in `msg_controllen`), all alive across the
+        // call.
         let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &raw mut msg, libc::MSG_CMSG_CLOEXEC) };
         if n >= 0 {
             break n;
@@ -117,30 +146,38 @@ pub(crate) fn recv_fd(stream: &UnixStream) -> io::Result<(u8, Option<OwnedFd>)> 
             return Err(e);
         }
     };
+    let mut fds = Vec::new();
+    // SAFETY: the kernel filled `msg_control`/`msg_controllen` within `control`;
+    // CMSG_FIRSTHDR/CMSG_NXTHDR walk only inside that length, and an SCM_RIGHTS
+    // header's data holds `(cmsg_len - CMSG_LEN(0)) / size_of::<RawFd>()`
+    // descriptors this process now owns, each taken once.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let count = ((*cmsg).cmsg_len - libc::CMSG_LEN(0) as usize) / size_of::<RawFd>();
+                let at = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+                for i in 0..count {
+                    let raw = std::ptr::read_unaligned(at.add(i));
+                    fds.push(OwnedFd::from_raw_fd(raw));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&raw const msg, cmsg);
+        }
+    }
     if received == 0 {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             "the other side closed the connection",
         ));
     }
-    let mut fd = None;
-    // SAFETY: the kernel filled `msg_control`/`msg_controllen` within `control`;
-    // CMSG_FIRSTHDR/CMSG_NXTHDR walk only inside that length, and an SCM_RIGHTS
-    // header's data holds descriptors this process now owns, each taken once.
-    unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
-        while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
-                let raw = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>());
-                let owned = OwnedFd::from_raw_fd(raw);
-                if fd.is_none() {
-                    fd = Some(owned);
-                }
-            }
-            cmsg = libc::CMSG_NXTHDR(&raw const msg, cmsg);
-        }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "more descriptors came than one message may carry",
+        ));
     }
-    Ok((byte[0], fd))
+    Ok((byte[0], fds))
 }
 
 /// Waits until `stream` has input (or end-of-file) to read, at most `timeout`

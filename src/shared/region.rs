@@ -26,8 +26,15 @@
 //! ([`with_unsealed`]) and only if the handle names that parent ([`trust_parent`]).
 //! Headers are written by this crate in the parent and travel over the worker's own
 //! channel, which only its parent writes to: user values cannot make a grant.
-//! Elsewhere (a result going back, a `Queue`, a `Pipe`) a `map_file` slice fails to
-//! decode with an error saying it is not sealed.
+//! A result going back with a `map_file` slice fails to decode with an error saying
+//! it is not sealed; a `Queue` or a `Pipe` refuses one when it is sent
+//! ([`Pins::carried`]).
+//!
+//! A `Queue` item or a `Pipe` value may be decoded long after its sender dropped
+//! its handles, or exited: there, copies of the regions' descriptors travel with
+//! the value (SCM_RIGHTS, [`Pins::carried`]) and the receiver attaches a handle
+//! from the descriptor that came with it ([`with_carried`]), with the same checks
+//! (device, inode, size, seals) as through `/proc`.
 
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
@@ -313,14 +320,15 @@ impl RegionHandle {
         if let Some(region) = table.live.get(&key).and_then(Weak::upgrade) {
             return self.matches(region);
         }
-        if self.pid == std::process::id() {
+        let carried = carried(key);
+        if carried.is_none() && self.pid == std::process::id() {
             return Err(Fault::plain(
                 "this process no longer holds the shared input the handle names",
             ));
         }
         // Entries kept for inputs their sender has since dropped go first.
         table.sweep();
-        let region = self.open()?;
+        let region = self.open(carried)?;
         let region = Arc::new(region);
         table.live.insert(key, Arc::downgrade(&region));
         if keep {
@@ -342,18 +350,27 @@ impl RegionHandle {
         Ok(region)
     }
 
-    fn open(&self) -> Result<Region, Fault> {
-        let path = format!("/proc/{}/fd/{}", self.pid, self.fd);
-        let file = File::open(&path).map_err(|e| {
-            Fault::os(
-                format!(
-                    "could not open the shared input held by process {} as {path} (that \
-                     process must hold the input until its receivers have attached it)",
-                    self.pid
-                ),
-                e,
-            )
-        })?;
+    /// Opens the region through `/proc`, or from `carried`, a descriptor of it that
+    /// came with the value being decoded (checked the same way).
+    fn open(&self, carried: Option<File>) -> Result<Region, Fault> {
+        let (file, path) = match carried {
+            Some(file) => (file, "a descriptor sent with the value".to_string()),
+            None => {
+                let path = format!("/proc/{}/fd/{}", self.pid, self.fd);
+                let file = File::open(&path).map_err(|e| {
+                    Fault::os(
+                        format!(
+                            "could not open the shared input held by process {} as {path} \
+                             (that process must hold the input until its receivers have \
+                             attached it)",
+                            self.pid
+                        ),
+                        e,
+                    )
+                })?;
+                (file, path)
+            }
+        };
         let meta = file
             .metadata()
             .map_err(|e| Fault::os(format!("could not stat {path}"), e))?;
@@ -534,6 +551,104 @@ pub(crate) fn pin_while<R>(encode: impl FnOnce() -> R) -> (R, Pins) {
             .unwrap_or_default(),
     );
     (result, pins)
+}
+
+thread_local! {
+    /// Descriptors of regions that came with the value being decoded on this
+    /// thread (a `Queue` item, a `Pipe` value), by what identifies them.
+    static CARRIED: std::cell::RefCell<Vec<(Key, File)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The most descriptors one message carries (the kernel's `SCM_MAX_FD`).
+pub(crate) const MAX_CARRIED: usize = 253;
+
+impl Pins {
+    /// Whether no region is pinned.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Copies of the pinned regions' descriptors, to travel with a value to a
+    /// process that may decode it after every handle here is gone (a `Queue` item,
+    /// a `Pipe` value). Refused, naming why, for a user's file mapped without seals
+    /// (`SharedSlice::map_file`: no receiver may map it) and past [`MAX_CARRIED`].
+    pub(crate) fn carried(&self) -> Result<Vec<std::os::fd::OwnedFd>, Fault> {
+        if self.0.iter().any(|region| region.direct) {
+            return Err(Fault::plain(
+                "it holds a SharedSlice::map_file slice, which reaches only the workers of \
+                 the pool that sends it (its file is not sealed), never a Queue or a Pipe",
+            ));
+        }
+        if self.0.len() > MAX_CARRIED {
+            return Err(Fault::plain(format!(
+                "it names {} shared inputs, more than the {MAX_CARRIED} one value may carry",
+                self.0.len()
+            )));
+        }
+        self.0
+            .iter()
+            .map(|region| {
+                region
+                    .file
+                    .try_clone()
+                    .map(std::os::fd::OwnedFd::from)
+                    .map_err(|e| Fault::os("could not copy a shared input's descriptor", e))
+            })
+            .collect()
+    }
+}
+
+/// Runs `decode` with `fds` (descriptors that came with the value it decodes) in
+/// force on this thread: a handle naming the region one of them holds is attached
+/// from it, so the value decodes whether or not its sender still holds the region.
+/// The seals are checked as for any attach.
+pub(crate) fn with_carried<R>(fds: &[std::os::fd::OwnedFd], decode: impl FnOnce() -> R) -> R {
+    if fds.is_empty() {
+        return decode();
+    }
+    /// Empties the list even if `decode` panics.
+    struct Scope;
+    impl Drop for Scope {
+        fn drop(&mut self) {
+            CARRIED.with(|carried| {
+                if let Ok(mut carried) = carried.try_borrow_mut() {
+                    carried.clear();
+                }
+            });
+        }
+    }
+    let files: Vec<(Key, File)> = fds
+        .iter()
+        .filter_map(|fd| {
+            let file = File::from(fd.try_clone().ok()?);
+            let meta = file.metadata().ok()?;
+            Some((
+                Key {
+                    dev: meta.dev(),
+                    ino: meta.ino(),
+                },
+                file,
+            ))
+        })
+        .collect();
+    CARRIED.with(|carried| {
+        if let Ok(mut carried) = carried.try_borrow_mut() {
+            *carried = files;
+        }
+    });
+    let _scope = Scope;
+    decode()
+}
+
+/// A copy of the carried descriptor of the region `key`, if one came with the value
+/// being decoded.
+fn carried(key: Key) -> Option<File> {
+    CARRIED.with(|carried| {
+        let carried = carried.try_borrow().ok()?;
+        let (_, file) = carried.iter().find(|(k, _)| *k == key)?;
+        file.try_clone().ok()
+    })
 }
 
 /// Regions this process holds (weakly) and the attached ones it keeps (strongly).

@@ -310,3 +310,34 @@ fn a_consumer_killed_while_it_waits_in_get_takes_no_item_with_it() {
         asked.elapsed()
     );
 }
+
+/// Dies (SIGKILL) in its `get`, after the creator sent it an item and before it
+/// read a byte of it.
+fn die_while_the_item_is_on_its_way(queue: Queue<u64>) -> u64 {
+    multiproc::__private::queue_die_before_reading_next_item();
+    queue.get().unwrap_or(0)
+}
+
+#[test]
+fn a_consumer_killed_before_reading_its_item_gives_it_to_the_next_consumer() {
+    let queue = Queue::<u64>::bounded(1);
+    queue.put(7).unwrap();
+    let doomed = Process::spawn(queue.clone(), die_while_the_item_is_on_its_way).unwrap();
+    let err = doomed.join().unwrap_err();
+    assert!(
+        matches!(&err, Error::ProcessExited { .. }) && err.to_string().contains("SIGKILL"),
+        "{err}"
+    );
+    // The item was handed over and never read: it comes back, and another
+    // consumer process gets it (the hang guard fails the test if it was lost).
+    let next = Process::spawn(queue.clone(), |q: Queue<u64>| {
+        q.get_timeout(Duration::from_secs(20))
+            .map_err(|e| e.to_string())
+    })
+    .unwrap();
+    assert_eq!(next.join().unwrap(), Ok(7));
+    // Acknowledged by that consumer: its place in the bounded queue is free again.
+    queue.put_timeout(8, Duration::from_secs(20)).unwrap();
+    assert_eq!(queue.try_get().unwrap(), 8);
+    assert!(matches!(queue.try_get(), Err(Error::QueueEmpty)));
+}

@@ -696,3 +696,71 @@ fn a_mapped_file_reaches_workers_as_context_and_initializer_but_does_not_come_ba
     let message = format!("{err:?}");
     assert!(message.contains("is not sealed"), "{message}");
 }
+
+/// Puts two items naming shared inputs it made, drops its handles and exits.
+fn put_slices_and_exit(queue: multiproc::Queue<(u64, SharedSlice<u64>)>) {
+    for i in 1..=2u64 {
+        let slice = SharedSlice::from_vec(vec![i; 1_000]).unwrap();
+        queue.put((i, slice)).unwrap();
+    }
+}
+
+fn take_and_sum(queue: multiproc::Queue<(u64, SharedSlice<u64>)>) -> Result<(u64, u64), String> {
+    let (i, slice) = queue.get().map_err(|e| e.to_string())?;
+    Ok((i, slice.iter().sum::<u64>()))
+}
+
+#[test]
+fn a_shared_slice_in_a_queue_item_outlives_the_producer_that_dropped_it() {
+    let queue = multiproc::Queue::<(u64, SharedSlice<u64>)>::unbounded();
+    // The producer is gone, with every handle it had, before anyone takes an item.
+    multiproc::Process::spawn(queue.clone(), put_slices_and_exit)
+        .unwrap()
+        .join()
+        .unwrap();
+    // Taken here, in the queue's own process, and by another process.
+    let (i, slice) = queue.get().unwrap();
+    assert_eq!((i, slice.iter().sum::<u64>()), (1, 1_000u64));
+    let consumer = multiproc::Process::spawn(queue.clone(), take_and_sum).unwrap();
+    assert_eq!(consumer.join().unwrap(), Ok((2, 2_000)));
+    // And from this process to another: the item is put, the slice dropped here.
+    queue
+        .put((3, SharedSlice::from_vec(vec![3; 1_000]).unwrap()))
+        .unwrap();
+    let consumer = multiproc::Process::spawn(queue.clone(), take_and_sum).unwrap();
+    assert_eq!(consumer.join().unwrap(), Ok((3, 3_000)));
+}
+
+fn send_slice_and_exit(end: multiproc::Pipe<SharedSlice<u64>, ()>) {
+    let slice = SharedSlice::from_vec((0..1_000u64).collect()).unwrap();
+    end.send(slice).unwrap();
+}
+
+#[test]
+fn a_shared_slice_sent_on_a_pipe_outlives_the_sender_that_dropped_it() {
+    let (sender, receiver) = multiproc::Pipe::<SharedSlice<u64>, ()>::one_way().unwrap();
+    multiproc::Process::spawn(sender, send_slice_and_exit)
+        .unwrap()
+        .join()
+        .unwrap();
+    let slice = receiver.recv().unwrap();
+    assert_eq!(slice.iter().sum::<u64>(), (0..1_000u64).sum::<u64>());
+}
+
+#[test]
+fn a_mapped_file_is_refused_by_a_queue_and_a_pipe_when_it_is_sent() {
+    let dir = TestDir::new("mapped-file-channels");
+    let path = dir.0.join("input");
+    std::fs::write(&path, [7u8; 64]).unwrap();
+    // SAFETY: the file is this test's own, and nothing writes to it from now on.
+    let mapped = unsafe { SharedSlice::<u64>::map_file(&path) }.unwrap();
+    let queue = multiproc::Queue::<SharedSlice<u64>>::unbounded();
+    let err = queue.put(mapped.clone()).unwrap_err();
+    assert!(matches!(err, Error::EncodeItem { item: 0, .. }), "{err:?}");
+    assert!(format!("{err:?}").contains("map_file"), "{err:?}");
+    assert!(matches!(queue.try_get(), Err(Error::QueueEmpty)));
+    let (sender, receiver) = multiproc::Pipe::<SharedSlice<u64>, ()>::one_way().unwrap();
+    let err = sender.send(mapped).unwrap_err();
+    assert!(format!("{err:?}").contains("map_file"), "{err:?}");
+    assert!(matches!(receiver.try_recv(), Err(Error::Timeout(_))));
+}
