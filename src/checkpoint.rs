@@ -37,7 +37,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::engine::driver::LentCall;
-use crate::engine::ends::{Filled, Sink, Source, encode_item, exact_len};
+use crate::engine::ends::{Filled, Sink, Source, exact_len, fill_items};
 use crate::error::{Error, Result};
 use crate::pool::{Pool, task_ref};
 use crate::sink::{CollectSink, FoldSink, items_failed};
@@ -602,18 +602,10 @@ where
             .get(self.next_record)
             .map_or(usize::MAX, |record| record.items.start);
         let start_len = body.len();
-        let mut exhausted = false;
-        while self.position - start < max_items
-            && body.len() - start_len < byte_cap
-            && self.position < stop
-        {
-            let Some(item) = self.items.next() else {
-                exhausted = true;
-                break;
-            };
-            encode_item(&item, self.position, body)?;
-            self.position += 1;
-        }
+        // A chunk stops short of the next recorded item.
+        let max_items = max_items.min(stop.saturating_sub(start));
+        let (count, exhausted) = fill_items(&mut self.items, start, max_items, byte_cap, body)?;
+        self.position += count;
         if exhausted && let Some(record) = self.recorded.get(self.next_record) {
             // The input ends before items the checkpoint holds: another input.
             return Err(self.differs(record.items.clone()));

@@ -149,7 +149,7 @@ impl Pool {
         let (jobs, totals) = engine.all_stats();
         Ok(PoolStats {
             workers_started: engine.workers.started,
-            chunks_retried: engine.retried,
+            chunks_retried: totals.retries,
             jobs,
             totals,
         })

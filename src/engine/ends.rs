@@ -84,23 +84,10 @@ where
         byte_cap: usize,
         body: &mut Vec<u8>,
     ) -> Result<Filled> {
-        let start_len = body.len();
-        let mut count = 0;
-        while count < max_items && body.len() - start_len < byte_cap {
-            let Some(item) = self.items.next() else {
-                return Ok(Filled {
-                    count,
-                    exhausted: true,
-                    skipped: 0,
-                });
-            };
-            let index = first + count;
-            encode_item(&item, index, body)?;
-            count += 1;
-        }
+        let (count, exhausted) = fill_items(&mut self.items, first, max_items, byte_cap, body)?;
         Ok(Filled {
             count,
-            exhausted: false,
+            exhausted,
             skipped: 0,
         })
     }
@@ -108,6 +95,32 @@ where
     fn remaining_hint(&self) -> usize {
         self.items.size_hint().0
     }
+}
+
+/// Encodes the next items of `items`, numbered from `first`, onto `body`: at most
+/// `max_items`, stopping once `byte_cap` bytes are written. Returns how many, and
+/// whether `items` ran out.
+pub(crate) fn fill_items<T, I>(
+    items: &mut I,
+    first: usize,
+    max_items: usize,
+    byte_cap: usize,
+    body: &mut Vec<u8>,
+) -> Result<(usize, bool)>
+where
+    T: Serialize + DeserializeOwned,
+    I: Iterator<Item = T>,
+{
+    let start_len = body.len();
+    let mut count = 0;
+    while count < max_items && body.len() - start_len < byte_cap {
+        let Some(item) = items.next() else {
+            return Ok((count, true));
+        };
+        encode_item(&item, first + count, body)?;
+        count += 1;
+    }
+    Ok((count, false))
 }
 
 /// Encodes item `index` onto `body`; the first item of a job is also decoded again,

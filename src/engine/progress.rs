@@ -13,6 +13,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::engine::stats::approx;
 use crate::os::spawn::RelayWriters;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
@@ -98,7 +99,7 @@ impl Bars {
             ProgressStyle::with_template(template)
                 .expect("a valid template")
                 .with_key("rate", |state: &ProgressState, w: &mut dyn fmt::Write| {
-                    let _ = write!(w, "{} items/s", rate(state.per_sec()));
+                    let _ = write!(w, "{} items/s", approx(state.per_sec()));
                 })
                 .progress_chars("=> "),
         );
@@ -136,7 +137,7 @@ impl Bar {
                 let of = total.map_or_else(String::new, |t| format!("/{t}"));
                 eprintln!(
                     "{label} {done}{of} items, {} items/s, {elapsed:.0} s elapsed{faults}",
-                    rate(done as f64 / elapsed.max(1e-9))
+                    approx(done as f64 / elapsed.max(1e-9))
                 );
             }
         }
@@ -147,7 +148,7 @@ impl Bar {
         let line = format!(
             "{outcome}: {done} items in {:.2} s ({} items/s)",
             wall.as_secs_f64(),
-            rate(done as f64 / wall.as_secs_f64().max(1e-9))
+            approx(done as f64 / wall.as_secs_f64().max(1e-9))
         );
         match self {
             Bar::Drawn(bar) => {
@@ -168,17 +169,6 @@ impl Drop for Bar {
         {
             bar.abandon();
         }
-    }
-}
-
-/// `8.1 M`, `950 k`, `12`.
-fn rate(per_sec: f64) -> String {
-    if per_sec >= 1e6 {
-        format!("{:.1} M", per_sec / 1e6)
-    } else if per_sec >= 1e4 {
-        format!("{:.0} k", per_sec / 1e3)
-    } else {
-        format!("{per_sec:.0}")
     }
 }
 

@@ -95,8 +95,6 @@ pub(crate) struct Engine {
     pub(crate) task_timeout: Option<Duration>,
     /// The workers' memory limit, to name deaths that most likely come from it.
     pub(crate) memory_limit: Option<u64>,
-    /// Chunks sent again after their worker was lost.
-    pub(crate) retried: u64,
     /// How many chunks a job may dispatch ahead of delivery.
     pub(crate) window: u64,
     /// The live `apply_async` stream of each task.
@@ -136,7 +134,6 @@ impl Engine {
             chunk_size,
             max_chunk_items: usize::MAX,
             retries: 1,
-            retried: 0,
             task_timeout: None,
             memory_limit: None,
             window: (4 * CREDIT * count) as u64,

@@ -164,7 +164,7 @@ impl JobStats {
             "{} items in {} ({}/s) on {} worker{}, {} chunks",
             count(self.items),
             seconds(self.wall),
-            count_f(rate),
+            approx(rate),
             workers,
             if workers == 1 { "" } else { "s" },
             count(self.chunks),
@@ -452,8 +452,8 @@ fn count(n: u64) -> String {
     out
 }
 
-/// `8.1 M`, `950 k`, `12`.
-fn count_f(n: f64) -> String {
+/// `8.1 M`, `950 k`, `12`: a rate or a count as people write it (progress bars too).
+pub(crate) fn approx(n: f64) -> String {
     if n >= 1e9 {
         format!("{:.1} G", n / 1e9)
     } else if n >= 1e6 {

@@ -460,7 +460,7 @@ where
 /// the untimed loop is exactly the loop of a worker that times nothing.
 macro_rules! chunk_item {
     ($first:expr, $i:expr, $progress:expr, $skip:expr, $env:expr, $reader:expr, $sink:expr,
-     $out:expr, $run:ident $(, $sample:expr)?) => {{
+     $out:ident, $run:ident $(, $sample:expr)?) => {{
         let i = $i;
         let item = $first.wrapping_add(i);
         if let Some(progress) = $progress {
@@ -473,19 +473,18 @@ macro_rules! chunk_item {
                 .map_err(|error| Failure::DecodeItem { item, error })?;
             continue;
         }
-        let out: &mut Vec<u8> = $out;
-        let before = out.len();
-        let outcome = $run::<T, U, M, S>(item, $env, $reader, $sink, out $(, $sample)?);
+        let before = $out.len();
+        let outcome = $run::<T, U, M, S>(item, $env, $reader, $sink, $out $(, $sample)?);
         match outcome {
             Ok(()) => {}
             Err(failure) if S::OUTCOMES => {
                 // The item's bytes were consumed or are lost with the failure: a
                 // decode failure leaves the reader where it cannot find the next
                 // item, so only a failure after decoding lets the chunk go on.
-                out.truncate(before);
+                $out.truncate(before);
                 let decoded = !matches!(failure, Failure::DecodeItem { .. });
-                out.push(OUTCOME_FAILED);
-                codec::encode_into(&failure, out).map_err(|error| Failure::EncodeResult {
+                $out.push(OUTCOME_FAILED);
+                codec::encode_into(&failure, $out).map_err(|error| Failure::EncodeResult {
                     item: Some(item),
                     error,
                 })?;
@@ -495,9 +494,9 @@ macro_rules! chunk_item {
             }
             Err(failure) => return Err(failure),
         }
-        if item == 0 && S::ENCODES_EACH && (!S::OUTCOMES || out.get(before) == Some(&OUTCOME_OK)) {
+        if item == 0 && S::ENCODES_EACH && (!S::OUTCOMES || $out.get(before) == Some(&OUTCOME_OK)) {
             let skip = if S::OUTCOMES { OUTCOME_PREFIX } else { 0 };
-            round_trip::<U>(item, &out[before + skip..], Some(item))?;
+            round_trip::<U>(item, &$out[before + skip..], Some(item))?;
         }
     }};
 }
@@ -536,7 +535,7 @@ where
             &mut env,
             &mut reader,
             &mut sink,
-            &mut *out,
+            out,
             run_item_timed,
             sample
         );
@@ -575,43 +574,36 @@ where
     let progress = crate::wire::transport::progress();
     let mut skip = header.skip.iter().copied().peekable();
     for i in 0..u64::from(header.count) {
-        let item = first.wrapping_add(i);
-        if let Some(progress) = progress {
-            // If this item kills the process, the parent reads which one it was.
-            progress.store(item.wrapping_add(1), std::sync::atomic::Ordering::Relaxed);
-        }
-        if skip.next_if(|&offset| u64::from(offset) == i).is_some() {
-            // Reported failed already: read past it, run nothing, write nothing.
-            guarded(item, || reader.decode::<T>().map(drop))?
-                .map_err(|error| Failure::DecodeItem { item, error })?;
-            continue;
-        }
-        let before = out.len();
-        let outcome = run_item::<T, U, M, S>(item, &mut env, &mut reader, &mut sink, out);
-        match outcome {
-            Ok(()) => {}
-            Err(failure) if S::OUTCOMES => {
-                // The item's bytes were consumed or are lost with the failure: a
-                // decode failure leaves the reader where it cannot find the next
-                // item, so only a failure after decoding lets the chunk go on.
-                out.truncate(before);
-                let decoded = !matches!(failure, Failure::DecodeItem { .. });
-                out.push(OUTCOME_FAILED);
-                codec::encode_into(&failure, out).map_err(|error| Failure::EncodeResult {
-                    item: Some(item),
-                    error,
-                })?;
-                if !decoded {
-                    return Err(failure);
-                }
-            }
-            Err(failure) => return Err(failure),
-        }
-        if item == 0 && S::ENCODES_EACH && (!S::OUTCOMES || out.get(before) == Some(&OUTCOME_OK)) {
-            let skip = if S::OUTCOMES { OUTCOME_PREFIX } else { 0 };
-            round_trip::<U>(item, &out[before + skip..], Some(item))?;
-        }
+        chunk_item!(
+            first,
+            i,
+            progress,
+            skip,
+            &mut env,
+            &mut reader,
+            &mut sink,
+            out,
+            run_item
+        );
     }
+    close_chunk::<U, S>(header, &reader, sink, out, None)
+}
+
+/// The end of a chunk, once its items ran: every byte of the payload read, and the
+/// sink's closing step (a partial result encoded, checked once on a job's first
+/// chunk), whose time goes to `finish_nanos` when asked for.
+#[inline(always)]
+fn close_chunk<U, S>(
+    header: &ChunkHeader,
+    reader: &Reader<'_>,
+    sink: S,
+    out: &mut Vec<u8>,
+    finish_nanos: Option<&mut u64>,
+) -> Result<(), Failure>
+where
+    U: Serialize + DeserializeOwned,
+    S: Answer<U>,
+{
     if !reader.is_empty() {
         return Err(Failure::Malformed {
             reason: format!(
@@ -621,10 +613,15 @@ where
             ),
         });
     }
+    let first = header.first_item;
     let last = first.wrapping_add(u64::from(header.count).saturating_sub(1));
     let before = out.len();
+    let finishing = finish_nanos.is_some().then(Instant::now);
     guarded(last, || sink.finish(out))?
         .map_err(|error| Failure::EncodeResult { item: None, error })?;
+    if let (Some(nanos), Some(finishing)) = (finish_nanos, finishing) {
+        *nanos = phase(finishing, Instant::now());
+    }
     if first == 0 && !S::ENCODES_EACH {
         round_trip::<U>(last, &out[before..], None)?;
     }
@@ -681,30 +678,14 @@ where
             &mut env,
             &mut reader,
             &mut sink,
-            &mut *out,
+            out,
             run_item
         );
     }
-    if !reader.is_empty() {
-        return Err(Failure::Malformed {
-            reason: format!(
-                "{} bytes left after the chunk's {} items",
-                reader.remaining(),
-                header.count
-            ),
-        });
-    }
-    let last = first.wrapping_add(u64::from(header.count).saturating_sub(1));
-    let before = out.len();
-    let finishing = Instant::now();
-    guarded(last, || sink.finish(out))?
-        .map_err(|error| Failure::EncodeResult { item: None, error })?;
-    if !S::ENCODES_EACH {
-        sample.finish = phase(finishing, Instant::now());
-    }
-    if first == 0 && !S::ENCODES_EACH {
-        round_trip::<U>(last, &out[before..], None)?;
-    }
+    // A partial result's encoding is timed whole; results encoded one by one were
+    // timed with their items.
+    let finish = (!S::ENCODES_EACH).then_some(&mut sample.finish);
+    close_chunk::<U, S>(header, &reader, sink, out, finish)?;
     drop(env);
     state.sample = sample;
     Ok(())

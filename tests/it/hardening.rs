@@ -347,16 +347,8 @@ fn a_worker_that_announces_another_pid_is_refused_and_nothing_is_left() {
     // Run alone in a helper process: other tests of this binary start and reap
     // children of their own at any moment, so only a process running nothing else
     // can say that no zombie is left.
-    let out = crate::helpers::helper_command("refused-pid")
-        .output()
-        .expect("the helper ran");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
+        crate::helpers::run_alone("refused-pid"),
         "refused and reaped"
     );
 }

@@ -15,6 +15,18 @@ use crate::support::pool;
 /// Environment variable naming the role: `orphan`, or `nested:<n>`.
 const HELPER_ROLE: &str = "MULTIPROC_TEST_HELPER_ROLE";
 
+/// Plays `role` in a helper process and returns what it printed on stdout,
+/// trimmed; a helper that fails fails the test with its stderr.
+pub(crate) fn run_alone(role: &str) -> String {
+    let out = helper_command(role).output().expect("the helper ran");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 /// This test binary, set to play `role` instead of running tests.
 pub(crate) fn helper_command(role: &str) -> Command {
     let mut command = Command::new(std::env::current_exe().expect("the test binary's path"));

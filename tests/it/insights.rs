@@ -114,12 +114,7 @@ fn dies_once_on_13(dir: &String, x: u64) -> u64 {
 #[test]
 fn a_lost_worker_shows_as_a_death_a_retry_and_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let pool = Pool::builder()
-        .workers(2)
-        .chunk_size(10)
-        .inherit_output(false)
-        .build()
-        .unwrap();
+    let pool = pool_with_chunks(2, 10);
     let context = dir.path().to_string_lossy().into_owned();
     let got = pool.map_with(0..100u64, &context, dies_once_on_13).unwrap();
     assert_eq!(got, (0..100).collect::<Vec<_>>());
@@ -147,18 +142,23 @@ fn named<'a>(events: &'a [serde_json::Value], ph: &str, name: &str) -> Vec<&'a s
         .collect()
 }
 
+/// Two workers, chunks of `chunk_size`, a timeline written to `path`.
+fn traced_pool(chunk_size: usize, path: &Path) -> Pool {
+    Pool::builder()
+        .workers(2)
+        .chunk_size(chunk_size)
+        .trace(path)
+        .inherit_output(false)
+        .build()
+        .unwrap()
+}
+
 #[test]
 fn the_trace_holds_a_slice_per_chunk_on_its_workers_track() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("timeline.json");
     {
-        let pool = Pool::builder()
-            .workers(2)
-            .chunk_size(100)
-            .trace(&path)
-            .inherit_output(false)
-            .build()
-            .unwrap();
+        let pool = traced_pool(100, &path);
         pool.map(0..1_000u64, spin).unwrap();
         pool.map(0..500u64, spin).unwrap();
     }
@@ -215,13 +215,7 @@ fn a_lost_worker_is_an_instant_on_its_track() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("timeline.json");
     {
-        let pool = Pool::builder()
-            .workers(2)
-            .chunk_size(10)
-            .trace(&path)
-            .inherit_output(false)
-            .build()
-            .unwrap();
+        let pool = traced_pool(10, &path);
         let context = dir.path().to_string_lossy().into_owned();
         pool.map_with(0..100u64, &context, dies_once_on_13).unwrap();
     }
@@ -427,12 +421,7 @@ pub(crate) fn helper_logs() {
         .with_max_level(tracing::Level::DEBUG)
         .init();
     let dir = tempfile::tempdir().unwrap();
-    let pool = Pool::builder()
-        .workers(2)
-        .chunk_size(10)
-        .inherit_output(false)
-        .build()
-        .unwrap();
+    let pool = pool_with_chunks(2, 10);
     let context = dir.path().to_string_lossy().into_owned();
     pool.map_with(0..100u64, &context, dies_once_on_13).unwrap();
 }

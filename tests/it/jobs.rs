@@ -354,15 +354,7 @@ fn recycled_workers_give_exact_results_and_leak_nothing() {
     // Run alone in a helper process: other tests of this binary open descriptors
     // and start and reap children at any moment, so only a process running nothing
     // else can say that nothing of this pool is left.
-    let out = crate::helpers::helper_command("recycled")
-        .output()
-        .expect("the helper ran");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "nothing left");
+    assert_eq!(crate::helpers::run_alone("recycled"), "nothing left");
 }
 
 /// For `recycled_workers_give_exact_results_and_leak_nothing`, in a helper process

@@ -8,7 +8,7 @@ use std::process::ExitStatus;
 use super::Engine;
 use crate::engine::job::{InFlight, Job, JobId, Local};
 use crate::engine::outcome::{died_of_memory, is_hang_up};
-use crate::engine::trace::Arg;
+use crate::engine::trace::{Arg, Track};
 use crate::error::Error;
 use crate::wire::protocol::INIT_JOB;
 use crate::wire::transport::Payload;
@@ -42,16 +42,7 @@ impl Engine {
                 ?timeout,
                 "task timed out; its worker is killed"
             );
-            if let Some(trace) = &self.trace {
-                trace.instant(
-                    Some(worker),
-                    "task timeout",
-                    &[
-                        ("job", Arg::Num(id.0 as f64)),
-                        ("item", Arg::Num(item as f64)),
-                    ],
-                );
-            }
+            mark(&self.trace, worker, "task timeout", id, "item", item as u64);
             let error = |item| Error::TimedOut {
                 item,
                 worker,
@@ -146,19 +137,16 @@ impl Engine {
                 }
             }
             Ok(()) => {
-                self.retried += 1;
                 job.tally.stats.retries += 1;
                 tracing::debug!(job = id.0, item, "chunk sent again without its failed item");
-                if let Some(trace) = &self.trace {
-                    trace.instant(
-                        Some(worker),
-                        "chunk sent again",
-                        &[
-                            ("job", Arg::Num(id.0 as f64)),
-                            ("without", Arg::Num(item as f64)),
-                        ],
-                    );
-                }
+                mark(
+                    &self.trace,
+                    worker,
+                    "chunk sent again",
+                    id,
+                    "without",
+                    item as u64,
+                );
                 job.retry.push_front(flight);
             }
             Err(source) => {
@@ -214,7 +202,6 @@ impl Engine {
             Some(item) => {
                 let deaths = flight.died_running(item);
                 if deaths <= self.retries {
-                    self.retried += 1;
                     job.tally.stats.retries += 1;
                     tracing::info!(
                         job = id.0,
@@ -222,16 +209,14 @@ impl Engine {
                         deaths,
                         "chunk sent again after its worker was lost"
                     );
-                    if let Some(trace) = &self.trace {
-                        trace.instant(
-                            Some(loss.worker),
-                            "chunk sent again",
-                            &[
-                                ("job", Arg::Num(id.0 as f64)),
-                                ("item", Arg::Num(item as f64)),
-                            ],
-                        );
-                    }
+                    mark(
+                        &self.trace,
+                        loss.worker,
+                        "chunk sent again",
+                        id,
+                        "item",
+                        item as u64,
+                    );
                     job.retry.push_back(flight);
                     return;
                 }
@@ -241,16 +226,14 @@ impl Engine {
                     deaths,
                     "poison item: it killed its worker every time it ran"
                 );
-                if let Some(trace) = &self.trace {
-                    trace.instant(
-                        Some(loss.worker),
-                        "poison item",
-                        &[
-                            ("job", Arg::Num(id.0 as f64)),
-                            ("item", Arg::Num(item as f64)),
-                        ],
-                    );
-                }
+                mark(
+                    &self.trace,
+                    loss.worker,
+                    "poison item",
+                    id,
+                    "item",
+                    item as u64,
+                );
                 if !goes_on {
                     self.workers.return_frame(flight.frame);
                     self.fail_job(id, item, error(item..item + 1), local);
@@ -269,23 +252,20 @@ impl Engine {
                 job.retry.push_back(flight);
             }
             None if flight.attempts < self.retries => {
-                self.retried += 1;
                 job.tally.stats.retries += 1;
                 tracing::info!(
                     job = id.0,
                     chunk = flight.chunk,
                     "chunk sent again after its worker was lost"
                 );
-                if let Some(trace) = &self.trace {
-                    trace.instant(
-                        Some(loss.worker),
-                        "chunk sent again",
-                        &[
-                            ("job", Arg::Num(id.0 as f64)),
-                            ("chunk", Arg::Num(flight.chunk as f64)),
-                        ],
-                    );
-                }
+                mark(
+                    &self.trace,
+                    loss.worker,
+                    "chunk sent again",
+                    id,
+                    "chunk",
+                    flight.chunk,
+                );
                 flight.attempts += 1;
                 job.retry.push_back(flight);
             }
@@ -430,5 +410,20 @@ impl Loss {
                 status: self.status,
             },
         }
+    }
+}
+
+/// Marks on `worker`'s track of the pool's trace, if it has one, what happened to a
+/// chunk of `job`, with the item (or chunk) it concerns.
+fn mark(trace: &Option<Track>, worker: usize, name: &str, job: JobId, key: &str, value: u64) {
+    if let Some(trace) = trace {
+        trace.instant(
+            Some(worker),
+            name,
+            &[
+                ("job", Arg::Num(job.0 as f64)),
+                (key, Arg::Num(value as f64)),
+            ],
+        );
     }
 }
