@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::engine::backend::{Backend, StartOptions};
+use crate::engine::backend::{self, BACKEND_ENV, Backend, StartOptions, WorkerSet};
 use crate::engine::chunker;
 use crate::engine::driver::Core;
 use crate::engine::ends::encode_item;
@@ -64,7 +64,7 @@ struct Initializer {
 pub struct PoolBuilder {
     workers: Option<usize>,
     chunk_size: Option<usize>,
-    inline: Option<bool>,
+    backend: Option<Backend>,
     inherit_output: bool,
     start_timeout: Duration,
     max_tasks: Option<usize>,
@@ -110,7 +110,7 @@ impl Default for PoolBuilder {
         Self {
             workers: None,
             chunk_size: None,
-            inline: None,
+            backend: None,
             inherit_output: true,
             start_timeout: Duration::from_secs(30),
             max_tasks: None,
@@ -228,11 +228,31 @@ impl PoolBuilder {
     /// Runs the workers as threads in this process instead of child processes: the
     /// same protocol and encoding, without the isolation. For tests and debugging.
     /// A thread cannot be killed: a stuck task keeps its thread, which the pool
-    /// abandons (it does not wait for it when dropped). The default is
-    /// `MULTIPROC_BACKEND` (`inline` or `process`) when set, else processes; a value
-    /// set here wins over the variable.
+    /// abandons (it does not wait for it when dropped). `inline(true)` is
+    /// [`backend(Backend::Inline)`](Self::backend), `inline(false)` is
+    /// `backend(Backend::Process)`.
     pub fn inline(mut self, inline: bool) -> Self {
-        self.inline = Some(inline);
+        self.backend = Some(if inline {
+            Backend::Inline
+        } else {
+            Backend::Process
+        });
+        self
+    }
+
+    /// Where the workers run: processes on this machine, threads in this process, or
+    /// the ranks of an MPI job (crate feature `mpi`). The default is
+    /// `MULTIPROC_BACKEND` (`process`, `inline` or `mpi`) when set, else
+    /// [`Backend::Mpi`] when the program runs as an MPI job of more than one rank
+    /// (started by `mpirun` or `srun`, with [`init`](crate::init) first in `main`),
+    /// else processes. A value set here wins over the variable.
+    ///
+    /// Under MPI, [`workers`](Self::workers) counts the workers of all serving ranks
+    /// together (by default, what the ranks offer: each its CPUs, or its own
+    /// `MULTIPROC_WORKERS`); worker `w` of a job with `S` serving ranks runs on rank
+    /// `1 + w % S`.
+    pub fn backend(mut self, backend: Backend) -> Self {
+        self.backend = Some(backend);
         self
     }
 
@@ -422,14 +442,24 @@ impl PoolBuilder {
     /// first, [`Error::Spawn`] or [`Error::Handshake`] when a worker cannot be started,
     /// [`Error::Initializer`] when the initializer fails.
     pub fn build(self) -> Result<Pool> {
-        let workers = match self.workers {
-            Some(workers) => workers,
-            None => default_workers()?,
+        let kind = match self.backend {
+            Some(kind) => kind,
+            None => default_backend()?,
         };
-        let inline = match self.inline {
-            Some(inline) => inline,
-            None => default_inline()?,
+        if kind == Backend::Mpi && !cfg!(feature = "mpi") {
+            return Err(Error::Config(
+                "the MPI backend needs multiproc built with its `mpi` feature",
+            ));
+        }
+        let mpi_workers = (kind == Backend::Mpi)
+            .then(backend::mpi_default_workers)
+            .flatten();
+        let workers = match (self.workers, mpi_workers) {
+            (Some(workers), _) => workers,
+            (None, Some(workers)) => workers,
+            (None, None) => default_workers()?,
         };
+        let inline = kind == Backend::Inline;
         let progress = progress_setting()?;
         if workers == 0 {
             return Err(Error::Config("a pool needs at least one worker"));
@@ -498,7 +528,7 @@ impl PoolBuilder {
             fail_starts_after: self.fail_starts_after,
         };
         let began = std::time::Instant::now();
-        let backend = Backend::start(inline, workers, options)?;
+        let backend = WorkerSet::start(kind, workers, options)?;
         let supervisor = Supervisor::new(backend, self.max_tasks, init, began);
         let mut engine = Engine::new(supervisor, self.chunk_size, workers);
         if let Some(items) = self.max_in_flight {
@@ -554,9 +584,6 @@ impl Hooks for Starting {
 /// Overrides the default worker count (`PoolBuilder::workers` wins over it).
 pub(crate) const WORKERS_ENV: &str = "MULTIPROC_WORKERS";
 
-/// Chooses the default backend: `process` or `inline` (`PoolBuilder::inline` wins).
-pub(crate) const BACKEND_ENV: &str = "MULTIPROC_BACKEND";
-
 /// The worker count a pool gets when the program does not say: `MULTIPROC_WORKERS`,
 /// else the CPUs this process may use.
 fn default_workers() -> Result<usize> {
@@ -596,20 +623,27 @@ pub(crate) fn progress_setting() -> Result<Option<bool>> {
     }
 }
 
-/// Whether a pool runs its workers inline when the program does not say:
-/// `MULTIPROC_BACKEND`, else processes.
-fn default_inline() -> Result<bool> {
+/// Where a pool runs its workers when the program does not say: `MULTIPROC_BACKEND`,
+/// else the MPI job this program runs as, else processes.
+fn default_backend() -> Result<Backend> {
+    let unset = if backend::mpi_default_workers().is_some() {
+        Backend::Mpi
+    } else {
+        Backend::Process
+    };
     let Some(value) = std::env::var_os(BACKEND_ENV) else {
-        return Ok(false);
+        return Ok(unset);
     };
     let text = value.to_string_lossy();
     match text.trim() {
-        "process" | "" => Ok(false),
-        "inline" => Ok(true),
+        "" => Ok(unset),
+        "process" => Ok(Backend::Process),
+        "inline" => Ok(Backend::Inline),
+        "mpi" => Ok(Backend::Mpi),
         _ => Err(Error::Environment {
             variable: BACKEND_ENV,
             value: text.into_owned(),
-            expected: "`process` or `inline`",
+            expected: "`process`, `inline` or `mpi`",
         }),
     }
 }

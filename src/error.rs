@@ -48,7 +48,7 @@ impl ErrorPolicy {
 pub enum Error {
     /// The task panicked while processing an item (or the reduce panicked while
     /// folding that item's result into its chunk's partial result).
-    #[error("task panicked on item {item} in worker {worker}: {panic}")]
+    #[error("task panicked on item {item} in worker {}: {panic}", worker_name(*.worker))]
     TaskPanicked {
         /// Index of the item in the input.
         item: usize,
@@ -58,7 +58,7 @@ pub enum Error {
         panic: TaskPanic,
     },
     /// A worker died (killed by a signal, aborted, exited) while it held a chunk.
-    #[error("worker {worker} exited before replying ({}) while running items {items:?}", exit_description(.status))]
+    #[error("worker {} exited before replying ({}) while running items {items:?}", worker_name(*.worker), exit_description(.status))]
     WorkerExited {
         /// The worker that died.
         worker: usize,
@@ -92,7 +92,7 @@ pub enum Error {
     },
     /// The result for some items could not be encoded in a worker or decoded in the
     /// parent. For `map_reduce` the range is the chunk whose partial result failed.
-    #[error("could not carry the result of items {items:?} back from worker {worker}")]
+    #[error("could not carry the result of items {items:?} back from worker {}", worker_name(*.worker))]
     Result {
         /// The items whose result (or chunk partial) failed.
         items: Range<usize>,
@@ -113,7 +113,7 @@ pub enum Error {
         source: CodecError,
     },
     /// A worker process could not be started.
-    #[error("could not start worker {worker}")]
+    #[error("could not start worker {}", worker_name(*.worker))]
     Spawn {
         /// The worker slot being started.
         worker: usize,
@@ -121,8 +121,18 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The MPI job cannot go on: a rank failed, sent something unreadable, or did
+    /// not answer. MPI jobs are fail-stop: the job ends, it does not lose a rank and
+    /// go on.
+    #[error("the MPI job failed{}: {reason}", rank_where(.rank))]
+    Mpi {
+        /// The rank concerned, when one is.
+        rank: Option<usize>,
+        /// Why, in words.
+        reason: String,
+    },
     /// A worker process started but never connected back.
-    #[error("worker {worker} did not connect: {reason}")]
+    #[error("worker {} did not connect: {reason}", worker_name(*.worker))]
     Handshake {
         /// The worker slot being started.
         worker: usize,
@@ -141,7 +151,7 @@ pub enum Error {
     },
     /// A message that does not follow the protocol arrived (a bug or a corrupted
     /// channel; never acted upon).
-    #[error("malformed message from worker {worker}: {reason}")]
+    #[error("malformed message from worker {}: {reason}", worker_name(*.worker))]
     Protocol {
         /// The worker at the other end.
         worker: usize,
@@ -166,7 +176,7 @@ pub enum Error {
     /// An item ran past the pool's task timeout
     /// ([`PoolBuilder::task_timeout`](crate::PoolBuilder::task_timeout)); its worker
     /// was killed and replaced.
-    #[error("item {item} ran past its {timeout:?} deadline in worker {worker}, which was killed")]
+    #[error("item {item} ran past its {timeout:?} deadline in worker {}, which was killed", worker_name(*.worker))]
     TimedOut {
         /// Index of the item in the input.
         item: usize,
@@ -188,7 +198,7 @@ pub enum Error {
     /// A worker died (aborted or killed) under the pool's memory limit
     /// ([`PoolBuilder::memory_limit`](crate::PoolBuilder::memory_limit)): most likely
     /// the task ran out of the memory allowed.
-    #[error("worker {worker} died, most likely out of its {limit}-byte memory limit, while running items {items:?} ({})", exit_description(.status))]
+    #[error("worker {} died, most likely out of its {limit}-byte memory limit, while running items {items:?} ({})", worker_name(*.worker), exit_description(.status))]
     MemoryLimit {
         /// The worker that died.
         worker: usize,
@@ -268,7 +278,7 @@ pub enum Error {
     },
     /// The task needs per-worker state that the worker does not have: the pool has
     /// no initializer of that type, or the initializer failed in that worker.
-    #[error("no worker state for the task in worker {worker}: {reason}")]
+    #[error("no worker state for the task in worker {}: {reason}", worker_name(*.worker))]
     WorkerState {
         /// The worker that ran the task.
         worker: usize,
@@ -276,7 +286,7 @@ pub enum Error {
         reason: String,
     },
     /// The pool's initializer failed in a worker.
-    #[error("the initializer failed in worker {worker}: {reason}")]
+    #[error("the initializer failed in worker {}: {reason}", worker_name(*.worker))]
     Initializer {
         /// The worker it failed in.
         worker: usize,
@@ -468,6 +478,29 @@ impl Error {
     }
 }
 
+/// Names workers in messages: set under MPI, where a worker's rank and node matter.
+static WORKER_PLACE: std::sync::OnceLock<fn(usize) -> Option<String>> = std::sync::OnceLock::new();
+
+/// Makes error messages name a worker with what `place` says of it, after its number.
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+pub(crate) fn name_workers_by(place: fn(usize) -> Option<String>) {
+    let _ = WORKER_PLACE.set(place);
+}
+
+fn worker_name(worker: usize) -> String {
+    match WORKER_PLACE.get().and_then(|place| place(worker)) {
+        Some(place) => format!("{worker} ({place})"),
+        None => worker.to_string(),
+    }
+}
+
+fn rank_where(rank: &Option<usize>) -> String {
+    match rank {
+        Some(rank) => format!(" at rank {rank}"),
+        None => String::new(),
+    }
+}
+
 fn exit_description(status: &Option<ExitStatus>) -> String {
     match status {
         Some(status) => status.to_string(),
@@ -477,21 +510,24 @@ fn exit_description(status: &Option<ExitStatus>) -> String {
 
 fn channel_description(worker: &Option<usize>) -> String {
     match worker {
-        Some(worker) => format!("to worker {worker}"),
+        Some(worker) => format!("to worker {}", worker_name(*worker)),
         None => "on which replies arrive".to_owned(),
     }
 }
 
 fn decoded_where(worker: &Option<usize>) -> String {
     match worker {
-        Some(worker) => format!("in worker {worker}"),
+        Some(worker) => format!("in worker {}", worker_name(*worker)),
         None => "again after encoding it (it does not survive a round trip)".to_owned(),
     }
 }
 
 fn context_where(worker: &Option<usize>) -> String {
     match worker {
-        Some(worker) => format!("to worker {worker}: it did not decode there"),
+        Some(worker) => format!(
+            "to worker {}: it did not decode there",
+            worker_name(*worker)
+        ),
         None => "to the workers: it did not encode".to_owned(),
     }
 }

@@ -156,6 +156,7 @@ mod engine;
 mod error;
 mod fuzzing;
 mod handle;
+mod init;
 mod os;
 mod par_map;
 mod pipeline;
@@ -170,9 +171,11 @@ pub use crate::builder::PoolBuilder;
 pub use crate::channels::pipe::Pipe;
 pub use crate::channels::queue::Queue;
 pub use crate::checkpoint::Checkpointed;
+pub use crate::engine::backend::Backend;
 pub use crate::engine::stats::{JobStats, WorkerStats};
 pub use crate::error::{CodecError, Error, ErrorPolicy, Result, TaskPanic};
 pub use crate::handle::{AsyncResult, Imap, ImapUnordered};
+pub use crate::init::init;
 pub use crate::par_map::{par_map, par_map_reduce};
 pub use crate::pipeline::{
     DEFAULT_FOLD_FLUSH_BYTES, DEFAULT_STAGE_ITEMS, Pipeline, PipelineStats, Stage,
@@ -180,7 +183,6 @@ pub use crate::pipeline::{
 pub use crate::pool::{Pool, PoolStats, Skipped};
 pub use crate::process::{Process, ProcessBuilder};
 pub use crate::shared::{Shared, SharedSlice};
-pub use crate::worker::serve::init;
 
 /// Items public only for this crate's own tests.
 #[doc(hidden)]

@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::engine::backend::Backend;
+use crate::engine::backend::WorkerSet;
 use crate::engine::job::{InFlight, JobId};
 use crate::error::Result;
 use crate::shared::region::RegionHandle;
@@ -46,7 +46,7 @@ struct SlotState {
 
 /// The pool's workers.
 pub(crate) struct Supervisor {
-    pub(crate) backend: Backend,
+    pub(crate) backend: WorkerSet,
     slots: Vec<SlotState>,
     /// How many workers should be serving.
     workers: usize,
@@ -75,7 +75,7 @@ pub(crate) struct Start {
 impl Supervisor {
     /// The supervisor of workers that `backend` started, beginning at `began`.
     pub(crate) fn new(
-        backend: Backend,
+        backend: WorkerSet,
         max_tasks: Option<usize>,
         init: Option<(TaskRef, Vec<u8>, Vec<RegionHandle>)>,
         began: Instant,

@@ -2,6 +2,8 @@
 
 #[cfg(test)]
 pub(crate) mod alloc;
+#[cfg(feature = "mpi")]
+pub(crate) mod exit;
 pub(crate) mod interrupt;
 pub(crate) mod poll;
 pub(crate) mod proc;

@@ -14,32 +14,10 @@ use crate::worker::task;
 /// Set once this process has become a worker in [`init`].
 static SERVING: AtomicBool = AtomicBool::new(false);
 
-/// Turns this process into a worker when its parent started it as one; otherwise
-/// returns at once.
-///
-/// Call it on the first line of `main`. Workers are the same executable started again,
-/// so everything `main` does before `init()` also runs in every worker: keep it first,
-/// as Python's `if __name__ == "__main__":` guard keeps the top of a script out of its
-/// workers. In a worker process this call serves tasks until the parent hangs up and
-/// then exits the process; it never returns. In any other process it costs one
-/// environment lookup. (Workers get an extra command-line argument; `main` never sees
-/// it when `init()` comes first.)
-///
-/// Test binaries have no `main` of their own: put
-/// [`enable_test_support!()`](crate::enable_test_support) in each test crate instead.
-/// Doctests that start workers are written with their own `main` that calls `init()`.
-///
-/// # Examples
-///
-/// ```standalone_crate
-/// fn main() -> multiproc::Result<()> {
-///     multiproc::init(); // in a worker process this call serves tasks and never returns
-///     let squares: Vec<u64> = multiproc::par_map(0..5u64, |x| x * x)?;
-///     assert_eq!(squares, [0, 1, 4, 9, 16]);
-///     Ok(())
-/// }
-/// ```
-pub fn init() {
+/// Turns this process into a worker when its parent started it as one (serves until
+/// the parent hangs up, then exits the process); otherwise returns at once. The
+/// public entry is [`crate::init`].
+pub(crate) fn serve_if_worker() {
     if SERVING.load(Ordering::Relaxed) {
         return;
     }
