@@ -153,10 +153,10 @@ mod builder;
 mod channels;
 mod checkpoint;
 mod engine;
+mod entry;
 mod error;
 mod fuzzing;
 mod handle;
-mod init;
 mod os;
 mod par_map;
 mod pipeline;
@@ -173,9 +173,9 @@ pub use crate::channels::queue::Queue;
 pub use crate::checkpoint::Checkpointed;
 pub use crate::engine::backend::Backend;
 pub use crate::engine::stats::{JobStats, WorkerStats};
+pub use crate::entry::init;
 pub use crate::error::{CodecError, Error, ErrorPolicy, Result, TaskPanic};
 pub use crate::handle::{AsyncResult, Imap, ImapUnordered};
-pub use crate::init::init;
 pub use crate::par_map::{par_map, par_map_reduce};
 pub use crate::pipeline::{
     DEFAULT_FOLD_FLUSH_BYTES, DEFAULT_STAGE_ITEMS, Pipeline, PipelineStats, Stage,

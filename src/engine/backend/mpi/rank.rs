@@ -10,9 +10,9 @@ use std::collections::HashMap;
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
+use super::super::process::ProcessBackend;
+use super::super::{Event, StartOptions};
 use super::world::{Envelope, Idle, Job, Received};
-use crate::engine::backend::process::ProcessBackend;
-use crate::engine::backend::{Event, StartOptions};
 use crate::os::spawn::SpawnOptions;
 use crate::wire::transport::FrameBuf;
 

@@ -354,7 +354,7 @@ fn launched() -> bool {
 
 /// Whether the program asked for MPI without a launcher (`MULTIPROC_BACKEND=mpi`).
 fn asked() -> bool {
-    std::env::var(crate::engine::backend::BACKEND_ENV).is_ok_and(|v| v.trim() == "mpi")
+    std::env::var(super::super::BACKEND_ENV).is_ok_and(|v| v.trim() == "mpi")
 }
 
 /// Joins the MPI job when this process was started by an MPI launcher (or
