@@ -16,6 +16,10 @@ use super::world::{Envelope, Idle, Job, Received};
 use crate::os::spawn::SpawnOptions;
 use crate::wire::transport::FrameBuf;
 
+/// Test-only fault injection: `panic-on-open` makes a serving rank panic in its
+/// library code when a pool opens, as a bug there would.
+const FAULT_ENV: &str = "MULTIPROC_MPI_FAULT";
+
 /// Serves until rank 0 says stop.
 pub(crate) fn serve(job: &Job) {
     let mut pools: HashMap<u64, ProcessBackend> = HashMap::new();
@@ -78,6 +82,9 @@ fn handle(job: &Job, pools: &mut HashMap<u64, ProcessBackend>, received: Receive
             memory_limit,
             start_timeout,
         } => {
+            if std::env::var_os(FAULT_ENV).is_some_and(|v| v == "panic-on-open") {
+                panic!("injected panic in {} ({FAULT_ENV})", job.describe(job.rank));
+            }
             let options = StartOptions {
                 spawn: SpawnOptions {
                     inherit_output: *inherit_output,
