@@ -457,7 +457,7 @@ impl PoolBuilder {
         let workers = match (self.workers, mpi_workers) {
             (Some(workers), _) => workers,
             (None, Some(workers)) => workers,
-            (None, None) => default_workers()?,
+            (None, None) => env_workers()?,
         };
         let inline = kind == Backend::Inline;
         let progress = progress_setting()?;
@@ -584,9 +584,25 @@ impl Hooks for Starting {
 /// Overrides the default worker count (`PoolBuilder::workers` wins over it).
 pub(crate) const WORKERS_ENV: &str = "MULTIPROC_WORKERS";
 
+/// The number of workers a pool gets when the program does not say: under MPI, what
+/// the serving ranks offer together; else `MULTIPROC_WORKERS` when set, else the
+/// CPUs this process may use (its affinity mask and cgroup CPU quota). For sizing
+/// pipeline stages and pools the way a default pool is sized, as rayon's
+/// `current_num_threads` is used.
+///
+/// # Errors
+///
+/// [`Error::Environment`] for a `MULTIPROC_WORKERS` it cannot read.
+pub fn default_workers() -> Result<usize> {
+    match backend::mpi_default_workers() {
+        Some(workers) => Ok(workers),
+        None => env_workers(),
+    }
+}
+
 /// The worker count a pool gets when the program does not say: `MULTIPROC_WORKERS`,
 /// else the CPUs this process may use.
-fn default_workers() -> Result<usize> {
+fn env_workers() -> Result<usize> {
     let Some(value) = std::env::var_os(WORKERS_ENV) else {
         return Ok(num_cpus::get());
     };

@@ -167,7 +167,7 @@ mod sink;
 mod wire;
 mod worker;
 
-pub use crate::builder::PoolBuilder;
+pub use crate::builder::{PoolBuilder, default_workers};
 pub use crate::channels::pipe::Pipe;
 pub use crate::channels::queue::Queue;
 pub use crate::checkpoint::Checkpointed;

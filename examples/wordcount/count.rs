@@ -529,7 +529,7 @@ impl Default for Shape {
     fn default() -> Self {
         Shape {
             read_workers: 1,
-            count_workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            count_workers: multiproc::default_workers().unwrap_or(2),
             batch_bytes: BATCH_BYTES,
             inherit_output: true,
         }

@@ -75,6 +75,8 @@ pub(crate) enum Envelope {
         host: String,
         pid: u32,
         cpus: u32,
+        /// `cpus` is the rank's `MULTIPROC_WORKERS`, not its CPUs.
+        workers_set: bool,
         fingerprint: u64,
     },
     /// The pool's workers started (their generations and pids, by local slot), or
@@ -134,7 +136,9 @@ pub(crate) struct Job {
     pub(crate) size: usize,
     /// The node each rank runs on (filled at rank 0 from the hellos).
     pub(crate) hosts: Vec<String>,
-    /// How many CPUs each rank may use (at rank 0, from the hellos).
+    /// How many workers each serving rank offers (at rank 0, from the hellos): its
+    /// `MULTIPROC_WORKERS`, else its share of its node's CPUs among the serving
+    /// ranks there.
     pub(crate) cpus: Vec<usize>,
     outbox: Outbox,
 }
@@ -395,11 +399,12 @@ pub(crate) fn init() {
         Err(e) => fail(&format!("could not start the MPI sending thread: {e}")),
     };
     let host = mpi::environment::processor_name().unwrap_or_default();
-    let cpus = std::env::var("MULTIPROC_WORKERS")
+    let set = std::env::var("MULTIPROC_WORKERS")
         .ok()
         .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or_else(num_cpus::get);
+        .filter(|&n| n > 0);
+    let workers_set = set.is_some();
+    let cpus = set.unwrap_or_else(num_cpus::get);
     let fingerprint = crate::worker::task::binary_fingerprint();
     let mut job = Job {
         rank,
@@ -430,6 +435,7 @@ pub(crate) fn init() {
             host,
             pid: std::process::id(),
             cpus: u32::try_from(cpus).unwrap_or(u32::MAX),
+            workers_set,
             fingerprint,
         },
         &[],
@@ -447,6 +453,7 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(60);
 fn greet(job: &mut Job, fingerprint: u64) {
     let deadline = Instant::now() + HELLO_TIMEOUT;
     let mut missing = job.size - 1;
+    let mut set = vec![false; job.size];
     while missing > 0 {
         let Some(received) = job.receive_until(deadline) else {
             fail(&format!(
@@ -458,9 +465,11 @@ fn greet(job: &mut Job, fingerprint: u64) {
             Envelope::Hello {
                 host,
                 cpus,
+                workers_set,
                 fingerprint: theirs,
                 ..
             } => {
+                set[received.from] = workers_set;
                 if theirs != fingerprint {
                     fail(&format!(
                         "rank {} on {host} runs a different build of this program; every \
@@ -478,6 +487,17 @@ fn greet(job: &mut Job, fingerprint: u64) {
                 received.from
             )),
         }
+    }
+    // Serving ranks on one node share its CPUs (`mpirun -n 3` on one machine runs
+    // as many workers as the machine has CPUs, not twice as many).
+    for rank in 1..job.size {
+        if set[rank] {
+            continue;
+        }
+        let sharing = (1..job.size)
+            .filter(|&r| job.hosts[r] == job.hosts[rank])
+            .count();
+        job.cpus[rank] = (job.cpus[rank] / sharing.max(1)).max(1);
     }
 }
 
