@@ -490,10 +490,7 @@ fn greet(job: &mut Job, fingerprint: u64) {
     }
     // Serving ranks on one node share its CPUs (`mpirun -n 3` on one machine runs
     // as many workers as the machine has CPUs, not twice as many).
-    for rank in 1..job.size {
-        if set[rank] {
-            continue;
-        }
+    for (rank, _) in set.iter().enumerate().skip(1).filter(|(_, set)| !**set) {
         let sharing = (1..job.size)
             .filter(|&r| job.hosts[r] == job.hosts[rank])
             .count();
