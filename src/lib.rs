@@ -107,8 +107,9 @@
 //!
 //! | option | default | variable |
 //! |---|---|---|
-//! | [`workers`](PoolBuilder::workers) | the CPUs this process may use (affinity mask, cgroup quota) | `MULTIPROC_WORKERS` |
-//! | [`inline`](PoolBuilder::inline) | `false`: worker processes | `MULTIPROC_BACKEND=inline` (or `process`) |
+//! | [`workers`](PoolBuilder::workers) | [`default_workers()`]: the CPUs this process may use (affinity mask, cgroup quota); under MPI what the serving ranks offer | `MULTIPROC_WORKERS` (under MPI: per serving rank) |
+//! | [`backend`](PoolBuilder::backend) | [`Backend::Process`]; [`Backend::Mpi`] in an MPI job of more than one rank | `MULTIPROC_BACKEND=process`, `inline` or `mpi` |
+//! | [`inline`](PoolBuilder::inline) | `false`: worker processes (shorthand for `backend`) | `MULTIPROC_BACKEND=inline` |
 //! | [`chunk_size`](PoolBuilder::chunk_size) | adaptive: ~1 ms of work, one socket message | - |
 //! | [`retries`](PoolBuilder::retries) | 1 resend of a chunk lost with its worker | - |
 //! | [`error_policy`](PoolBuilder::error_policy) | [`ErrorPolicy::FailFast`] | - |

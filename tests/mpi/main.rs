@@ -153,6 +153,28 @@ fn play(role: &OsStr) {
             });
             println!("{result:?}");
         }
+        "queue" => {
+            // Tasks on serving ranks put into a queue made by rank 0.
+            let pool = Pool::builder().workers(2).build().unwrap();
+            let queue = multiproc::Queue::<u64>::unbounded();
+            let put = pool.map_with(0..6u64, &queue, |q, x| {
+                q.put(x * 3).map_err(|e| {
+                    let source = std::error::Error::source(&e).map(ToString::to_string);
+                    format!("{e}: {}", source.unwrap_or_default())
+                })
+            });
+            match put {
+                Ok(results) if results.iter().any(Result::is_err) => {
+                    println!("{:?}", results[0]);
+                }
+                Ok(results) => {
+                    let mut got: Vec<u64> = (0..6).map(|_| queue.get().unwrap()).collect();
+                    got.sort_unstable();
+                    println!("{results:?} {got:?}");
+                }
+                Err(e) => println!("error: {e}"),
+            }
+        }
         "backend" => {
             let pool = Pool::builder().backend(Backend::Mpi).build().unwrap();
             println!(
@@ -346,6 +368,29 @@ fn a_serving_rank_killed_ends_the_job_naming_the_rank_within_five_seconds() {
     );
     assert!(all.contains("rank 1") || all.contains("rank 2"), "{all}");
     assert!(took < Duration::from_secs(5), "took {took:?}:\n{all}");
+}
+
+#[test]
+fn a_queue_of_rank_0_used_on_a_serving_rank_is_refused_with_the_reason_not_a_hang() {
+    assert_eq!(
+        local("queue", &[]).trim(),
+        "[Ok(()), Ok(()), Ok(()), Ok(()), Ok(()), Ok(())] [0, 3, 6, 9, 12, 15]"
+    );
+    let (out, _) = mpirun(3, "queue", &[], Duration::from_secs(60));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.starts_with("Err(\"lost the queue kept by process "),
+        "{text}"
+    );
+    assert!(
+        text.contains("only processes of its user that descend from it"),
+        "{text}"
+    );
 }
 
 #[test]
