@@ -73,10 +73,7 @@ fn main() -> multiproc::Result<()> {
             .unwrap();
         assert_eq!(sum, W1_CHECKSUM);
     });
-    println!(
-        "w1 {backend} {workers} {w1:.4} {:.0}",
-        W1_ITEMS as f64 / w1
-    );
+    println!("w1 {backend} {workers} {w1:.4} {:.0}", W1_ITEMS as f64 / w1);
 
     let sequential = median(|| {
         let sum = (0..W2_TASKS).map(w2_task).fold(0, u64::wrapping_add);

@@ -164,8 +164,20 @@ fn the_backend_and_bad_values_come_from_the_environment_with_clear_errors() {
     );
     assert_eq!(
         pool_size_with("pool-size", &[("MULTIPROC_BACKEND", "threads")], false),
-        "error: MULTIPROC_BACKEND=\"threads\" is not `process` or `inline`"
+        "error: MULTIPROC_BACKEND=\"threads\" is not `process`, `inline` or `mpi`"
     );
+    // Asking for MPI in a build without it says what is missing; with it, a program
+    // that is not an MPI job runs its workers here.
+    let mpi = pool_size_with("pool-size-two", &[("MULTIPROC_BACKEND", "mpi")], false);
+    if cfg!(feature = "mpi") {
+        assert_eq!(mpi, "workers=2 processes=2");
+    } else {
+        assert_eq!(
+            mpi,
+            "error: invalid pool configuration: the MPI backend needs multiproc built with its \
+             `mpi` feature"
+        );
+    }
 }
 
 /// For `workers_exit_when_their_parent_is_killed`: starts a pool, reports its
