@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::engine::backend::{self, BACKEND_ENV, Backend, StartOptions, WorkerSet};
+use crate::engine::backend::{self, BACKEND_ENV, Backend, StartOptions, WORKERS_ENV, WorkerSet};
 use crate::engine::chunker;
 use crate::engine::driver::Core;
 use crate::engine::ends::encode_item;
@@ -580,9 +580,6 @@ impl Hooks for Starting {
     }
     fn notify(&self) {}
 }
-
-/// Overrides the default worker count (`PoolBuilder::workers` wins over it).
-pub(crate) const WORKERS_ENV: &str = "MULTIPROC_WORKERS";
 
 /// The number of workers a pool gets when the program does not say: under MPI, what
 /// the serving ranks offer together; else `MULTIPROC_WORKERS` when set, else the

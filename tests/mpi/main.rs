@@ -260,17 +260,23 @@ fn run(mut command: Command, limit: Duration) -> (Output, Duration) {
     (output, took)
 }
 
+/// Runs `role` under `mpirun -n ranks`, which must succeed, and returns what rank
+/// 0 printed.
+fn mpirun_ok(ranks: usize, role: &str, env: &[(&str, &str)]) -> String {
+    let (out, _) = mpirun(ranks, role, env, Duration::from_secs(120));
+    let text = String::from_utf8(out.stdout).expect("text");
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 /// The role's output under `mpirun -n ranks` equals its output on one machine.
 fn same_as_local(ranks: usize, role: &str, env: &[(&str, &str)]) {
     let expected = local(role, env);
-    let (out, _) = mpirun(ranks, role, env, Duration::from_secs(120));
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8(out.stdout).unwrap(), expected);
+    assert_eq!(mpirun_ok(ranks, role, env), expected);
 }
 
 #[test]
@@ -318,13 +324,7 @@ fn a_singleton_run_without_a_launcher_works() {
 
 #[test]
 fn a_task_panic_at_a_serving_rank_names_the_item_and_the_rank() {
-    let (out, _) = mpirun(3, "panic", &[], Duration::from_secs(60));
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = mpirun_ok(3, "panic", &[]);
     let mut lines = text.lines();
     let error = lines.next().unwrap();
     assert!(
@@ -339,13 +339,7 @@ fn a_task_panic_at_a_serving_rank_names_the_item_and_the_rank() {
 
 #[test]
 fn a_worker_that_crashes_at_a_serving_rank_is_reported_and_replaced() {
-    let (out, _) = mpirun(3, "crash", &[], Duration::from_secs(60));
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = mpirun_ok(3, "crash", &[]);
     let mut lines = text.lines();
     let error = lines.next().unwrap();
     assert!(error.contains("exited before replying"), "{error}");
@@ -376,13 +370,7 @@ fn a_queue_of_rank_0_used_on_a_serving_rank_is_refused_with_the_reason_not_a_han
         local("queue", &[]).trim(),
         "[Ok(()), Ok(()), Ok(()), Ok(()), Ok(()), Ok(())] [0, 3, 6, 9, 12, 15]"
     );
-    let (out, _) = mpirun(3, "queue", &[], Duration::from_secs(60));
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = mpirun_ok(3, "queue", &[]);
     assert!(
         text.starts_with("Err(\"lost the queue kept by process "),
         "{text}"

@@ -64,6 +64,9 @@ pub enum Backend {
     Mpi,
 }
 
+/// Overrides the default worker count (`PoolBuilder::workers` wins over it).
+pub(crate) const WORKERS_ENV: &str = "MULTIPROC_WORKERS";
+
 /// Chooses the default backend: `process`, `inline` or `mpi`.
 pub(crate) const BACKEND_ENV: &str = "MULTIPROC_BACKEND";
 

@@ -34,9 +34,10 @@ static NEXT_POOL: AtomicU64 = AtomicU64::new(1);
 static MAILBOXES: Mutex<Option<HashMap<u64, VecDeque<Received>>>> = Mutex::new(None);
 
 /// Where global worker `worker` runs: its rank and its local slot there.
-pub(crate) fn place(job: &Job, worker: usize) -> (usize, usize) {
+pub(crate) fn place(job: &Job, worker: usize) -> (usize, u32) {
     let serving = job.size - 1;
-    (1 + worker % serving, worker / serving)
+    let local = u32::try_from(worker / serving).unwrap_or(u32::MAX);
+    (1 + worker % serving, local)
 }
 
 /// The worker a rank's local slot is.
@@ -187,7 +188,10 @@ impl MpiBackend {
         }
         self.slots[worker] = None;
         let (rank, local) = place(self.job, worker);
-        let local = u32::try_from(local).unwrap_or(u32::MAX);
+        let refused = |reason: String| Error::Spawn {
+            worker,
+            source: io::Error::other(format!("on {}: {reason}", self.job.describe(rank))),
+        };
         if !self.opened.contains(&rank) {
             // A worker past the ones the pool started, on a rank that has none of
             // this pool's yet.
@@ -210,10 +214,7 @@ impl MpiBackend {
                 ..
             } = received.envelope
             {
-                return Err(Error::Spawn {
-                    worker,
-                    source: io::Error::other(format!("on {}: {reason}", self.job.describe(rank))),
-                });
+                return Err(refused(reason));
             }
         }
         self.job.send(
@@ -232,10 +233,7 @@ impl MpiBackend {
         let Envelope::Restarted { started, .. } = received.envelope else {
             unreachable!("answer returns only what it was asked for");
         };
-        let (remote, pid) = started.map_err(|reason| Error::Spawn {
-            worker,
-            source: io::Error::other(format!("on {}: {reason}", self.job.describe(rank))),
-        })?;
+        let (remote, pid) = started.map_err(refused)?;
         let generation = self.next_generation;
         self.next_generation += 1;
         self.slots[worker] = Some(Slot {
@@ -257,7 +255,7 @@ impl MpiBackend {
                 rank,
                 &Envelope::Kill {
                     pool: self.pool,
-                    local: u32::try_from(local).unwrap_or(u32::MAX),
+                    local,
                 },
                 &[],
             );
@@ -272,7 +270,7 @@ impl MpiBackend {
                     rank,
                     &Envelope::Request {
                         pool: self.pool,
-                        local: u32::try_from(local).unwrap_or(u32::MAX),
+                        local,
                     },
                     frame.body_bytes(),
                 );

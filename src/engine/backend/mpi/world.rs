@@ -38,15 +38,10 @@ const PART: usize = 1 << 30;
 #[cfg(test)]
 const PART: usize = 64;
 
-/// Environment variables that launchers of an MPI job set in every rank, with the
-/// world size they announce (`None`: the variable names a rank only).
+/// Environment variables that launchers of an MPI job set in every rank: the world
+/// size they announce, and the rank.
 const LAUNCHER_SIZE: [&str; 3] = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"];
-const LAUNCHER_RANK: [&str; 4] = [
-    "OMPI_COMM_WORLD_RANK",
-    "PMI_RANK",
-    "PMIX_RANK",
-    "SLURM_PROCID",
-];
+const LAUNCHER_RANK: [&str; 3] = ["OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"];
 
 /// What ranks say to each other. Rank 0 sends the first five; serving ranks the rest.
 /// A `Request` and a `Reply` carry a frame as the message's body.
@@ -352,7 +347,7 @@ fn launcher_size() -> Option<usize> {
 fn launched() -> bool {
     LAUNCHER_SIZE
         .iter()
-        .chain(LAUNCHER_RANK.iter().filter(|v| !v.starts_with("SLURM")))
+        .chain(&LAUNCHER_RANK)
         .any(|var| std::env::var_os(var).is_some())
 }
 
@@ -399,7 +394,7 @@ pub(crate) fn init() {
         Err(e) => fail(&format!("could not start the MPI sending thread: {e}")),
     };
     let host = mpi::environment::processor_name().unwrap_or_default();
-    let set = std::env::var("MULTIPROC_WORKERS")
+    let set = std::env::var(super::super::WORKERS_ENV)
         .ok()
         .and_then(|v| v.trim().parse::<usize>().ok())
         .filter(|&n| n > 0);
