@@ -4,15 +4,16 @@
 //! The file is append-only:
 //!
 //! ```text
-//! header  b"mpckpt\0\x01" | job length (u32) | job (UTF-8) | checksum (u64)
-//! record  b"rec1" | first item (u64) | end item (u64, exclusive) | input checksum (u64)
-//!         | payload length (u64) | checksum of the fields (u64) | payload
-//!         | checksum of the fields and payload (u64)
+//! header  b"mpckpt\0\x02" | job length (u32) | job (UTF-8) | checksum (u64)
+//! record  b"rec2" | stage (u64) | first item (u64) | end item (u64, exclusive)
+//!         | input checksum (u64) | payload length (u64) | checksum of the fields (u64)
+//!         | payload | checksum of the fields and payload (u64)
 //! ```
 //!
 //! Integers are little-endian. The job names the kind of call and the type names of
-//! the items, the results and the functions. A record covers one chunk: the
-//! original indices of its items, the checksum of their encodings (so a different
+//! the items, the results and the functions (for a pipeline, of every stage). A
+//! record covers one chunk of one stage (0 for a pool's call, a pipeline's stages
+//! from 1): the indices of its items in that stage's input, the checksum of their encodings (so a different
 //! input is seen when its items are read), and the chunk's reply as the worker sent
 //! it (its results back to back, or its partial reduction). The fields have a
 //! checksum of their own, so a damaged length is never trusted: a record that is
@@ -31,13 +32,14 @@ use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::engine::driver::LentCall;
-use crate::engine::ends::{Filled, Sink, Source, exact_len, fill_items};
+use crate::engine::ends::{Filled, Journal, Sink, Source, exact_len, fill_items};
 use crate::error::{Error, Result};
 use crate::pool::{Pool, task_ref};
 use crate::sink::{CollectSink, FoldSink, items_failed};
@@ -47,11 +49,11 @@ use crate::wire::transport::{Frame, Payload};
 use crate::worker::task::{self, Collect, Fold, Plain};
 
 /// The file's first bytes; the last one is the format's version.
-const MAGIC: &[u8; 8] = b"mpckpt\0\x01";
+const MAGIC: &[u8; 8] = b"mpckpt\0\x02";
 /// The first bytes of every record.
-const RECORD_TAG: &[u8; 4] = b"rec1";
-/// A record's bytes before its payload: tag, four fields, their checksum.
-const RECORD_FIXED: usize = 4 + 5 * 8;
+const RECORD_TAG: &[u8; 4] = b"rec2";
+/// A record's bytes before its payload: tag, five fields, their checksum.
+const RECORD_FIXED: usize = 4 + 6 * 8;
 /// Records written between two `fsync`s, at most.
 pub(crate) const SYNC_RECORDS: usize = 64;
 /// The longest a written record waits for its `fsync` (checked as records come).
@@ -217,14 +219,14 @@ impl<'p> Checkpointed<'p> {
             type_name::<Id>(),
             type_name::<R>()
         );
-        let mut sink = FoldSink {
-            acc: Some(identity()),
+        Resume::open(&self.path, &job)?.map_reduce(
+            self.pool,
+            0,
+            items.into_iter(),
+            task,
+            identity,
             reduce,
-            failed: Vec::new(),
-        };
-        self.run(&job, items.into_iter(), task, &mut sink)?;
-        items_failed(sink.failed)?;
-        Ok(sink.acc.expect("acc is refilled after every fold"))
+        )
     }
 
     /// Runs one job through the checkpoint: recorded chunks replayed into `sink`
@@ -234,28 +236,124 @@ impl<'p> Checkpointed<'p> {
         I: Iterator<Item = T>,
         T: Serialize + DeserializeOwned,
     {
-        let (file, recorded) = open(&self.path, job)?;
-        // Progress bars count the items that run.
+        Resume::open(&self.path, job)?.run_lent(self.pool, 0, items, task, sink)
+    }
+}
+
+/// An opened checkpoint: the file appended to and what it records, for the stages
+/// of one job (a pool's call is stage 0; a pipeline's stages count from 1).
+pub(crate) struct Resume {
+    path: Rc<Path>,
+    log: Rc<RefCell<Log>>,
+    recorded: Vec<Recorded>,
+}
+
+/// One stage's part of a [`Resume`]: its source (which passes over the recorded
+/// items), its journal (which replays and records chunks), and how many items run
+/// when the input's length is known (for progress bars).
+pub(crate) struct Resuming<I> {
+    pub(crate) source: ResumingSource<I>,
+    pub(crate) journal: StageJournal,
+    pub(crate) total: Option<usize>,
+}
+
+impl Resume {
+    /// Opens (or creates) the checkpoint at `path` for `job`.
+    pub(crate) fn open(path: &Path, job: &str) -> Result<Self> {
+        let (file, recorded) = open(path, job)?;
+        Ok(Self {
+            path: path.into(),
+            log: Rc::new(RefCell::new(Log::new(file, path))),
+            recorded,
+        })
+    }
+
+    /// The parts of stage `stage`, whose input is `items`.
+    pub(crate) fn stage<I: Iterator>(&self, stage: usize, items: I) -> Resuming<I> {
+        let recorded: Rc<[Recorded]> = self
+            .recorded
+            .iter()
+            .filter(|record| record.stage == stage)
+            .cloned()
+            .collect();
         let held: usize = recorded.iter().map(|r| r.items.len()).sum();
         let total = exact_len(&items).map(|len| len.saturating_sub(held));
-        let filled = RefCell::new(VecDeque::new());
-        let mut source = ResumingSource {
-            items,
-            position: 0,
-            recorded: &recorded,
-            next_record: 0,
-            filled: &filled,
-            path: &self.path,
-            scratch: Vec::new(),
+        let filled: Rc<FilledChunks> = Rc::default();
+        Resuming {
+            source: ResumingSource {
+                items,
+                position: 0,
+                recorded: Rc::clone(&recorded),
+                next_record: 0,
+                filled: Rc::clone(&filled),
+                path: Rc::clone(&self.path),
+                scratch: Vec::new(),
+            },
+            journal: StageJournal {
+                log: Rc::clone(&self.log),
+                stage,
+                recorded,
+                next_replay: 0,
+                filled,
+                staged: Vec::new(),
+            },
+            total,
+        }
+    }
+
+    /// Runs the `map_reduce` of stage `stage` (input `items`, `task` made from the
+    /// task, `identity` and `reduce` by [`task_ref`]) on `pool`: each chunk's
+    /// partial is recorded, and recorded and new partials are folded in input order.
+    pub(crate) fn map_reduce<I, T, U, Id, R>(
+        &self,
+        pool: &Pool,
+        stage: usize,
+        items: I,
+        task: TaskRef,
+        identity: Id,
+        reduce: R,
+    ) -> Result<U>
+    where
+        I: Iterator<Item = T>,
+        T: Serialize + DeserializeOwned,
+        U: DeserializeOwned,
+        Id: Fn() -> U,
+        R: Fn(U, U) -> U,
+    {
+        let mut sink = FoldSink {
+            acc: Some(identity()),
+            reduce,
+            failed: Vec::new(),
         };
+        self.run_lent(pool, stage, items, task, &mut sink)?;
+        items_failed(sink.failed)?;
+        Ok(sink.acc.expect("acc is refilled after every fold"))
+    }
+
+    /// Runs stage `stage` (input `items`, task `task`) as a blocking call on `pool`:
+    /// recorded chunks replayed into `sink` in input order, the others run and
+    /// recorded; what was recorded is synced whatever the outcome.
+    pub(crate) fn run_lent<I, T>(
+        &self,
+        pool: &Pool,
+        stage: usize,
+        items: I,
+        task: TaskRef,
+        sink: &mut dyn Sink,
+    ) -> Result<()>
+    where
+        I: Iterator<Item = T>,
+        T: Serialize + DeserializeOwned,
+    {
+        let Resuming {
+            mut source,
+            journal,
+            total,
+        } = self.stage(stage, items);
         let mut recording = RecordingSink {
             inner: sink,
-            log: Log::new(file, &self.path),
-            recorded: &recorded,
-            next_replay: 0,
-            filled: &filled,
+            journal,
         };
-        let pool = self.pool;
         let call = LentCall {
             task,
             context: None,
@@ -268,8 +366,7 @@ impl<'p> Checkpointed<'p> {
             .core
             .run_lent_source(call, total, &mut source, &mut recording)
             .and_then(|()| recording.replay_before(usize::MAX));
-        // What was recorded is kept durably whatever the outcome.
-        let synced = recording.log.sync();
+        let synced = recording.journal.sync();
         outcome?;
         synced
     }
@@ -278,6 +375,7 @@ impl<'p> Checkpointed<'p> {
 /// A record found in the file: which items it covers, and where its payload is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Recorded {
+    stage: usize,
     items: Range<usize>,
     input: u64,
     offset: u64,
@@ -338,16 +436,16 @@ fn open(path: &Path, job: &str) -> Result<(File, Vec<Recorded>)> {
     }
     file.seek(SeekFrom::Start(valid_end))
         .map_err(fail("could not seek"))?;
-    recorded.sort_by_key(|r| r.items.start);
+    recorded.sort_by_key(|r| (r.stage, r.items.start));
     if let Some(pair) = recorded
         .windows(2)
-        .find(|pair| pair[0].items.end > pair[1].items.start)
+        .find(|pair| pair[0].stage == pair[1].stage && pair[0].items.end > pair[1].items.start)
     {
         return Err(Error::Checkpoint {
             path: path.to_owned(),
             reason: format!(
-                "records of items {:?} and {:?} overlap",
-                pair[0].items, pair[1].items
+                "records of items {:?} and {:?} (stage {}) overlap",
+                pair[0].items, pair[1].items, pair[0].stage
             ),
             source: None,
         });
@@ -435,8 +533,8 @@ fn read_records(
         let word = |i: usize| {
             u64::from_le_bytes(fixed[4 + 8 * i..12 + 8 * i].try_into().expect("8 bytes"))
         };
-        let (first, end, input, size) = (word(0), word(1), word(2), word(3));
-        if &fixed[..4] != RECORD_TAG || checksum(&[&fixed[..RECORD_FIXED - 8]]) != word(4) {
+        let (stage, first, end, input, size) = (word(0), word(1), word(2), word(3), word(4));
+        if &fixed[..4] != RECORD_TAG || checksum(&[&fixed[..RECORD_FIXED - 8]]) != word(5) {
             // A crash of the machine can leave zeros where the last writes were.
             let mut rest = Vec::new();
             reader.read_to_end(&mut rest).map_err(io_error)?;
@@ -467,7 +565,11 @@ fn read_records(
         if first >= end {
             return Err(damaged(at, "it covers no items"));
         }
+        let Ok(stage) = usize::try_from(stage) else {
+            return Err(damaged(at, "its stage is out of range"));
+        };
         recorded.push(Recorded {
+            stage,
             items: first as usize..end as usize,
             input,
             offset: at + RECORD_FIXED as u64,
@@ -523,19 +625,20 @@ type FilledChunks = RefCell<VecDeque<(Range<usize>, u64)>>;
 /// The job's source: reads the input in order, passes over (and checks) the items
 /// the checkpoint records, and ends each chunk before the next recorded item, so a
 /// chunk's items are contiguous in the input.
-struct ResumingSource<'a, I> {
+pub(crate) struct ResumingSource<I> {
     items: I,
     /// Index of the next item the iterator yields.
     position: usize,
-    recorded: &'a [Recorded],
+    /// This stage's records, ascending.
+    recorded: Rc<[Recorded]>,
     /// The first record not yet passed over.
     next_record: usize,
-    filled: &'a FilledChunks,
-    path: &'a Path,
+    filled: Rc<FilledChunks>,
+    path: Rc<Path>,
     scratch: Vec<u8>,
 }
 
-impl<I, T> ResumingSource<'_, I>
+impl<I, T> ResumingSource<I>
 where
     I: Iterator<Item = T>,
     T: Serialize,
@@ -573,13 +676,13 @@ where
 
     fn differs(&self, items: Range<usize>) -> Error {
         Error::CheckpointInputDiffers {
-            path: self.path.to_owned(),
+            path: self.path.to_path_buf(),
             items,
         }
     }
 }
 
-impl<I, T> Source for ResumingSource<'_, I>
+impl<I, T> Source for ResumingSource<I>
 where
     I: Iterator<Item = T>,
     T: Serialize + DeserializeOwned,
@@ -632,52 +735,28 @@ where
     }
 }
 
-/// The job's sink: before each chunk, the recorded chunks that come before it go to
-/// the caller's sink (from the file); then the chunk itself, which is recorded.
-struct RecordingSink<'a> {
-    inner: &'a mut dyn Sink,
-    log: Log,
-    recorded: &'a [Recorded],
+/// One stage's chunks as they are taken: the recorded ones replayed from the file
+/// in input order, the new ones recorded.
+pub(crate) struct StageJournal {
+    log: Rc<RefCell<Log>>,
+    stage: usize,
+    /// This stage's records, ascending.
+    recorded: Rc<[Recorded]>,
     /// The first record not yet replayed.
     next_replay: usize,
-    filled: &'a FilledChunks,
+    filled: Rc<FilledChunks>,
+    /// The record being written.
+    staged: Vec<u8>,
 }
 
-impl RecordingSink<'_> {
-    /// Hands the caller's sink every recorded chunk before item `item`.
-    fn replay_before(&mut self, item: usize) -> Result<()> {
-        while let Some(record) = self.recorded.get(self.next_replay) {
-            if record.items.start >= item {
-                break;
-            }
-            let bytes = self.log.read(record)?;
-            let len = bytes.len();
-            self.inner
-                .deliver(
-                    0,
-                    record.items.clone(),
-                    Payload::new(Frame::Inline(bytes), len),
-                )
-                .map_err(|error| Error::Checkpoint {
-                    path: self.log.path.clone(),
-                    reason: format!(
-                        "the recorded results of items {:?} do not decode: {error}",
-                        record.items
-                    ),
-                    source: None,
-                })?;
-            self.next_replay += 1;
-        }
-        Ok(())
-    }
-
-    /// The input checksum of the chunk of `items`, the next one delivered.
+impl StageJournal {
+    /// The input checksum of the chunk of `items`, the next one taken.
     fn take_filled(&mut self, items: &Range<usize>) -> u64 {
         let (filled, input) = self
             .filled
             .borrow_mut()
             .pop_front()
-            .expect("every delivered chunk was filled by the job's source");
+            .expect("every chunk taken was filled by the stage's source");
         assert_eq!(
             &filled, items,
             "an ordered job delivers its chunks in order"
@@ -686,15 +765,87 @@ impl RecordingSink<'_> {
     }
 }
 
+impl Journal for StageJournal {
+    fn replay_before(
+        &mut self,
+        item: usize,
+        take: &mut dyn FnMut(Range<usize>, Payload) -> Result<()>,
+    ) -> Result<()> {
+        while let Some(record) = self.recorded.get(self.next_replay) {
+            if record.items.start >= item {
+                break;
+            }
+            let log = self.log.borrow();
+            let bytes = log.read(record)?;
+            let len = bytes.len();
+            take(
+                record.items.clone(),
+                Payload::new(Frame::Inline(bytes), len),
+            )
+            .map_err(|error| Error::Checkpoint {
+                path: log.path.clone(),
+                reason: format!(
+                    "the recorded results of items {:?}{} do not decode: {error}",
+                    record.items,
+                    stage_name(record.stage)
+                ),
+                source: None,
+            })?;
+            self.next_replay += 1;
+        }
+        Ok(())
+    }
+
+    fn stage(&mut self, items: &Range<usize>, payload: &[u8]) {
+        let input = self.take_filled(items);
+        encode_record(&mut self.staged, self.stage, items, input, payload);
+    }
+
+    fn commit(&mut self) -> Result<()> {
+        self.log.borrow_mut().append(&self.staged)
+    }
+
+    fn pass(&mut self, items: &Range<usize>) {
+        self.take_filled(items);
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        self.log.borrow_mut().sync()
+    }
+}
+
+/// " of stage N" for a pipeline's stage, nothing for a pool's call.
+fn stage_name(stage: usize) -> String {
+    if stage == 0 {
+        String::new()
+    } else {
+        format!(" of stage {stage}")
+    }
+}
+
+/// A blocking call's sink: before each chunk, the recorded chunks that come before
+/// it go to the caller's sink (from the file); then the chunk itself, which is
+/// recorded.
+struct RecordingSink<'a> {
+    inner: &'a mut dyn Sink,
+    journal: StageJournal,
+}
+
+impl RecordingSink<'_> {
+    /// Hands the caller's sink every recorded chunk before item `item`.
+    fn replay_before(&mut self, item: usize) -> Result<()> {
+        let inner = &mut *self.inner;
+        self.journal
+            .replay_before(item, &mut |items, payload| inner.deliver(0, items, payload))
+    }
+}
+
 impl Sink for RecordingSink<'_> {
     fn deliver(&mut self, worker: usize, items: Range<usize>, payload: Payload) -> Result<()> {
         self.replay_before(items.start)?;
-        let input = self.take_filled(&items);
-        // Recorded only once the caller's sink took it: a payload that does not
-        // decode is never recorded.
-        self.log.stage(&items, input, &payload);
+        self.journal.stage(&items, &payload);
         self.inner.deliver(worker, items, payload)?;
-        self.log.commit()
+        self.journal.commit()
     }
 
     fn deliver_partial(
@@ -706,7 +857,7 @@ impl Sink for RecordingSink<'_> {
     ) -> Result<()> {
         // A chunk with failed items is not recorded: a later run runs it again.
         self.replay_before(items.start)?;
-        self.take_filled(&items);
+        self.journal.pass(&items);
         self.inner.deliver_partial(worker, items, payload, failed)
     }
 
@@ -719,12 +870,36 @@ impl Sink for RecordingSink<'_> {
     }
 }
 
+/// Encodes the record of a chunk of stage `stage` into `staged`.
+fn encode_record(
+    staged: &mut Vec<u8>,
+    stage: usize,
+    items: &Range<usize>,
+    input: u64,
+    payload: &[u8],
+) {
+    staged.clear();
+    staged.extend_from_slice(RECORD_TAG);
+    for word in [
+        stage as u64,
+        items.start as u64,
+        items.end as u64,
+        input,
+        payload.len() as u64,
+    ] {
+        staged.extend_from_slice(&word.to_le_bytes());
+    }
+    let fields = checksum(&[&staged[..]]);
+    staged.extend_from_slice(&fields.to_le_bytes());
+    staged.extend_from_slice(payload);
+    let sum = checksum(&[&staged[..RECORD_FIXED], &staged[RECORD_FIXED..]]);
+    staged.extend_from_slice(&sum.to_le_bytes());
+}
+
 /// The file being appended to, and when it was last synced.
 struct Log {
     file: File,
     path: PathBuf,
-    /// The record being written.
-    staged: Vec<u8>,
     unsynced: usize,
     synced_at: Instant,
 }
@@ -734,36 +909,16 @@ impl Log {
         Self {
             file,
             path: path.to_owned(),
-            staged: Vec::new(),
             unsynced: 0,
             synced_at: Instant::now(),
         }
     }
 
-    /// Encodes the record of a chunk, to be written by [`Log::commit`].
-    fn stage(&mut self, items: &Range<usize>, input: u64, payload: &[u8]) {
-        let staged = &mut self.staged;
-        staged.clear();
-        staged.extend_from_slice(RECORD_TAG);
-        for word in [
-            items.start as u64,
-            items.end as u64,
-            input,
-            payload.len() as u64,
-        ] {
-            staged.extend_from_slice(&word.to_le_bytes());
-        }
-        let fields = checksum(&[&staged[..]]);
-        staged.extend_from_slice(&fields.to_le_bytes());
-        staged.extend_from_slice(payload);
-        let sum = checksum(&[&staged[..RECORD_FIXED], &staged[RECORD_FIXED..]]);
-        staged.extend_from_slice(&sum.to_le_bytes());
-    }
-
-    /// Writes the staged record; syncs when the batch is full or old enough.
-    fn commit(&mut self) -> Result<()> {
+    /// Writes one encoded record (one `write(2)`); syncs when the batch is full or
+    /// old enough.
+    fn append(&mut self, record: &[u8]) -> Result<()> {
         self.file
-            .write_all(&self.staged)
+            .write_all(record)
             .map_err(|source| self.error("could not write", source))?;
         self.unsynced += 1;
         if self.unsynced >= SYNC_RECORDS || self.synced_at.elapsed() >= SYNC_INTERVAL {
@@ -801,8 +956,9 @@ impl Log {
     }
 }
 
-/// The items a checkpoint file records, ascending, whatever its job (for tests).
-pub(crate) fn recorded_items(path: &Path) -> Result<Vec<Range<usize>>> {
+/// The items a checkpoint file records for stage `stage` (0 for a pool's call),
+/// ascending, whatever its job (for tests).
+pub(crate) fn recorded_items(path: &Path, stage: usize) -> Result<Vec<Range<usize>>> {
     let error = |source| Error::Checkpoint {
         path: path.to_owned(),
         reason: "could not read".into(),
@@ -817,6 +973,7 @@ pub(crate) fn recorded_items(path: &Path) -> Result<Vec<Range<usize>>> {
     let mut reader = BufReader::new(&file);
     reader.seek(SeekFrom::Start(at)).map_err(error)?;
     let (mut recorded, _) = read_records(path, &mut reader, at, len)?;
+    recorded.retain(|r| r.stage == stage);
     recorded.sort_by_key(|r| r.items.start);
     Ok(recorded.into_iter().map(|r| r.items).collect())
 }
@@ -826,10 +983,9 @@ mod tests {
     use super::*;
 
     fn record(items: Range<usize>, payload: &[u8]) -> Vec<u8> {
-        let file = tempfile::tempfile().expect("a temporary file");
-        let mut log = Log::new(file, Path::new("unused"));
-        log.stage(&items, 7, payload);
-        log.staged.clone()
+        let mut staged = Vec::new();
+        encode_record(&mut staged, 0, &items, 7, payload);
+        staged
     }
 
     fn read(bytes: &[u8]) -> Result<(Vec<Recorded>, u64)> {

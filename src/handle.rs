@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 
 use crate::engine::driver::Core;
-use crate::engine::ends::IterSource;
+use crate::engine::ends::{IterSource, Journal, Source};
 use crate::engine::job::{JobId, Local};
 use crate::engine::scheduler::{Drive, Engine};
 use crate::error::{Error, ErrorPolicy, Result};
@@ -113,10 +113,12 @@ impl<U> fmt::Debug for AsyncResult<U> {
 /// The consumer's side of an `imap` or `imap_unordered`: pulls its input only
 /// while it waits for results, so the input is read a bounded window ahead of what
 /// was taken.
-struct ImapCore<I, U> {
+struct ImapCore<S, U> {
     core: Arc<Core>,
     job: JobId,
-    source: IterSource<I>,
+    source: S,
+    /// A resumed checkpoint's record of the chunks (a pipeline's stage).
+    journal: Option<Box<dyn Journal>>,
     state: Arc<Mutex<ImapState>>,
     decoded: VecDeque<Result<(usize, U)>>,
     /// Under [`ErrorPolicy::Skip`] failed items are kept here instead of yielded.
@@ -129,18 +131,20 @@ struct ImapCore<I, U> {
 }
 
 /// Builds the consumer side and the job sink of a new `imap`.
-pub(crate) fn imap_parts<I, U>(
+pub(crate) fn imap_parts<S, U>(
     core: &Arc<Core>,
     job: JobId,
-    items: I,
+    source: S,
+    journal: Option<Box<dyn Journal>>,
     policy: ErrorPolicy,
-) -> (ImapParts<I, U>, ImapSink) {
+) -> (ImapParts<S, U>, ImapSink) {
     let state = Arc::new(Mutex::new(ImapState::default()));
     let sink = ImapSink::new(&state);
     let parts = ImapParts(ImapCore {
         core: Arc::clone(core),
         job,
-        source: IterSource::new(items),
+        source,
+        journal,
         state,
         decoded: VecDeque::new(),
         skip_failures: policy == ErrorPolicy::Skip,
@@ -151,15 +155,10 @@ pub(crate) fn imap_parts<I, U>(
     (parts, sink)
 }
 
-/// An `imap` consumer not yet wrapped in its public iterator type.
-pub(crate) struct ImapParts<I, U>(ImapCore<I, U>);
+/// An `imap` consumer not yet wrapped in its iterator type.
+pub(crate) struct ImapParts<S, U>(ImapCore<S, U>);
 
-impl<T, I, U> ImapCore<I, U>
-where
-    T: serde::Serialize + DeserializeOwned,
-    I: Iterator<Item = T>,
-    U: DeserializeOwned,
-{
+impl<S: Source, U: DeserializeOwned> ImapCore<S, U> {
     fn next_result(&mut self) -> Option<Result<(usize, U)>> {
         loop {
             if let Some(next) = self.decoded.pop_front() {
@@ -176,16 +175,34 @@ where
                     decoded,
                     failures,
                     skip_failures,
+                    journal,
                     ..
                 } = self;
+                let replayed = match journal {
+                    Some(journal) => journal.replay_before(items.start, &mut |items, payload| {
+                        decode_results(0, items, &payload, |item, value| {
+                            decoded.push_back(Ok((item, value)));
+                        })
+                    }),
+                    None => Ok(()),
+                };
                 let outcome =
-                    if failed.is_empty() {
+                    if let Err(e) = replayed {
+                        Err(e)
+                    } else if failed.is_empty() {
                         // The common case: every item of the chunk has its value.
                         decoded.reserve(items.len());
+                        if let Some(journal) = journal {
+                            journal.stage(&items, &payload);
+                        }
                         decode_results(worker, items, &payload, |item, value| {
                             decoded.push_back(Ok((item, value)));
                         })
+                        .and_then(|()| journal.as_mut().map_or(Ok(()), |j| j.commit()))
                     } else {
+                        if let Some(journal) = journal {
+                            journal.pass(&items);
+                        }
                         decode_partial(worker, items, &payload, failed, |item, outcome| {
                             match outcome {
                                 Ok(value) => decoded.push_back(Ok((item, value))),
@@ -204,7 +221,10 @@ where
                 drop(state);
                 self.finished = true;
                 self.job_gone = true;
-                if let Err(e) = end {
+                let end = end.and_then(|()| self.replay_rest());
+                // What was recorded is kept durably whatever the outcome.
+                let synced = self.journal.as_mut().map_or(Ok(()), |j| j.sync());
+                if let Err(e) = end.and(synced) {
                     return Some(Err(e));
                 }
                 continue;
@@ -215,6 +235,19 @@ where
                 return Some(Err(e));
             }
         }
+    }
+
+    /// The job ended well: the recorded chunks after the last one it ran follow.
+    fn replay_rest(&mut self) -> Result<()> {
+        let Some(journal) = &mut self.journal else {
+            return Ok(());
+        };
+        let decoded = &mut self.decoded;
+        journal.replay_before(usize::MAX, &mut |items, payload| {
+            decode_results(0, items, &payload, |item, value| {
+                decoded.push_back(Ok((item, value)));
+            })
+        })
     }
 
     /// Drives the pool, lending the input, until a chunk or the end is queued.
@@ -241,7 +274,7 @@ where
     }
 }
 
-impl<I, U> ImapCore<I, U> {
+impl<S, U> ImapCore<S, U> {
     /// Stops the job: reads no more input and ignores what is in flight.
     fn stop(&mut self) {
         self.finished = true;
@@ -255,7 +288,7 @@ impl<I, U> ImapCore<I, U> {
     }
 }
 
-impl<I, U> Drop for ImapCore<I, U> {
+impl<S, U> Drop for ImapCore<S, U> {
     fn drop(&mut self) {
         self.stop();
     }
@@ -267,12 +300,12 @@ macro_rules! imap_iterator {
     ($(#[$doc:meta])* $name:ident, $item:ty, $map:expr) => {
         $(#[$doc])*
         pub struct $name<'p, I, U> {
-            inner: ImapCore<I, U>,
+            inner: ImapCore<IterSource<I>, U>,
             _pool: PhantomData<&'p ()>,
         }
 
         impl<I, U> $name<'_, I, U> {
-            pub(crate) fn new(parts: ImapParts<I, U>) -> Self {
+            pub(crate) fn new(parts: ImapParts<IterSource<I>, U>) -> Self {
                 Self {
                     inner: parts.0,
                     _pool: PhantomData,
@@ -328,3 +361,24 @@ imap_iterator!(
     Result<(usize, U)>,
     |result: Result<(usize, U)>| result
 );
+
+/// The results of an ordered `imap` whose consumer replays and records its chunks
+/// through a checkpoint's journal (a checkpointed pipeline's stage), in input
+/// order: recorded chunks from the file, the others as they run.
+pub(crate) struct JournaledImap<S, U>(ImapCore<S, U>);
+
+impl<S, U> JournaledImap<S, U> {
+    pub(crate) fn new(parts: ImapParts<S, U>) -> Self {
+        Self(parts.0)
+    }
+}
+
+impl<S: Source, U: DeserializeOwned> Iterator for JournaledImap<S, U> {
+    type Item = Result<U>;
+
+    fn next(&mut self) -> Option<Result<U>> {
+        self.0
+            .next_result()
+            .map(|result| result.map(|(_, value)| value))
+    }
+}

@@ -213,11 +213,21 @@ pub mod __private {
         crate::channels::queue::die_before_reading_next_item();
     }
 
-    /// The items a checkpoint file records, ascending, whatever job wrote it.
+    /// The items a checkpoint file records for a pool's call, ascending, whatever
+    /// job wrote it.
     pub fn checkpoint_records(
         path: &std::path::Path,
     ) -> crate::Result<Vec<std::ops::Range<usize>>> {
-        crate::checkpoint::recorded_items(path)
+        crate::checkpoint::recorded_items(path, 0)
+    }
+
+    /// The items of its input a pipeline's checkpoint records for stage `stage`
+    /// (counted from 1), ascending.
+    pub fn checkpoint_stage_records(
+        path: &std::path::Path,
+        stage: usize,
+    ) -> crate::Result<Vec<std::ops::Range<usize>>> {
+        crate::checkpoint::recorded_items(path, stage)
     }
 
     /// Fuzzing entry: what the parent does with one reply frame from a worker.

@@ -7,6 +7,7 @@
 //! end of the input is the end of the source iterator, passed along stage by stage,
 //! never "a queue looked empty".
 
+use std::any::type_name;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -20,13 +21,14 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::builder::progress_setting;
+use crate::checkpoint::{Resume, Resuming};
 use crate::engine::progress::Bars;
 use crate::engine::stats::JobStats;
 use crate::engine::trace::Trace;
 use crate::error::{Error, Result};
-use crate::handle::{Imap, ImapUnordered};
-use crate::pool::Pool;
-use crate::worker::task;
+use crate::handle::{Imap, ImapUnordered, JournaledImap};
+use crate::pool::{Pool, task_ref};
+use crate::worker::task::{self, Collect, Fold, Plain};
 
 /// Items a stage may hold in flight by default (in its workers and in the reorder
 /// window), whatever their size; payload bytes are bounded too (64 MiB per stage).
@@ -83,6 +85,49 @@ struct Settings {
     fold_flush_bytes: usize,
     progress: bool,
     trace: Option<PathBuf>,
+    /// The checkpoint file asked for, if any.
+    checkpoint: Option<PathBuf>,
+    /// What the pipeline is, for its checkpoint's header: the source's item type
+    /// and every stage's kind, types and functions.
+    job: String,
+    /// A stage added after a fold stage: its input's order depends on timing, so
+    /// its chunks are not recorded.
+    after_fold: bool,
+    /// The opened checkpoint, once the pipeline runs.
+    resume: Option<Rc<Resume>>,
+}
+
+impl Settings {
+    /// Notes the next stage in the job's description; returns its number.
+    fn add_stage(&mut self, description: fmt::Arguments<'_>) -> usize {
+        self.stages += 1;
+        self.job = format!("{}; stage {}: {description}", self.job, self.stages);
+        self.stages
+    }
+
+    /// The settings the stages run with: the checkpoint opened when one was asked
+    /// for.
+    fn opened(&self) -> Result<Settings> {
+        let mut settings = self.clone();
+        if let Some(path) = &self.checkpoint {
+            if !self.ordered {
+                return Err(Error::Checkpoint {
+                    path: path.clone(),
+                    reason: "an unordered pipeline cannot be resumed: its stages' inputs come \
+                             in another order each run (drop `unordered` or the checkpoint)"
+                        .into(),
+                    source: None,
+                });
+            }
+            settings.resume = Some(Rc::new(Resume::open(path, &self.job)?));
+        }
+        Ok(settings)
+    }
+
+    /// The opened checkpoint, when stage `recorded` records its chunks in it.
+    fn resume(&self, recorded: bool) -> Option<&Resume> {
+        self.resume.as_deref().filter(|_| recorded)
+    }
 }
 
 #[derive(Default)]
@@ -220,6 +265,35 @@ macro_rules! settings_setters {
             self
         }
 
+        /// Makes the pipeline resumable: each stage records its completed chunks in
+        /// the checkpoint file at `path` (one file for every stage) and, run again
+        /// with the same file, passes over what it records, as
+        /// [`Pool::checkpoint`](crate::Pool::checkpoint) does for one call. A
+        /// pipeline stopped part way (killed, crashed, failed) resumes where each of
+        /// its stages stopped and yields exactly what one uninterrupted run yields.
+        ///
+        /// - A stage's records name its chunks by the indices of its input items,
+        ///   with their checksum: the input is read again in order, recorded items
+        ///   are checked and not sent to workers, and their results come from the
+        ///   file. A stage whose input was recorded by the stage before it takes
+        ///   that input from the file too, so a resumed run reruns only the work no
+        ///   stage recorded.
+        /// - A [`fold_stage`](Pipeline::fold_stage) keeps its accumulators in its
+        ///   workers, so it records nothing and folds its input again; stages after
+        ///   it record nothing either (their input's order depends on timing).
+        ///   [`Stage::reduce`] records each chunk's partial.
+        /// - The file's header names the pipeline: the source's item type and
+        ///   every stage's kind, types and functions; a file of another pipeline is
+        ///   refused ([`Error::CheckpointOfAnotherJob`]) before any stage starts.
+        /// - Ordered pipelines only: with [`unordered`](Pipeline::unordered), the
+        ///   run fails with [`Error::Checkpoint`] before any stage starts.
+        /// - Durability, torn records and what a damaged file does are as for
+        ///   [`Pool::checkpoint`](crate::Pool::checkpoint).
+        pub fn checkpoint(mut self, path: impl AsRef<Path>) -> Self {
+            self.settings.checkpoint = Some(path.as_ref().to_owned());
+            self
+        }
+
         /// The pipeline's counters, to read while or after it runs.
         pub fn stats(&self) -> PipelineStats {
             PipelineStats(Arc::clone(&self.settings.stats))
@@ -253,6 +327,10 @@ impl<'a, T: 'a> Pipeline<'a, T> {
                 fold_flush_bytes: DEFAULT_FOLD_FLUSH_BYTES,
                 progress: false,
                 trace: None,
+                checkpoint: None,
+                job: format!("pipeline from {}", type_name::<T>()),
+                after_fold: false,
+                resume: None,
             },
         }
     }
@@ -269,7 +347,12 @@ impl<'a, T: 'a> Pipeline<'a, T> {
     {
         task::assert_zero_sized::<F>();
         let mut settings = self.settings.clone();
-        settings.stages += 1;
+        settings.add_stage(format_args!(
+            "stage of {} to {} by {}",
+            type_name::<T>(),
+            type_name::<U>(),
+            type_name::<F>()
+        ));
         Stage {
             upstream: self,
             workers,
@@ -307,7 +390,11 @@ impl<'a, T: 'a> Pipeline<'a, T> {
     {
         task::assert_zero_sized::<F>();
         let _ = keep;
-        self.stage(workers, move |item: T| keep(&item).then_some(item))
+        let mut pipeline = self;
+        pipeline.settings.job =
+            format!("{}; filter by {}", pipeline.settings.job, type_name::<F>());
+        pipeline
+            .stage(workers, move |item: T| keep(&item).then_some(item))
             .into_pipeline()
             .then(|items: Stream<'a, Option<T>>| -> Stream<'a, T> {
                 Box::new(items.filter_map(Result::transpose))
@@ -368,8 +455,14 @@ impl<'a, T: 'a> Pipeline<'a, T> {
         task::assert_zero_sized::<F>();
         let _ = (identity, fold);
         let mut settings = self.settings.clone();
-        settings.stages += 1;
-        let number = settings.stages;
+        let number = settings.add_stage(format_args!(
+            "fold_stage of {} into {} by {}, identity {}",
+            type_name::<T>(),
+            type_name::<A>(),
+            type_name::<F>(),
+            type_name::<Id>()
+        ));
+        settings.after_fold = true;
         let build = self.build;
         Pipeline {
             build: Box::new(move |settings: &Settings| -> Result<Stream<'a, A>> {
@@ -421,7 +514,8 @@ impl<'a, T: 'a> Pipeline<'a, T> {
     pub fn for_each(self, mut f: impl FnMut(T)) -> Result<()> {
         let stats = Arc::clone(&self.settings.stats);
         let _run = Run(Arc::clone(&stats));
-        let stream = (self.build)(&self.settings)?;
+        let settings = self.settings.opened()?;
+        let stream = (self.build)(&settings)?;
         for item in stream {
             f(item?);
             stats.done_one();
@@ -487,6 +581,7 @@ where
             ..
         } = self;
         let number = settings.stages;
+        let recorded = !settings.after_fold;
         let build = upstream.build;
         Pipeline {
             build: Box::new(move |settings: &Settings| -> Result<Stream<'a, T>> {
@@ -497,7 +592,17 @@ where
                     input,
                     error: Rc::clone(&upstream),
                 };
-                let outputs: Stream<'a, T> = if settings.ordered {
+                let outputs: Stream<'a, T> = if let Some(resume) = settings.resume(recorded) {
+                    let task = task_ref::<P, T, Plain<F>, Collect, _>(task)?;
+                    let Resuming {
+                        source,
+                        journal,
+                        total,
+                    } = resume.stage(number, feed);
+                    let parts =
+                        pool.start_imap_source(source, total, Some(Box::new(journal)), task, true)?;
+                    Box::new(JournaledImap::new(parts))
+                } else if settings.ordered {
                     let parts = pool.start_imap::<_, P, T, F>(feed, task, true)?;
                     Box::new(Imap::new(parts))
                 } else {
@@ -541,15 +646,33 @@ where
         } = self;
         let stats = Arc::clone(&settings.stats);
         let _run = Run(Arc::clone(&stats));
+        let mut settings = settings;
+        let number = settings.stages;
+        settings.job = format!(
+            "{}; reduce of stage {number} by {}, identity {}",
+            settings.job,
+            type_name::<R>(),
+            type_name::<Id>()
+        );
+        let settings = settings.opened()?;
         let input = (upstream.build)(&settings)?;
-        let pool = stage_pool(&settings, workers, settings.stages)?;
+        let pool = stage_pool(&settings, workers, number)?;
         let error = Rc::new(RefCell::new(None));
         let feed = Feed {
             input,
             error: Rc::clone(&error),
         }
         .inspect(|_| stats.done_one());
-        let folded = pool.map_reduce(feed, task, identity, combine);
+        let folded = match settings.resume(!settings.after_fold) {
+            Some(resume) => {
+                task::assert_zero_sized::<Id>();
+                task::assert_zero_sized::<R>();
+                task_ref::<P, T, Plain<F>, Fold<T, Id, R>, _>(task).and_then(|task| {
+                    resume.map_reduce(&pool, number, feed, task, identity, combine)
+                })
+            }
+            None => pool.map_reduce(feed, task, identity, combine),
+        };
         settings.stats.stage_ended(settings.stages, &pool);
         if let Some(e) = error.borrow_mut().take() {
             return Err(e);

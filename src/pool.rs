@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::engine::driver::{Core, LentCall};
-use crate::engine::ends::{IterSource, Sink, encode_item, exact_len};
+use crate::engine::ends::{IterSource, Journal, Sink, encode_item, exact_len};
 use crate::engine::job::{FoldLedger, Kind};
 use crate::engine::scheduler::Submission;
 use crate::engine::stats::JobStats;
@@ -687,7 +687,7 @@ impl Pool {
         items: I,
         task: F,
         ordered: bool,
-    ) -> Result<ImapParts<I::IntoIter, U>>
+    ) -> Result<ImapParts<IterSource<I::IntoIter>, U>>
     where
         I: IntoIterator<Item = T>,
         T: Serialize + DeserializeOwned,
@@ -695,13 +695,28 @@ impl Pool {
         F: Fn(T) -> U + Copy + Send + Sync,
     {
         let task = task_ref::<T, U, Plain<F>, Collect, _>(task)?;
+        let items = items.into_iter();
+        let total = exact_len(&items);
+        self.start_imap_source(IterSource::new(items), total, None, task, ordered)
+    }
+
+    /// Puts an `imap` job of `task` whose items come from `source` (`total` of
+    /// them, when known) in the table; its consumer side, which takes its chunks
+    /// through `journal` when there is one, is returned.
+    pub(crate) fn start_imap_source<S, U>(
+        &self,
+        source: S,
+        total: Option<usize>,
+        journal: Option<Box<dyn Journal>>,
+        task: TaskRef,
+        ordered: bool,
+    ) -> Result<ImapParts<S, U>> {
         let mut driving = self.core.lock_open_engine()?;
         let engine = driving.engine();
         let mut job = engine.new_job(task, Kind::Lent, ordered, None)?;
         job.policy = self.error_policy;
-        let items = items.into_iter();
-        job.total = exact_len(&items);
-        let (parts, sink) = imap_parts(&self.core, job.id, items, self.error_policy);
+        job.total = total;
+        let (parts, sink) = imap_parts(&self.core, job.id, source, journal, self.error_policy);
         job.kind = Kind::OwnedSink(Box::new(sink));
         engine.add(job);
         Ok(parts)

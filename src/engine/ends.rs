@@ -184,6 +184,35 @@ pub(crate) trait Sink {
     }
 }
 
+/// What the consumer of a resumable job does around the chunks it takes (a
+/// checkpoint's record of them): before each chunk, the recorded chunks that come
+/// before it are handed over from the record; each chunk taken whole is recorded
+/// once it was taken.
+pub(crate) trait Journal {
+    /// Hands `take` each recorded chunk that starts before item `item`, in order, as
+    /// the payload its worker sent.
+    fn replay_before(
+        &mut self,
+        item: usize,
+        take: &mut dyn FnMut(Range<usize>, Payload) -> Result<()>,
+    ) -> Result<()>;
+
+    /// The chunk of `items` arrived whole with `payload`: its record is made, to be
+    /// written by [`commit`](Journal::commit) once the chunk was taken (a payload
+    /// that does not decode is never recorded).
+    fn stage(&mut self, items: &Range<usize>, payload: &[u8]);
+
+    /// Writes the record [`stage`](Journal::stage) made.
+    fn commit(&mut self) -> Result<()>;
+
+    /// The chunk of `items` arrived with failed items: not recorded, so that a later
+    /// run runs it again.
+    fn pass(&mut self, items: &Range<usize>);
+
+    /// Makes what was recorded durable.
+    fn sync(&mut self) -> Result<()>;
+}
+
 /// Completes one `apply_async` handle.
 pub(crate) trait Complete: Send {
     /// `Ok` carries the worker that ran it and the encoded result.

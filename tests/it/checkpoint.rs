@@ -6,9 +6,9 @@ use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::ops::Range;
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use multiproc::{Error, ErrorPolicy, Pool};
+use multiproc::{Error, ErrorPolicy, Pipeline, Pool};
 use tempfile::TempDir;
 
 use crate::helpers::helper_command;
@@ -347,5 +347,283 @@ fn a_checkpointed_map_on_the_inline_backend_matches_a_plain_map() {
             plain
         );
         assert_eq!(pool.checkpoint(&path).map(input, unlogged).unwrap(), plain);
+    }
+}
+
+// Pipelines: every stage records its chunks in one file.
+
+/// A stage 1 item: its index, a value, and the directory of the run's logs.
+type Staged = (u64, u64, String);
+
+/// Where a stage's task notes the items it ran.
+fn stage_log(dir: &str, stage: u32) -> String {
+    format!("{dir}/stage{stage}.log")
+}
+
+/// Stage 1: logs the item, mixes its value.
+fn first_stage((index, value, poison, dir): Item) -> Staged {
+    assert!(!poison, "item {index} is poisoned");
+    note_run(index, &stage_log(&dir, 1));
+    (index, splitmix64(value), dir)
+}
+
+/// Stage 2: logs the item; panics on item 13 while the run's directory holds a
+/// file named `poison`.
+fn second_stage((index, value, dir): Staged) -> u64 {
+    assert!(
+        index != 13 || !Path::new(&dir).join("poison").exists(),
+        "item 13 is poisoned"
+    );
+    note_run(index, &stage_log(&dir, 2));
+    splitmix64(value ^ index)
+}
+
+/// The items of a pipeline test: `logged` of `items` names the run's directory
+/// in place of a log file.
+fn pipeline_items(len: usize, dir: &Path) -> Vec<Item> {
+    items(len, dir, None)
+}
+
+fn pipeline_expected(len: usize, dir: &Path) -> Vec<u64> {
+    pipeline_items(len, dir)
+        .into_iter()
+        .map(|(index, value, _, _)| splitmix64(splitmix64(value) ^ index))
+        .collect()
+}
+
+/// A two-stage pipeline of `len` items on 2 workers a stage, at most 100 items in
+/// flight a stage, checkpointed at `path`.
+fn two_stages<'a>(
+    input: impl IntoIterator<Item = Item, IntoIter: 'a>,
+    path: &Path,
+) -> multiproc::Stage<'a, Staged, u64, impl Fn(Staged) -> u64 + Copy + Send + Sync + 'a> {
+    Pipeline::new(input)
+        .stage_items(100)
+        .checkpoint(path)
+        .stage(2, first_stage)
+        .stage(2, second_stage)
+}
+
+const PIPELINE_LEN: usize = 1000;
+
+/// For `a_pipeline_whose_parent_is_killed_resumes_and_each_stage_reruns_only_what_it_did_not_record`:
+/// the two-stage pipeline; with `KILL_AT` set, this process SIGKILLs itself when
+/// the source yields that item, else it prints the results, one a line.
+pub(crate) fn helper_checkpointed_pipeline() {
+    let var = |name| std::env::var(name).expect("the test sets it");
+    let (checkpoint, dir) = (var("CHECKPOINT"), var("DIR"));
+    let kill_at: Option<u64> = std::env::var("KILL_AT").ok().map(|v| v.parse().unwrap());
+    let input = pipeline_items(PIPELINE_LEN, Path::new(&dir))
+        .into_iter()
+        .inspect(move |item| {
+            if Some(item.0) == kill_at {
+                // SAFETY: kill(2) with this process's own pid and a valid signal;
+                // nothing of this process runs after it.
+                unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+            }
+        });
+    let results = two_stages(input, Path::new(&checkpoint)).collect().unwrap();
+    let lines: Vec<String> = results.iter().map(u64::to_string).collect();
+    println!("{}", lines.join("\n"));
+}
+
+fn run_pipeline_helper(checkpoint: &Path, dir: &Path, kill_at: Option<u64>) -> Vec<u64> {
+    let mut command = helper_command("checkpointed-pipeline");
+    command.env("CHECKPOINT", checkpoint).env("DIR", dir);
+    match kill_at {
+        Some(at) => command.env("KILL_AT", at.to_string()),
+        None => command.env_remove("KILL_AT"),
+    };
+    let output = command.output().expect("the helper runs");
+    if kill_at.is_some() {
+        assert_eq!(output.status.signal(), Some(libc::SIGKILL), "{output:?}");
+        return Vec::new();
+    }
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect()
+}
+
+fn stage_records(path: &Path, stage: usize) -> BTreeSet<u64> {
+    indices(&multiproc::__private::checkpoint_stage_records(path, stage).unwrap())
+}
+
+fn not_in(recorded: &BTreeSet<u64>, len: usize) -> Vec<u64> {
+    (0..len as u64).filter(|i| !recorded.contains(i)).collect()
+}
+
+#[test]
+fn a_pipeline_whose_parent_is_killed_resumes_and_each_stage_reruns_only_what_it_did_not_record() {
+    let dir = TempDir::new().unwrap();
+    let checkpoint = dir.path().join("pipeline.ckpt");
+    let logs = |stage| PathBuf::from(stage_log(dir.path().to_str().unwrap(), stage));
+
+    run_pipeline_helper(&checkpoint, dir.path(), Some(KILL_AT));
+    let (first, second) = (stage_records(&checkpoint, 1), stage_records(&checkpoint, 2));
+    // At most 100 items in flight a stage: by the time the source yields item
+    // 600, stage 1 has handed on (and recorded) hundreds of items and stage 2 has
+    // delivered some.
+    assert!(
+        !second.is_empty(),
+        "stage 2 recorded nothing before the kill"
+    );
+    assert!(second.is_subset(&first), "{second:?} not within {first:?}");
+    assert!(first.iter().all(|&i| i < KILL_AT), "{first:?}");
+    assert!(stage_records(&checkpoint, 0).is_empty());
+    take_log(&logs(1));
+    take_log(&logs(2));
+
+    let resumed = run_pipeline_helper(&checkpoint, dir.path(), None);
+    assert_eq!(resumed, pipeline_expected(PIPELINE_LEN, dir.path()));
+    // Each stage ran exactly the items it had not recorded, each once: stage 2
+    // took the items stage 1 recorded from the file.
+    assert_eq!(take_log(&logs(1)), not_in(&first, PIPELINE_LEN));
+    assert_eq!(take_log(&logs(2)), not_in(&second, PIPELINE_LEN));
+    assert_eq!(stage_records(&checkpoint, 2).len(), PIPELINE_LEN);
+
+    // Complete: a run takes everything from the file.
+    let again = run_pipeline_helper(&checkpoint, dir.path(), None);
+    assert_eq!(again, resumed);
+    assert_eq!(take_log(&logs(1)), Vec::<u64>::new(), "stage 1 ran again");
+    assert_eq!(take_log(&logs(2)), Vec::<u64>::new(), "stage 2 ran again");
+}
+
+#[test]
+fn a_pipeline_that_failed_in_its_second_stage_resumes_without_rerunning_its_first() {
+    let dir = TempDir::new().unwrap();
+    let checkpoint = dir.path().join("pipeline.ckpt");
+    let logs = |stage| PathBuf::from(stage_log(dir.path().to_str().unwrap(), stage));
+    let poison = dir.path().join("poison");
+    fs::write(&poison, "").unwrap();
+    let input = pipeline_items(300, dir.path());
+
+    let failed = two_stages(input.clone(), &checkpoint)
+        .collect()
+        .unwrap_err();
+    match &failed {
+        Error::Stage { stage: 2, error } => assert!(
+            matches!(**error, Error::TaskPanicked { item: 13, .. }),
+            "{error:?}"
+        ),
+        other => panic!("expected stage 2's failure, got {other:?}"),
+    }
+    let (first, second) = (stage_records(&checkpoint, 1), stage_records(&checkpoint, 2));
+    assert!(!second.contains(&13), "the failed chunk was recorded");
+    take_log(&logs(1));
+    take_log(&logs(2));
+
+    fs::remove_file(&poison).unwrap();
+    let resumed = two_stages(input, &checkpoint).collect().unwrap();
+    assert_eq!(resumed, pipeline_expected(300, dir.path()));
+    assert_eq!(take_log(&logs(1)), not_in(&first, 300));
+    assert_eq!(take_log(&logs(2)), not_in(&second, 300));
+}
+
+/// Keeps odd values.
+fn odd(value: &u64) -> bool {
+    value % 2 == 1
+}
+
+/// Each value, and its half.
+fn with_half(value: u64) -> Vec<u64> {
+    vec![value, value / 2]
+}
+
+fn low_byte(value: u64) -> u64 {
+    value & 0xff
+}
+
+fn add(a: u64, b: u64) -> u64 {
+    a.wrapping_add(b)
+}
+
+fn zero() -> u64 {
+    0
+}
+
+fn count(acc: u64, _: u64) -> u64 {
+    acc + 1
+}
+
+#[test]
+fn every_kind_of_stage_gives_the_same_result_checkpointed_and_run_again() {
+    let dir = TempDir::new().unwrap();
+    let input = random_u64s(2_000, 5);
+    let shaped = |path: Option<&Path>| {
+        let pipeline = Pipeline::new(input.clone()).stage_items(200);
+        let pipeline = match path {
+            Some(path) => pipeline.checkpoint(path),
+            None => pipeline,
+        };
+        pipeline
+            .filter_stage(2, odd)
+            .flat_map_stage(1, with_half)
+            .stage(2, low_byte)
+            .reduce(zero, add)
+    };
+    let plain = shaped(None).unwrap();
+    let reduced = dir.path().join("reduce.ckpt");
+    assert_eq!(shaped(Some(&reduced)).unwrap(), plain);
+    assert_eq!(
+        shaped(Some(&reduced)).unwrap(),
+        plain,
+        "resumed from the file"
+    );
+    // The reduce stage recorded its whole input: as many items as the flat map made.
+    let odd_count = input.iter().filter(|v| odd(v)).count();
+    assert_eq!(stage_records(&reduced, 3).len(), 2 * odd_count);
+
+    // A fold stage folds again; the stages before it record.
+    let folded = |path: &Path| {
+        Pipeline::new(input.clone())
+            .checkpoint(path)
+            .stage(2, low_byte)
+            .fold_stage(2, zero, count)
+            .reduce(zero, add)
+    };
+    let path = dir.path().join("fold.ckpt");
+    assert_eq!(folded(&path).unwrap(), 2_000);
+    assert_eq!(folded(&path).unwrap(), 2_000);
+    assert_eq!(stage_records(&path, 1).len(), 2_000);
+    assert!(
+        stage_records(&path, 2).is_empty(),
+        "a fold stage records nothing"
+    );
+}
+
+#[test]
+fn a_checkpoint_of_another_pipeline_or_an_unordered_one_is_refused() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("p.ckpt");
+    let run = |pipeline: Pipeline<'_, u64>| pipeline.stage(2, low_byte).collect();
+    let first = run(Pipeline::new(0..100u64).checkpoint(&path)).unwrap();
+    assert_eq!(first, (0..100).map(low_byte).collect::<Vec<_>>());
+
+    // Another stage after the same first one: another pipeline.
+    let longer = Pipeline::new(0..100u64)
+        .checkpoint(&path)
+        .stage(2, low_byte)
+        .stage(1, splitmix64)
+        .collect();
+    assert!(
+        matches!(longer, Err(Error::CheckpointOfAnotherJob { .. })),
+        "{longer:?}"
+    );
+    // The same pipeline with another input: refused as its items are read.
+    let other = run(Pipeline::new(1..101u64).checkpoint(&path));
+    match other {
+        Err(Error::Stage { stage: 1, error }) => assert!(
+            matches!(*error, Error::CheckpointInputDiffers { .. }),
+            "{error:?}"
+        ),
+        other => panic!("expected the input to differ, got {other:?}"),
+    }
+    let unordered = run(Pipeline::new(0..100u64).unordered().checkpoint(&path));
+    match unordered {
+        Err(Error::Checkpoint { reason, .. }) => assert!(reason.contains("unordered"), "{reason}"),
+        other => panic!("expected a refusal, got {other:?}"),
     }
 }

@@ -79,6 +79,8 @@ fn play(role: &OsStr) {
         crate::insights::helper_progress(false);
     } else if role == "checkpointed-map" {
         crate::checkpoint::helper_checkpointed_map();
+    } else if role == "checkpointed-pipeline" {
+        crate::checkpoint::helper_checkpointed_pipeline();
     } else if role == "recycled" {
         crate::jobs::helper_recycled();
     } else if role == "pool-size" {
