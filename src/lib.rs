@@ -83,7 +83,8 @@
 //! timeline for Perfetto, and the engine's events (workers started and lost,
 //! retries, poison items, timeouts, jobs) are [`tracing`](https://docs.rs/tracing)
 //! events, silent unless the program installs a subscriber.
-//! [`Pool::checkpoint`] makes a `map` or `map_reduce` resumable after a crash.
+//! [`Pool::checkpoint`] makes a `map` or `map_reduce` resumable after a crash, and
+//! [`Pipeline::checkpoint`] every stage of a pipeline.
 //!
 //! ```standalone_crate
 //! fn main() -> multiproc::Result<()> {
