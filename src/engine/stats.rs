@@ -380,8 +380,8 @@ impl Tally {
     }
 
     /// A worker's reply for `items` items with its measured `timing`, `received`
-    /// payload bytes; the wait is bounded by the job's age (a worker idle before
-    /// the job began did not wait for it).
+    /// payload bytes; the wait is bounded so that the worker's times add up to at
+    /// most the job's age (a worker idle before the job began did not wait for it).
     pub(crate) fn answered(
         &mut self,
         worker: usize,
@@ -396,11 +396,15 @@ impl Tally {
             w.chunks += 1;
         }
         w.items += items as u64;
-        let waited = timing.wait.min(age.saturating_sub(nanos(w.waiting)));
-        w.waiting += Duration::from_nanos(waited);
         w.decoding += Duration::from_nanos(timing.decode);
         w.running += Duration::from_nanos(timing.task);
         w.encoding += Duration::from_nanos(timing.encode);
+        // Whatever the worker's clock says, its time in this job fits in the job's
+        // age: the wait before its first chunk may have begun before the job did.
+        let waited = timing
+            .wait
+            .min(age.saturating_sub(nanos(w.waiting + w.busy())));
+        w.waiting += Duration::from_nanos(waited);
         if items > 0 {
             self.stats.chunks += 1;
         }
