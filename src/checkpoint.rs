@@ -5,9 +5,10 @@
 //!
 //! ```text
 //! header  b"mpckpt\0\x02" | job length (u32) | job (UTF-8) | checksum (u64)
-//! record  b"rec2" | stage (u64) | first item (u64) | end item (u64, exclusive)
-//!         | input checksum (u64) | payload length (u64) | checksum of the fields (u64)
-//!         | payload | checksum of the fields and payload (u64)
+//! record  b"rec2" | stage (u64) | ranges n (u64) | payload length (u64)
+//!         | checksum of the fields (u64)
+//!         | n x (first item (u64) | end item (u64, exclusive) | input checksum (u64))
+//!         | payload | checksum of everything before (u64)
 //! ```
 //!
 //! Integers are little-endian. The job names the kind of call and the type names of
@@ -26,7 +27,7 @@
 
 use std::any::type_name;
 use std::cell::RefCell;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::ops::Range;
@@ -40,9 +41,10 @@ use serde::de::DeserializeOwned;
 
 use crate::engine::driver::LentCall;
 use crate::engine::ends::{Filled, Journal, Sink, Source, exact_len, fill_items};
-use crate::error::{Error, Result};
+use crate::engine::job::FoldLedger;
+use crate::error::{Error, ErrorPolicy, Result};
 use crate::pool::{Pool, task_ref};
-use crate::sink::{CollectSink, FoldSink, items_failed};
+use crate::sink::{CollectSink, FoldSink, PartialsSink, items_failed};
 use crate::wire::codec;
 use crate::wire::protocol::TaskRef;
 use crate::wire::transport::{Frame, Payload};
@@ -52,8 +54,10 @@ use crate::worker::task::{self, Collect, Fold, Plain};
 const MAGIC: &[u8; 8] = b"mpckpt\0\x02";
 /// The first bytes of every record.
 const RECORD_TAG: &[u8; 4] = b"rec2";
-/// A record's bytes before its payload: tag, five fields, their checksum.
-const RECORD_FIXED: usize = 4 + 6 * 8;
+/// A record's first bytes: tag, three fields, their checksum.
+const RECORD_FIXED: usize = 4 + 4 * 8;
+/// Bytes of each range a record covers: first, end, input checksum.
+const RANGE_BYTES: usize = 3 * 8;
 /// Records written between two `fsync`s, at most.
 pub(crate) const SYNC_RECORDS: usize = 64;
 /// The longest a written record waits for its `fsync` (checked as records come).
@@ -276,14 +280,19 @@ impl Resume {
             .filter(|record| record.stage == stage)
             .cloned()
             .collect();
-        let held: usize = recorded.iter().map(|r| r.items.len()).sum();
+        let mut covered: Vec<Cover> = recorded
+            .iter()
+            .flat_map(|record| record.covers.iter().cloned())
+            .collect();
+        covered.sort_by_key(|cover| cover.items.start);
+        let held: usize = covered.iter().map(|c| c.items.len()).sum();
         let total = exact_len(&items).map(|len| len.saturating_sub(held));
         let filled: Rc<FilledChunks> = Rc::default();
         Resuming {
             source: ResumingSource {
                 items,
                 position: 0,
-                recorded: Rc::clone(&recorded),
+                recorded: covered.into(),
                 next_record: 0,
                 filled: Rc::clone(&filled),
                 path: Rc::clone(&self.path),
@@ -330,6 +339,57 @@ impl Resume {
         Ok(sink.acc.expect("acc is refilled after every fold"))
     }
 
+    /// Runs the fold stage `stage` (input `items`, a fold `task`) on `pool`, its
+    /// workers flushing their accumulators every `flush_bytes` of input: the
+    /// recorded accumulators come first, then the new ones, each recorded with
+    /// the chunks it folded; the items recorded are passed over.
+    pub(crate) fn fold_partials<I, T, A>(
+        &self,
+        pool: &Pool,
+        stage: usize,
+        items: I,
+        task: TaskRef,
+        flush_bytes: usize,
+    ) -> Result<Vec<A>>
+    where
+        I: Iterator<Item = T>,
+        T: Serialize + DeserializeOwned,
+        A: DeserializeOwned,
+    {
+        let Resuming {
+            mut source,
+            mut journal,
+            total,
+        } = self.stage(stage, items);
+        let mut partials = PartialsSink {
+            partials: Vec::new(),
+        };
+        // Accumulators come out in no particular order: the recorded ones first.
+        journal.replay_before(usize::MAX, &mut |items, payload| {
+            partials.deliver(0, items.start..items.start, payload)
+        })?;
+        let mut recording = FoldRecordingSink {
+            inner: &mut partials,
+            journal,
+            pending: HashMap::new(),
+        };
+        let call = LentCall {
+            task,
+            context: None,
+            policy: ErrorPolicy::FailFast,
+            fold: Some(FoldLedger::new(flush_bytes)),
+            interrupt: pool.interrupt,
+            call_timeout: pool.call_timeout,
+        };
+        let outcome = pool
+            .core
+            .run_lent_source(call, total, &mut source, &mut recording);
+        let synced = recording.journal.sync();
+        outcome?;
+        synced?;
+        Ok(partials.partials)
+    }
+
     /// Runs stage `stage` (input `items`, task `task`) as a blocking call on `pool`:
     /// recorded chunks replayed into `sink` in input order, the others run and
     /// recorded; what was recorded is synced whatever the outcome.
@@ -372,14 +432,29 @@ impl Resume {
     }
 }
 
-/// A record found in the file: which items it covers, and where its payload is.
+/// A record found in the file: which items of which stage it covers, and where its
+/// payload is. A chunk's record covers one range; a fold stage's accumulator covers
+/// every chunk it folded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Recorded {
     stage: usize,
-    items: Range<usize>,
-    input: u64,
+    covers: Vec<Cover>,
     offset: u64,
     len: usize,
+}
+
+impl Recorded {
+    /// The items of a chunk's record (its first range).
+    fn items(&self) -> &Range<usize> {
+        &self.covers[0].items
+    }
+}
+
+/// Items a record covers, with the checksum of their encodings end to end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Cover {
+    items: Range<usize>,
+    input: u64,
 }
 
 /// Opens (or creates) the checkpoint at `path` for `job`: the file positioned for
@@ -436,16 +511,23 @@ fn open(path: &Path, job: &str) -> Result<(File, Vec<Recorded>)> {
     }
     file.seek(SeekFrom::Start(valid_end))
         .map_err(fail("could not seek"))?;
-    recorded.sort_by_key(|r| (r.stage, r.items.start));
-    if let Some(pair) = recorded
+    recorded.sort_by_key(|r| (r.stage, r.items().start));
+    let mut covered: Vec<(usize, &Range<usize>)> = recorded
+        .iter()
+        .flat_map(|r| r.covers.iter().map(|c| (r.stage, &c.items)))
+        .collect();
+    covered.sort_by_key(|&(stage, items)| (stage, items.start));
+    if let Some(pair) = covered
         .windows(2)
-        .find(|pair| pair[0].stage == pair[1].stage && pair[0].items.end > pair[1].items.start)
+        .find(|pair| pair[0].0 == pair[1].0 && pair[0].1.end > pair[1].1.start)
     {
         return Err(Error::Checkpoint {
             path: path.to_owned(),
             reason: format!(
-                "records of items {:?} and {:?} (stage {}) overlap",
-                pair[0].items, pair[1].items, pair[0].stage
+                "records of items {:?} and {:?}{} overlap",
+                pair[0].1,
+                pair[1].1,
+                stage_name(pair[0].0)
             ),
             source: None,
         });
@@ -522,7 +604,7 @@ fn read_records(
         source: Some(source),
     };
     let mut recorded = Vec::new();
-    let mut payload = Vec::new();
+    let mut body = Vec::new();
     while at < len {
         let left = len - at;
         if left < (RECORD_FIXED + 8) as u64 {
@@ -533,8 +615,8 @@ fn read_records(
         let word = |i: usize| {
             u64::from_le_bytes(fixed[4 + 8 * i..12 + 8 * i].try_into().expect("8 bytes"))
         };
-        let (stage, first, end, input, size) = (word(0), word(1), word(2), word(3), word(4));
-        if &fixed[..4] != RECORD_TAG || checksum(&[&fixed[..RECORD_FIXED - 8]]) != word(5) {
+        let (stage, ranges, size) = (word(0), word(1), word(2));
+        if &fixed[..4] != RECORD_TAG || checksum(&[&fixed[..RECORD_FIXED - 8]]) != word(3) {
             // A crash of the machine can leave zeros where the last writes were.
             let mut rest = Vec::new();
             reader.read_to_end(&mut rest).map_err(io_error)?;
@@ -543,36 +625,51 @@ fn read_records(
             }
             return Err(damaged(at, "its fields fail their checksum"));
         }
-        let total = (RECORD_FIXED as u64 + 8).saturating_add(size);
+        let total = (RECORD_FIXED as u64 + 8)
+            .saturating_add(ranges.saturating_mul(RANGE_BYTES as u64))
+            .saturating_add(size);
         if total > left {
             return Ok((recorded, at));
         }
+        let ranges = usize::try_from(ranges).expect("the ranges fit in the file");
         let size = usize::try_from(size).expect("the payload fits in the file");
-        payload.clear();
-        payload.resize(size, 0);
+        body.clear();
+        body.resize(ranges * RANGE_BYTES + size, 0);
         let mut sum = [0; 8];
         reader
-            .read_exact(&mut payload)
+            .read_exact(&mut body)
             .and_then(|()| reader.read_exact(&mut sum))
             .map_err(io_error)?;
         let next = at + total;
-        if checksum(&[&fixed, &payload]) != u64::from_le_bytes(sum) {
+        if checksum(&[&fixed, &body]) != u64::from_le_bytes(sum) {
             if next == len {
                 return Ok((recorded, at));
             }
             return Err(damaged(at, "it fails its checksum"));
         }
-        if first >= end {
-            return Err(damaged(at, "it covers no items"));
-        }
         let Ok(stage) = usize::try_from(stage) else {
             return Err(damaged(at, "its stage is out of range"));
         };
+        let mut covers = Vec::with_capacity(ranges);
+        for range in body[..ranges * RANGE_BYTES].chunks_exact(RANGE_BYTES) {
+            let word =
+                |i: usize| u64::from_le_bytes(range[8 * i..8 * i + 8].try_into().expect("8 bytes"));
+            let (first, end) = (word(0), word(1));
+            if first >= end || end > usize::MAX as u64 {
+                return Err(damaged(at, "it covers no items"));
+            }
+            covers.push(Cover {
+                items: first as usize..end as usize,
+                input: word(2),
+            });
+        }
+        if covers.is_empty() {
+            return Err(damaged(at, "it covers no items"));
+        }
         recorded.push(Recorded {
             stage,
-            items: first as usize..end as usize,
-            input,
-            offset: at + RECORD_FIXED as u64,
+            covers,
+            offset: at + (RECORD_FIXED + ranges * RANGE_BYTES) as u64,
             len: size,
         });
         at = next;
@@ -629,8 +726,8 @@ pub(crate) struct ResumingSource<I> {
     items: I,
     /// Index of the next item the iterator yields.
     position: usize,
-    /// This stage's records, ascending.
-    recorded: Rc<[Recorded]>,
+    /// The items this stage's records cover, ascending.
+    recorded: Rc<[Cover]>,
     /// The first record not yet passed over.
     next_record: usize,
     filled: Rc<FilledChunks>,
@@ -772,21 +869,21 @@ impl Journal for StageJournal {
         take: &mut dyn FnMut(Range<usize>, Payload) -> Result<()>,
     ) -> Result<()> {
         while let Some(record) = self.recorded.get(self.next_replay) {
-            if record.items.start >= item {
+            if record.items().start >= item {
                 break;
             }
             let log = self.log.borrow();
             let bytes = log.read(record)?;
             let len = bytes.len();
             take(
-                record.items.clone(),
+                record.items().clone(),
                 Payload::new(Frame::Inline(bytes), len),
             )
             .map_err(|error| Error::Checkpoint {
                 path: log.path.clone(),
                 reason: format!(
                     "the recorded results of items {:?}{} do not decode: {error}",
-                    record.items,
+                    record.items(),
                     stage_name(record.stage)
                 ),
                 source: None,
@@ -798,7 +895,12 @@ impl Journal for StageJournal {
 
     fn stage(&mut self, items: &Range<usize>, payload: &[u8]) {
         let input = self.take_filled(items);
-        encode_record(&mut self.staged, self.stage, items, input, payload);
+        encode_record(
+            &mut self.staged,
+            self.stage,
+            &[(items.clone(), input)],
+            payload,
+        );
     }
 
     fn commit(&mut self) -> Result<()> {
@@ -870,27 +972,86 @@ impl Sink for RecordingSink<'_> {
     }
 }
 
-/// Encodes the record of a chunk of stage `stage` into `staged`.
+/// A fold stage's sink: each accumulator is recorded with the chunks it folded
+/// (and their input checksums), once the caller's sink took it.
+struct FoldRecordingSink<'a> {
+    inner: &'a mut dyn Sink,
+    journal: StageJournal,
+    /// Chunks filled and not yet folded into an accumulator that came out, by
+    /// first item.
+    pending: HashMap<usize, (Range<usize>, u64)>,
+}
+
+impl Sink for FoldRecordingSink<'_> {
+    fn deliver(&mut self, worker: usize, items: Range<usize>, payload: Payload) -> Result<()> {
+        // A chunk folded (its accumulator comes later), or one that folded nothing.
+        self.inner.deliver(worker, items, payload)
+    }
+
+    fn deliver_accumulator(
+        &mut self,
+        worker: usize,
+        items: Range<usize>,
+        covers: Vec<Range<usize>>,
+        payload: Payload,
+    ) -> Result<()> {
+        self.pending.extend(
+            self.journal
+                .filled
+                .borrow_mut()
+                .drain(..)
+                .map(|(items, input)| (items.start, (items, input))),
+        );
+        let covered: Option<Vec<(Range<usize>, u64)>> = covers
+            .iter()
+            .map(|items| {
+                self.pending
+                    .remove(&items.start)
+                    .filter(|(filled, _)| filled == items)
+            })
+            .collect();
+        let Some(covered) = covered else {
+            // Every chunk an accumulator folded was filled by this stage's source;
+            // should that not hold, the accumulator is not recorded (its items run
+            // again next time), never recorded wrong.
+            debug_assert!(false, "an accumulator folded chunks never filled");
+            return self.inner.deliver(worker, items, payload);
+        };
+        let journal = &mut self.journal;
+        encode_record(&mut journal.staged, journal.stage, &covered, &payload);
+        self.inner.deliver(worker, items, payload)?;
+        journal.commit()
+    }
+
+    fn finish(&mut self, outcome: Result<()>) {
+        self.inner.finish(outcome);
+    }
+
+    fn taken(&self) -> Option<u64> {
+        self.inner.taken()
+    }
+}
+
+/// Encodes the record of stage `stage` covering `covers` (items and their input
+/// checksum) into `staged`.
 fn encode_record(
     staged: &mut Vec<u8>,
     stage: usize,
-    items: &Range<usize>,
-    input: u64,
+    covers: &[(Range<usize>, u64)],
     payload: &[u8],
 ) {
     staged.clear();
     staged.extend_from_slice(RECORD_TAG);
-    for word in [
-        stage as u64,
-        items.start as u64,
-        items.end as u64,
-        input,
-        payload.len() as u64,
-    ] {
+    for word in [stage as u64, covers.len() as u64, payload.len() as u64] {
         staged.extend_from_slice(&word.to_le_bytes());
     }
     let fields = checksum(&[&staged[..]]);
     staged.extend_from_slice(&fields.to_le_bytes());
+    for (items, input) in covers {
+        for word in [items.start as u64, items.end as u64, *input] {
+            staged.extend_from_slice(&word.to_le_bytes());
+        }
+    }
     staged.extend_from_slice(payload);
     let sum = checksum(&[&staged[..RECORD_FIXED], &staged[RECORD_FIXED..]]);
     staged.extend_from_slice(&sum.to_le_bytes());
@@ -972,10 +1133,14 @@ pub(crate) fn recorded_items(path: &Path, stage: usize) -> Result<Vec<Range<usiz
     let at = start.len() as u64 + job_len + 8;
     let mut reader = BufReader::new(&file);
     reader.seek(SeekFrom::Start(at)).map_err(error)?;
-    let (mut recorded, _) = read_records(path, &mut reader, at, len)?;
-    recorded.retain(|r| r.stage == stage);
-    recorded.sort_by_key(|r| r.items.start);
-    Ok(recorded.into_iter().map(|r| r.items).collect())
+    let (recorded, _) = read_records(path, &mut reader, at, len)?;
+    let mut items: Vec<Range<usize>> = recorded
+        .into_iter()
+        .filter(|r| r.stage == stage)
+        .flat_map(|r| r.covers.into_iter().map(|c| c.items))
+        .collect();
+    items.sort_by_key(|items| items.start);
+    Ok(items)
 }
 
 #[cfg(test)]
@@ -984,7 +1149,7 @@ mod tests {
 
     fn record(items: Range<usize>, payload: &[u8]) -> Vec<u8> {
         let mut staged = Vec::new();
-        encode_record(&mut staged, 0, &items, 7, payload);
+        encode_record(&mut staged, 0, &[(items, 7)], payload);
         staged
     }
 
@@ -1019,6 +1184,35 @@ mod tests {
                 "byte {at}"
             );
         }
+    }
+
+    #[test]
+    fn a_record_covering_several_ranges_reads_back_whole() {
+        let mut bytes = Vec::new();
+        encode_record(&mut bytes, 3, &[(4..9, 11), (20..21, 12)], b"accumulator");
+        let (recorded, end) = read(&bytes).unwrap();
+        assert_eq!(end, bytes.len() as u64);
+        assert_eq!(recorded.len(), 1);
+        let record = &recorded[0];
+        assert_eq!(record.stage, 3);
+        let covers: Vec<_> = record
+            .covers
+            .iter()
+            .map(|c| (c.items.clone(), c.input))
+            .collect();
+        assert_eq!(covers, vec![(4..9, 11), (20..21, 12)]);
+        let at = record.offset as usize;
+        assert_eq!(&bytes[at..at + record.len], b"accumulator");
+        // A record covering nothing is damage, not a record.
+        let mut empty = Vec::new();
+        encode_record(&mut empty, 3, &[], b"x");
+        empty.extend(record_bytes_after());
+        assert!(matches!(read(&empty), Err(Error::Checkpoint { .. })));
+    }
+
+    /// A good record, so that a bad one before it is damage rather than a torn end.
+    fn record_bytes_after() -> Vec<u8> {
+        record(0..1, b"y")
     }
 
     #[test]

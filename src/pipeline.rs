@@ -28,6 +28,7 @@ use crate::engine::trace::Trace;
 use crate::error::{Error, Result};
 use crate::handle::{Imap, ImapUnordered, JournaledImap};
 use crate::pool::{Pool, task_ref};
+use crate::wire::protocol::TaskRef;
 use crate::worker::task::{self, Collect, Fold, Plain};
 
 /// Items a stage may hold in flight by default (in its workers and in the reorder
@@ -278,10 +279,14 @@ macro_rules! settings_setters {
         ///   file. A stage whose input was recorded by the stage before it takes
         ///   that input from the file too, so a resumed run reruns only the work no
         ///   stage recorded.
-        /// - A [`fold_stage`](Pipeline::fold_stage) keeps its accumulators in its
-        ///   workers, so it records nothing and folds its input again; stages after
-        ///   it record nothing either (their input's order depends on timing).
-        ///   [`Stage::reduce`] records each chunk's partial.
+        /// - A [`fold_stage`](Pipeline::fold_stage) records each accumulator that
+        ///   comes out with the chunks it folded (an accumulator comes out each
+        ///   [`fold_flush_bytes`](Pipeline::fold_flush_bytes) of a worker's input and
+        ///   at the end: lower it to lose less to a crash); run again, the recorded
+        ///   accumulators come out first and only the items none of them folded are
+        ///   folded. Stages after a fold stage record nothing (their input's order
+        ///   depends on timing) and run again. [`Stage::reduce`] records each
+        ///   chunk's partial.
         /// - The file's header names the pipeline: the source's item type and
         ///   every stage's kind, types and functions; a file of another pipeline is
         ///   refused ([`Error::CheckpointOfAnotherJob`]) before any stage starts.
@@ -462,6 +467,7 @@ impl<'a, T: 'a> Pipeline<'a, T> {
             type_name::<F>(),
             type_name::<Id>()
         ));
+        let recorded = !settings.after_fold;
         settings.after_fold = true;
         let build = self.build;
         Pipeline {
@@ -473,7 +479,13 @@ impl<'a, T: 'a> Pipeline<'a, T> {
                     input,
                     error: Rc::clone(&error),
                 };
-                let folded = pool.fold_partials::<_, T, A, Id, F>(feed, settings.fold_flush_bytes);
+                let flush = settings.fold_flush_bytes;
+                let folded = match settings.resume(recorded) {
+                    Some(resume) => TaskRef::fold::<T, A, Id, F>()
+                        .ok_or(Error::TaskNotInExecutable)
+                        .and_then(|task| resume.fold_partials(&pool, number, feed, task, flush)),
+                    None => pool.fold_partials::<_, T, A, Id, F>(feed, flush),
+                };
                 // This stage's workers are done: stop them before the next stage runs.
                 settings.stats.stage_ended(number, &pool);
                 drop(pool);

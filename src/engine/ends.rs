@@ -173,6 +173,21 @@ pub(crate) trait Sink {
         }
     }
 
+    /// A fold job's accumulator (its flush covers no items: `items` is empty), which
+    /// folded the items of the chunks `covers`, each exactly once, in no particular
+    /// order; an accumulator that folded nothing comes to [`deliver`](Sink::deliver)
+    /// instead.
+    fn deliver_accumulator(
+        &mut self,
+        worker: usize,
+        items: Range<usize>,
+        covers: Vec<Range<usize>>,
+        payload: Payload,
+    ) -> Result<()> {
+        let _ = covers;
+        self.deliver(worker, items, payload)
+    }
+
     /// The job is over: `Ok` once every chunk was delivered, or why it failed.
     /// Called once, for sinks the job owns.
     fn finish(&mut self, outcome: Result<()>);

@@ -236,13 +236,19 @@ impl Kind {
         &mut self,
         id: JobId,
         local: Option<&mut Local<'_>>,
-        worker: usize,
-        items: Range<usize>,
-        payload: Payload,
-        failed: Vec<(usize, Error)>,
+        ready: Ready,
     ) -> Result<()> {
+        let Ready {
+            worker,
+            items,
+            payload,
+            failed,
+            covers,
+        } = ready;
         let sink = self.sink(id, local);
-        if failed.is_empty() {
+        if !covers.is_empty() {
+            sink.deliver_accumulator(worker, items, covers, payload)
+        } else if failed.is_empty() {
             sink.deliver(worker, items, payload)
         } else {
             sink.deliver_partial(worker, items, payload, failed)
@@ -290,6 +296,8 @@ pub(crate) struct Ready {
     pub(crate) payload: Payload,
     /// Items of the chunk that failed (error policies that go on), ascending.
     pub(crate) failed: Vec<(usize, Error)>,
+    /// For a fold job's accumulator: the items of every chunk it folded.
+    pub(crate) covers: Vec<Range<usize>>,
 }
 
 /// One job in the table.

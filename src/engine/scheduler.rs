@@ -628,6 +628,22 @@ impl Engine {
         worker: usize,
         items: Range<usize>,
         payload: Payload,
+        local: Option<&mut Local<'_>>,
+    ) {
+        self.route_covering(id, chunk, worker, items, Vec::new(), payload, local);
+    }
+
+    /// [`Engine::route`] for a reply that may be a fold job's accumulator, which
+    /// `covers` the items of the chunks it folded.
+    #[allow(clippy::too_many_arguments)]
+    fn route_covering(
+        &mut self,
+        id: JobId,
+        chunk: u64,
+        worker: usize,
+        items: Range<usize>,
+        covers: Vec<Range<usize>>,
+        payload: Payload,
         mut local: Option<&mut Local<'_>>,
     ) {
         let Some(job) = self.jobs.get_mut(&id) else {
@@ -639,6 +655,7 @@ impl Engine {
             items,
             payload,
             failed,
+            covers,
         };
         if job.ordered || !job.kind.can_deliver(id, local.as_deref()) {
             // In chunk order, or held while another thread drives for a caller
@@ -741,16 +758,8 @@ impl Engine {
             bar.update(stats.items, stats.failed, stats.retries);
         }
         let start = ready.items.start;
-        let Ready {
-            worker,
-            items,
-            payload,
-            failed,
-        } = ready;
         let delivering = Instant::now();
-        let delivered = job
-            .kind
-            .deliver(id, local.as_deref_mut(), worker, items, payload, failed);
+        let delivered = job.kind.deliver(id, local.as_deref_mut(), ready);
         job.tally.stats.output += delivering.elapsed();
         match delivered {
             Ok(()) => true,

@@ -576,22 +576,137 @@ fn every_kind_of_stage_gives_the_same_result_checkpointed_and_run_again() {
     let odd_count = input.iter().filter(|v| odd(v)).count();
     assert_eq!(stage_records(&reduced, 3).len(), 2 * odd_count);
 
-    // A fold stage folds again; the stages before it record.
+    // A fold stage records its accumulators; the stage after it records nothing.
     let folded = |path: &Path| {
         Pipeline::new(input.clone())
             .checkpoint(path)
+            .fold_flush_bytes(1024)
             .stage(2, low_byte)
             .fold_stage(2, zero, count)
-            .reduce(zero, add)
+            .stage(1, splitmix64)
+            .collect()
     };
     let path = dir.path().join("fold.ckpt");
-    assert_eq!(folded(&path).unwrap(), 2_000);
-    assert_eq!(folded(&path).unwrap(), 2_000);
+    let mut first = folded(&path).unwrap();
+    assert!(first.len() > 2, "flushed every 1 KiB: {first:?}");
+    let mut again = folded(&path).unwrap();
+    first.sort_unstable();
+    again.sort_unstable();
+    assert_eq!(again, first, "the same accumulators, from the file");
     assert_eq!(stage_records(&path, 1).len(), 2_000);
+    assert_eq!(stage_records(&path, 2).len(), 2_000);
     assert!(
-        stage_records(&path, 2).is_empty(),
-        "a fold stage records nothing"
+        stage_records(&path, 3).is_empty(),
+        "a stage after a fold records nothing"
     );
+}
+
+/// Counts and sums the values; logs each item; panics on item 700 while a file
+/// named after the log with `.poison` exists.
+fn count_and_sum((count, sum): (u64, u64), (index, value, _, log): Item) -> (u64, u64) {
+    let poison = format!("{log}.poison");
+    assert!(
+        index != 700 || !Path::new(&poison).exists(),
+        "item 700 is poisoned"
+    );
+    note_run(index, &log);
+    (count + 1, sum.wrapping_add(value))
+}
+
+fn zero_pair() -> (u64, u64) {
+    (0, 0)
+}
+
+fn add_pairs(a: (u64, u64), b: (u64, u64)) -> (u64, u64) {
+    (a.0 + b.0, a.1.wrapping_add(b.1))
+}
+
+#[test]
+fn a_fold_stage_that_failed_resumes_from_its_recorded_accumulators_folding_each_item_once() {
+    let dir = TempDir::new().unwrap();
+    let (path, log) = (dir.path().join("fold.ckpt"), dir.path().join("ran.log"));
+    let poison = dir.path().join("ran.log.poison");
+    fs::write(&poison, "").unwrap();
+    let input = items(KILLED_LEN, &log, None);
+    let expected = (
+        KILLED_LEN as u64,
+        input
+            .iter()
+            .fold(0u64, |sum, item| sum.wrapping_add(item.1)),
+    );
+    let run = |input: Vec<Item>| {
+        Pipeline::new(input)
+            .checkpoint(&path)
+            .stage_items(100)
+            .fold_flush_bytes(2048)
+            .fold_stage(2, zero_pair, count_and_sum)
+            .reduce(zero_pair, add_pairs)
+    };
+
+    let failed = run(input.clone()).unwrap_err();
+    assert!(
+        matches!(&failed, Error::Stage { stage: 1, error } if matches!(**error, Error::TaskPanicked { item: 700, .. })),
+        "{failed:?}"
+    );
+    let recorded = stage_records(&path, 1);
+    // Accumulators flushed every 2 KiB of input before item 700 failed.
+    assert!(!recorded.is_empty(), "no accumulator recorded");
+    assert!(!recorded.contains(&700));
+    take_log(&log);
+
+    fs::remove_file(&poison).unwrap();
+    assert_eq!(run(input.clone()).unwrap(), expected);
+    // Only the items no recorded accumulator folded were folded again.
+    assert_eq!(take_log(&log), not_in(&recorded, KILLED_LEN));
+    assert_eq!(stage_records(&path, 1).len(), KILLED_LEN);
+    assert_eq!(run(input).unwrap(), expected);
+    assert_eq!(
+        take_log(&log),
+        Vec::<u64>::new(),
+        "everything from the file"
+    );
+}
+
+/// As [`count_and_sum`], but the worker aborts on item 500 the first time (a
+/// marker file beside the log says it did).
+fn count_and_sum_aborting_once(acc: (u64, u64), item: Item) -> (u64, u64) {
+    let marker = format!("{}.aborted", item.3);
+    if item.0 == 500 && !Path::new(&marker).exists() {
+        fs::write(&marker, "").expect("the marker is written");
+        std::process::abort();
+    }
+    count_and_sum(acc, item)
+}
+
+#[test]
+fn a_fold_worker_lost_mid_stage_leaves_each_item_in_exactly_one_recorded_accumulator() {
+    let dir = TempDir::new().unwrap();
+    let (path, log) = (dir.path().join("fold.ckpt"), dir.path().join("ran.log"));
+    let input = items(KILLED_LEN, &log, None);
+    let expected = (
+        KILLED_LEN as u64,
+        input
+            .iter()
+            .fold(0u64, |sum, item| sum.wrapping_add(item.1)),
+    );
+    let run = |input: Vec<Item>| {
+        Pipeline::new(input)
+            .checkpoint(&path)
+            .fold_flush_bytes(2048)
+            .fold_stage(2, zero_pair, count_and_sum_aborting_once)
+            .reduce(zero_pair, add_pairs)
+    };
+    assert_eq!(run(input.clone()).unwrap(), expected);
+    assert!(
+        dir.path().join("ran.log.aborted").exists(),
+        "no worker died"
+    );
+    // The dead worker's folds were sent again and recorded once: the file opens
+    // (overlapping records are refused) and covers every item once.
+    assert_eq!(stage_records(&path, 1).len(), KILLED_LEN);
+    take_log(&log);
+    assert_eq!(run(input).unwrap(), expected);
+    assert_eq!(take_log(&log), Vec::<u64>::new());
 }
 
 #[test]

@@ -95,9 +95,11 @@ impl Engine {
             return;
         };
         let ledger = job.fold.as_mut().expect("fold jobs have a ledger");
+        let mut covers = Vec::new();
         if let Some(asked) = ledger.flushes.remove(&chunk) {
             // The accumulator covers every chunk this process answered before.
             for kept in ledger.take_kept(holder) {
+                covers.push(kept.items.clone());
                 self.workers.return_frame(kept.frame);
             }
             if asked != holder {
@@ -124,6 +126,6 @@ impl Engine {
                 self.send_flush(id, holder);
             }
         }
-        self.route(id, chunk, worker, items, payload, local);
+        self.route_covering(id, chunk, worker, items, covers, payload, local);
     }
 }
