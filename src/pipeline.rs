@@ -294,6 +294,36 @@ macro_rules! settings_setters {
         ///   run fails with [`Error::Checkpoint`] before any stage starts.
         /// - Durability, torn records and what a damaged file does are as for
         ///   [`Pool::checkpoint`](crate::Pool::checkpoint).
+        ///
+        /// ```standalone_crate
+        /// fn double(x: u64) -> u64 {
+        ///     2 * x
+        /// }
+        ///
+        /// fn ends_in_zero(x: &u64) -> bool {
+        ///     x % 10 == 0
+        /// }
+        ///
+        /// fn main() -> multiproc::Result<()> {
+        ///     multiproc::init(); // in a worker process this call serves tasks and never returns
+        ///     let dir = std::env::temp_dir().join(format!("multiproc-doc-p{}", std::process::id()));
+        ///     std::fs::create_dir_all(&dir).expect("a temporary directory");
+        ///     let path = dir.join("pipeline.ckpt");
+        ///     let run = || {
+        ///         multiproc::Pipeline::new(0..1_000u64)
+        ///             .checkpoint(&path)
+        ///             .stage(2, double)
+        ///             .filter_stage(1, ends_in_zero)
+        ///             .collect()
+        ///     };
+        ///     let first: Vec<u64> = run()?;
+        ///     // Run again (after a crash, say): every stage reads its results from the file.
+        ///     assert_eq!(run()?, first);
+        ///     assert_eq!(first.len(), 200);
+        ///     std::fs::remove_dir_all(&dir).expect("removed");
+        ///     Ok(())
+        /// }
+        /// ```
         pub fn checkpoint(mut self, path: impl AsRef<Path>) -> Self {
             self.settings.checkpoint = Some(path.as_ref().to_owned());
             self
