@@ -39,7 +39,6 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::engine::driver::LentCall;
 use crate::engine::ends::{Filled, Journal, Sink, Source, exact_len, fill_items};
 use crate::engine::job::FoldLedger;
 use crate::error::{Error, ErrorPolicy, Result};
@@ -373,14 +372,8 @@ impl Resume {
             journal,
             pending: HashMap::new(),
         };
-        let call = LentCall {
-            task,
-            context: None,
-            policy: ErrorPolicy::FailFast,
-            fold: Some(FoldLedger::new(flush_bytes)),
-            interrupt: pool.interrupt,
-            call_timeout: pool.call_timeout,
-        };
+        let fold = Some(FoldLedger::new(flush_bytes));
+        let call = pool.lent_call(task, None, ErrorPolicy::FailFast, fold);
         let outcome = pool
             .core
             .run_lent_source(call, total, &mut source, &mut recording);
@@ -414,14 +407,7 @@ impl Resume {
             inner: sink,
             journal,
         };
-        let call = LentCall {
-            task,
-            context: None,
-            policy: pool.error_policy,
-            fold: None,
-            interrupt: pool.interrupt,
-            call_timeout: pool.call_timeout,
-        };
+        let call = pool.lent_call(task, None, pool.error_policy, None);
         let outcome = pool
             .core
             .run_lent_source(call, total, &mut source, &mut recording)

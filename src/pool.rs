@@ -787,15 +787,26 @@ impl Pool {
         I: Iterator<Item = T>,
         T: Serialize + DeserializeOwned,
     {
-        let call = LentCall {
+        let call = self.lent_call(task, context, policy, fold);
+        self.core.run_lent(call, items, sink)
+    }
+
+    /// A lent call of `task` under the pool's Ctrl-C and call-timeout settings.
+    pub(crate) fn lent_call<'c>(
+        &self,
+        task: TaskRef,
+        context: Option<ContextPayload<'c>>,
+        policy: ErrorPolicy,
+        fold: Option<FoldLedger>,
+    ) -> LentCall<'c> {
+        LentCall {
             task,
             context,
             policy,
             fold,
             interrupt: self.interrupt,
             call_timeout: self.call_timeout,
-        };
-        self.core.run_lent(call, items, sink)
+        }
     }
 
     fn collect<I, T, U>(

@@ -613,6 +613,14 @@ fn count_and_sum((count, sum): (u64, u64), (index, value, _, log): Item) -> (u64
     (count + 1, sum.wrapping_add(value))
 }
 
+/// What folding `input` with [`count_and_sum`] gives.
+fn count_and_sum_of(input: &[Item]) -> (u64, u64) {
+    let sum = input
+        .iter()
+        .fold(0u64, |sum, item| sum.wrapping_add(item.1));
+    (input.len() as u64, sum)
+}
+
 fn zero_pair() -> (u64, u64) {
     (0, 0)
 }
@@ -628,12 +636,7 @@ fn a_fold_stage_that_failed_resumes_from_its_recorded_accumulators_folding_each_
     let poison = dir.path().join("ran.log.poison");
     fs::write(&poison, "").unwrap();
     let input = items(KILLED_LEN, &log, None);
-    let expected = (
-        KILLED_LEN as u64,
-        input
-            .iter()
-            .fold(0u64, |sum, item| sum.wrapping_add(item.1)),
-    );
+    let expected = count_and_sum_of(&input);
     let run = |input: Vec<Item>| {
         Pipeline::new(input)
             .checkpoint(&path)
@@ -683,12 +686,7 @@ fn a_fold_worker_lost_mid_stage_leaves_each_item_in_exactly_one_recorded_accumul
     let dir = TempDir::new().unwrap();
     let (path, log) = (dir.path().join("fold.ckpt"), dir.path().join("ran.log"));
     let input = items(KILLED_LEN, &log, None);
-    let expected = (
-        KILLED_LEN as u64,
-        input
-            .iter()
-            .fold(0u64, |sum, item| sum.wrapping_add(item.1)),
-    );
+    let expected = count_and_sum_of(&input);
     let run = |input: Vec<Item>| {
         Pipeline::new(input)
             .checkpoint(&path)
