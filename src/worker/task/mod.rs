@@ -12,21 +12,25 @@
 //! by the worker and handed to the parent alone), and every runner checks a
 //! fingerprint of its types before touching the payload.
 
-use std::any::type_name;
-use std::cell::{Cell, RefCell};
 use std::marker::PhantomData;
-use std::ops::Range;
-use std::panic::{self, AssertUnwindSafe};
-use std::sync::{Once, OnceLock};
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::error::{CodecError, TaskPanic};
+use crate::error::CodecError;
 use crate::wire::codec::{self, Reader};
 use crate::wire::protocol::{ChunkHeader, Failure, TaskRef};
 use crate::worker::state::{Accumulator, Sample, WorkerState};
+
+mod guard;
+mod image;
+
+pub(crate) use guard::install_panic_hook;
+use guard::{Capturing, guarded};
+pub(crate) use image::check_of;
+use image::{Image, fingerprint, fnv1a, fnv1a_continue};
 
 /// One chunk in this many (by chunk number, the first included) is sampled: its
 /// first items are timed phase by phase, and the worker splits the time of the
@@ -65,92 +69,6 @@ fn phase(from: Instant, to: Instant) -> u64 {
 /// encoded results (or the partial result) to `out`.
 pub(crate) type RawTask =
     fn(&mut WorkerState, &ChunkHeader, &[u8], &mut Vec<u8>) -> Result<(), Failure>;
-
-/// Where the program's executable code is mapped in this process.
-///
-/// Offsets are taken from [`anchor`], a function of this crate, rather than from a
-/// load base: the code ranges say whether an address belongs to the executable, and
-/// both the anchor and every runner must, so a crate built as a dynamic library (where
-/// the distance between them changes from process to process) is refused.
-struct Image {
-    /// The executable's mappings with execute permission.
-    code: Vec<Range<usize>>,
-}
-
-/// The reference point for task offsets. Never inlined, so it has an address.
-#[inline(never)]
-fn anchor() {}
-
-impl Image {
-    /// The executable's code ranges in this process, read from `/proc/self/maps` on
-    /// first success and kept (a failed read is tried again next time).
-    fn get() -> Option<&'static Image> {
-        static IMAGE: OnceLock<Image> = OnceLock::new();
-        if let Some(image) = IMAGE.get() {
-            return Some(image);
-        }
-        let image = Image::read()?;
-        Some(IMAGE.get_or_init(|| image))
-    }
-
-    fn read() -> Option<Image> {
-        let exe = std::fs::read_link("/proc/self/exe").ok()?;
-        let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-        let code: Vec<Range<usize>> = maps
-            .lines()
-            .filter_map(parse_mapping)
-            .filter(|m| m.executable && std::path::Path::new(m.path) == exe)
-            .map(|m| m.range)
-            .collect();
-        let image = Image { code };
-        image.contains(anchor as fn() as usize).then_some(image)
-    }
-
-    fn contains(&self, address: usize) -> bool {
-        self.code.iter().any(|r| r.contains(&address))
-    }
-
-    /// The offset of `address` from the anchor, if it is in the executable's code.
-    fn offset_of(&self, address: usize) -> Option<u64> {
-        self.contains(address)
-            .then(|| address.wrapping_sub(anchor as fn() as usize) as u64)
-    }
-
-    /// The address `offset` names, if it is in the executable's code.
-    fn address_of(&self, offset: u64) -> Option<usize> {
-        let address = (anchor as fn() as usize).wrapping_add(offset as usize);
-        self.contains(address).then_some(address)
-    }
-}
-
-/// One line of `/proc/self/maps`.
-struct Mapping<'a> {
-    range: Range<usize>,
-    executable: bool,
-    /// May contain spaces.
-    path: &'a str,
-}
-
-fn parse_mapping(line: &str) -> Option<Mapping<'_>> {
-    let mut rest = line;
-    let mut fields = [""; 5];
-    for field in &mut fields {
-        let (value, tail) = rest.trim_start().split_once(' ')?;
-        *field = value;
-        rest = tail;
-    }
-    let (start, end) = fields[0].split_once('-')?;
-    Some(Mapping {
-        range: usize::from_str_radix(start, 16).ok()?..usize::from_str_radix(end, 16).ok()?,
-        executable: fields[1].contains('x'),
-        path: rest.trim_start(),
-    })
-}
-
-pub(crate) fn check_of(offset: u64, fingerprint: u64) -> u64 {
-    let hash = fnv1a_continue(fnv1a(b"multiproc task"), &offset.to_le_bytes());
-    fnv1a_continue(hash, &fingerprint.to_le_bytes())
-}
 
 impl TaskRef {
     /// Names the runner for mapping `T` to `U` with `M`, delivering into `S`;
@@ -248,21 +166,6 @@ pub(crate) fn binary_fingerprint() -> u64 {
     for address in [probe, init] {
         let offset = Image::get().and_then(|image| image.offset_of(address));
         hash = fnv1a_continue(hash, &offset.unwrap_or(u64::MAX).to_le_bytes());
-    }
-    hash
-}
-
-fn fingerprint<X>() -> u64 {
-    fnv1a(type_name::<X>().as_bytes())
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    fnv1a_continue(0xcbf2_9ce4_8422_2325, bytes)
-}
-
-fn fnv1a_continue(mut hash: u64, bytes: &[u8]) -> u64 {
-    for &b in bytes {
-        hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
     }
     hash
 }
@@ -918,76 +821,6 @@ fn round_trip<U: DeserializeOwned>(
     }
 }
 
-thread_local! {
-    /// Set while user code runs under [`guarded`]: the panic hook then records the
-    /// panic here instead of printing it, since it travels back as an `Err`.
-    static CAPTURING: Cell<bool> = const { Cell::new(false) };
-    static CAUGHT: RefCell<Option<TaskPanic>> = const { RefCell::new(None) };
-}
-
-/// Installs (once per process) a panic hook that records panics raised under
-/// [`guarded`] and passes every other panic to the hook that was there before.
-pub(crate) fn install_panic_hook() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let previous = panic::take_hook();
-        panic::set_hook(Box::new(move |info| {
-            if !CAPTURING.with(Cell::get) {
-                return previous(info);
-            }
-            let message = payload_message(info.payload());
-            let location = info
-                .location()
-                .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
-            CAUGHT.with(|c| *c.borrow_mut() = Some(TaskPanic { message, location }));
-        }));
-    });
-}
-
-fn payload_message(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "Box<dyn Any>".to_owned()
-    }
-}
-
-/// Marks this thread as running user code for as long as it lives, so the panic
-/// hook records panics instead of printing them. Set once per chunk rather than per
-/// item: thread-local accesses would otherwise cost more than a tiny task.
-struct Capturing;
-
-impl Capturing {
-    fn start() -> Self {
-        CAPTURING.with(|c| c.set(true));
-        Capturing
-    }
-}
-
-impl Drop for Capturing {
-    fn drop(&mut self) {
-        CAPTURING.with(|c| c.set(false));
-    }
-}
-
-/// Runs user code, turning a panic into [`Failure::Panicked`] for `item`. Callers
-/// hold a [`Capturing`] so the panic's message and location are recorded.
-#[inline(always)]
-fn guarded<R>(item: u64, f: impl FnOnce() -> R) -> Result<R, Failure> {
-    let result = panic::catch_unwind(AssertUnwindSafe(f));
-    result.map_err(|payload| {
-        let panic = CAUGHT
-            .with(|c| c.borrow_mut().take())
-            .unwrap_or_else(|| TaskPanic {
-                message: payload_message(payload.as_ref()),
-                location: None,
-            });
-        Failure::Panicked { item, panic }
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1014,19 +847,6 @@ mod tests {
                 "{err:?}"
             );
         }
-    }
-
-    #[test]
-    fn maps_lines_parse_with_and_without_paths() {
-        let line = "55d0c8a00000-55d0c8a2f000 r-xp 00002000 fe:00 1234    /tmp/a b/prog (deleted)";
-        let mapping = parse_mapping(line).unwrap();
-        assert_eq!(mapping.range, 0x55d0_c8a0_0000..0x55d0_c8a2_f000);
-        assert!(mapping.executable);
-        assert_eq!(mapping.path, "/tmp/a b/prog (deleted)");
-        let anonymous = "7ffd1000-7ffd2000 rw-p 00000000 00:00 0 ";
-        assert_eq!(parse_mapping(anonymous).unwrap().path, "");
-        assert!(parse_mapping("7ffd1000-7ffd2000 rw-p 00000000 00:00 0").is_none());
-        assert!(parse_mapping("garbage").is_none());
     }
 
     #[test]
@@ -1138,7 +958,7 @@ mod tests {
         };
         assert_eq!(item, 12);
         assert_eq!(panic.message, "unlucky 13");
-        assert!(panic.location.unwrap().contains("task.rs"));
+        assert!(panic.location.unwrap().contains(file!()));
     }
 
     #[test]
