@@ -18,37 +18,33 @@
 //! wait behind each other's requests, and a connection still has at most one request
 //! in flight, so its server thread can read the peer's hang-up while it waits.
 
+mod frame;
+mod server;
+mod state;
+
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, Read, Write};
+use std::io;
 use std::marker::PhantomData;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::channels::broker::{self, Address};
 use crate::error::{CodecError, Error, Result};
-use crate::os::{poll, signals, socket};
+use crate::os::{signals, socket};
 use crate::shared::region;
 use crate::wire::codec;
 
-// Requests.
-const PUT: u8 = 1;
-const GET: u8 = 2;
-const CLOSE: u8 = 3;
-/// The consumer has read the item it was handed last on this connection (no answer).
-const ACK: u8 = 4;
-// Answers.
-const OK: u8 = 10;
-const ITEM: u8 = 11;
-const FULL: u8 = 12;
-const EMPTY: u8 = 13;
-const TIMED_OUT: u8 = 14;
-const CLOSED: u8 = 15;
+use frame::{
+    ACK, CLOSE, CLOSED, EMPTY, FULL, GET, ITEM, OK, PUT, TIMED_OUT, poll_readable, read_frame,
+    write_frame,
+};
+use server::serve;
+use state::{Inner, Item, QUEUES, Refusal, State, Wait};
 
 /// Fault injection for tests: the next remote `get` of this process kills it once
 /// its answer is on the way, before reading it.
@@ -60,13 +56,6 @@ static DIE_BEFORE_READING: AtomicBool = AtomicBool::new(false);
 pub(crate) fn die_before_reading_next_item() {
     DIE_BEFORE_READING.store(true, Ordering::Relaxed);
 }
-
-/// `wait` value meaning "as long as it takes".
-const FOREVER: u64 = u64::MAX;
-
-/// How often a broker thread blocked for a remote handle checks that its peer is
-/// still there.
-const PEER_CHECK: Duration = Duration::from_millis(100);
 
 /// How many idle connections a remote handle keeps for its next requests; one past
 /// that is closed when its request ends. A handle holds one connection per request
@@ -158,372 +147,6 @@ enum Route {
         /// Connections with no request in flight, the last used on top.
         idle: Mutex<Vec<UnixStream>>,
     },
-}
-
-/// How long an operation may wait.
-#[derive(Debug, Clone, Copy)]
-enum Wait {
-    Try,
-    For(Duration),
-    Forever,
-}
-
-impl Wait {
-    fn encode(self) -> u64 {
-        match self {
-            Wait::Try => 0,
-            Wait::For(d) => u64::try_from(d.as_nanos()).unwrap_or(FOREVER - 1).max(1),
-            Wait::Forever => FOREVER,
-        }
-    }
-
-    fn decode(wait: u64) -> Self {
-        match wait {
-            0 => Wait::Try,
-            FOREVER => Wait::Forever,
-            nanos => Wait::For(Duration::from_nanos(nanos)),
-        }
-    }
-}
-
-/// Why an operation did not happen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Refusal {
-    Full,
-    Empty,
-    TimedOut,
-    Closed,
-    /// A remote handle's process went away while its broker thread waited.
-    PeerGone,
-}
-
-/// The queue itself, in the creating process.
-struct State {
-    inner: Mutex<Inner>,
-    not_empty: Condvar,
-    not_full: Condvar,
-    /// Rendezvous only: a consumer took an offered item, or left without one.
-    taken: Condvar,
-    /// `Some(0)` is a rendezvous: an item is only ever offered by a producer that
-    /// waits until a consumer takes it.
-    capacity: Option<usize>,
-}
-
-struct Inner {
-    items: VecDeque<Entry>,
-    closed: bool,
-    /// Rendezvous only: consumers inside a blocking or timed get (a broker thread
-    /// stands for a remote one), the ones a `try_put` can hand an item to.
-    waiting_gets: usize,
-    /// Rendezvous only: the number of the next offer.
-    next_offer: u64,
-    /// Items handed to remote consumers and not yet acknowledged: each is held by
-    /// the broker thread of its connection, and comes back to the front if that
-    /// connection drops first. A bounded queue counts them against its capacity,
-    /// and a closed queue is not drained while one may still come back.
-    handed: usize,
-}
-
-struct Entry {
-    /// Rendezvous only: the number of the offer whose producer waits for this item
-    /// to be taken; `None` for an item nobody waits for.
-    offer: Option<u64>,
-    item: Item,
-}
-
-/// An item as the queue holds it: its encoding, and copies of the descriptors of
-/// the shared inputs it names, so that it decodes wherever and whenever it is
-/// taken, whether or not its producer still holds them.
-struct Item {
-    bytes: Vec<u8>,
-    fds: Vec<OwnedFd>,
-}
-
-/// The queues of this process that other processes may reach.
-static QUEUES: Mutex<Option<HashMap<u64, Weak<State>>>> = Mutex::new(None);
-
-impl Inner {
-    /// What a bounded queue counts against its capacity: the items waiting and the
-    /// ones handed over and not yet acknowledged.
-    fn held(&self) -> usize {
-        self.items.len() + self.handed
-    }
-}
-
-impl State {
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn put(
-        &self,
-        item: Item,
-        wait: Wait,
-        alive: &dyn Fn() -> bool,
-    ) -> std::result::Result<(), Refusal> {
-        if self.capacity == Some(0) {
-            return self.hand_over(item, wait, alive);
-        }
-        let deadline = deadline(wait);
-        let mut polled = false;
-        let mut inner = self.lock();
-        loop {
-            if inner.closed {
-                return Err(Refusal::Closed);
-            }
-            if self.capacity.is_none_or(|cap| inner.held() < cap) {
-                inner.items.push_back(Entry { offer: None, item });
-                drop(inner);
-                self.not_empty.notify_one();
-                return Ok(());
-            }
-            if !polled && !matches!(wait, Wait::Try) {
-                polled = true;
-                drop(inner);
-                self.poll(|inner| {
-                    inner.closed || self.capacity.is_none_or(|cap| inner.held() < cap)
-                });
-                inner = self.lock();
-                continue;
-            }
-            inner = self.wait(&self.not_full, inner, wait, deadline, alive, Refusal::Full)?;
-        }
-    }
-
-    /// A rendezvous put: offers the item and returns once a consumer has taken it.
-    /// An offer that ends otherwise (closed, timed out, no consumer waiting for a
-    /// `try_put`, its remote producer gone) is withdrawn, so the item is delivered
-    /// exactly when the put returns `Ok`.
-    fn hand_over(
-        &self,
-        item: Item,
-        wait: Wait,
-        alive: &dyn Fn() -> bool,
-    ) -> std::result::Result<(), Refusal> {
-        let deadline = deadline(wait);
-        let try_only = matches!(wait, Wait::Try);
-        let mut inner = self.lock();
-        if inner.closed {
-            return Err(Refusal::Closed);
-        }
-        if try_only && inner.items.len() >= inner.waiting_gets {
-            return Err(Refusal::Full);
-        }
-        let offer = inner.next_offer;
-        inner.next_offer += 1;
-        inner.items.push_back(Entry {
-            offer: Some(offer),
-            item,
-        });
-        self.not_empty.notify_one();
-        let position = |inner: &Inner| inner.items.iter().position(|e| e.offer == Some(offer));
-        // A `try_put` waits only while a waiting consumer is there to take its
-        // item (each takes the front one): that consumer is awake and about to.
-        let wait = if try_only { Wait::Forever } else { wait };
-        let mut polled = false;
-        loop {
-            let Some(at) = position(&inner) else {
-                return Ok(());
-            };
-            let refused = if inner.closed {
-                Some(Refusal::Closed)
-            } else if try_only && at >= inner.waiting_gets {
-                Some(Refusal::Full)
-            } else {
-                None
-            };
-            if let Some(refusal) = refused {
-                inner.items.remove(at);
-                return Err(refusal);
-            }
-            if !polled {
-                polled = true;
-                drop(inner);
-                self.poll(|inner| {
-                    inner.closed
-                        || position(inner).is_none_or(|at| try_only && at >= inner.waiting_gets)
-                });
-                inner = self.lock();
-                continue;
-            }
-            inner = match self.wait(&self.taken, inner, wait, deadline, alive, Refusal::Full) {
-                Ok(inner) => inner,
-                Err(refusal) => {
-                    let mut inner = self.lock();
-                    return match position(&inner) {
-                        None => Ok(()),
-                        Some(at) => {
-                            inner.items.remove(at);
-                            Err(refusal)
-                        }
-                    };
-                }
-            };
-        }
-    }
-
-    /// Takes the next item. With `hand`, for a remote consumer, the item counts as
-    /// handed over until [`State::acknowledge`] or [`State::give_back`].
-    fn get(
-        &self,
-        wait: Wait,
-        alive: &dyn Fn() -> bool,
-        hand: bool,
-    ) -> std::result::Result<Item, Refusal> {
-        // A rendezvous `try_put` hands its item only to a consumer that waits.
-        let counted = self.capacity == Some(0) && !matches!(wait, Wait::Try);
-        if counted {
-            self.lock().waiting_gets += 1;
-        }
-        let got = self.take(wait, alive, hand);
-        if counted {
-            self.lock().waiting_gets -= 1;
-            self.taken.notify_all();
-        }
-        got
-    }
-
-    fn take(
-        &self,
-        wait: Wait,
-        alive: &dyn Fn() -> bool,
-        hand: bool,
-    ) -> std::result::Result<Item, Refusal> {
-        let deadline = deadline(wait);
-        let mut polled = false;
-        let mut inner = self.lock();
-        loop {
-            // Once closed, what is left is drained, but not a rendezvous offer: its
-            // producer withdraws it and fails.
-            let next = if inner.closed {
-                inner.items.iter().position(|e| e.offer.is_none())
-            } else if inner.items.is_empty() {
-                None
-            } else {
-                Some(0)
-            };
-            if let Some(entry) = next.and_then(|at| inner.items.remove(at)) {
-                if hand {
-                    inner.handed += 1;
-                }
-                drop(inner);
-                if self.capacity == Some(0) {
-                    self.taken.notify_all();
-                } else if !hand {
-                    // A handed item keeps its place until it is acknowledged.
-                    self.not_full.notify_one();
-                }
-                return Ok(entry.item);
-            }
-            // An item handed over may still come back: a closed queue is drained
-            // only once none is out.
-            if inner.closed && inner.handed == 0 {
-                return Err(Refusal::Closed);
-            }
-            if !polled && !matches!(wait, Wait::Try) {
-                polled = true;
-                drop(inner);
-                self.poll(|inner| inner.closed || !inner.items.is_empty());
-                inner = self.lock();
-                continue;
-            }
-            inner = self.wait(
-                &self.not_empty,
-                inner,
-                wait,
-                deadline,
-                alive,
-                Refusal::Empty,
-            )?;
-        }
-    }
-
-    /// Looks for `ready` for a short while before the caller blocks on a condition
-    /// variable: a thread woken from a blocked wait on this VM takes tens of
-    /// microseconds or more (see `poll::poll_before_blocking`).
-    fn poll(&self, ready: impl Fn(&Inner) -> bool) {
-        poll::poll_before_blocking(|| ready(&self.lock()).then_some(()));
-    }
-
-    /// A remote consumer read the item it was handed: its place is free.
-    fn acknowledge(&self) {
-        let closed = {
-            let mut inner = self.lock();
-            inner.handed -= 1;
-            inner.closed
-        };
-        self.settled(closed, false);
-    }
-
-    /// An item handed over was not read (its consumer's connection dropped, or the
-    /// answer could not be written): it goes back to the front, the next one taken.
-    fn give_back(&self, item: Item) {
-        let closed = {
-            let mut inner = self.lock();
-            inner.handed -= 1;
-            inner.items.push_front(Entry { offer: None, item });
-            inner.closed
-        };
-        self.settled(closed, true);
-    }
-
-    /// Wakes whoever waits for a handed item to settle: a producer for its place;
-    /// after `close`, every consumer, since the last one out ends the drain.
-    fn settled(&self, closed: bool, returned: bool) {
-        if closed {
-            self.not_empty.notify_all();
-        } else if returned {
-            self.not_empty.notify_one();
-        }
-        if self.capacity == Some(0) {
-            self.taken.notify_all();
-        } else {
-            self.not_full.notify_one();
-        }
-    }
-
-    fn close(&self) {
-        self.lock().closed = true;
-        self.not_empty.notify_all();
-        self.not_full.notify_all();
-        self.taken.notify_all();
-    }
-
-    fn wait<'a>(
-        &self,
-        condvar: &Condvar,
-        inner: MutexGuard<'a, Inner>,
-        wait: Wait,
-        deadline: Option<Instant>,
-        alive: &dyn Fn() -> bool,
-        now_refusal: Refusal,
-    ) -> std::result::Result<MutexGuard<'a, Inner>, Refusal> {
-        let slice = match (wait, deadline) {
-            (Wait::Try, _) => return Err(now_refusal),
-            (_, Some(deadline)) => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(Refusal::TimedOut);
-                }
-                left.min(PEER_CHECK)
-            }
-            (_, None) => PEER_CHECK,
-        };
-        let (inner, timeout) = condvar
-            .wait_timeout(inner, slice)
-            .unwrap_or_else(|p| p.into_inner());
-        if timeout.timed_out() && !alive() {
-            return Err(Refusal::PeerGone);
-        }
-        Ok(inner)
-    }
-}
-
-fn deadline(wait: Wait) -> Option<Instant> {
-    match wait {
-        Wait::For(d) => Instant::now().checked_add(d),
-        _ => None,
-    }
 }
 
 impl<T> Queue<T> {
@@ -783,195 +406,6 @@ fn refusal(refusal: Refusal, wait: Wait) -> Error {
     }
 }
 
-/// Serves one remote handle's connection in the creating process, until it hangs up.
-fn serve(id: u64, mut stream: UnixStream) {
-    let state = QUEUES
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .as_ref()
-        .and_then(|queues| queues.get(&id))
-        .and_then(Weak::upgrade);
-    if broker::answer(&mut stream, state.is_some()).is_err() {
-        return;
-    }
-    let Some(state) = state else {
-        return;
-    };
-    let peer = match stream.try_clone() {
-        Ok(peer) => peer,
-        Err(_) => return,
-    };
-    let alive = move || peer_alive(&peer);
-    // The item this connection was handed last, until its consumer acknowledges it;
-    // dropped with the connection (any return below), it goes back to the queue.
-    let mut handed = Handed {
-        state: &state,
-        item: None,
-    };
-    loop {
-        // A producer or consumer in a loop sends its next request at once.
-        poll_readable(&stream);
-        let Ok((tag, wait, payload)) = read_frame(&mut stream) else {
-            return;
-        };
-        // The client reads a whole answer before it writes again, so any frame
-        // after an item says it was read (a live consumer sends `ACK` at once).
-        if handed.item.take().is_some() {
-            state.acknowledge();
-        }
-        if tag == ACK {
-            continue;
-        }
-        let wait = Wait::decode(wait);
-        let sent = match tag {
-            PUT => match state.put(payload, wait, &alive) {
-                Ok(()) => write_frame(&mut stream, OK, 0, &Item::none()),
-                Err(r) => write_refusal(&mut stream, r),
-            },
-            GET => match state.get(wait, &alive, true) {
-                Ok(item) => {
-                    let sent = write_frame(&mut stream, ITEM, 0, &item);
-                    // Written or not, it is not read yet: held until acknowledged.
-                    handed.item = Some(item);
-                    sent
-                }
-                Err(r) => write_refusal(&mut stream, r),
-            },
-            CLOSE => {
-                state.close();
-                write_frame(&mut stream, OK, 0, &Item::none())
-            }
-            _ => return,
-        };
-        if sent.is_err() {
-            return;
-        }
-    }
-}
-
-/// The item a connection's consumer was handed and has not acknowledged.
-struct Handed<'a> {
-    state: &'a State,
-    item: Option<Item>,
-}
-
-impl Drop for Handed<'_> {
-    fn drop(&mut self) {
-        if let Some(item) = self.item.take() {
-            self.state.give_back(item);
-        }
-    }
-}
-
-/// Polls `stream` briefly for something to read, so that a reply or request that
-/// follows at once is read without blocking (and without the slow wake-up that
-/// follows a block on this VM); returns either way, the caller then reads.
-fn poll_readable(stream: &UnixStream) {
-    poll::poll_before_blocking(|| {
-        matches!(
-            socket::wait_readable(stream, Some(Duration::ZERO)),
-            Ok(true) | Err(_)
-        )
-        .then_some(())
-    });
-}
-
-fn write_refusal(stream: &mut UnixStream, refusal: Refusal) -> io::Result<()> {
-    let tag = match refusal {
-        Refusal::Full => FULL,
-        Refusal::Empty => EMPTY,
-        Refusal::TimedOut => TIMED_OUT,
-        Refusal::Closed => CLOSED,
-        Refusal::PeerGone => {
-            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "peer gone"));
-        }
-    };
-    write_frame(stream, tag, 0, &Item::none())
-}
-
-/// Whether the process at the other end of `stream` still holds it open (it has
-/// sent nothing while it waits for an answer, so readable means end-of-file).
-fn peer_alive(stream: &UnixStream) -> bool {
-    !matches!(
-        socket::wait_readable(stream, Some(Duration::ZERO)),
-        Ok(true) | Err(_)
-    )
-}
-
-/// Writes one frame: `length (u32) | tag (u8) | wait (u64) | descriptors (u16) |
-/// payload`, then, when the item carries descriptors, one byte with them attached
-/// (SCM_RIGHTS). The reader reads exactly the frame's bytes before it receives
-/// that byte, so a plain read never swallows the descriptors.
-fn write_frame(stream: &mut UnixStream, tag: u8, wait: u64, item: &Item) -> io::Result<()> {
-    let payload = &item.bytes;
-    let len = u32::try_from(payload.len())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "item larger than 4 GiB"))?;
-    let fds = u16::try_from(item.fds.len())
-        .ok()
-        .filter(|&n| usize::from(n) <= socket::MAX_FDS)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "too many descriptors"))?;
-    let mut header = [0u8; HEADER];
-    header[..4].copy_from_slice(&len.to_le_bytes());
-    header[4] = tag;
-    header[5..13].copy_from_slice(&wait.to_le_bytes());
-    header[13..].copy_from_slice(&fds.to_le_bytes());
-    if payload.len() <= 4096 {
-        let mut frame = Vec::with_capacity(HEADER + payload.len());
-        frame.extend_from_slice(&header);
-        frame.extend_from_slice(payload);
-        stream.write_all(&frame)?;
-    } else {
-        stream.write_all(&header)?;
-        stream.write_all(payload)?;
-    }
-    if fds > 0 {
-        let raw: Vec<RawFd> = item.fds.iter().map(AsRawFd::as_raw_fd).collect();
-        socket::send_fds(stream, 0, &raw)?;
-    }
-    Ok(())
-}
-
-fn read_frame(stream: &mut UnixStream) -> io::Result<(u8, u64, Item)> {
-    let mut header = [0u8; HEADER];
-    stream.read_exact(&mut header)?;
-    let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
-    let wait = u64::from_le_bytes(header[5..13].try_into().expect("8 bytes"));
-    let count = usize::from(u16::from_le_bytes(
-        header[13..].try_into().expect("2 bytes"),
-    ));
-    let mut bytes = vec![0u8; len];
-    stream.read_exact(&mut bytes)?;
-    let fds = if count > 0 {
-        let (_, fds) = socket::recv_fds(stream)?;
-        if fds.len() != count {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "{} descriptors came where the frame announced {count}",
-                    fds.len()
-                ),
-            ));
-        }
-        fds
-    } else {
-        Vec::new()
-    };
-    Ok((header[4], wait, Item { bytes, fds }))
-}
-
-/// The length of a frame's header.
-const HEADER: usize = 15;
-
-impl Item {
-    /// No payload (a request or an answer that carries no item).
-    fn none() -> Self {
-        Item {
-            bytes: Vec::new(),
-            fds: Vec::new(),
-        }
-    }
-}
-
 impl<T> Clone for Queue<T> {
     fn clone(&self) -> Self {
         let route = match &self.route {
@@ -1059,6 +493,10 @@ impl<'de, T> Deserialize<'de> for Queue<T> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::MutexGuard;
+    use std::time::Instant;
+
+    use super::state::FOREVER;
     use super::*;
 
     /// The queue's state, to see what a thread blocked in it is doing.
