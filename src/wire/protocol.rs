@@ -58,7 +58,7 @@ pub(crate) struct ChunkHeader {
 }
 
 /// A monomorphised runner, named by its offset from an anchor function in the
-/// executable and a fingerprint of its types (see `task.rs`, which makes and
+/// executable and a fingerprint of its types (see `worker/task/`, which makes and
 /// resolves these). Plain data here, so the wire knows nothing of tasks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub(crate) struct TaskRef {
@@ -102,7 +102,7 @@ pub(crate) enum Reply {
 /// Where a worker's time went for one reply, in nanoseconds: waiting for the
 /// request (blocked on its channel), and the split of its work into decoding items,
 /// running the task and encoding results. The split is measured on a sample of
-/// items and scaled to the chunk's measured total (see `worker/task.rs`).
+/// items and scaled to the chunk's measured total (see `worker/task/mod.rs`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Timing {
     pub(crate) wait: u64,

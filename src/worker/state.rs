@@ -20,7 +20,7 @@ pub(crate) struct WorkerState {
     folds: HashMap<u64, Accumulator>,
     /// What the initializer built, or why there is nothing.
     user: Option<Result<Box<dyn Any>, String>>,
-    /// What the last chunk's sampled items measured (see `task.rs`).
+    /// What the last chunk's sampled items measured (see `worker/task/mod.rs`).
     pub(crate) sample: Sample,
 }
 
